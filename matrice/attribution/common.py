@@ -1,0 +1,79 @@
+"""Pieces shared by the reference and the fast SAIG engines: config, w̄ and w' activations, P(y*)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from matrice.models.adapter import Encoded, ModelAdapter
+from matrice.models.hooks import neuron_hooks
+
+BaselineKind = Literal["saig", "amig", "zero"]
+BASELINE_KINDS = ("saig", "amig", "zero")
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """`saig`: one baseline per query token (that token -> PAD; MATRICE Eq. 3); `amig`: one baseline
+    with every query token -> PAD; `zero`: one all-zero baseline (Dai et al., EleutherAI)."""
+
+    steps: int = 10
+    baseline: BaselineKind = "saig"
+    batch_size: int = 128  # rows (baseline, step) per forward/backward in the fast engine
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if self.baseline not in BASELINE_KINDS:
+            raise ValueError(f"baseline must be one of {BASELINE_KINDS}, got {self.baseline!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def all_layers(adapter: ModelAdapter) -> list[int]:
+    return list(range(adapter.n_layers))
+
+
+@torch.no_grad()
+def target_activations(adapter: ModelAdapter, input_ids: torch.Tensor, target_pos: int) -> torch.Tensor:
+    """Neurons of every layer at the target position for each row of `input_ids`: [B, L, N]."""
+    positions = torch.full((input_ids.shape[0],), target_pos, dtype=torch.long)
+    layers = all_layers(adapter)
+    with neuron_hooks(adapter, positions, capture=layers) as captured:
+        adapter.model(input_ids=input_ids.to(adapter.device))
+    return torch.stack([captured[l] for l in layers], dim=1)
+
+
+def baseline_inputs(adapter: ModelAdapter, enc: Encoded, kind: BaselineKind) -> torch.Tensor:
+    """Baseline sentences: [m, T] for saig (token i -> PAD), [1, T] for amig (all -> PAD)."""
+    ids = torch.tensor(enc.input_ids, dtype=torch.long)
+    if kind == "saig":
+        rows = ids.repeat(len(enc.baseline_positions), 1)
+        for row, pos in enumerate(enc.baseline_positions):
+            rows[row, pos] = adapter.baseline_token_id
+        return rows
+    rows = ids[None].clone()
+    rows[0, enc.baseline_positions] = adapter.baseline_token_id
+    return rows
+
+
+def baseline_activations(adapter: ModelAdapter, enc: Encoded, kind: BaselineKind, original: torch.Tensor) -> torch.Tensor:
+    """w' of every baseline, layer and neuron at the target position: [B, L, N]."""
+    if kind == "zero":
+        return torch.zeros_like(original)[None]
+    if not enc.baseline_positions:
+        raise ValueError("query has no tokens to build SAIG baselines from")
+    return target_activations(adapter, baseline_inputs(adapter, enc, kind), enc.target_pos)
+
+
+def answer_probability(logits: torch.Tensor, answer_id: int) -> torch.Tensor:
+    """P(y*) from target-position logits [R, V], in float32 whatever the model dtype."""
+    return torch.softmax(logits.float(), dim=-1)[:, answer_id]
+
+
+def step_points(w_base: torch.Tensor, w_orig: torch.Tensor, steps: int) -> torch.Tensor:
+    """Right Riemann points w' + k/M (w̄ − w'), k = 1..M: [..., M, N] for w_base [..., N]."""
+    k = torch.arange(1, steps + 1, dtype=w_orig.dtype, device=w_orig.device) / steps
+    return w_base[..., None, :] + k[:, None] * (w_orig - w_base)[..., None, :]

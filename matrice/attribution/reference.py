@@ -1,0 +1,42 @@
+"""The obviously faithful SAIG (METHOD.md §1): one full forward+backward per (baseline, layer, step).
+
+Slow by design. It is the oracle for the fast engine's tests and the benchmark's baseline.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from matrice.attribution.common import (
+    AttributionConfig,
+    all_layers,
+    answer_probability,
+    baseline_activations,
+    step_points,
+    target_activations,
+)
+from matrice.models.adapter import Encoded, ModelAdapter
+from matrice.models.hooks import neuron_hooks, replace_with
+
+
+def reference_attribution(
+    adapter: ModelAdapter, enc: Encoded, cfg: AttributionConfig, layers: list[int] | None = None
+) -> torch.Tensor:
+    """Per-baseline attributions Attr_i(n_j^l): [B, L, N] (float32; unselected layers are 0)."""
+    ids = torch.tensor([enc.input_ids], dtype=torch.long, device=adapter.device)
+    original = target_activations(adapter, ids, enc.target_pos)[0]  # [L, N]
+    base = baseline_activations(adapter, enc, cfg.baseline, original)  # [B, L, N]
+    position = torch.tensor([enc.target_pos])
+    attr = torch.zeros(base.shape, dtype=torch.float32)
+    for i in range(base.shape[0]):
+        for layer in layers if layers is not None else all_layers(adapter):
+            grad_sum = torch.zeros(original.shape[-1], dtype=torch.float32, device=adapter.device)
+            for point in step_points(base[i, layer], original[layer], cfg.steps):
+                value = point[None].clone().requires_grad_(True)
+                with neuron_hooks(adapter, position, {layer: replace_with(value)}):
+                    logits = adapter.model(input_ids=ids).logits[:, enc.target_pos]
+                prob = answer_probability(logits, enc.answer_ids[0])[0]
+                grad_sum += torch.autograd.grad(prob, value)[0][0].float()
+            delta = (original[layer] - base[i, layer]).float()
+            attr[i, layer] = (delta * grad_sum / cfg.steps).cpu()
+    return attr

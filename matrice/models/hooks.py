@@ -1,0 +1,80 @@
+"""Read and override FFN neuron activations at each row's target position with forward pre-hooks.
+
+The hook sits on the FFN output projection and sees its input, i.e. exactly the neurons. Every
+function here is batched: `positions[b]` is the target position of batch row b.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping
+
+import torch
+
+from matrice.models.adapter import ModelAdapter
+
+Edit = Callable[[torch.Tensor], torch.Tensor]  # [B, N] activations at the target -> replacement [B, N]
+
+
+def _row_index(x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(x.shape[0], device=x.device)
+    return rows, positions.to(x.device)
+
+
+@contextmanager
+def neuron_hooks(
+    adapter: ModelAdapter,
+    positions: torch.Tensor,
+    edits: Mapping[int, Edit] | None = None,
+    capture: list[int] | tuple[int, ...] = (),
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Within the block, layer l's target-position neurons are replaced by `edits[l](act)` and the
+    (possibly edited) values of the layers in `capture` are stored in the yielded dict."""
+    edits = dict(edits or {})
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(layer: int):
+        def hook(module, args):
+            x = args[0]
+            rows, pos = _row_index(x, positions)
+            if layer in edits:
+                new = edits[layer](x[rows, pos]).to(x.dtype)
+                x = x.index_put((rows, pos), new)
+            if layer in capture:
+                captured[layer] = x[rows, pos]
+            return (x, *args[1:])
+
+        return hook
+
+    try:
+        for layer in sorted(set(edits) | set(capture)):
+            handles.append(adapter.out_proj(layer).register_forward_pre_hook(make_hook(layer)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def scale_neurons(neurons: torch.Tensor, factor: float) -> Edit:
+    """Multiply the given neuron indices by `factor` (0 suppresses, 2 enhances; METHOD.md Fig. 5)."""
+
+    def edit(act: torch.Tensor) -> torch.Tensor:
+        out = act.clone()
+        out[:, neurons.to(act.device)] = out[:, neurons.to(act.device)] * factor
+        return out
+
+    return edit
+
+
+def replace_with(values: torch.Tensor) -> Edit:
+    """Override the whole target-position vector (attribution patches one layer this way)."""
+    return lambda act: values
+
+
+def neuron_edits(neurons: list[tuple[int, int]] | torch.Tensor, factor: float) -> dict[int, Edit]:
+    """Group (layer, neuron) pairs by layer into scaling edits."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, neuron in (neurons.tolist() if hasattr(neurons, "tolist") else neurons):
+        by_layer.setdefault(int(layer), []).append(int(neuron))
+    return {layer: scale_neurons(torch.tensor(idx), factor) for layer, idx in by_layer.items()}
