@@ -89,6 +89,21 @@ class ModelAdapter:
                 return getattr(self.model, name)
         raise UnsupportedArchitectureError(f"no masked-LM head ({self.family.mlm_heads}) on {type(self.model).__name__}")
 
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits from final hidden states of chosen positions only (the LM head is the
+        costliest matmul of a small multilingual model; running it on every position is waste)."""
+        if not self.causal:
+            return self.mlm_head()(hidden)
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def logits_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] at positions[b] of each row: base model once, head on the gathered rows."""
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.head_logits(hidden[rows, positions.to(hidden.device)])
+
     # ---- tokens ----------------------------------------------------------------------------
     @property
     def baseline_token_id(self) -> int:

@@ -33,9 +33,7 @@ def pad_batch(sequences: Sequence[Sequence[int]], positions: Sequence[int], pad_
 def target_logits(adapter: ModelAdapter, batch: Batch, edits: Mapping[int, Edit] | None = None) -> torch.Tensor:
     """Logits [B, V] at each row's target position (float32), with `edits` applied there."""
     with neuron_hooks(adapter, batch.positions, edits):
-        out = adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    rows = torch.arange(batch.input_ids.shape[0], device=batch.positions.device)
-    return out.logits[rows, batch.positions].float()
+        return adapter.logits_at(batch.input_ids, batch.attention_mask, batch.positions).float()
 
 
 @dataclass(frozen=True)
@@ -88,9 +86,8 @@ def _decode_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits) -> li
         batch = pad_batch(seqs, [len(s) - 1 for s in seqs], adapter.pad_token_id, adapter.device)
         edit_pos = torch.tensor([e.target_pos for e in chunk], device=adapter.device)
         with neuron_hooks(adapter, edit_pos, edits):
-            logits = adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        rows = torch.arange(len(chunk), device=logits.device)
-        next_ids = logits[rows, batch.positions].argmax(dim=-1).tolist()
+            logits = adapter.logits_at(batch.input_ids, batch.attention_mask, batch.positions)
+        next_ids = logits.argmax(dim=-1).tolist()
         for g, e, tok in zip(generated, chunk, next_ids):
             if step < len(e.answer_ids):
                 g.append(int(tok))
@@ -100,11 +97,11 @@ def _decode_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits) -> li
 def _decode_masked(adapter: ModelAdapter, chunk: Sequence[Encoded], edits) -> list[list[int]]:
     batch = pad_batch([e.input_ids for e in chunk], [e.target_pos for e in chunk], adapter.pad_token_id, adapter.device)
     with neuron_hooks(adapter, batch.positions, edits):
-        logits = adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        hidden = adapter.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
     out = []
     for row, e in enumerate(chunk):
-        masks = [p for p in range(e.target_pos, e.target_pos + len(e.answer_ids))]
-        out.append(logits[row, masks].argmax(dim=-1).tolist())
+        masks = list(range(e.target_pos, e.target_pos + len(e.answer_ids)))
+        out.append(adapter.head_logits(hidden[row, masks]).argmax(dim=-1).tolist())
     return out
 
 

@@ -1,0 +1,7 @@
+"""SAIG knowledge attribution (METHOD.md §1): a slow reference, a fast exact engine, a sharded runner."""
+
+from matrice.attribution.common import BASELINE_KINDS, AttributionConfig
+from matrice.attribution.fast import fast_attribution
+from matrice.attribution.reference import reference_attribution
+
+__all__ = ["AttributionConfig", "BASELINE_KINDS", "fast_attribution", "reference_attribution"]

@@ -1,0 +1,33 @@
+"""select: dynamic threshold tau -> LAKNs per fact, plus AMIG, Random, w/o UaQ and w/o UaL sets."""
+
+from __future__ import annotations
+
+from matrice.io import atomic_write_json
+from matrice.report import plot_layer_distribution, wide_rows
+from matrice.scores import load_scores
+from matrice.selection import NeuronSets, SelectionConfig, layer_distribution, select_fact, summary
+from stages.common import REPORTS_DIR, load_params, model_arg, results_dir, setup_logging
+
+
+def main() -> None:
+    setup_logging()
+    key = model_arg(__doc__)
+    params = load_params()
+    cfg = SelectionConfig(tau=params["tau"], tau_amig=params["tau_amig"], seed=params["seed"])
+    scores = load_scores(results_dir(key) / "scores.npz")
+    sets = NeuronSets()
+    for fact_id, fact_scores in scores.items():
+        sets.add(fact_id, select_fact(fact_scores, cfg, fact_id))
+    n_layers = next(iter(scores.values())).shape[0]
+    out = results_dir(key)
+    sets.to_json(out / "neurons.json")
+    stats = summary(sets, n_layers)
+    metrics = {m: {k: v for k, v in s.items() if k != "layer_share"} for m, s in stats.items()}
+    atomic_write_json(out / "selection_metrics.json", {"selection": metrics})
+    dist = layer_distribution(sets, n_layers)
+    atomic_write_json(out / "layer_distribution.json", wide_rows("layer", dist))
+    plot_layer_distribution(dist, REPORTS_DIR / key / "fig4_layer_distribution.png", f"Fig. 4 — {key}")
+
+
+if __name__ == "__main__":
+    main()
