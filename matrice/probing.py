@@ -12,7 +12,7 @@ from tqdm import tqdm
 from matrice.data.schema import Query
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
-from matrice.models.predict import greedy_decode, is_correct, score_answers
+from matrice.models.predict import decode_and_score, is_correct
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,7 @@ def probe(adapter: ModelAdapter, queries: Sequence[Query], few_shot: bool, batch
     results: list[ProbeResult] = []
     for start in tqdm(range(0, len(queries), batch_size), desc="probe", unit="batch"):
         chunk_q, chunk_e = queries[start : start + batch_size], encs[start : start + batch_size]
-        scores = score_answers(adapter, chunk_e, batch_size=batch_size)
-        generated = greedy_decode(adapter, chunk_e, batch_size=batch_size)
-        for q, s, g in zip(chunk_q, scores, generated):
+        for q, (g, s) in zip(chunk_q, decode_and_score(adapter, chunk_e, batch_size=batch_size)):
             text = adapter.tokenizer.decode(g, skip_special_tokens=True)
             ok = is_correct(adapter, g, q.answer_sep + q.answer)
             results.append(ProbeResult(q.query_id, q.fact_id, q.relation, q.lang, q.template_id, s.prob, s.rank, ok, text))

@@ -43,6 +43,15 @@ class AnswerScore:
     top_token: int
 
 
+def _scores_from_logits(logits: torch.Tensor, chunk: Sequence[Encoded]) -> list[AnswerScore]:
+    probs = torch.softmax(logits.float(), dim=-1)
+    gold = torch.tensor([e.answer_ids[0] for e in chunk], device=probs.device)
+    p_gold = probs.gather(1, gold[:, None])[:, 0]
+    ranks = (probs > p_gold[:, None]).sum(dim=1)
+    top = probs.argmax(dim=1)
+    return [AnswerScore(float(p), int(r), int(t)) for p, r, t in zip(p_gold, ranks, top)]
+
+
 @torch.no_grad()
 def score_answers(
     adapter: ModelAdapter, encs: Sequence[Encoded], edits: Mapping[int, Edit] | None = None, batch_size: int = 32
@@ -51,12 +60,7 @@ def score_answers(
     for start in range(0, len(encs), batch_size):
         chunk = encs[start : start + batch_size]
         batch = pad_batch([e.input_ids for e in chunk], [e.target_pos for e in chunk], adapter.pad_token_id, adapter.device)
-        probs = torch.softmax(target_logits(adapter, batch, edits), dim=-1)
-        gold = torch.tensor([e.answer_ids[0] for e in chunk], device=probs.device)
-        p_gold = probs.gather(1, gold[:, None])[:, 0]
-        ranks = (probs > p_gold[:, None]).sum(dim=1)
-        top = probs.argmax(dim=1)
-        scores += [AnswerScore(float(p), int(r), int(t)) for p, r, t in zip(p_gold, ranks, top)]
+        scores += _scores_from_logits(target_logits(adapter, batch, edits), chunk)
     return scores
 
 
@@ -68,41 +72,76 @@ def normalize_answer(text: str) -> str:
 
 
 @torch.no_grad()
+def decode_and_score(
+    adapter: ModelAdapter, encs: Sequence[Encoded], edits: Mapping[int, Edit] | None = None, batch_size: int = 32
+) -> list[tuple[list[int], AnswerScore]]:
+    """Greedy tokens (as many as each gold answer has) and the gold answer's score, from one pass;
+    edits stay at the original target position."""
+    outputs: list[tuple[list[int], AnswerScore]] = []
+    for start in range(0, len(encs), batch_size):
+        chunk = encs[start : start + batch_size]
+        generated, logits = (_decode_causal if adapter.causal else _decode_masked)(adapter, chunk, edits)
+        outputs += list(zip(generated, _scores_from_logits(logits, chunk)))
+    return outputs
+
+
 def greedy_decode(
     adapter: ModelAdapter, encs: Sequence[Encoded], edits: Mapping[int, Edit] | None = None, batch_size: int = 32
 ) -> list[list[int]]:
     """As many greedy tokens as each gold answer has; edits stay at the original target position."""
-    outputs: list[list[int]] = []
-    for start in range(0, len(encs), batch_size):
-        chunk = encs[start : start + batch_size]
-        outputs += _decode_masked(adapter, chunk, edits) if not adapter.causal else _decode_causal(adapter, chunk, edits)
-    return outputs
+    return [g for g, _ in decode_and_score(adapter, encs, edits, batch_size)]
 
 
-def _decode_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits) -> list[list[int]]:
+def _accepts_position_ids(model) -> bool:
+    import inspect
+
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+def _decode_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits) -> tuple[list[list[int]], torch.Tensor]:
+    """Left-padded prefill with the edits at the target (last) position, then one cached token per
+    step: the edited target's keys/values stay in the cache, as in a full recomputation."""
+    width = max(len(e.input_ids) for e in chunk)
+    ids = torch.full((len(chunk), width), adapter.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for row, e in enumerate(chunk):
+        ids[row, width - len(e.input_ids):] = torch.tensor(e.input_ids)
+        mask[row, width - len(e.input_ids):] = 1
+    ids, mask = ids.to(adapter.device), mask.to(adapter.device)
+    pass_positions = _accepts_position_ids(adapter.model)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    extra = {"position_ids": positions} if pass_positions else {}
+    last = torch.full((len(chunk),), width - 1, dtype=torch.long)
+    with neuron_hooks(adapter, last, edits):
+        out = adapter.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **extra)
     generated: list[list[int]] = [[] for _ in chunk]
+    target_logits_ = out.logits[:, -1].float()
+    next_pos = positions[:, -1:]
     for step in range(max(len(e.answer_ids) for e in chunk)):
-        seqs = [e.input_ids + g for e, g in zip(chunk, generated)]
-        batch = pad_batch(seqs, [len(s) - 1 for s in seqs], adapter.pad_token_id, adapter.device)
-        edit_pos = torch.tensor([e.target_pos for e in chunk], device=adapter.device)
-        with neuron_hooks(adapter, edit_pos, edits):
-            logits = adapter.logits_at(batch.input_ids, batch.attention_mask, batch.positions)
-        next_ids = logits.argmax(dim=-1).tolist()
-        for g, e, tok in zip(generated, chunk, next_ids):
+        tokens = out.logits[:, -1].argmax(dim=-1)
+        for g, e, tok in zip(generated, chunk, tokens.tolist()):
             if step < len(e.answer_ids):
                 g.append(int(tok))
-    return generated
+        if step + 1 == max(len(e.answer_ids) for e in chunk):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        next_pos = next_pos + 1
+        extra = {"position_ids": next_pos} if pass_positions else {}
+        out = adapter.model(input_ids=tokens[:, None], attention_mask=mask, past_key_values=out.past_key_values,
+                            use_cache=True, **extra)
+    return generated, target_logits_
 
 
-def _decode_masked(adapter: ModelAdapter, chunk: Sequence[Encoded], edits) -> list[list[int]]:
+def _decode_masked(adapter: ModelAdapter, chunk: Sequence[Encoded], edits) -> tuple[list[list[int]], torch.Tensor]:
     batch = pad_batch([e.input_ids for e in chunk], [e.target_pos for e in chunk], adapter.pad_token_id, adapter.device)
     with neuron_hooks(adapter, batch.positions, edits):
         hidden = adapter.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
-    out = []
+    out, first = [], []
     for row, e in enumerate(chunk):
-        masks = list(range(e.target_pos, e.target_pos + len(e.answer_ids)))
-        out.append(adapter.head_logits(hidden[row, masks]).argmax(dim=-1).tolist())
-    return out
+        logits = adapter.head_logits(hidden[row, e.target_pos : e.target_pos + len(e.answer_ids)])
+        out.append(logits.argmax(dim=-1).tolist())
+        first.append(logits[0])
+    return out, torch.stack(first).float()
 
 
 def is_correct(adapter: ModelAdapter, generated: Sequence[int], gold_text: str) -> bool:
