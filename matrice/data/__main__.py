@@ -1,0 +1,5 @@
+"""`python -m matrice.data --params params.yaml --out DIR`: build the dataset from the `data` section."""
+
+from matrice.data.build import main
+
+main()
