@@ -26,7 +26,8 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def _strip_special(tokenizer, ids: list[int]) -> list[int]:
-    special = set(tokenizer.all_special_ids)
+    """Drop bos/eos/cls/sep...; keep unk, so that `_check_answer` sees a partly unknown answer."""
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     return [i for i in ids if i not in special]
 
 

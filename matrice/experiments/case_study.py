@@ -1,0 +1,135 @@
+"""Case study of one fact (paper §IV-I, Fig. 7): its prediction in every language before any
+intervention, after enhancing its neurons (×2 at the target), and after an update edit.
+
+For each language the fact's original query (lowest template id) is greedy-decoded for as many
+tokens as the gold answer has (before, enhanced) or as the new object has (updated; for masked
+models the query is re-encoded with the new object's number of masks). Probabilities are of the
+first token of the gold object and of the new object, each tokenised in that language and context.
+The new object is ``new_object`` (labels per language) if given, else the seeded choice of
+:func:`matrice.experiments.edit.choose_new_object` (the same one the editing experiment uses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+from matrice.data.schema import Query
+from matrice.experiments import NeuronSetsLike, encode_all, fact_neurons, group_by_fact, original_queries
+from matrice.experiments.edit import EditConfig, choose_new_object
+from matrice.interventions import edited_output_weights, update_vectors
+from matrice.models.adapter import Encoded, ModelAdapter
+from matrice.models.encoding import encode_query
+from matrice.models.hooks import neuron_edits
+from matrice.models.predict import greedy_decode, is_correct, score_answers
+
+
+@dataclass
+class CaseStudy:
+    """``languages[lang]``: query_id, prompt, gold, new_object and, for each of ``before``,
+    ``enhanced``, ``updated``: ``text`` (decoded prediction), ``correct`` (vs gold), ``is_new`` (vs the
+    new object; None without a label), ``p_gold`` / ``rank_gold`` and ``p_new`` / ``rank_new`` of the first
+    answer token (rank 0 = top-1; None when the new object has no label in that language)."""
+
+    fact_id: str
+    method: str
+    factor: float
+    n_neurons: int
+    new_object_from: str | None
+    new_object_token: int | None
+    languages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def case_study(
+    adapter: ModelAdapter,
+    queries: Sequence[Query],
+    sets: NeuronSetsLike,
+    fact_id: str,
+    method: str = "matrice",
+    factor: float = 2.0,
+    new_object: Mapping[str, str] | None = None,
+    cfg: EditConfig | None = None,
+    few_shot: bool = False,
+    encoded: Mapping[str, Encoded] | None = None,
+) -> CaseStudy:
+    """Before / enhanced / updated predictions of ``fact_id`` in every language (module docstring)."""
+    cfg = cfg or EditConfig()
+    by_fact = group_by_fact(queries)
+    if fact_id not in by_fact:
+        raise KeyError(f"fact {fact_id!r} has no queries")
+    pairs = fact_neurons(sets, fact_id, method, adapter)
+    orig = original_queries(by_fact[fact_id])
+    encs, failed = encode_all(adapter, orig.values(), few_shot, encoded)
+    src = orig.get(cfg.source_lang)
+    if src is None or src.query_id not in encs:
+        raise ValueError(f"fact {fact_id!r} has no encodable {cfg.source_lang!r} query to edit with")
+    gold_token = encs[src.query_id].answer_ids[0]
+
+    new_from, labels = None, None
+    if new_object is not None:
+        labels = dict(new_object)
+        if cfg.source_lang not in labels:
+            raise ValueError(f"new_object needs a {cfg.source_lang!r} label (the edit is made in that language)")
+    else:
+        chosen = choose_new_object(adapter, fact_id, by_fact, gold_token, cfg.source_lang, cfg.seed, few_shot)
+        if chosen is not None:
+            new_from, labels = chosen.fact_id, chosen.labels
+    new_token = None
+    if labels is not None:
+        new_token = encode_query(adapter, replace(src, answer=labels[cfg.source_lang]), few_shot).answer_ids[0]
+
+    langs = [lang for lang in sorted(orig) if orig[lang].query_id in encs]
+    gold_encs = [encs[orig[lang].query_id] for lang in langs]
+    new_encs: dict[str, Encoded] = {}
+    for lang in langs:
+        if labels is not None and lang in labels:
+            try:
+                new_encs[lang] = encode_query(adapter, replace(orig[lang], answer=labels[lang]), few_shot)
+            except ValueError:
+                pass
+    new_langs = [lang for lang in langs if lang in new_encs]
+
+    def snapshot(edits, on_new: bool) -> dict[str, dict[str, Any]]:
+        decode_encs = [new_encs[l] for l in new_langs] if on_new else gold_encs
+        decode_langs = new_langs if on_new else langs
+        texts = {l: g for l, g in zip(decode_langs, greedy_decode(adapter, decode_encs, edits))}
+        s_gold = dict(zip(langs, score_answers(adapter, gold_encs, edits)))
+        s_new = dict(zip(new_langs, score_answers(adapter, [new_encs[l] for l in new_langs], edits)))
+        out = {}
+        for lang in langs:
+            g = texts.get(lang)
+            out[lang] = {
+                "text": None if g is None else adapter.tokenizer.decode(list(g), skip_special_tokens=True),
+                "correct": None if g is None else bool(is_correct(adapter, g, orig[lang].answer)),
+                "is_new": None if (g is None or lang not in new_encs) else bool(is_correct(adapter, g, labels[lang])),
+                "p_gold": s_gold[lang].prob,
+                "rank_gold": s_gold[lang].rank,
+                "p_new": s_new[lang].prob if lang in s_new else None,
+                "rank_new": s_new[lang].rank if lang in s_new else None,
+            }
+        return out
+
+    before = snapshot(None, on_new=False)
+    enhanced = snapshot(neuron_edits(pairs, factor) if len(pairs) else None, on_new=False)
+    updated = None
+    if new_token is not None:
+        vectors = update_vectors(adapter, pairs, gold_token, new_token, cfg.lambda1, cfg.lambda2)
+        with edited_output_weights(adapter, vectors):
+            updated = snapshot(None, on_new=True)
+
+    study = CaseStudy(fact_id, method, factor, int(len(pairs)), new_from, new_token)
+    for lang in langs:
+        q = orig[lang]
+        study.languages[lang] = {
+            "query_id": q.query_id, "prompt": q.prompt, "cloze": q.cloze, "gold": q.answer,
+            "new_object": None if labels is None else labels.get(lang),
+            "before": before[lang], "enhanced": enhanced[lang],
+            "updated": None if updated is None else updated[lang],
+        }
+    for lang, q in orig.items():
+        if q.query_id in failed:
+            study.languages[lang] = {"query_id": q.query_id, "unencodable": failed[q.query_id]}
+    return study

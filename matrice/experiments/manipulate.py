@@ -1,0 +1,210 @@
+"""Manipulation of knowledge neurons (paper §IV-D, Fig. 5) and the ablation table (§IV-E, Table II).
+
+For each fact and method the fact's neurons are scaled at the target position of every query of the
+fact (all languages and paraphrases, in one batch): ×0 suppresses, ×2 enhances. Per query
+
+    ΔP = (P_after − P_before) / P_before
+
+with P the probability of the gold answer's first token (METHOD.md, "Objects"). P_before is
+recomputed here with the same batching, so ΔP = 0 exactly when nothing changes.
+
+Choices where the paper is silent (all visible in the result):
+- A fact whose set is empty for a method gets ΔP = 0 by construction (no forward pass); such facts
+  are *kept* in the means (``mean_delta_p``) and counted per method (``empty_facts``);
+  ``mean_delta_p_nonempty`` leaves them out.
+- The language mean is over queries (every paraphrase counts once), not over facts first.
+- A query with P_before == 0 (float underflow) has ΔP undefined: ``delta_p`` is None, it is counted
+  (``n_undefined``) and left out of the means.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from matrice.data.schema import Query
+from matrice.experiments import (
+    NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, group_by_fact, mean_or_none,
+)
+from matrice.models.adapter import Encoded, ModelAdapter
+from matrice.models.hooks import neuron_edits
+from matrice.models.predict import score_answers
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODES: dict[str, float] = {"suppress": 0.0, "enhance": 2.0}
+DEFAULT_METHODS: tuple[str, ...] = ("matrice", "amig", "random", "wo_uaq", "wo_ual")
+
+
+@dataclass(frozen=True)
+class ManipulationRecord:
+    query_id: str
+    fact_id: str
+    relation: str
+    lang: str
+    method: str
+    mode: str
+    n_neurons: int
+    p_before: float
+    p_after: float
+    delta_p: float | None  # None when p_before == 0
+
+
+@dataclass
+class ManipulationResult:
+    """``records``: one per (query, method, mode). ``summary``: one row per (method, mode, lang) with
+    n_queries, n_facts, n_empty_facts, n_undefined, mean/median ΔP (with and without empty facts).
+    ``overall``: the same per (method, mode) over all languages. ``empty_facts[method]``: fact ids
+    whose set is empty. ``unencodable``: query ids the tokenizer could not encode (skipped)."""
+
+    records: list[ManipulationRecord] = field(default_factory=list)
+    summary: list[dict[str, Any]] = field(default_factory=list)
+    overall: list[dict[str, Any]] = field(default_factory=list)
+    empty_facts: dict[str, list[str]] = field(default_factory=dict)
+    unencodable: dict[str, str] = field(default_factory=dict)
+    modes: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MODES))
+
+    def to_dict(self, with_records: bool = True) -> dict[str, Any]:
+        d = {
+            "modes": dict(self.modes),
+            "summary": self.summary,
+            "overall": self.overall,
+            "empty_facts": {m: list(v) for m, v in self.empty_facts.items()},
+            "n_empty_facts": {m: len(v) for m, v in self.empty_facts.items()},
+            "unencodable": dict(self.unencodable),
+        }
+        if with_records:
+            d["records"] = [dataclass_dict(r) for r in self.records]
+        return d
+
+
+def _summarise(records: Sequence[ManipulationRecord], keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    groups: dict[tuple, list[ManipulationRecord]] = defaultdict(list)
+    for r in records:
+        groups[tuple(getattr(r, k) for k in keys)].append(r)
+    rows = []
+    for key in sorted(groups):
+        rs = groups[key]
+        defined = [r for r in rs if r.delta_p is not None]
+        nonempty = [r for r in defined if r.n_neurons > 0]
+        all_dp = [r.delta_p for r in defined]
+        rows.append({
+            **dict(zip(keys, key)),
+            "n_queries": len(rs),
+            "n_facts": len({r.fact_id for r in rs}),
+            "n_empty_facts": len({r.fact_id for r in rs if r.n_neurons == 0}),
+            "n_undefined": len(rs) - len(defined),
+            "mean_delta_p": mean_or_none(all_dp),
+            "median_delta_p": float(np.median(all_dp)) if all_dp else None,
+            "mean_delta_p_nonempty": mean_or_none([r.delta_p for r in nonempty]),
+            "mean_p_before": mean_or_none([r.p_before for r in rs]),
+            "mean_p_after": mean_or_none([r.p_after for r in rs]),
+        })
+    return rows
+
+
+def manipulate(
+    adapter: ModelAdapter,
+    queries: Sequence[Query],
+    sets: NeuronSetsLike,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    modes: Mapping[str, float] | None = None,
+    few_shot: bool = False,
+    encoded: Mapping[str, Encoded] | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> ManipulationResult:
+    """Suppress / enhance each fact's neurons for each method and measure ΔP on all its queries.
+
+    ``modes`` maps a mode name to the activation factor (default suppress ×0, enhance ×2). Raises
+    :class:`~matrice.experiments.MissingNeuronSetError` for a fact the neuron sets do not cover.
+    """
+    modes = dict(DEFAULT_MODES if modes is None else modes)
+    encs, failed = encode_all(adapter, queries, few_shot, encoded)
+    by_fact = group_by_fact(q for q in queries if q.query_id in encs)
+    # check coverage before any forward pass, so a mismatch fails fast
+    neurons = {(fid, m): fact_neurons(sets, fid, m, adapter) for fid in by_fact for m in methods}
+    result = ManipulationResult(modes=modes, unencodable=failed, empty_facts={m: [] for m in methods})
+
+    for fid, fqs in tqdm(by_fact.items(), desc="manipulation", unit="fact", disable=not progress):
+        fencs = [encs[q.query_id] for q in fqs]
+        before = [s.prob for s in score_answers(adapter, fencs, batch_size=batch_size)]
+        for method in methods:
+            pairs = neurons[(fid, method)]
+            if len(pairs) == 0:
+                result.empty_facts[method].append(fid)
+            for mode, factor in modes.items():
+                if len(pairs) == 0:
+                    after = list(before)
+                else:
+                    after = [s.prob for s in score_answers(adapter, fencs, neuron_edits(pairs, factor), batch_size)]
+                for q, pb, pa in zip(fqs, before, after):
+                    dp = (pa - pb) / pb if pb > 0 else None
+                    if dp is not None and not math.isfinite(dp):
+                        dp = None
+                    result.records.append(ManipulationRecord(
+                        q.query_id, fid, q.relation, q.lang, method, mode, int(len(pairs)), float(pb), float(pa), dp,
+                    ))
+    for m, fids in result.empty_facts.items():
+        if fids:
+            log.info("method %s: %d of %d facts have no neurons (ΔP = 0 for them)", m, len(fids), len(by_fact))
+    result.summary = _summarise(result.records, ("method", "mode", "lang"))
+    result.overall = _summarise(result.records, ("method", "mode"))
+    return result
+
+
+def ablation_table(
+    results: ManipulationResult | Sequence[Mapping[str, Any]],
+    variants: Sequence[str] = ("wo_uaq", "wo_ual"),
+    reference: str = "matrice",
+    modes: Sequence[str] = ("enhance", "suppress"),
+    metric: str = "mean_delta_p",
+    signed: bool = False,
+) -> dict[str, Any]:
+    """Table II: each variant's ΔP as a fraction of the reference's, per language, then averaged.
+
+    For each mode and language: ratio = |ΔP_variant| / |ΔP_reference| (``signed=True``: the plain
+    quotient, so a variant that moves P the wrong way gets a negative ratio). A language where the
+    reference ΔP is 0 or undefined (or the variant's is undefined) has ratio None and is counted in
+    ``n_undefined``; the language average skips it. ``average`` is the mean of the modes' averages
+    (the paper's "Average" column). The reference itself is 1.0 wherever it is defined.
+
+    Returns ``{method: {mode: {"per_lang": {lang: ratio|None}, "mean": float|None, "n_langs": int,
+    "n_undefined": int}, "average": float|None}}`` for the reference and every variant.
+    """
+    rows = results.summary if isinstance(results, ManipulationResult) else list(results)
+    value: dict[tuple[str, str, str], float | None] = {}
+    for row in rows:
+        value[(row["method"], row["mode"], row["lang"])] = row.get(metric)
+    langs = sorted({lang for (_, _, lang) in value})
+    out: dict[str, Any] = {}
+    for method in [reference, *variants]:
+        per_mode: dict[str, Any] = {}
+        for mode in modes:
+            per_lang: dict[str, float | None] = {}
+            for lang in langs:
+                ref = value.get((reference, mode, lang))
+                var = value.get((method, mode, lang))
+                ok = ref is not None and var is not None and math.isfinite(ref) and math.isfinite(var) and ref != 0
+                if not ok:
+                    per_lang[lang] = None
+                elif signed:
+                    per_lang[lang] = var / ref
+                else:
+                    per_lang[lang] = abs(var) / abs(ref)
+            defined = [v for v in per_lang.values() if v is not None]
+            per_mode[mode] = {
+                "per_lang": per_lang,
+                "mean": float(np.mean(defined)) if defined else None,
+                "n_langs": len(defined),
+                "n_undefined": len(per_lang) - len(defined),
+            }
+        means = [per_mode[m]["mean"] for m in modes if per_mode[m]["mean"] is not None]
+        out[method] = {**per_mode, "average": float(np.mean(means)) if means else None}
+    return out

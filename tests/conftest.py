@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random models of every family (built once per session) and encoded queries."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+
+from matrice.models.adapter import Encoded, ModelAdapter
+from matrice.models.tiny import tiny_adapter
+
+
+def encode_text(adapter: ModelAdapter, text: str, answer: str = " Paris") -> Encoded:
+    """An Encoded query built by hand (no dataset code involved).
+
+    Causal: `text` is the context, the target is its last token. Masked: `text` must contain "[Y]",
+    which becomes one mask per answer token; the target is the first mask. Baseline positions are all
+    non-special tokens (masks are special)."""
+    tok = adapter.tokenizer
+    answer_ids = list(tok(answer, add_special_tokens=False)["input_ids"])
+    if adapter.causal:
+        ids = list(tok(text)["input_ids"])
+        target = len(ids) - 1
+    else:
+        ids = list(tok(text.replace("[Y]", tok.mask_token * len(answer_ids)))["input_ids"])
+        target = ids.index(tok.mask_token_id)
+    special = set(tok.all_special_ids)
+    positions = [p for p, i in enumerate(ids) if i not in special]
+    return Encoded(ids, target, answer_ids, positions)
+
+
+def default_text(adapter: ModelAdapter) -> str:
+    """The default query of a family: a causal prompt, or a masked cloze with [Y]."""
+    return "The capital of France is" if adapter.causal else "The capital of France is[Y]."
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Callable[[str], ModelAdapter]:
+    """tiny(family) -> a cached tiny adapter shared by the session.
+
+    Tests must leave its weights as they found them (build a fresh `tiny_adapter` to mutate one)."""
+    cache: dict[str, ModelAdapter] = {}
+
+    def get(family: str) -> ModelAdapter:
+        if family not in cache:
+            cache[family] = tiny_adapter(family)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def encode() -> Callable[..., Encoded]:
+    """encode(adapter, text=None, answer=" Paris") -> Encoded; text defaults to `default_text`."""
+
+    def make(adapter: ModelAdapter, text: str | None = None, answer: str = " Paris") -> Encoded:
+        return encode_text(adapter, default_text(adapter) if text is None else text, answer)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and OpenMP spin-waiting on a busy 2-core CI
+    machine makes each op ~1000x slower; modules opt in with `pytestmark = usefixtures(...)`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
