@@ -112,13 +112,15 @@ def _decode_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits) -> tu
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     extra = {"position_ids": positions} if pass_positions else {}
     last = torch.full((len(chunk),), width - 1, dtype=torch.long)
+    base = adapter.model.base_model
     with neuron_hooks(adapter, last, edits):
-        out = adapter.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **extra)
+        out = base(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
+    logits = adapter.head_logits(out.last_hidden_state[:, -1])  # 2-D: one plain matmul for the head
     generated: list[list[int]] = [[] for _ in chunk]
-    target_logits_ = out.logits[:, -1].float()
+    target_logits_ = logits.float()
     next_pos = positions[:, -1:]
     for step in range(max(len(e.answer_ids) for e in chunk)):
-        tokens = out.logits[:, -1].argmax(dim=-1)
+        tokens = logits.argmax(dim=-1)
         for g, e, tok in zip(generated, chunk, tokens.tolist()):
             if step < len(e.answer_ids):
                 g.append(int(tok))
@@ -127,8 +129,9 @@ def _decode_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits) -> tu
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         next_pos = next_pos + 1
         extra = {"position_ids": next_pos} if pass_positions else {}
-        out = adapter.model(input_ids=tokens[:, None], attention_mask=mask, past_key_values=out.past_key_values,
-                            use_cache=True, **extra)
+        out = base(input_ids=tokens[:, None], attention_mask=mask, past_key_values=out.past_key_values,
+                   use_cache=True, **extra)
+        logits = adapter.head_logits(out.last_hidden_state[:, -1])
     return generated, target_logits_
 
 
