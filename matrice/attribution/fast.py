@@ -27,7 +27,7 @@ from matrice.attribution.common import (
     step_points,
 )
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.hooks import neuron_hooks, replace_with
+from matrice.models.hooks import Edit, neuron_hooks
 
 
 def _expand(output: Any, rows: int) -> Any:
@@ -77,10 +77,10 @@ class _CausalRunner:
         self.cache = None
         with torch.no_grad():
             if ids.shape[1] > 1:
-                self.cache = adapter.model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+                self.cache = adapter.model.base_model(input_ids=ids[:, :-1], use_cache=True).past_key_values
             layers = all_layers(adapter)
             with _record_blocks(adapter) as recorded, neuron_hooks(adapter, torch.zeros(1, dtype=torch.long), capture=layers) as cap:
-                adapter.model(input_ids=self.last, past_key_values=self._cache_for(1), use_cache=True)
+                adapter.model.base_model(input_ids=self.last, past_key_values=self._cache_for(1), use_cache=True)
         self.recorded = recorded
         self.original = torch.stack([cap[l] for l in layers], dim=1)[0]  # [L, N]
 
@@ -92,14 +92,13 @@ class _CausalRunner:
             cache.batch_repeat_interleave(rows)
         return cache
 
-    def logits(self, layer: int, values: torch.Tensor) -> torch.Tensor:
-        rows = values.shape[0]
+    def logits(self, lowest: int, edits: dict[int, Edit], rows: int) -> torch.Tensor:
         positions = torch.zeros(rows, dtype=torch.long)
-        with _replay_below(self.adapter, layer, self.recorded, rows), neuron_hooks(
-            self.adapter, positions, {layer: replace_with(values)}
-        ):
-            out = self.adapter.model(input_ids=self.last.expand(rows, 1), past_key_values=self._cache_for(rows), use_cache=True)
-        return out.logits[:, -1]
+        with _replay_below(self.adapter, lowest, self.recorded, rows), neuron_hooks(self.adapter, positions, edits):
+            out = self.adapter.model.base_model(
+                input_ids=self.last.expand(rows, 1), past_key_values=self._cache_for(rows), use_cache=True
+            )
+        return self.adapter.head_logits(out.last_hidden_state[:, -1])  # 2-D input: one plain GEMM
 
 
 class _MaskedRunner:
@@ -118,32 +117,50 @@ class _MaskedRunner:
         self.recorded = recorded
         self.original = torch.stack([cap[l] for l in layers], dim=1)[0]
 
-    def logits(self, layer: int, values: torch.Tensor) -> torch.Tensor:
-        rows = values.shape[0]
+    def logits(self, lowest: int, edits: dict[int, Edit], rows: int) -> torch.Tensor:
         positions = torch.full((rows,), self.target, dtype=torch.long)
-        with _replay_below(self.adapter, layer, self.recorded, rows), neuron_hooks(
-            self.adapter, positions, {layer: replace_with(values)}
-        ):
+        with _replay_below(self.adapter, lowest, self.recorded, rows), neuron_hooks(self.adapter, positions, edits):
             hidden = self.adapter.model.base_model(input_ids=self.ids.expand(rows, -1))[0]
         return self.adapter.mlm_head()(hidden[:, self.target])
+
+
+def _replace_rows(rows: torch.Tensor, values: torch.Tensor) -> Edit:
+    """Rows `rows` of the batch get `values` at this layer; the other rows keep their activation."""
+    return lambda act: act.index_put((rows.to(act.device),), values.to(act.dtype))
 
 
 def fast_attribution(
     adapter: ModelAdapter, enc: Encoded, cfg: AttributionConfig, layers: list[int] | None = None
 ) -> torch.Tensor:
-    """Per-baseline attributions Attr_i(n_j^l): [B, L, N] float32, equal to `reference_attribution`."""
+    """Per-baseline attributions Attr_i(n_j^l): [B, L, N] float32, equal to `reference_attribution`.
+
+    Rows (layer, baseline, step) are ordered by layer and cut into chunks of `batch_size`; a chunk
+    may span layers (each row is patched at its own layer, the blocks below the chunk's lowest layer
+    are replayed). On CPU the weights are read once per chunk, so big chunks pay: the LM head of a
+    multilingual vocabulary is the largest matrix of a small model.
+    """
     runner = _CausalRunner(adapter, enc) if adapter.causal else _MaskedRunner(adapter, enc)
     original = runner.original
     base = baseline_activations(adapter, enc, cfg.baseline, original)  # [B, L, N]
     n_base, n_neurons, steps = base.shape[0], original.shape[-1], cfg.steps
+    layers = layers if layers is not None else all_layers(adapter)
+    per_layer = n_base * steps
+    points = torch.cat([step_points(base[:, l], original[l], steps).reshape(per_layer, n_neurons) for l in layers])
+    row_layer = torch.tensor(layers).repeat_interleave(per_layer)
+    grads = torch.empty(points.shape, dtype=torch.float32, device=points.device)
+    for start in range(0, points.shape[0], cfg.batch_size):
+        stop = min(start + cfg.batch_size, points.shape[0])
+        chunk_layers = row_layer[start:stop]
+        values, edits = {}, {}
+        for layer in chunk_layers.unique().tolist():
+            local = (chunk_layers == layer).nonzero()[:, 0]
+            values[layer] = points[start + local].clone().requires_grad_(True)
+            edits[layer] = _replace_rows(local, values[layer])
+        prob = answer_probability(runner.logits(min(values), edits, stop - start), enc.answer_ids[0])
+        chunk_grads = torch.autograd.grad(prob.sum(), list(values.values()))
+        grads[start:stop] = torch.cat([g.float() for g in chunk_grads])
     attr = torch.zeros(base.shape, dtype=torch.float32)
-    for layer in layers if layers is not None else all_layers(adapter):
-        points = step_points(base[:, layer], original[layer], steps).reshape(n_base * steps, n_neurons)
-        grads = torch.empty(points.shape, dtype=torch.float32, device=points.device)
-        for start in range(0, points.shape[0], cfg.batch_size):
-            values = points[start : start + cfg.batch_size].clone().requires_grad_(True)
-            prob = answer_probability(runner.logits(layer, values), enc.answer_ids[0])
-            grads[start : start + len(values)] = torch.autograd.grad(prob.sum(), values)[0].float()
-        grad_sum = grads.reshape(n_base, steps, n_neurons).sum(dim=1)
+    for k, layer in enumerate(layers):
+        grad_sum = grads[k * per_layer : (k + 1) * per_layer].reshape(n_base, steps, n_neurons).sum(dim=1)
         attr[:, layer] = ((original[layer] - base[:, layer]).float() * grad_sum / steps).cpu()
     return attr
