@@ -68,3 +68,53 @@ def wide_rows(index_name: str, series: Mapping[str, list[float]]) -> list[dict]:
     """[{index: i, method1: v, method2: v, ...}] — the layout `dvc plots` draws one line per column of."""
     length = max((len(v) for v in series.values()), default=0)
     return [{index_name: i, **{name: values[i] for name, values in series.items()}} for i in range(length)]
+
+
+def _bar_groups(ax, groups: list[str], series: Mapping[str, list[float | None]]) -> None:
+    width = 0.8 / max(len(series), 1)
+    for k, (name, values) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        ax.bar(xs, [0.0 if v is None else v for v in values], width, label=name)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_manipulation(summary: list[dict], methods: list[str], path, title: str) -> None:
+    """Fig. 5: mean relative change of P(answer) per language, suppression and enhancement."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    langs = ordered_langs({r["lang"] for r in summary})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    for ax, mode in zip(axes, ("suppress", "enhance")):
+        cell = {(r["method"], r["lang"]): r["mean_delta_p"] for r in summary if r["mode"] == mode}
+        _bar_groups(ax, langs, {m: [cell.get((m, l)) for l in langs] for m in methods})
+        ax.set_title(f"{mode} (×{0 if mode == 'suppress' else 2})")
+        ax.set_ylabel("mean ΔP / P")
+    fig.suptitle(title)
+    _save_figure(fig, path)
+
+
+def plot_enhancement(by_relation: list[dict], methods: list[str], path, title: str) -> None:
+    """Fig. 6: accuracy gained on Q_error (low-resource languages) per relation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    relations = sorted({r["relation"] for r in by_relation})
+    cell = {(r["method"], r["relation"]): r["accuracy_gain"] for r in by_relation}
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    _bar_groups(ax, relations, {m: [cell.get((m, rel)) for rel in relations] for m in methods})
+    ax.set_ylabel("accuracy gained on Q_error")
+    ax.set_title(title)
+    _save_figure(fig, path)
+
+
+def pivot(rows: list[dict], row_key: str, col_key: str, value: str, row_order: list[str], col_order: list[str]) -> list[list]:
+    cell = {(r[row_key], r[col_key]): r.get(value) for r in rows}
+    return [[rk] + [cell.get((rk, ck)) for ck in col_order] for rk in row_order]

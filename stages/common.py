@@ -60,3 +60,31 @@ def load_prepared(key: str, params: dict[str, Any], dtype: str | None = None) ->
     info = json.loads(info_path.read_text(encoding="utf-8"))
     cfg = model_params(params, key)
     return load_adapter(info["load_from"], cfg.get("device", "auto"), dtype or cfg.get("dtype", "float32"))
+
+
+def load_neuron_sets(key: str):
+    from matrice.selection import NeuronSets
+
+    path = results_dir(key) / "neurons.json"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run the select stage for model {key} first (dvc repro)")
+    return NeuronSets.from_json(path)
+
+
+def load_probes(key: str) -> list[dict]:
+    from matrice.io import read_jsonl
+
+    path = results_dir(key) / "probe.jsonl"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: model {key} has not been probed yet (run the probe stage)")
+    return read_jsonl(path)
+
+
+def queries_of(queries, fact_ids) -> list:
+    """The queries of the facts that have neuron sets (the attributed facts)."""
+    wanted = set(fact_ids)
+    return [q for q in queries if q.fact_id in wanted]
+
+
+def figure_path(key: str, name: str) -> Path:
+    return REPORTS_DIR / "figures" / key / name

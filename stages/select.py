@@ -6,7 +6,7 @@ from matrice.io import atomic_write_json
 from matrice.report import plot_layer_distribution, wide_rows
 from matrice.scores import load_scores
 from matrice.selection import NeuronSets, SelectionConfig, layer_distribution, select_fact, summary
-from stages.common import REPORTS_DIR, load_params, model_arg, results_dir, setup_logging
+from stages.common import figure_path, load_params, model_arg, results_dir, setup_logging
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
     atomic_write_json(out / "selection_metrics.json", {"selection": metrics})
     dist = layer_distribution(sets, n_layers)
     atomic_write_json(out / "layer_distribution.json", wide_rows("layer", dist))
-    plot_layer_distribution(dist, REPORTS_DIR / key / "fig4_layer_distribution.png", f"Fig. 4 — {key}")
+    plot_layer_distribution(dist, figure_path(key, "fig4_layer_distribution.png"), f"Fig. 4 — {key}")
 
 
 if __name__ == "__main__":

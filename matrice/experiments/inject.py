@@ -65,6 +65,7 @@ class InjectConfig:
     dropout: bool = False
     max_grad_norm: float | None = None
     max_old: int | None = None
+    max_new: int | None = None  # seeded subsample of Q_new (fine-tuning cost grows with it)
     eval_batch_size: int = 32
     verify: bool = True
     include_base: bool = True
@@ -190,6 +191,9 @@ def inject_knowledge(
     """Fine-tune each variant on Q_new and report Q_new / Q_old accuracy per language (module doc)."""
     cfg = cfg or InjectConfig()
     new_q, old_q, unprobed = split_new_old(queries, probes, languages)
+    if cfg.max_new is not None and len(new_q) > cfg.max_new:
+        idx = experiment_rng(cfg.seed, "q_new").choice(len(new_q), size=cfg.max_new, replace=False)
+        new_q = [new_q[i] for i in sorted(idx)]
     if cfg.max_old is not None and len(old_q) > cfg.max_old:
         idx = experiment_rng(cfg.seed, "q_old").choice(len(old_q), size=cfg.max_old, replace=False)
         old_q = [old_q[i] for i in sorted(idx)]
