@@ -59,6 +59,7 @@ def convert_embedded_gemma(out_dir: Path) -> None:
         model.hf_quantizer = None  # weights are plain float32 now; allow save_pretrained
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         try:
             model.save_pretrained(staging)
