@@ -23,7 +23,8 @@ def main() -> None:
     queries = load_queries(DATASET_DIR / "queries.jsonl")
     facts = sample_facts_per_relation(queries, section["facts_per_relation"], params["seed"])
     chosen = set(facts)
-    queries = [q for q in queries if q.fact_id in chosen]
+    per_lang = section["templates_per_language"]
+    queries = [q for q in queries if q.fact_id in chosen and (per_lang is None or q.template_id < per_lang)]
     encs = encode_all(adapter, queries, params["few_shot"])
     settings = {
         "model": key, "source": model_params(params, key)["source"], "dtype": section["dtype"],

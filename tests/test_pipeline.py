@@ -1,0 +1,162 @@
+"""The pipeline's own plumbing: DVC wiring, atomic writes, resumable attribution shards, scores I/O."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from matrice.attribution import runner as runner_mod
+from matrice.attribution.common import AttributionConfig
+from matrice.attribution.runner import load_attributions, plan_shards, run_attribution, sample_facts_per_relation
+from matrice.data.build import build_dataset
+from matrice.data.sources import DatasetConfig
+from matrice.io import atomic_save_npz, atomic_write_text
+from matrice.probing import ProbeResult, accuracy_by_language, encode_all
+from matrice.scores import group_by_fact, load_scores, save_scores
+from matrice.uncertainty import AggregationConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _params_of(stage: dict) -> set[str]:
+    body = stage.get("do", stage)
+    names = set()
+    for p in body.get("params", []):
+        names.add(p if isinstance(p, str) else next(iter(p)))
+    return {n.split(".")[0] for n in names}
+
+
+def test_sweeping_method_hyperparameters_never_reruns_attribution_or_aggregation():
+    stages = _stages()
+    cheap = {"tau", "tau_amig"}
+    assert not (_params_of(stages["attribute"]) & (cheap | {"alpha1", "alpha2", "beta1", "beta2", "layer_norm", "lang_norm"}))
+    assert not (_params_of(stages["aggregate"]) & cheap)
+    assert cheap <= _params_of(stages["select"])
+    upstream = ["prepare_model", "build_dataset", "probe", "attribute", "aggregate"]
+    for name in upstream:
+        assert not (_params_of(stages[name]) & cheap), name
+
+
+def test_params_use_the_paper_names_at_top_level():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name in ("tau", "alpha1", "alpha2", "beta1", "beta2", "steps"):
+        assert isinstance(params[name], (int, float)), name
+
+
+def test_every_stage_command_has_its_module():
+    for name, stage in _stages().items():
+        cmd = stage.get("do", stage)["cmd"]
+        module = cmd.split()[2]
+        assert (ROOT / (module.replace(".", "/") + ".py")).exists(), (name, module)
+
+
+def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
+    target = tmp_path / "out.npz"
+
+    class Boom:
+        def __array__(self, *a, **k):
+            raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_save_npz(target, a=np.zeros(3), b=Boom())
+    assert list(tmp_path.iterdir()) == []
+    atomic_write_text(tmp_path / "t.txt", "done")
+    assert (tmp_path / "t.txt").read_text() == "done" and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.fixture(scope="module")
+def small_run():
+    ds = build_dataset(DatasetConfig(relations=["P36", "P30"], languages=["en", "fr"], max_facts_per_relation=2,
+                                     max_templates_per_language=2))
+    return ds.queries
+
+
+def test_fact_sample_is_seeded_and_per_relation(small_run):
+    a = sample_facts_per_relation(small_run, 1, seed=0)
+    assert a == sample_facts_per_relation(small_run, 1, seed=0)
+    assert sorted(f.split("-")[0] for f in a) == ["P30", "P36"]
+    assert len(sample_facts_per_relation(small_run, None, seed=0)) == 4
+
+
+def test_attribution_shards_resume_and_recompute_only_what_changed(tmp_path, small_run, tiny, monkeypatch):
+    adapter = tiny("llama")
+    queries = small_run
+    facts = sample_facts_per_relation(queries, None, 0)
+    encs = encode_all(adapter, queries, few_shot=True)
+    shards = plan_shards(queries, facts)
+    cfg = AttributionConfig(steps=2)
+    calls = []
+    real = runner_mod.fast_attribution
+    monkeypatch.setattr(runner_mod, "fast_attribution", lambda *a, **k: calls.append(1) or real(*a, **k))
+    settings = {"steps": 2}
+    run_attribution(adapter, queries, encs, shards, cfg, settings, tmp_path)
+    assert len(calls) == len(queries)
+    manifest, raw = load_attributions(tmp_path)
+    assert set(raw) == {q.query_id for q in queries}
+    assert raw[queries[0].query_id].shape == (adapter.n_layers, adapter.n_neurons)
+
+    calls.clear()
+    (tmp_path / shards[1].name).unlink()  # an interrupted run lost this shard
+    (tmp_path / "stale-looking.tmp").write_text("partial")  # temp files are never read
+    run_attribution(adapter, queries, encs, shards, cfg, settings, tmp_path)
+    assert len(calls) == len(shards[1].query_ids)
+    _, raw_again = load_attributions(tmp_path)
+    for qid in raw:
+        np.testing.assert_array_equal(raw[qid], raw_again[qid])
+
+    calls.clear()
+    run_attribution(adapter, queries, encs, shards[:2], cfg, {"steps": 3}, tmp_path)  # settings changed
+    assert len(calls) == sum(len(s.query_ids) for s in shards[:2])
+    assert sorted(p.name for p in tmp_path.glob("shard-*.npz")) == [s.name for s in shards[:2]]
+
+
+def test_scores_group_by_template_order_and_round_trip(tmp_path, small_run):
+    rng = np.random.default_rng(0)
+    raw = {q.query_id: rng.normal(size=(2, 5)).astype(np.float32) for q in small_run}
+    grouped = group_by_fact(list(reversed(small_run)), raw)
+    q0 = next(q for q in small_run if q.template_id == 0)
+    np.testing.assert_array_equal(grouped[q0.fact_id][q0.lang][0], raw[q0.query_id])
+    from matrice.scores import aggregate_all
+
+    scores = aggregate_all(grouped, AggregationConfig(), ["en", "fr"])
+    save_scores(tmp_path / "s.npz", scores)
+    back = load_scores(tmp_path / "s.npz")
+    assert set(back) == set(scores)
+    for f in scores:
+        np.testing.assert_allclose(back[f].S, scores[f].S, rtol=1e-6)
+        assert back[f].languages == ["en", "fr"]
+    with pytest.raises(ValueError, match="no attributed query in language"):
+        aggregate_all(grouped, AggregationConfig(), ["en", "fr", "ja"])
+
+
+def test_probe_accuracy_by_language():
+    rows = [
+        ProbeResult("a", "f", "P36", "en", 0, 0.5, 0, True, "Paris"),
+        ProbeResult("b", "f", "P36", "en", 1, 0.1, 3, False, "Lyon"),
+        ProbeResult("c", "f", "P36", "fr", 0, 0.2, 0, True, "Paris"),
+    ]
+    acc = accuracy_by_language(rows)
+    assert acc["en"] == {"accuracy": 0.5, "top1_first_token": 0.5, "mean_prob": pytest.approx(0.3), "queries": 2}
+    assert acc["fr"]["accuracy"] == 1.0
+
+
+def test_experiment_inputs_missing_give_clear_messages(tmp_path, monkeypatch):
+    from stages import common
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="has not been probed yet"):
+        common.load_probes("mgpt")
+    with pytest.raises(SystemExit, match="run the select stage"):
+        common.load_neuron_sets("mgpt")
+    with pytest.raises(SystemExit, match="run the prepare_model stage"):
+        common.load_prepared("mgpt", {"models": {"mgpt": {"source": "x"}}})
+    with pytest.raises(SystemExit, match="models.nope is not defined"):
+        common.model_params({"models": {"mgpt": {}}}, "nope")
