@@ -17,10 +17,10 @@ from typing import Literal, Mapping
 import numpy as np
 
 LayerNorm = Literal["abs", "signed", "none"]
-LangNorm = Literal["per_language", "per_neuron"]
+LangNorm = Literal["zero_max", "per_language", "per_neuron"]
 
 LAYER_NORM_MODES: tuple[str, ...] = ("abs", "signed", "none")
-LANG_NORM_MODES: tuple[str, ...] = ("per_language", "per_neuron")
+LANG_NORM_MODES: tuple[str, ...] = ("zero_max", "per_language", "per_neuron")
 
 
 def _check_mode(name: str, mode: str, allowed: tuple[str, ...]) -> None:
@@ -83,22 +83,28 @@ def uaq(attr: np.ndarray, alpha1: float = 1.0, alpha2: float = 1.0) -> np.ndarra
     return _mean_minus_std(attr, alpha1, alpha2, axis=0)
 
 
-def normalize_languages(s: np.ndarray, mode: LangNorm = "per_language") -> np.ndarray:
-    """Min-max normalisation of per-language scores to [0, 1] (Eq. 9): ``[K, L, N]`` → ``[K, L, N]``.
+def normalize_languages(s: np.ndarray, mode: LangNorm = "zero_max") -> np.ndarray:
+    """Normalise per-language scores to [0, 1] so languages are comparable (Eq. 9): ``[K, L, N]``.
 
-    - ``"per_language"`` (default): each language's map is min-max scaled over all its L×N
-      neurons, so languages the model knows less well (smaller attributions) become comparable
-      while the ranking of neurons within a language is kept.
+    - ``"zero_max"`` (default): each language's map is divided by its largest score over all L×N
+      neurons, negative scores (neurons that work against the answer) become 0. Zero attribution
+      stays 0, so the threshold τ·max S keeps its meaning.
+    - ``"per_language"``: min-max over each language's whole map. With signed attributions the
+      minimum is negative, so the bulk of irrelevant neurons lands mid-range (measured on Gemma 3
+      270M: ~0.4) and τ·max S selects almost every neuron; kept as an option for comparison.
     - ``"per_neuron"``: the literal Eq. 9, each neuron's K-vector is min-max scaled across
       languages. This erases magnitude (every neuron spans [0, 1]) and with K = 1 it is all zeros.
 
-    A constant slice (max == min: a constant language map, or a neuron equal in all languages)
-    becomes all zeros: it has no spread to scale and carries no ranking information.
+    A constant slice (max == min; for zero_max a map whose max is ≤ 0) becomes all zeros: it has
+    no spread to scale and carries no ranking information.
     """
     _check_mode("lang_norm", mode, LANG_NORM_MODES)
     s = np.asarray(s, dtype=np.float64)
     if s.ndim != 3:
         raise ValueError(f"s must have shape [K, L, N], got shape {s.shape}")
+    if mode == "zero_max":
+        positive = np.clip(s, 0.0, None)
+        return _safe_divide(positive, positive.max(axis=(1, 2), keepdims=True))
     axes: int | tuple[int, ...] = (1, 2) if mode == "per_language" else 0
     lo = s.min(axis=axes, keepdims=True)
     hi = s.max(axis=axes, keepdims=True)
@@ -131,7 +137,7 @@ class AggregationConfig:
     layer_norm: LayerNorm = "abs"
     alpha1: float = 1.0
     alpha2: float = 1.0
-    lang_norm: LangNorm = "per_language"
+    lang_norm: LangNorm = "zero_max"
     beta1: float = 1.0
     beta2: float = 1.0
 

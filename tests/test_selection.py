@@ -198,7 +198,7 @@ def test_select_fact_random_matches_matrice_count_and_is_deterministic():
 
 
 def test_select_fact_single_language():
-    fs = aggregate_fact({"en": np.array([[[1.0, 3.0], [2.0, 2.0]], [[3.0, 1.0], [4.0, 0.0]]])})
+    fs = aggregate_fact({"en": np.array([[[1.0, 3.0], [2.0, 2.0]], [[3.0, 1.0], [4.0, 0.0]]])}, AggregationConfig(lang_norm="per_language"))
     # UaQ [[.25,.25],[.5,0]] -> min-max [[.5,.5],[1,0]] = S; tau .6 -> only (1,0)
     out = select_fact(fs, SelectionConfig(tau=0.6, tau_amig=0.6), "x")
     np.testing.assert_array_equal(out["matrice"], pairs([1, 0]))

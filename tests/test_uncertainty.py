@@ -166,7 +166,7 @@ def test_lang_norm_bad_mode():
 def test_config_defaults():
     cfg = AggregationConfig()
     assert (cfg.layer_norm, cfg.alpha1, cfg.alpha2, cfg.lang_norm, cfg.beta1, cfg.beta2) == (
-        "abs", 1.0, 1.0, "per_language", 1.0, 1.0,
+        "abs", 1.0, 1.0, "zero_max", 1.0, 1.0,
     )
 
 
@@ -185,7 +185,7 @@ def test_config_rejects_non_numbers(value):
 def test_config_rejects_unknown_modes():
     with pytest.raises(ValueError, match=r"layer_norm must be one of \['abs', 'signed', 'none'\]"):
         AggregationConfig(layer_norm="l2")
-    with pytest.raises(ValueError, match=r"lang_norm must be one of \['per_language', 'per_neuron'\]"):
+    with pytest.raises(ValueError, match=r"lang_norm must be one of \[.zero_max., .per_language., .per_neuron.\]"):
         AggregationConfig(lang_norm="global")
 
 
@@ -208,7 +208,7 @@ def _two_lang_fact():
 
 
 def test_aggregate_fact_hand_computed():
-    fs = aggregate_fact(_two_lang_fact(), AggregationConfig())
+    fs = aggregate_fact(_two_lang_fact(), AggregationConfig(lang_norm="per_language"))
     assert fs.languages == ["en", "fr"]
     # UaQ en: mean [[.5,.5],[.75,.25]], std [[.25,.25],[.25,.25]]; fr: T=1 -> its map
     np.testing.assert_allclose(fs.s_per_lang, [[[0.25, 0.25], [0.5, 0.0]], [[0.0, 1.0], [0.25, 0.75]]])
@@ -223,7 +223,7 @@ def test_aggregate_fact_hand_computed():
 
 def test_aggregate_fact_weights_and_signed_mode():
     per_lang = {"en": np.array([[[1.0, 3.0]], [[-1.0, -1.0]]])}  # L=1, N=2, T=2; signed sums 4, -2
-    cfg = AggregationConfig(layer_norm="signed", alpha1=1.0, alpha2=0.0, beta1=2.0, beta2=7.0)
+    cfg = AggregationConfig(layer_norm="signed", alpha1=1.0, alpha2=0.0, beta1=2.0, beta2=7.0, lang_norm="per_language")
     fs = aggregate_fact(per_lang, cfg)
     # signed: q0 -> [.25,.75], q1 -> [.5,.5]; mean -> [.375,.625]
     np.testing.assert_allclose(fs.s_per_lang, [[[0.375, 0.625]]])
@@ -254,3 +254,13 @@ def test_aggregate_fact_rejects_bad_input():
     bad[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         aggregate_fact({"en": bad})
+
+
+def test_zero_max_language_normalisation_keeps_zero_and_drops_negatives():
+    s = np.array([[[-2.0, 0.0], [1.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]], [[-1.0, -3.0], [-2.0, -1.0]]])
+    out = normalize_languages(s, "zero_max")
+    np.testing.assert_allclose(out[0], [[0.0, 0.0], [0.25, 1.0]])  # divided by 4, negative -> 0
+    np.testing.assert_allclose(out[1], 0.0)  # constant map
+    np.testing.assert_allclose(out[2], 0.0)  # nothing positive: no signal
+    # min-max maps the zero-attribution neuron of language 0 to 1/3, not 0: why zero_max is default
+    np.testing.assert_allclose(normalize_languages(s, "per_language")[0], [[0.0, 1 / 3], [0.5, 1.0]])
