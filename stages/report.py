@@ -107,7 +107,8 @@ def main() -> None:
         "Language-agnostic knowledge neurons found with MATRICE (SAIG attribution + uncertainty across queries and "
         "languages) and the experiments of the paper's section IV, on this run's models and data. Every number "
         "below was computed by `dvc repro` from `params.yaml`; nothing is copied from the paper.\n",
-        "## Dataset (Table I)\n" + _read(DATASET_DIR / "stats.md"),
+        "## Dataset (Table I)\n" + "".join(
+            line for line in _read(DATASET_DIR / "stats.md").splitlines(keepends=True) if not line.startswith("# ")),
         *(model_section(key, params) for key in params["models"]),
         "## Parameters of this run\n```yaml\n" + yaml.safe_dump(params, sort_keys=False, allow_unicode=True) + "```\n",
     ]
