@@ -11,10 +11,18 @@ from matrice.attribution.common import (
     AttributionConfig,
     baseline_activations,
     baseline_inputs,
+    quadrature,
     step_points,
     target_activations,
 )
-from matrice.attribution.fast import fast_attribution
+from matrice.attribution.fast import fast_attribution, fast_attribution_many
+from matrice.attribution.head import (
+    LinearHead,
+    autograd_answer_probability,
+    fused_answer_probability,
+    head_input,
+    linear_head,
+)
 from matrice.attribution.reference import reference_attribution
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.tiny import TINY_FAMILIES, tiny_adapter
@@ -25,7 +33,7 @@ FEW_SHOT = "The capital of Italy is Rome.\nThe capital of France is"
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got - ref).abs().max() / ref.abs().max())
+    return float((got.detach() - ref.detach()).abs().max() / ref.detach().abs().max())
 
 
 # ---- independent helpers: plain PyTorch hooks on the FFN output projection (no matrice hooks) ----------
@@ -102,6 +110,24 @@ def test_fast_equals_reference_chunked_and_layer_subset(tiny, family):
     torch.testing.assert_close(ref[:, [0, 2]], full[:, [0, 2]], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("baseline", ["saig", "amig"])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_cross_query_batches_equal_reference(tiny, family, baseline):
+    """Rows of queries of different lengths and answers share batches (a batch boundary falls inside
+    a query, a batch holds the tail of one query and the head of the next): each query's scores are
+    still its own reference scores, in order."""
+    adapter = tiny(family)
+    texts = ["The capital of France is", "Helsinki is the capital of", "Tokyo"]
+    if not adapter.causal:
+        texts = [t + "[Y]." for t in texts]
+    encs = [encode_text(adapter, t, a) for t, a in zip(texts, (" Paris", " Europe", " Asia"))]
+    cfg = AttributionConfig(steps=2, baseline=baseline, batch_size=7)
+    got = list(fast_attribution_many(adapter, encs, cfg))
+    assert len(got) == len(encs)
+    for enc, attr in zip(encs, got):
+        assert rel_err(attr, reference_attribution(adapter, enc, cfg)) <= 1e-4
+
+
 @pytest.mark.parametrize("family", ["gpt2", "gemma3", "bloom"])
 def test_fast_equals_reference_long_context_few_shot(tiny, family):
     """Context longer than gemma3's sliding window (4); baselines only on the query after the prefix."""
@@ -149,6 +175,49 @@ def test_saig_needs_baseline_positions(tiny):
         fast_attribution(adapter, empty, AttributionConfig(steps=1))
 
 
+# ---- fused LM-head gradient == autograd ------------------------------------------------------------------
+
+
+def prob_and_grad(prob_fn, adapter: ModelAdapter, hidden: torch.Tensor, upstream: torch.Tensor):
+    h = hidden.clone().requires_grad_(True)
+    prob = prob_fn(head_input(adapter, h))
+    return prob.detach(), torch.autograd.grad((prob * upstream).sum(), h)[0]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_fused_head_gradient_equals_autograd(tiny, family):
+    """Every family's head (masked ones through their MLM transform), chunks that do not divide V,
+    the answer in the last chunk, rows weighted differently on the way back."""
+    adapter = tiny(family)
+    head = linear_head(adapter)
+    vocab = head.weight.shape[0]
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(6, adapter.model.config.hidden_size, generator=gen)
+    upstream = torch.rand(6, generator=gen) + 0.5
+    for answer in (3, vocab - 1):
+        p_ref, g_ref = prob_and_grad(lambda x: autograd_answer_probability(x, head, answer), adapter, hidden, upstream)
+        for chunk in (37, vocab):
+            p, g = prob_and_grad(lambda x: fused_answer_probability(x, head, answer, chunk), adapter, hidden, upstream)
+            assert g_ref.abs().max() > 0
+            assert rel_err(p, p_ref) <= 1e-5 and rel_err(g, g_ref) <= 1e-5
+
+
+def test_fused_head_with_bias_and_softcap_equals_autograd():
+    gen = torch.Generator().manual_seed(2)
+    weight, bias = torch.randn(300, 16, generator=gen), torch.randn(300, generator=gen)
+    hidden = torch.randn(5, 16, generator=gen) * 3
+    for head in (LinearHead(weight, bias, None), LinearHead(weight, bias, 4.0), LinearHead(weight, None, 30.0)):
+        h_ref, h = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+        p_ref = autograd_answer_probability(h_ref, head, 7)
+        p = fused_answer_probability(h, head, 7, chunk=64)
+        g_ref, g = (torch.autograd.grad(x.sum(), y)[0] for x, y in ((p_ref, h_ref), (p, h)))
+        assert rel_err(p, p_ref) <= 1e-5 and rel_err(g, g_ref) <= 1e-5
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        fused_answer_probability(hidden, LinearHead(weight, None, None), 300)
+    with pytest.raises(ValueError, match="freeze"):
+        fused_answer_probability(hidden, LinearHead(weight.clone().requires_grad_(True), None, None), 1)
+
+
 # ---- baselines --------------------------------------------------------------------------------------------
 
 
@@ -185,6 +254,27 @@ def test_step_points_are_right_riemann():
     assert points.shape == (1, 4, 2)
     torch.testing.assert_close(points[0, :, 0], torch.tensor([1.0, 2.0, 3.0, 4.0]))
     torch.testing.assert_close(points[0, :, 1], torch.full((4,), 2.0))
+
+
+def test_quadrature_nodes_and_weights():
+    nodes, weights = quadrature(4, "riemann_right")
+    torch.testing.assert_close(nodes, torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(weights, torch.full((4,), 0.25, dtype=torch.float64))
+    nodes, weights = quadrature(3, "gauss_legendre")
+    assert ((nodes > 0) & (nodes < 1)).all() and abs(float(weights.sum()) - 1) < 1e-12
+    for degree in range(6):  # exact up to degree 2M - 1 = 5
+        assert abs(float((weights * nodes**degree).sum()) - 1 / (degree + 1)) < 1e-12
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_fast_equals_reference_gauss_legendre(tiny, family):
+    adapter = tiny(family)
+    enc = encode_text(adapter, default_text(adapter))
+    cfg = AttributionConfig(steps=3, baseline="saig", batch_size=16, integration="gauss_legendre")
+    ref = reference_attribution(adapter, enc, cfg)
+    assert rel_err(fast_attribution(adapter, enc, cfg), ref) <= 1e-4
+    riemann = reference_attribution(adapter, enc, AttributionConfig(steps=3, baseline="saig"))
+    assert rel_err(riemann, ref) > 1e-3  # a different rule, not the same numbers by accident
 
 
 # ---- independent cross-check with captum ------------------------------------------------------------------
@@ -226,21 +316,45 @@ def test_completeness_improves_with_steps(tiny, family, baseline):
     (Not for Gemma from a zero baseline: its post-FFN RMSNorm makes P jump at 0; see METHOD.md §1.)"""
     adapter = tiny(family)
     enc = encode_text(adapter, default_text(adapter))
+    delta = completeness_delta(adapter, enc, baseline)
+    assert delta.abs().max() > 1e-5
+    errors = completeness_errors(adapter, enc, baseline, (2, 32), "riemann_right")
+    assert errors[1] < errors[0] / 4
+    assert errors[1] < 0.1 * float(delta.abs().max())
+
+
+def completeness_delta(adapter: ModelAdapter, enc: Encoded, baseline: str) -> torch.Tensor:
+    """P(w̄) − P(w'_i) with layer l's target neurons patched: [B, L] float64."""
     w_orig = target_activations(adapter, torch.tensor([enc.input_ids]), enc.target_pos)[0]
     w_base = baseline_activations(adapter, enc, baseline, w_orig)
     delta = torch.zeros(w_base.shape[:2], dtype=torch.float64)
     with torch.no_grad():
         for layer in range(adapter.n_layers):
             patched = Patched(adapter, enc, layer)
-            p_orig = patched(w_orig[layer][None])[0]
-            delta[:, layer] = p_orig - patched(w_base[:, layer])
-    assert delta.abs().max() > 1e-5
+            delta[:, layer] = patched(w_orig[layer][None])[0] - patched(w_base[:, layer])
+    return delta
+
+
+def completeness_errors(adapter, enc, baseline, steps_list, integration) -> list[float]:
+    """Max |Σ_j Attr − ΔP| over (baseline, layer) for each number of rows per (baseline, layer)."""
+    delta = completeness_delta(adapter, enc, baseline)
     errors = []
-    for steps in (2, 32):
-        attr = fast_attribution(adapter, enc, AttributionConfig(steps=steps, baseline=baseline))
+    for steps in steps_list:
+        attr = fast_attribution(adapter, enc, AttributionConfig(steps=steps, baseline=baseline, integration=integration))
         errors.append(float((attr.sum(dim=-1).double() - delta).abs().max()))
-    assert errors[1] < errors[0] / 4
-    assert errors[1] < 0.1 * float(delta.abs().max())
+    return errors
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "xlm-roberta"])
+def test_gauss_legendre_converges_faster_than_riemann(tiny, family):
+    """Completeness error against the number of rows: Gauss-Legendre with 4 nodes beats the right
+    Riemann sum with 4 and even with 16 rows."""
+    adapter = tiny(family)
+    enc = encode_text(adapter, default_text(adapter))
+    riemann = completeness_errors(adapter, enc, "saig", (4, 16), "riemann_right")
+    gauss = completeness_errors(adapter, enc, "saig", (4,), "gauss_legendre")
+    assert gauss[0] < riemann[0] / 4
+    assert gauss[0] < riemann[1]
 
 
 # ---- reduced precision ---------------------------------------------------------------------------------------

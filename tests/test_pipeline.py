@@ -94,8 +94,13 @@ def test_attribution_shards_resume_and_recompute_only_what_changed(tmp_path, sma
     shards = plan_shards(queries, facts)
     cfg = AttributionConfig(steps=2)
     calls = []
-    real = runner_mod.fast_attribution
-    monkeypatch.setattr(runner_mod, "fast_attribution", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = runner_mod.fast_attribution_many
+
+    def counted(adapter, encs, *a, **k):  # one call per shard; count the queries it attributes
+        calls.extend([1] * len(encs))
+        return real(adapter, encs, *a, **k)
+
+    monkeypatch.setattr(runner_mod, "fast_attribution_many", counted)
     settings = {"steps": 2}
     run_attribution(adapter, queries, encs, shards, cfg, settings, tmp_path)
     assert len(calls) == len(queries)

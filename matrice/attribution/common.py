@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from matrice.models.adapter import Encoded, ModelAdapter
@@ -12,6 +13,8 @@ from matrice.models.hooks import neuron_hooks
 
 BaselineKind = Literal["saig", "amig", "zero"]
 BASELINE_KINDS = ("saig", "amig", "zero")
+Integration = Literal["riemann_right", "gauss_legendre"]
+INTEGRATIONS = ("riemann_right", "gauss_legendre")
 
 
 @dataclass(frozen=True)
@@ -22,12 +25,15 @@ class AttributionConfig:
     steps: int = 10
     baseline: BaselineKind = "saig"
     batch_size: int = 128  # rows (baseline, step) per forward/backward in the fast engine
+    integration: Integration = "riemann_right"  # the paper's Eq. 4; gauss_legendre: same rows, smaller error
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         if self.baseline not in BASELINE_KINDS:
             raise ValueError(f"baseline must be one of {BASELINE_KINDS}, got {self.baseline!r}")
+        if self.integration not in INTEGRATIONS:
+            raise ValueError(f"integration must be one of {INTEGRATIONS}, got {self.integration!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -42,7 +48,7 @@ def target_activations(adapter: ModelAdapter, input_ids: torch.Tensor, target_po
     positions = torch.full((input_ids.shape[0],), target_pos, dtype=torch.long)
     layers = all_layers(adapter)
     with neuron_hooks(adapter, positions, capture=layers) as captured:
-        adapter.model(input_ids=input_ids.to(adapter.device))
+        adapter.model.base_model(input_ids=input_ids.to(adapter.device))  # activations only: no LM head
     return torch.stack([captured[l] for l in layers], dim=1)
 
 
@@ -73,7 +79,28 @@ def answer_probability(logits: torch.Tensor, answer_id: int) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1)[:, answer_id]
 
 
-def step_points(w_base: torch.Tensor, w_orig: torch.Tensor, steps: int) -> torch.Tensor:
-    """Right Riemann points w' + k/M (w̄ − w'), k = 1..M: [..., M, N] for w_base [..., N]."""
-    k = torch.arange(1, steps + 1, dtype=w_orig.dtype, device=w_orig.device) / steps
+def quadrature(steps: int, integration: Integration = "riemann_right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes a_k in (0, 1] and weights c_k of ∫_0^1 f(a) da ≈ Σ_k c_k f(a_k), float64.
+
+    riemann_right: a_k = k/M, c_k = 1/M (the paper's Eq. 4). gauss_legendre: the M Legendre nodes
+    mapped to (0, 1); exact for polynomials of degree 2M − 1, so far fewer rows reach a given error."""
+    if integration == "riemann_right":
+        nodes = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+        return nodes, torch.full((steps,), 1.0 / steps, dtype=torch.float64)
+    if integration == "gauss_legendre":
+        x, w = np.polynomial.legendre.leggauss(steps)
+        return torch.from_numpy((x + 1) / 2), torch.from_numpy(w / 2)
+    raise ValueError(f"integration must be one of {INTEGRATIONS}, got {integration!r}")
+
+
+def step_points(w_base: torch.Tensor, w_orig: torch.Tensor, steps: int, integration: Integration = "riemann_right") -> torch.Tensor:
+    """Points w' + a_k (w̄ − w') at the quadrature nodes (right Riemann: a_k = k/M, k = 1..M):
+    [..., M, N] for w_base [..., N]."""
+    k = quadrature(steps, integration)[0].to(dtype=w_orig.dtype, device=w_orig.device)
     return w_base[..., None, :] + k[:, None] * (w_orig - w_base)[..., None, :]
+
+
+def integrate(delta: torch.Tensor, grads: torch.Tensor, steps: int, integration: Integration) -> torch.Tensor:
+    """Attr = (w̄ − w') · Σ_k c_k ∂P/∂w(a_k): delta [..., N], grads [..., M, N] -> [..., N], float32."""
+    weights = quadrature(steps, integration)[1].to(dtype=torch.float32, device=grads.device)
+    return delta.float() * (grads.float() * weights[:, None]).sum(dim=-2)

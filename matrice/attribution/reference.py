@@ -12,6 +12,7 @@ from matrice.attribution.common import (
     all_layers,
     answer_probability,
     baseline_activations,
+    integrate,
     step_points,
     target_activations,
 )
@@ -30,13 +31,13 @@ def reference_attribution(
     attr = torch.zeros(base.shape, dtype=torch.float32)
     for i in range(base.shape[0]):
         for layer in layers if layers is not None else all_layers(adapter):
-            grad_sum = torch.zeros(original.shape[-1], dtype=torch.float32, device=adapter.device)
-            for point in step_points(base[i, layer], original[layer], cfg.steps):
+            grads = []
+            for point in step_points(base[i, layer], original[layer], cfg.steps, cfg.integration):
                 value = point[None].clone().requires_grad_(True)
                 with neuron_hooks(adapter, position, {layer: replace_with(value)}):
                     logits = adapter.model(input_ids=ids).logits[:, enc.target_pos]
                 prob = answer_probability(logits, enc.answer_ids[0])[0]
-                grad_sum += torch.autograd.grad(prob, value)[0][0].float()
-            delta = (original[layer] - base[i, layer]).float()
-            attr[i, layer] = (delta * grad_sum / cfg.steps).cpu()
+                grads.append(torch.autograd.grad(prob, value)[0][0].float())
+            delta = original[layer] - base[i, layer]
+            attr[i, layer] = integrate(delta, torch.stack(grads), cfg.steps, cfg.integration).cpu()
     return attr

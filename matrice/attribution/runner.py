@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from matrice.attribution.common import AttributionConfig
-from matrice.attribution.fast import fast_attribution
+from matrice.attribution.fast import fast_attribution_many
 from matrice.data.schema import Query
 from matrice.io import atomic_save_npz, atomic_write_json
 from matrice.models.adapter import Encoded, ModelAdapter
@@ -98,8 +98,7 @@ def run_attribution(
             bar.update(len(shard_encs))
             continue
         raw, n_base = [], []
-        for enc in shard_encs:
-            attr = fast_attribution(adapter, enc, cfg)  # [B, L, N]
+        for attr in fast_attribution_many(adapter, shard_encs, cfg):  # [B, L, N] per query, in order
             raw.append(attr.sum(dim=0).numpy())
             n_base.append(attr.shape[0])
             computed += 1

@@ -1,7 +1,7 @@
 """Read and override FFN neuron activations at each row's target position with forward pre-hooks.
 
 The hook sits on the FFN output projection and sees its input, i.e. exactly the neurons. Every
-function here is batched: `positions[b]` is the target position of batch row b.
+function here is batched: `positions[b]` is the target position of batch row b (one position: all rows).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ Edit = Callable[[torch.Tensor], torch.Tensor]  # [B, N] activations at the targe
 
 
 def _row_index(x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row b's target is positions[b]; a single position serves every row (batches may vary in size)."""
     rows = torch.arange(x.shape[0], device=x.device)
-    return rows, positions.to(x.device)
+    positions = positions.to(x.device)
+    return rows, positions.expand(x.shape[0]) if positions.numel() == 1 else positions
 
 
 @contextmanager

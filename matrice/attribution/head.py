@@ -1,0 +1,142 @@
+"""P(y*) at the answer position and its gradient through the LM head, in one pass over the vocabulary.
+
+The LM head of a multilingual model is its largest matrix (Gemma 3 270M: 262,144 × 640, 76% of the
+attribution's FLOPs). Plain autograd materialises the [rows, V] logits, their float32 copy, the
+softmax and its backward: four [rows, V] arrays that stream through memory, and reads W twice in two
+separate passes. Here, for each chunk of the vocabulary (an online softmax, as in flash attention):
+
+    z_c = h·W_cᵀ (+ b_c),  l_c = cap·tanh(z_c/cap) if the model soft-caps its logits, else z_c
+    running max m, running Σ exp(l − m) and running Σ exp(l − m)·l'(z)·W_c   (rescaled as m grows)
+
+so P(y*) = exp(l_y − m)/Σ and ∂P/∂h = P(y*)·(l'(z_y)·W_y − Σ_v p_v·l'(z_v)·W_v) come out together;
+the [rows, chunk] block stays in cache and W_c is read twice while it is hot. Exact up to float
+rounding; `autograd_answer_probability` is the plain reference the tests compare it with.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from matrice.models.adapter import ModelAdapter
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """The vocabulary projection: logits = cap·tanh((h·Wᵀ + b)/cap) (no tanh when cap is None)."""
+
+    weight: torch.Tensor  # [V, d]
+    bias: torch.Tensor | None  # [V]
+    softcap: float | None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        z = nn.functional.linear(hidden, self.weight, self.bias)
+        return torch.tanh(z / self.softcap) * self.softcap if self.softcap else z
+
+
+def linear_head(adapter: ModelAdapter) -> LinearHead:
+    """The model's final vocabulary projection (the `decoder` of a masked LM's head)."""
+    out = adapter.model.get_output_embeddings()
+    if not isinstance(out, nn.Linear):
+        raise TypeError(f"output embeddings of {type(adapter.model).__name__} are {type(out).__name__}, not Linear")
+    cap = getattr(adapter.model.config, "final_logit_softcapping", None) if adapter.causal else None
+    return LinearHead(out.weight, out.bias, float(cap) if cap else None)
+
+
+@contextmanager
+def _bypass(module: nn.Module) -> Iterator[None]:
+    module.forward = lambda x, *a, **k: x
+    try:
+        yield
+    finally:
+        del module.forward
+
+
+def head_input(adapter: ModelAdapter, hidden: torch.Tensor) -> torch.Tensor:
+    """What the vocabulary projection receives: the final hidden state for causal models; for masked
+    models the MLM head's transform (dense, activation, norm), i.e. the head with its decoder bypassed."""
+    if adapter.causal:
+        return hidden
+    with _bypass(adapter.model.get_output_embeddings()):
+        return adapter.mlm_head()(hidden)
+
+
+def autograd_answer_probability(hidden: torch.Tensor, head: LinearHead, answer_id: int) -> torch.Tensor:
+    """Reference: full logits, float32 softmax, autograd does the rest. [R, d] -> [R]."""
+    return torch.softmax(head.logits(hidden).float(), dim=-1)[:, answer_id]
+
+
+def default_chunk(device: torch.device) -> int:
+    """Vocabulary rows per chunk: a [128, 2048] float32 block (1 MiB) stays in a CPU core's cache;
+    a GPU wants fewer, larger launches."""
+    return 2048 if device.type == "cpu" else 32768
+
+
+def _prob_and_grad(hidden: torch.Tensor, head: LinearHead, answer_ids: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = hidden.shape[0]
+    weight = head.weight
+    if int(answer_ids.min()) < 0 or int(answer_ids.max()) >= weight.shape[0]:
+        raise ValueError(f"answer ids {answer_ids.unique().tolist()} are outside the vocabulary of size {weight.shape[0]}")
+    row_index = torch.arange(rows, device=hidden.device)
+    answer_logit = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    answer_slope = torch.ones(rows, dtype=torch.float32, device=hidden.device)
+    running_max = torch.full((rows,), float("-inf"), dtype=torch.float32, device=hidden.device)
+    running_sum = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
+    weighted_rows = torch.zeros(rows, weight.shape[1], dtype=torch.float32, device=hidden.device)
+    for start in range(0, weight.shape[0], chunk):
+        w_chunk = weight[start : start + chunk]
+        z = nn.functional.linear(hidden, w_chunk, None if head.bias is None else head.bias[start : start + chunk]).float()
+        if head.softcap:
+            t = torch.tanh(z / head.softcap)
+            logit, slope = t * head.softcap, 1.0 - t * t
+        else:
+            logit, slope = z, None
+        new_max = torch.maximum(running_max, logit.amax(dim=1))
+        rescale = torch.exp(running_max - new_max)
+        e = (logit - new_max[:, None]).exp_()
+        running_sum = running_sum * rescale + e.sum(dim=1)
+        weights = e if slope is None else e * slope
+        weighted_rows = weighted_rows * rescale[:, None] + (weights.to(w_chunk.dtype) @ w_chunk).float()
+        running_max = new_max
+        here = (answer_ids >= start) & (answer_ids < start + w_chunk.shape[0])
+        if here.any():
+            rows_here, cols = row_index[here], answer_ids[here] - start
+            answer_logit[here] = logit[rows_here, cols]
+            if slope is not None:
+                answer_slope[here] = slope[rows_here, cols]
+    prob = torch.exp(answer_logit - running_max) / running_sum
+    direct = answer_slope[:, None] * weight[answer_ids].float()
+    grad = prob[:, None] * (direct - weighted_rows / running_sum[:, None])
+    return prob, grad
+
+
+class _FusedAnswerProbability(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, softcap, answer_ids, chunk):  # type: ignore[override]
+        prob, grad = _prob_and_grad(hidden.detach(), LinearHead(weight, bias, softcap), answer_ids, chunk)
+        ctx.save_for_backward(grad)
+        ctx.hidden_dtype = hidden.dtype
+        return prob
+
+    @staticmethod
+    def backward(ctx, grad_prob):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return (grad_prob[:, None] * grad).to(ctx.hidden_dtype), None, None, None, None, None
+
+
+def fused_answer_probability(
+    hidden: torch.Tensor, head: LinearHead, answer_ids: int | torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
+    """P(y*) [R] (float32) from head inputs [R, d]; `answer_ids` is one id or one per row (rows of
+    several queries share one pass). Differentiable with respect to `hidden` only (the head's weights
+    are frozen during attribution)."""
+    if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+        raise ValueError("fused_answer_probability differentiates only the hidden state; freeze the head")
+    ids = torch.as_tensor(answer_ids, dtype=torch.long, device=hidden.device).expand(hidden.shape[0])
+    return _FusedAnswerProbability.apply(
+        hidden, head.weight, head.bias, head.softcap, ids, chunk or default_chunk(hidden.device)
+    )
