@@ -18,7 +18,13 @@ def main() -> None:
     section = params["attribute"]
     if params["answer_token"] not in ANSWER_TOKEN_POLICIES:
         raise SystemExit(f"params.yaml: answer_token must be one of {ANSWER_TOKEN_POLICIES}, got {params['answer_token']!r}")
-    cfg = AttributionConfig(steps=params["steps"], baseline=params["baseline"], batch_size=section["batch_size"])
+    try:
+        cfg = AttributionConfig(
+            steps=params["steps"], baseline=params["baseline"], batch_size=section["batch_size"],
+            integration=params.get("integration", "riemann_right"),
+        )
+    except ValueError as exc:
+        raise SystemExit(f"params.yaml: {exc}") from exc
     adapter = load_prepared(key, params, dtype=section["dtype"])
     queries = load_queries(DATASET_DIR / "queries.jsonl")
     facts = sample_facts_per_relation(queries, section["facts_per_relation"], params["seed"])
@@ -28,7 +34,7 @@ def main() -> None:
     encs = encode_all(adapter, queries, params["few_shot"])
     settings = {
         "model": key, "source": model_params(params, key)["source"], "dtype": section["dtype"],
-        "steps": cfg.steps, "baseline": cfg.baseline, "answer_token": params["answer_token"],
+        "steps": cfg.steps, "integration": cfg.integration, "baseline": cfg.baseline, "answer_token": params["answer_token"],
         "few_shot": params["few_shot"],
     }
     run_attribution(adapter, queries, encs, plan_shards(queries, facts), cfg, settings, results_dir(key) / "attributions")

@@ -1,13 +1,28 @@
-"""Shared fixtures: tiny random models of every family (built once per session) and encoded queries."""
+"""Shared fixtures: tiny random models of every family (built once per session) and encoded queries.
+
+`MATRICE_TEST_DEVICE=cuda make test` puts every tiny model on that device (default: cpu); tensors
+the tests build by hand go to `adapter.device`, so the library's own device handling is what is
+tested (no global default device hides a CPU tensor in library code)."""
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import pytest
+import torch
 
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.tiny import tiny_adapter
+
+TEST_DEVICE = torch.device(os.environ.get("MATRICE_TEST_DEVICE", "cpu"))
+
+
+def tiny_on_device(family: str, **kwargs) -> ModelAdapter:
+    """A fresh tiny adapter on the test device (for tests that mutate or convert a model)."""
+    adapter = tiny_adapter(family, **kwargs)
+    adapter.model.to(TEST_DEVICE)
+    return adapter
 
 
 def encode_text(adapter: ModelAdapter, text: str, answer: str = " Paris") -> Encoded:
@@ -43,7 +58,7 @@ def tiny() -> Callable[[str], ModelAdapter]:
 
     def get(family: str) -> ModelAdapter:
         if family not in cache:
-            cache[family] = tiny_adapter(family)
+            cache[family] = tiny_on_device(family)
         return cache[family]
 
     return get

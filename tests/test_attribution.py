@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import default_text, encode_text
+from conftest import default_text, encode_text, tiny_on_device
 from matrice.attribution.common import (
     AttributionConfig,
     baseline_activations,
@@ -23,9 +23,10 @@ from matrice.attribution.head import (
     head_input,
     linear_head,
 )
+from matrice.attribution.peer import peer_attribution
 from matrice.attribution.reference import reference_attribution
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.tiny import TINY_FAMILIES, tiny_adapter
+from matrice.models.tiny import TINY_FAMILIES
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -58,7 +59,7 @@ class Patched(nn.Module):
 
         handle = self.adapter.out_proj(self.layer).register_forward_pre_hook(hook)
         try:
-            ids = torch.tensor([self.enc.input_ids]).expand(n, -1)
+            ids = torch.tensor([self.enc.input_ids], device=self.adapter.device).expand(n, -1)
             logits = self.adapter.model(input_ids=ids).logits[:, target]
         finally:
             handle.remove()
@@ -71,7 +72,7 @@ def plain_activation(adapter: ModelAdapter, input_ids: list[int], target: int, l
     handle = adapter.out_proj(layer).register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0][0, target]))
     try:
         with torch.no_grad():
-            adapter.model(input_ids=torch.tensor([input_ids]))
+            adapter.model(input_ids=torch.tensor([input_ids], device=adapter.device))
     finally:
         handle.remove()
     return seen["x"].clone()
@@ -93,6 +94,15 @@ def test_fast_equals_reference(tiny, family, baseline):
     assert ref.dtype == fast.dtype == torch.float32
     assert ref.abs().max() > 0 and (ref != 0).float().mean() > 0.5
     assert rel_err(fast, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3", "bert"])
+def test_peer_style_engine_equals_reference(tiny, family):
+    """The benchmark's second comparison computes the same scores."""
+    adapter = tiny(family)
+    enc = encode_text(adapter, default_text(adapter))
+    cfg = AttributionConfig(steps=3, baseline="saig")
+    assert rel_err(peer_attribution(adapter, enc, cfg), reference_attribution(adapter, enc, cfg)) <= 1e-4
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -146,7 +156,7 @@ def test_engines_leave_the_model_as_they_found_it(tiny):
     for family in ("llama", "bert"):
         adapter = tiny(family)
         enc = encode_text(adapter, default_text(adapter))
-        ids = torch.tensor([enc.input_ids])
+        ids = torch.tensor([enc.input_ids], device=adapter.device)
         with torch.no_grad():
             before = adapter.model(input_ids=ids).logits
         fast_attribution(adapter, enc, AttributionConfig(steps=2))
@@ -192,8 +202,8 @@ def test_fused_head_gradient_equals_autograd(tiny, family):
     head = linear_head(adapter)
     vocab = head.weight.shape[0]
     gen = torch.Generator().manual_seed(1)
-    hidden = torch.randn(6, adapter.model.config.hidden_size, generator=gen)
-    upstream = torch.rand(6, generator=gen) + 0.5
+    hidden = torch.randn(6, adapter.model.config.hidden_size, generator=gen).to(adapter.device)
+    upstream = (torch.rand(6, generator=gen) + 0.5).to(adapter.device)
     for answer in (3, vocab - 1):
         p_ref, g_ref = prob_and_grad(lambda x: autograd_answer_probability(x, head, answer), adapter, hidden, upstream)
         for chunk in (37, vocab):
@@ -226,7 +236,7 @@ def test_baseline_sentences_and_activations(tiny, family):
     adapter = tiny(family)
     enc = encode_text(adapter, default_text(adapter))
     pad = adapter.baseline_token_id
-    original = torch.tensor(enc.input_ids)
+    original = torch.tensor(enc.input_ids)  # baseline_inputs builds on the CPU; the engines move them
     saig = baseline_inputs(adapter, enc, "saig")
     assert saig.shape == (len(enc.baseline_positions), len(enc.input_ids))
     for row, pos in zip(saig, enc.baseline_positions):
@@ -245,7 +255,7 @@ def test_baseline_sentences_and_activations(tiny, family):
             plain = plain_activation(adapter, saig[i].tolist(), enc.target_pos, layer)
             torch.testing.assert_close(w_base[i, layer], plain, atol=1e-6, rtol=1e-5)
         assert not torch.allclose(w_base[i], w_orig)
-    assert torch.equal(baseline_activations(adapter, enc, "zero", w_orig), torch.zeros(1, *w_orig.shape))
+    assert torch.equal(baseline_activations(adapter, enc, "zero", w_orig), torch.zeros_like(w_orig)[None])
 
 
 def test_step_points_are_right_riemann():
@@ -294,7 +304,7 @@ def test_reference_matches_captum_integrated_gradients(tiny, family):
 
     def captum(base: torch.Tensor) -> torch.Tensor:
         out = ig.attribute(w_orig[None].double(), baselines=base[None].double(), n_steps=steps, method="riemann_right")
-        return out[0].float()
+        return out[0].float().cpu()
 
     saig = reference_attribution(adapter, enc, AttributionConfig(steps=steps, baseline="saig"), layers=[layer])
     expected = captum(w_base)
@@ -327,11 +337,11 @@ def completeness_delta(adapter: ModelAdapter, enc: Encoded, baseline: str) -> to
     """P(w̄) − P(w'_i) with layer l's target neurons patched: [B, L] float64."""
     w_orig = target_activations(adapter, torch.tensor([enc.input_ids]), enc.target_pos)[0]
     w_base = baseline_activations(adapter, enc, baseline, w_orig)
-    delta = torch.zeros(w_base.shape[:2], dtype=torch.float64)
+    delta = torch.zeros(w_base.shape[:2], dtype=torch.float64)  # on the CPU, like the engines' scores
     with torch.no_grad():
         for layer in range(adapter.n_layers):
             patched = Patched(adapter, enc, layer)
-            delta[:, layer] = patched(w_orig[layer][None])[0] - patched(w_base[:, layer])
+            delta[:, layer] = (patched(w_orig[layer][None])[0] - patched(w_base[:, layer])).cpu()
     return delta
 
 
@@ -363,7 +373,7 @@ def test_gauss_legendre_converges_faster_than_riemann(tiny, family):
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_bfloat16_fast_engine_close_to_float32(tiny, family):
     adapter32 = tiny(family)
-    adapter16 = tiny_adapter(family)
+    adapter16 = tiny_on_device(family)
     adapter16.model.to(torch.bfloat16)
     assert adapter16.dtype == torch.bfloat16
     enc = encode_text(adapter32, default_text(adapter32))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_on_device as tiny_adapter  # on MATRICE_TEST_DEVICE
 from matrice.data.schema import Fact, make_query
 from matrice.experiments import (
     MissingNeuronSetError, ProbeRecord, as_probe_map, encode_all, fact_neurons, original_queries,
@@ -28,7 +29,6 @@ from matrice.interventions import (
 )
 from matrice.models.encoding import encode_query
 from matrice.models.predict import greedy_decode, is_correct, score_answers
-from matrice.models.tiny import tiny_adapter
 
 TEMPLATES = {
     "en": ["The capital of [X] is [Y].", "[X] has its capital in [Y]."],

@@ -166,7 +166,7 @@ def test_hook_batched_with_padding_equals_unbatched(tiny, family):
     with torch.no_grad(), neuron_hooks(adapter, batch.positions, capture=layers) as batched:
         run(adapter, batch)
     for row, enc in enumerate(encs):
-        ids = torch.tensor([enc.input_ids])
+        ids = torch.tensor([enc.input_ids], device=adapter.device)
         with torch.no_grad(), neuron_hooks(adapter, batch.positions[row : row + 1], capture=layers) as single:
             adapter.model(input_ids=ids)
         for l in layers:
@@ -264,7 +264,7 @@ def test_score_answers_matches_plain_forward(tiny, family):
     assert [(s.rank, s.top_token) for s in chunked] == [(s.rank, s.top_token) for s in batched]
     for e, s, s1 in zip(encs, batched, single):
         with torch.no_grad():
-            logits = adapter.model(input_ids=torch.tensor([e.input_ids])).logits[0, e.target_pos]
+            logits = adapter.model(input_ids=torch.tensor([e.input_ids], device=adapter.device)).logits[0, e.target_pos]
         probs = torch.softmax(logits.double(), dim=-1)
         gold = e.answer_ids[0]
         assert s.prob == pytest.approx(float(probs[gold]), rel=1e-4, abs=1e-7)
@@ -294,12 +294,12 @@ def manual_greedy(adapter: ModelAdapter, enc: Encoded, edits=None) -> list[int]:
     position = torch.tensor([enc.target_pos])
     with torch.no_grad(), neuron_hooks(adapter, position, edits):
         if not adapter.causal:
-            logits = adapter.model(input_ids=torch.tensor([enc.input_ids])).logits[0]
+            logits = adapter.model(input_ids=torch.tensor([enc.input_ids], device=adapter.device)).logits[0]
             return [int(logits[enc.target_pos + k].argmax()) for k in range(len(enc.answer_ids))]
         seq = list(enc.input_ids)
         out = []
         for _ in enc.answer_ids:
-            nxt = int(adapter.model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
+            nxt = int(adapter.model(input_ids=torch.tensor([seq], device=adapter.device)).logits[0, -1].argmax())
             out.append(nxt)
             seq.append(nxt)
         return out

@@ -24,7 +24,7 @@ class AttributionConfig:
 
     steps: int = 10
     baseline: BaselineKind = "saig"
-    batch_size: int = 128  # rows (baseline, step) per forward/backward in the fast engine
+    batch_size: int = 512  # rows (layer, baseline, step) per forward/backward, across queries, in the fast engine
     integration: Integration = "riemann_right"  # the paper's Eq. 4; gauss_legendre: same rows, smaller error
 
     def __post_init__(self) -> None:
