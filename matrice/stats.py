@@ -1,0 +1,102 @@
+"""Intervals, paired comparisons and the verdict rule: what lets a reader tell methods apart.
+
+The unit of resampling is the *fact*: queries of one fact (paraphrases, languages) share its neurons
+and are not independent, so a bootstrap over queries would overstate certainty. Every estimate
+carries n (facts) and a 95% percentile-bootstrap interval; a MATRICE-vs-X comparison is the paired
+per-fact difference, with a two-sided bootstrap p-value. A claim's verdict is read off the
+interval of that difference, never written by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+
+Verdict = Literal["replicates", "contradicts", "inconclusive", "no data"]
+Direction = Literal["greater", "less"]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Mean of per-fact values with its 95% bootstrap interval; p is set for paired differences
+    (two-sided test of a zero mean difference)."""
+
+    mean: float | None
+    low: float | None
+    high: float | None
+    n: int
+    p: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self, digits: int = 3) -> str:
+        """`-0.412 [-0.520, -0.301] (n=8)`; `– (n=0)` without data."""
+        if self.mean is None:
+            return f"– (n={self.n})"
+        if self.low is None or self.high is None:
+            return f"{self.mean:.{digits}f} (n={self.n})"
+        return f"{self.mean:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}] (n={self.n})"
+
+
+def _clean(values: Sequence[float | None]) -> np.ndarray:
+    arr = np.array([v for v in values if v is not None], dtype=np.float64)
+    return arr[np.isfinite(arr)]
+
+
+def _bootstrap_means(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
+    return values[idx].mean(axis=1)
+
+
+def bootstrap_mean(values: Sequence[float | None], n_boot: int = 10_000, seed: int = 0, level: float = 0.95) -> Estimate:
+    """Mean and percentile-bootstrap interval of `values` (one per fact; None/NaN are left out).
+    One value: the mean without an interval. No values: no estimate."""
+    arr = _clean(values)
+    if len(arr) == 0:
+        return Estimate(None, None, None, 0)
+    if len(arr) == 1:
+        return Estimate(float(arr[0]), None, None, 1)
+    means = _bootstrap_means(arr, n_boot, seed)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return Estimate(float(arr.mean()), float(low), float(high), len(arr))
+
+
+def paired_difference(
+    a: Sequence[float | None], b: Sequence[float | None], n_boot: int = 10_000, seed: int = 0, level: float = 0.95
+) -> Estimate:
+    """Mean of a_i − b_i over the units where both are defined, its bootstrap interval and a
+    two-sided bootstrap p-value for "mean difference = 0" (resampling the centred differences)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values need equal lengths, got {len(a)} and {len(b)}")
+    diffs = [x - y for x, y in zip(a, b) if x is not None and y is not None]
+    est = bootstrap_mean(diffs, n_boot, seed, level)
+    arr = _clean(diffs)
+    if len(arr) < 2:
+        return est
+    centred = _bootstrap_means(arr - arr.mean(), n_boot, seed + 1)
+    p = float((np.sum(np.abs(centred) >= abs(arr.mean())) + 1) / (n_boot + 1))
+    return Estimate(est.mean, est.low, est.high, est.n, p)
+
+
+def verdict(difference: Estimate, direction: Direction) -> Verdict:
+    """The paper claims the difference is `direction` than 0. Its interval entirely on that side:
+    replicates; entirely on the other side: contradicts; otherwise (or with fewer than 2 facts, so no
+    interval): inconclusive."""
+    if direction not in ("greater", "less"):
+        raise ValueError(f"direction must be 'greater' or 'less', got {direction!r}")
+    if difference.n == 0 or difference.mean is None:
+        return "no data"
+    if difference.low is None or difference.high is None:
+        return "inconclusive"
+    sign = 1 if direction == "greater" else -1
+    low, high = sorted((sign * difference.low, sign * difference.high))
+    if low > 0:
+        return "replicates"
+    if high < 0:
+        return "contradicts"
+    return "inconclusive"

@@ -1,0 +1,89 @@
+"""The verdict table: claims computed from experiment records on evaluation queries."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from matrice.claims import all_claims, claims_table, editing_claims, layer_claims, manipulation_claims, verdict_counts
+
+
+def manip_records(n_facts: int, effect: dict[str, float], eval_effect: dict[str, float] | None = None, seed: int = 0):
+    """ΔP/P per query: localisation queries (template 0, 1) get `effect[method]`, evaluation
+    queries (template 2) get `eval_effect[method]` (suppress = −effect, enhance = +effect), plus noise."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for f in range(n_facts):
+        for t in range(3):
+            for method in effect:
+                size = (eval_effect or effect)[method] if t == 2 else effect[method]
+                for mode, sign in (("suppress", -1), ("enhance", 1)):
+                    records.append({"query_id": f"F{f}-en-{t}", "fact_id": f"F{f}", "method": method, "mode": mode,
+                                    "delta_p": sign * size + rng.normal(0, 0.02)})
+    return {"records": records, "empty_facts": {}}
+
+
+def is_eval(query_id: str) -> bool:
+    return query_id.endswith("-2")
+
+
+def by_comparison(claims):
+    return {c.comparison: c for c in claims}
+
+
+def test_a_clear_effect_replicates_and_a_null_one_is_inconclusive():
+    effect = {"matrice": 0.4, "random": 0.0, "amig": 0.4, "wo_uaq": 0.2, "wo_ual": 0.4}
+    claims = by_comparison(manipulation_claims(manip_records(10, effect), is_eval))
+    assert claims["ΔP/P MATRICE − Random (suppress)"].verdict == "replicates"
+    assert claims["ΔP/P MATRICE − Random (enhance)"].verdict == "replicates"
+    assert claims["ΔP/P MATRICE − AMIG (suppress)"].verdict == "inconclusive"  # equal effects
+    wo_uaq = claims["effect MATRICE − w/o UaQ (−ΔP suppress, +ΔP enhance, mean)"]
+    assert wo_uaq.verdict == "replicates" and wo_uaq.estimate.n == 10
+    assert abs(wo_uaq.estimate.mean - 0.2) < 0.02
+    assert claims["effect w/o UaL − effect w/o UaQ"].verdict == "replicates"
+
+
+def test_only_evaluation_queries_count_when_the_run_has_them():
+    """On attributed queries MATRICE wins; on held-out ones it is worse than random: the verdict
+    must follow the held-out queries."""
+    records = manip_records(10, {"matrice": 0.5, "random": 0.1}, eval_effect={"matrice": 0.0, "random": 0.3})
+    claims = by_comparison(manipulation_claims(records, is_eval))
+    c = claims["ΔP/P MATRICE − Random (suppress)"]
+    assert c.verdict == "contradicts" and "evaluation" in c.queries
+    no_eval = by_comparison(manipulation_claims(records, lambda q: False))["ΔP/P MATRICE − Random (suppress)"]
+    assert no_eval.verdict == "replicates" and "no held-out" in no_eval.queries
+
+
+def test_a_wrong_direction_effect_counts_against_in_table_ii():
+    """|ΔP| would call an ablation that raises P under suppression 'as strong'; the signed effect does not."""
+    records = manip_records(8, {"matrice": 0.3, "wo_uaq": 0.3, "wo_ual": 0.3})
+    for r in records["records"]:
+        if r["method"] == "wo_uaq" and r["mode"] == "suppress":
+            r["delta_p"] = -r["delta_p"]  # P goes up when suppressing
+    c = by_comparison(manipulation_claims(records, is_eval))["effect MATRICE − w/o UaQ (−ΔP suppress, +ΔP enhance, mean)"]
+    assert c.verdict == "replicates" and c.estimate.mean > 0.25
+
+
+def test_editing_reliability_is_pooled_per_fact_and_paired():
+    records = []
+    for f in range(6):
+        for lang in ("en", "fr"):
+            for method, ok in (("matrice", 2), ("random", 0), ("amig", 2)):
+                records.append({"fact_id": f"F{f}", "method": method, "operation": "erasure", "lang": lang,
+                                "rel_n": 2, "rel_ok": ok})
+    claims = by_comparison(editing_claims({"records": records, "empty_facts": {"amig": ["F0"]}}))
+    assert claims["erasure reliability MATRICE − Random"].verdict == "replicates"
+    assert claims["erasure reliability MATRICE − Random"].estimate.mean == 1.0
+    assert claims["erasure reliability MATRICE − AMIG"].verdict == "inconclusive"
+    assert "empty for 1 of 6" in claims["erasure reliability MATRICE − AMIG"].note
+
+
+def test_layer_claim_and_the_whole_table():
+    top_heavy = {f"F{i}": {"matrice": [[17, i], [16, i + 1], [3, i]]} for i in range(8)}
+    (claim,) = layer_claims(top_heavy, 18)
+    assert claim.verdict == "replicates" and abs(claim.estimate.mean - (2 / 3 - 1 / 3)) < 1e-9
+    claims = all_claims(sets=top_heavy, n_layers=18, manip=manip_records(8, {"matrice": 0.3, "random": 0.0}),
+                        editing={"records": []}, enhancement={"records": []}, is_evaluation=is_eval)
+    table = claims_table(claims)
+    assert table.count("\n") == len(claims) + 2
+    assert "**not judged**" in table and "(n=8)" in table
+    assert verdict_counts(claims)["replicates"] >= 3
