@@ -199,18 +199,19 @@ def agreement(path: str, device: str, args: argparse.Namespace) -> dict:
     per_dtype = {}
     for dtype in ("float32", "bfloat16"):
         adapter = load_adapter(path, device, dtype)
-        encs = prepared_queries(adapter, args.queries)
+        encs = prepared_queries(adapter, args.agreement_queries)
         cfg = AttributionConfig(steps=args.steps, baseline="saig", batch_size=max(args.batch_sizes))
         scores, seconds = timed(lambda: [a.sum(0).flatten() for a in fast_attribution_many(adapter, encs, cfg)], adapter.device)
         rows = sum(len(e.baseline_positions) for e in encs) * adapter.n_layers * args.steps
-        per_dtype[dtype] = {"scores": scores, "rows_per_s": round(rows / seconds, 1)}
+        per_dtype[dtype] = {"scores": scores, "rows_per_s": round(rows / seconds, 2),
+                            "matmul_peak_tflops": round(matmul_peak(adapter.device, DTYPES[dtype]) / 1e12, 4)}
     rows_out = []
     for s32, s16 in zip(per_dtype["float32"]["scores"], per_dtype["bfloat16"]["scores"]):
         top32, top16 = set(s32.topk(50).indices.tolist()), set(s16.topk(50).indices.tolist())
         rows_out.append({"spearman": round(float(spearmanr(s32.numpy(), s16.numpy())[0]), 4),
                          "top50_overlap": len(top32 & top16) / 50})
-    return {"float32_rows_per_s": per_dtype["float32"]["rows_per_s"],
-            "bfloat16_rows_per_s": per_dtype["bfloat16"]["rows_per_s"], "per_query": rows_out}
+    return {**{f"{d}_{k}": v for d, r in per_dtype.items() for k, v in r.items() if k != "scores"},
+            "per_query": rows_out}
 
 
 def main() -> None:
@@ -227,6 +228,7 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the (slowest) reference engine")
     parser.add_argument("--no-peer", action="store_true", help="skip the peer-style engine")
     parser.add_argument("--agreement", action="store_true", help="bfloat16 vs float32 on the prepared model")
+    parser.add_argument("--agreement-queries", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--out", default="benchmarks/results.json")
     args = parser.parse_args()
@@ -248,6 +250,7 @@ def main() -> None:
             encs = random_queries(adapter, args.queries)
         print(f"== {shape}", flush=True)
         report["shapes"].append(bench_shape(shape, adapter, encs, args, peak))
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # each shape kept as soon as it is done
         del adapter
     if args.agreement:
         report["bfloat16_agreement"] = agreement(args.model, args.device, args)

@@ -17,7 +17,11 @@ import numpy as np
 from matrice.stats import Direction, Estimate, paired_difference, verdict
 
 
-NAMES = {"matrice": "MATRICE", "amig": "AMIG", "random": "Random", "wo_uaq": "w/o UaQ", "wo_ual": "w/o UaL"}
+NAMES = {"matrice": "MATRICE", "amig": "AMIG", "random": "Random", "wo_uaq": "w/o UaQ", "wo_ual": "w/o UaL",
+         "amig_k": "AMIG (size-matched)", "wo_uaq_k": "w/o UaQ (size-matched)", "wo_ual_k": "w/o UaL (size-matched)",
+         "random_layer": "Random (layer-matched)"}
+# MATRICE against each baseline: the paper's (threshold-based) one, then the fair variant beside it.
+BASELINES = ("random", "random_layer", "amig", "amig_k")
 
 
 def _name(method: str) -> str:
@@ -102,19 +106,24 @@ def manipulation_claims(manip: Mapping[str, Any], is_evaluation: Callable[[str],
         )
 
     empty = manip.get("empty_facts", {})
+    methods = {r["method"] for r in records}
     out = []
-    for other in ("random", "amig"):
+    for other in (m for m in BASELINES if m in methods):
         for mode, direction in (("suppress", "less"), ("enhance", "greater")):
             out.append(_claim(
                 "Fig. 5", f"{mode}ing MATRICE's neurons moves P(answer) more than {_name(other)}'s",
                 f"ΔP/P MATRICE − {_name(other)} ({mode})", direction, split,
                 *_paired(effect("matrice", mode), effect(other, mode)), _empty_note(empty, other, n_facts)))
-    for ablation, text in (("wo_uaq", "removing UaQ weakens the neurons"), ("wo_ual", "removing UaL weakens the neurons")):
+    for ablation in (m for m in ("wo_uaq", "wo_uaq_k", "wo_ual", "wo_ual_k") if m in methods):
+        text = f"removing {'UaQ' if 'uaq' in ablation else 'UaL'} weakens the neurons"
         out.append(_claim("Table II", text, f"effect MATRICE − {_name(ablation)} (−ΔP suppress, +ΔP enhance, mean)",
                           "greater", split, *_paired(effect("matrice", None), effect(ablation, None)),
                           _empty_note(empty, ablation, n_facts)))
-    out.append(_claim("Table II", "UaQ matters more than UaL", "effect w/o UaL − effect w/o UaQ", "greater", split,
-                      *_paired(effect("wo_ual", None), effect("wo_uaq", None))))
+    for suffix in ("", "_k"):
+        if {f"wo_uaq{suffix}", f"wo_ual{suffix}"} <= methods:
+            out.append(_claim("Table II", "UaQ matters more than UaL",
+                              f"effect {_name('wo_ual' + suffix)} − effect {_name('wo_uaq' + suffix)}", "greater", split,
+                              *_paired(effect(f"wo_ual{suffix}", None), effect(f"wo_uaq{suffix}", None))))
     return out
 
 
@@ -135,7 +144,7 @@ def editing_claims(editing: Mapping[str, Any]) -> list[Claim]:
     empty = editing.get("empty_facts", {})
     out = []
     for operation, table in (("erasure", "Table III"), ("update", "Table IV")):
-        pairs = [("matrice", "amig"), ("matrice", "random"), ("amig", "random")]
+        pairs = [*(("matrice", m) for m in BASELINES), ("amig", "random")]
         for a, b in pairs:
             if a in methods and b in methods:
                 out.append(_claim(
@@ -160,7 +169,7 @@ def enhancement_claims(enhancement: Mapping[str, Any], is_evaluation: Callable[[
     return [
         _claim("Fig. 6", f"{_name(a)} gains more accuracy than {_name(b)}",
                f"accuracy gain {_name(a)} − {_name(b)}", "greater", split, *_paired(gain(a), gain(b)))
-        for a, b in (("matrice", "random"), ("matrice", "amig"), ("amig", "random"))
+        for a, b in (*(("matrice", m) for m in BASELINES), ("amig", "random"))
         if a in methods and b in methods
     ]
 

@@ -46,21 +46,32 @@ def _save_figure(fig, path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_layer_distribution(dist: Mapping[str, list[float]], path, title: str) -> None:
-    """Fig. 4: share of selected neurons per layer, one line per method."""
+def plot_layer_distribution(
+    dist: Mapping[str, list[float]], totals: Mapping[str, int], path, title: str, min_neurons: int = 10
+) -> None:
+    """Fig. 4: share of each method's selected neurons per layer, as bars on integer layer ticks; the
+    legend gives each method's neuron count n. A method with fewer than `min_neurons` neurons in all
+    (an empty intersection, say) is named in the title, not drawn: a single neuron would draw a 100%
+    bar that says nothing about layers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for method, shares in dist.items():
-        ax.plot(range(len(shares)), [100 * s for s in shares], marker="o", ms=3, label=method)
+    drawn = {m: shares for m, shares in dist.items() if totals.get(m, 0) >= min_neurons}
+    n_layers = max((len(v) for v in dist.values()), default=0)
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * n_layers), 3.8))
+    width = 0.8 / max(len(drawn), 1)
+    for k, (method, shares) in enumerate(drawn.items()):
+        xs = [layer + (k - (len(drawn) - 1) / 2) * width for layer in range(len(shares))]
+        ax.bar(xs, [100 * s for s in shares], width, label=f"{method} (n={totals[method]})")
+    ax.set_xticks(range(n_layers))
     ax.set_xlabel("layer")
-    ax.set_ylabel("share of selected neurons (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    ax.set_ylabel("share of the method's neurons (%)")
+    few = [f"{m} (n={totals.get(m, 0)})" for m in dist if m not in drawn]
+    ax.set_title(title + (f"\nnot drawn, fewer than {min_neurons} neurons: {', '.join(few)}" if few else ""), fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
     _save_figure(fig, path)
 
 

@@ -17,7 +17,11 @@ import numpy as np
 from matrice.io import atomic_write_text
 from matrice.uncertainty import FactScores
 
-METHODS: tuple[str, ...] = ("matrice", "amig", "random", "wo_uaq", "wo_ual")
+METHODS: tuple[str, ...] = (
+    "matrice", "amig", "random", "wo_uaq", "wo_ual",  # the paper's threshold-based sets
+    "amig_k", "wo_uaq_k", "wo_ual_k", "random_layer",  # size-matched (k = MATRICE's count) and layer-matched
+)
+SIZE_MATCHED: dict[str, str] = {"amig_k": "amig", "wo_uaq_k": "wo_uaq", "wo_ual_k": "wo_ual"}
 
 
 def _empty() -> np.ndarray:
@@ -110,6 +114,39 @@ def random_neurons(count: int, n_layers: int, n_neurons: int, rng: np.random.Gen
     return _sort_pairs(np.stack([layers, neurons], axis=1))
 
 
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """The k highest positive scores as ``[n, 2]`` (layer, neuron), n = min(k, #positive), sorted by
+    score descending, ties by (layer, neuron). A neuron with score ≤ 0 passes no threshold τ > 0."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    layers, neurons = np.nonzero(scores > 0)
+    vals = scores[layers, neurons]
+    order = np.lexsort((neurons, layers, -vals))[:k]
+    return np.stack([layers[order], neurons[order]], axis=1).astype(np.int64).reshape(-1, 2)
+
+
+def intersection_score(maps: np.ndarray) -> np.ndarray:
+    """min over languages of map / max(map): a neuron passes every language's threshold τ·max iff its
+    score exceeds τ, so the top-k of this score is the intersection grown (or shrunk) to k neurons.
+    A language whose maximum is ≤ 0 admits no neuron: every score is −inf."""
+    maps = np.asarray(maps, dtype=np.float64)
+    tops = maps.reshape(len(maps), -1).max(axis=1)
+    if len(maps) == 0 or np.any(tops <= 0):
+        return np.full(maps.shape[1:], -np.inf)
+    return (maps / tops[:, None, None]).min(axis=0)
+
+
+def layer_matched_random(reference: np.ndarray, n_neurons: int, rng: np.random.Generator) -> np.ndarray:
+    """As many random neurons in each layer as `reference` has there (uniform within the layer)."""
+    pairs = _as_pairs(reference)
+    out = [
+        np.stack([np.full(count, layer), rng.choice(n_neurons, size=count, replace=False)], axis=1)
+        for layer, count in zip(*np.unique(pairs[:, 0], return_counts=True))
+    ]
+    return _sort_pairs(np.concatenate(out).astype(np.int64)) if out else _empty()
+
+
 @dataclass(frozen=True)
 class SelectionConfig:
     """Selection parameters (params.yaml ``selection``): τ for MATRICE and the ablations, τ for AMIG, seed for Random."""
@@ -138,16 +175,24 @@ def select_fact(fs: FactScores, cfg: SelectionConfig | None = None, fact_id: str
     - ``random``: as many neurons as ``matrice``, uniform, seeded by (cfg.seed, fact_id).
     - ``wo_uaq``: threshold τ on S_wo_uaq (first queries, UaL).
     - ``wo_ual``: per language, threshold τ on its UaQ map s_per_lang[k]; intersection.
+    - ``amig_k`` / ``wo_uaq_k`` / ``wo_ual_k``: the same scores, top-k with k = MATRICE's count (an
+      intersection ranked by :func:`intersection_score`), so sizes do not decide a comparison.
+    - ``random_layer``: MATRICE's count in each of its layers, uniform within the layer.
     """
     cfg = cfg or SelectionConfig()
     n_layers, n_neurons = fs.S.shape
     matrice = select_by_threshold(fs.S, cfg.tau)
+    k = len(matrice)
     return {
         "matrice": matrice,
         "amig": intersect([select_by_threshold(m, cfg.tau_amig) for m in fs.first_query_norm]),
-        "random": random_neurons(len(matrice), n_layers, n_neurons, fact_rng(cfg.seed, fact_id)),
+        "random": random_neurons(k, n_layers, n_neurons, fact_rng(cfg.seed, fact_id)),
         "wo_uaq": select_by_threshold(fs.S_wo_uaq, cfg.tau),
         "wo_ual": intersect([select_by_threshold(m, cfg.tau) for m in fs.s_per_lang]),
+        "amig_k": top_k(intersection_score(fs.first_query_norm), k),
+        "wo_uaq_k": top_k(fs.S_wo_uaq, k),
+        "wo_ual_k": top_k(intersection_score(fs.s_per_lang), k),
+        "random_layer": layer_matched_random(matrice, n_neurons, fact_rng(cfg.seed, f"{fact_id}:layer")),
     }
 
 

@@ -26,7 +26,9 @@ def main() -> None:
     atomic_write_json(out / "selection_metrics.json", {"selection": metrics})
     dist = layer_distribution(sets, n_layers)
     atomic_write_json(out / "layer_distribution.json", wide_rows("layer", dist))
-    plot_layer_distribution(dist, figure_path(key, "fig4_layer_distribution.png"), f"Fig. 4 — {key}")
+    totals = {m: s["total_neurons"] for m, s in stats.items()}
+    shown = {m: shares for m, shares in dist.items() if m != "random_layer"}  # = MATRICE's counts by construction
+    plot_layer_distribution(shown, totals, figure_path(key, "fig4_layer_distribution.png"), f"Fig. 4 — {key}")
 
 
 if __name__ == "__main__":

@@ -87,3 +87,17 @@ def test_layer_claim_and_the_whole_table():
     assert table.count("\n") == len(claims) + 2
     assert "**not judged**" in table and "(n=8)" in table
     assert verdict_counts(claims)["replicates"] >= 3
+
+
+def test_size_and_layer_matched_baselines_get_their_own_rows():
+    """An empty threshold-based AMIG scores 'nothing happened'; its size-matched twin is judged beside it."""
+    effect = {"matrice": 0.4, "amig": 0.0, "amig_k": 0.4, "random": 0.0, "random_layer": 0.0,
+              "wo_uaq": 0.3, "wo_uaq_k": 0.3, "wo_ual": 0.3, "wo_ual_k": 0.3}
+    records = manip_records(10, effect)
+    records["empty_facts"] = {"amig": [f"F{f}" for f in range(10)]}
+    claims = by_comparison(manipulation_claims(records, is_eval))
+    assert claims["ΔP/P MATRICE − AMIG (suppress)"].verdict == "replicates"
+    assert "empty for 10 of 10" in claims["ΔP/P MATRICE − AMIG (suppress)"].note
+    assert claims["ΔP/P MATRICE − AMIG (size-matched) (suppress)"].verdict == "inconclusive"
+    assert claims["ΔP/P MATRICE − Random (layer-matched) (enhance)"].verdict == "replicates"
+    assert "effect w/o UaL (size-matched) − effect w/o UaQ (size-matched)" in claims

@@ -15,11 +15,14 @@ from matrice.selection import (
     SelectionConfig,
     fact_rng,
     intersect,
+    intersection_score,
     layer_distribution,
+    layer_matched_random,
     random_neurons,
     select_by_threshold,
     select_fact,
     summary,
+    top_k,
 )
 from matrice.uncertainty import AggregationConfig, FactScores, aggregate_fact
 
@@ -171,6 +174,45 @@ def test_select_fact_all_methods_hand_computed():
     # wo_ual: en > .1 -> (0,0),(0,1),(1,0); fr > .2 -> (0,1),(1,0),(1,1)
     np.testing.assert_array_equal(out["wo_ual"], pairs([0, 1], [1, 0]))
     assert out["random"].shape == (2, 2)
+
+
+def test_size_matched_sets_hand_computed():
+    # k = 2 (MATRICE). amig_k: min over languages of first-query maps / their max:
+    # en/.75 [[.333,1],[.667,.667]], fr/1 [[0,1],[.25,.75]] -> min [[0,1],[.25,.667]] -> (0,1),(1,1)
+    out = select_fact(_fact_scores(), SelectionConfig(tau=0.2, tau_amig=0.2, seed=0), "f1")
+    np.testing.assert_array_equal(out["amig_k"], pairs([0, 1], [1, 1]))
+    np.testing.assert_array_equal(out["wo_uaq_k"], pairs([0, 1], [1, 1]))  # S_wo_uaq top-2
+    # UaQ maps / max: en [[.5,.5],[1,0]], fr [[0,1],[.25,.75]] -> min [[0,.5],[.25,0]] -> (0,1),(1,0)
+    np.testing.assert_array_equal(out["wo_ual_k"], pairs([0, 1], [1, 0]))
+    np.testing.assert_array_equal(out["random_layer"][:, 0], [0, 1])  # one in layer 0, one in layer 1
+
+
+def test_intersection_score_is_the_intersection_at_every_threshold():
+    rng = np.random.default_rng(3)
+    maps = rng.normal(size=(4, 5, 30))
+    score = intersection_score(maps)
+    for tau in (0.05, 0.2, 0.5, 0.8):
+        expected = intersect([select_by_threshold(m, tau) for m in maps])
+        got = np.argwhere(score > tau)
+        assert {tuple(p) for p in got} == {tuple(p) for p in expected}
+    maps[2] = -np.abs(maps[2])  # a language with no positive score admits nothing
+    assert len(top_k(intersection_score(maps), 5)) == 0
+
+
+def test_top_k_and_layer_matched_random():
+    scores = np.array([[0.5, -1.0, 0.5], [2.0, 0.0, 0.1]])
+    np.testing.assert_array_equal(top_k(scores, 3), pairs([1, 0], [0, 0], [0, 2]))  # ties by (layer, neuron)
+    assert len(top_k(scores, 10)) == 4  # only positive scores
+    assert top_k(scores, 0).shape == (0, 2)
+    with pytest.raises(ValueError, match="k must be"):
+        top_k(scores, -1)
+    reference = pairs([2, 5], [2, 9], [7, 1], [7, 3], [7, 4])
+    a = layer_matched_random(reference, 1000, np.random.default_rng(1))
+    b = layer_matched_random(reference, 1000, np.random.default_rng(1))
+    np.testing.assert_array_equal(a, b)
+    assert sorted(a[:, 0].tolist()) == [2, 2, 7, 7, 7] and len({tuple(p) for p in a}) == 5
+    assert not np.array_equal(a, reference)
+    assert layer_matched_random(pairs(), 10, np.random.default_rng(0)).shape == (0, 2)
 
 
 def test_select_fact_tau_amig_separate():
