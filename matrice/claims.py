@@ -111,7 +111,8 @@ def manipulation_claims(manip: Mapping[str, Any], is_evaluation: Callable[[str],
     for other in (m for m in BASELINES if m in methods):
         for mode, direction in (("suppress", "less"), ("enhance", "greater")):
             out.append(_claim(
-                "Fig. 5", f"{mode}ing MATRICE's neurons moves P(answer) more than {_name(other)}'s",
+                "Fig. 5", f"{ {'suppress': 'suppressing', 'enhance': 'enhancing'}[mode]} MATRICE's neurons moves "
+                f"P(answer) more than {_name(other)}'s",
                 f"ΔP/P MATRICE − {_name(other)} ({mode})", direction, split,
                 *_paired(effect("matrice", mode), effect(other, mode)), _empty_note(empty, other, n_facts)))
     for ablation in (m for m in ("wo_uaq", "wo_uaq_k", "wo_ual", "wo_ual_k") if m in methods):

@@ -83,15 +83,18 @@ def paired_difference(
     return Estimate(est.mean, est.low, est.high, est.n, p)
 
 
-def verdict(difference: Estimate, direction: Direction) -> Verdict:
-    """The paper claims the difference is `direction` than 0. Its interval entirely on that side:
-    replicates; entirely on the other side: contradicts; otherwise (or with fewer than 2 facts, so no
-    interval): inconclusive."""
+def verdict(difference: Estimate, direction: Direction, alpha: float = 0.05) -> Verdict:
+    """The paper claims the difference is `direction` than 0. Its interval entirely on that side (and,
+    where the estimate has a p-value, p < alpha): replicates; entirely on the other side (p < alpha):
+    contradicts; otherwise (or with fewer than 2 facts, so no interval): inconclusive. Requiring both
+    is deliberate: with a handful of facts a percentile interval can exclude 0 on one lucky fact."""
     if direction not in ("greater", "less"):
         raise ValueError(f"direction must be 'greater' or 'less', got {direction!r}")
     if difference.n == 0 or difference.mean is None:
         return "no data"
     if difference.low is None or difference.high is None:
+        return "inconclusive"
+    if difference.p is not None and difference.p >= alpha:
         return "inconclusive"
     sign = 1 if direction == "greater" else -1
     low, high = sorted((sign * difference.low, sign * difference.high))

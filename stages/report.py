@@ -53,13 +53,11 @@ def replication_section(key: str, params: dict) -> str:
     summary = ", ".join(f"{counts[v]} {v}" for v in ("replicates", "contradicts", "inconclusive", "no data", "not judged")
                         if counts.get(v))
     return (
-        f"### `{key}`: {summary} (of {len(claims)} claims; {len(sets)} facts)
-
-"
+        f"### `{key}`: {summary} (of {len(claims)} claims; {len(sets)} facts)\n\n"
         "Each row is a difference the paper asserts the sign of (MATRICE − X, per fact, then averaged over facts), "
         "with a 95% percentile-bootstrap interval over facts and a two-sided paired bootstrap p-value. Verdict: "
-        "**replicates** when the whole interval has the paper's sign, **contradicts** when it has the opposite "
-        "sign, **inconclusive** otherwise. Queries are *evaluation* queries (paraphrases never attributed) where "
+        "**replicates** when the whole interval has the paper's sign and p < 0.05, **contradicts** when the whole "
+        "interval has the opposite sign and p < 0.05, **inconclusive** otherwise. Queries are *evaluation* queries (paraphrases never attributed) where "
         "the run has them.\n\n" + claims_table(claims)
         + "\nScale: the paper uses four LLMs of 1.3B-13B parameters and 7,849 facts; a verdict here is about this "
         "run's model and facts only. An inconclusive row says the data cannot tell, not that the effect is absent.\n"

@@ -52,10 +52,13 @@ def test_params_use_the_paper_names_at_top_level():
 
 
 def test_every_stage_command_has_its_module():
+    import importlib
+
     for name, stage in _stages().items():
         cmd = stage.get("do", stage)["cmd"]
         module = cmd.split()[2]
         assert (ROOT / (module.replace(".", "/") + ".py")).exists(), (name, module)
+        assert callable(importlib.import_module(module).main), (name, module)  # imports: no syntax error
 
 
 def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):

@@ -58,5 +58,8 @@ def test_verdict_reads_the_interval_against_the_claimed_direction():
     assert verdict(Estimate(0.3, None, None, 1), "greater") == "inconclusive"
     assert verdict(Estimate(None, None, None, 0), "greater") == "no data"
     assert verdict(Estimate(0.0, 0.0, 0.0, 8), "greater") == "inconclusive"  # touching 0 is not a win
+    assert verdict(Estimate(0.3, 0.1, 0.5, 8, p=0.01), "greater") == "replicates"
+    assert verdict(Estimate(0.3, 0.1, 0.5, 8, p=0.10), "greater") == "inconclusive"  # interval alone is not enough
+    assert verdict(Estimate(-0.3, -0.5, -0.1, 8, p=0.10), "greater") == "inconclusive"
     with pytest.raises(ValueError, match="direction"):
         verdict(above, "bigger")
