@@ -203,6 +203,32 @@ def claims_table(claims: Sequence[Claim]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def manipulation_interval_tables(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool],
+                                 languages: Sequence[str]) -> str:
+    """Fig. 5 per language with uncertainty: per method and mode, mean ΔP/P over facts (each fact's
+    mean over its evaluation queries in that language), its 95% bootstrap interval and n facts."""
+    from matrice.stats import bootstrap_mean
+
+    records = manip["records"]
+    have_eval = any(is_evaluation(r["query_id"]) for r in records)
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    parts = []
+    for mode in ("suppress", "enhance"):
+        lines = ["| method | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]
+        for method in methods:
+            cells = []
+            for lang in languages:
+                per_fact = per_fact_mean(
+                    records, lambda r: r["delta_p"],
+                    lambda r: r["method"] == method and r["mode"] == mode and r["lang"] == lang
+                    and (is_evaluation(r["query_id"]) or not have_eval))
+                cells.append(bootstrap_mean(list(per_fact.values())).format(2))
+            lines.append(f"| {_name(method)} | " + " | ".join(cells) + " |")
+        split = "evaluation queries" if have_eval else "all queries"
+        parts.append(f"**{mode}**: mean ΔP/P [95% CI over facts] (n facts), {split}\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
 def verdict_counts(claims: Sequence[Claim]) -> dict[str, int]:
     counts: dict[str, int] = defaultdict(int)
     for c in claims:

@@ -35,15 +35,9 @@ def replication_section(key: str, params: dict) -> str:
     """"Does the paper replicate here?": every claim as a paired per-fact difference with its
     interval and a computed verdict (matrice.claims)."""
     from matrice.claims import all_claims, claims_table, verdict_counts
-    from matrice.data.schema import load_queries
 
     out = results_dir(key)
-    localisation = params["attribute"]["templates_per_language"]
-    template_of = {q.query_id: q.template_id for q in load_queries(DATASET_DIR / "queries.jsonl")}
-
-    def is_evaluation(query_id: str) -> bool:
-        return localisation is not None and template_of[query_id] >= localisation
-
+    is_evaluation = _evaluation_rule(params)
     sets = _json(out / "neurons.json")["facts"]
     claims = all_claims(
         sets=sets, n_layers=len(_json(out / "layer_distribution.json")), manip=_json(out / "manipulation.json"),
@@ -64,6 +58,24 @@ def replication_section(key: str, params: dict) -> str:
     )
 
 
+def _evaluation_rule(params: dict):
+    """is_evaluation(query_id): the query's paraphrase was never attributed."""
+    from matrice.data.schema import load_queries
+
+    localisation = params["attribute"]["templates_per_language"]
+    template_of = {q.query_id: q.template_id for q in load_queries(DATASET_DIR / "queries.jsonl")}
+    return lambda query_id: localisation is not None and template_of[query_id] >= localisation
+
+
+def _manipulation_intervals(key: str, params: dict) -> str:
+    from matrice.claims import manipulation_interval_tables
+    from matrice.report import LANG_ORDER
+
+    manip = _json(results_dir(key) / "manipulation.json")
+    langs = [l for l in LANG_ORDER if any(r["lang"] == l for r in manip["records"])]
+    return manipulation_interval_tables(manip, _evaluation_rule(params), langs)
+
+
 def model_section(key: str, params: dict) -> str:
     out = results_dir(key)
     sel = _json(out / "selection_metrics.json")["selection"]
@@ -80,7 +92,9 @@ def model_section(key: str, params: dict) -> str:
         "### Manipulation (Fig. 5, Table II)\nRelative change of P(answer) when each fact's neurons are set to 0 "
         "(suppress) or doubled (enhance) at the answer position; random neurons are the control.\n\n"
         + _fig(key, "fig5_manipulation.png", f"Fig. 5 — suppression and enhancement, {key}")
-        + "\n" + _read(out / "manipulation_tables.md"),
+        + "\n" + _read(out / "manipulation_tables.md")
+        + "\nThe same per language with uncertainty: each fact's mean over its held-out paraphrase(s), then the "
+        "mean over facts with a 95% bootstrap interval and n facts.\n\n" + _manipulation_intervals(key, params),
         "### Cross-lingual editing (Tables III, IV)\nEdits made with the English object only; reliability on the "
         "edited query, generality on its paraphrases, locality on unrelated facts, per language.\n\n"
         + _read(out / "editing_tables.md"),

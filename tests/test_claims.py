@@ -101,3 +101,15 @@ def test_size_and_layer_matched_baselines_get_their_own_rows():
     assert claims["ΔP/P MATRICE − AMIG (size-matched) (suppress)"].verdict == "inconclusive"
     assert claims["ΔP/P MATRICE − Random (layer-matched) (enhance)"].verdict == "replicates"
     assert "effect w/o UaL (size-matched) − effect w/o UaQ (size-matched)" in claims
+
+
+def test_manipulation_interval_tables_show_n_and_an_interval_per_cell():
+    from matrice.claims import manipulation_interval_tables
+
+    records = manip_records(6, {"matrice": 0.4, "random": 0.0})
+    for r in records["records"]:
+        r["lang"] = "en"
+    table = manipulation_interval_tables(records, is_eval, ["en", "fr"])
+    row = next(line for line in table.splitlines() if line.startswith("| MATRICE") and "-0.4" in line)
+    assert "(n=6)" in row and "[" in row and "– (n=0)" in row  # fr has no records: said, not invented
+    assert "evaluation queries" in table and table.count("| Random |") == 2
