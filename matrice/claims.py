@@ -9,12 +9,12 @@ editing's reliability is, by the experiment's design, on the edited (attributed)
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from matrice.stats import Direction, Estimate, paired_difference, verdict
+from matrice.stats import Direction, Estimate, Verdict, bootstrap_mean, paired_difference, verdict
 
 
 NAMES = {"matrice": "MATRICE", "amig": "AMIG", "random": "Random", "wo_uaq": "w/o UaQ", "wo_ual": "w/o UaL",
@@ -38,11 +38,8 @@ class Claim:
     direction: Direction  # the sign the paper asserts for the difference
     queries: str  # which queries the number rests on
     estimate: Estimate
-    verdict: str
+    verdict: Verdict
     note: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "estimate": self.estimate.to_dict()}
 
 
 def _claim(source: str, text: str, comparison: str, direction: Direction, queries: str,
@@ -61,6 +58,14 @@ def per_fact_mean(records: Iterable[Mapping[str, Any]], value: Callable[[Mapping
             if v is not None:
                 by_fact[r["fact_id"]].append(float(v))
     return {f: float(np.mean(vs)) for f, vs in by_fact.items() if vs}
+
+
+def scored_queries(records: Sequence[Mapping[str, Any]], is_evaluation: Callable[[str], bool]
+                   ) -> tuple[Callable[[Mapping[str, Any]], bool], bool]:
+    """(keep(record), whether that means evaluation queries): the evaluation queries when the records
+    have any, else every query (a run without held-out paraphrases says so in its labels)."""
+    have_eval = any(is_evaluation(r["query_id"]) for r in records)
+    return (lambda r: is_evaluation(r["query_id"])) if have_eval else (lambda r: True), have_eval
 
 
 def _paired(x: Mapping[str, float], y: Mapping[str, float]) -> tuple[list[float | None], list[float | None]]:
@@ -90,7 +95,7 @@ def layer_claims(sets: Mapping[str, Mapping[str, Sequence[Sequence[int]]]], n_la
 def manipulation_claims(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool]) -> list[Claim]:
     """Fig. 5 and Table II from per-query ΔP/P, averaged per fact over evaluation queries."""
     records = manip["records"]
-    have_eval = any(is_evaluation(r["query_id"]) for r in records)
+    scored, have_eval = scored_queries(records, is_evaluation)
     split = "evaluation queries (never attributed)" if have_eval else "localisation queries (no held-out ones in this run)"
     n_facts = len({r["fact_id"] for r in records})
 
@@ -101,8 +106,7 @@ def manipulation_claims(manip: Mapping[str, Any], is_evaluation: Callable[[str],
         return per_fact_mean(
             records,
             lambda r: None if r["delta_p"] is None else (r["delta_p"] if mode else sign[r["mode"]] * r["delta_p"]),
-            lambda r: r["method"] == method and (mode is None or r["mode"] == mode)
-            and (is_evaluation(r["query_id"]) or not have_eval),
+            lambda r: r["method"] == method and (mode is None or r["mode"] == mode) and scored(r),
         )
 
     empty = manip.get("empty_facts", {})
@@ -159,12 +163,12 @@ def editing_claims(editing: Mapping[str, Any]) -> list[Claim]:
 def enhancement_claims(enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool]) -> list[Claim]:
     """Fig. 6: accuracy gained on Q_error (low-resource languages) per fact."""
     records = enhancement["records"]
-    have_eval = any(is_evaluation(r["query_id"]) for r in records)
+    scored, have_eval = scored_queries(records, is_evaluation)
     split = "Q_error, evaluation queries" if have_eval else "Q_error (no held-out ones in this run)"
 
     def gain(method: str) -> dict[str, float]:
         return per_fact_mean(records, lambda r: float(r["correct_after"]),
-                             lambda r: r["method"] == method and (is_evaluation(r["query_id"]) or not have_eval))
+                             lambda r: r["method"] == method and scored(r))
 
     methods = {r["method"] for r in records}
     return [
@@ -207,10 +211,8 @@ def manipulation_interval_tables(manip: Mapping[str, Any], is_evaluation: Callab
                                  languages: Sequence[str]) -> str:
     """Fig. 5 per language with uncertainty: per method and mode, mean ΔP/P over facts (each fact's
     mean over its evaluation queries in that language), its 95% bootstrap interval and n facts."""
-    from matrice.stats import bootstrap_mean
-
     records = manip["records"]
-    have_eval = any(is_evaluation(r["query_id"]) for r in records)
+    scored, have_eval = scored_queries(records, is_evaluation)
     methods = list(dict.fromkeys(r["method"] for r in records))
     parts = []
     for mode in ("suppress", "enhance"):
@@ -220,8 +222,7 @@ def manipulation_interval_tables(manip: Mapping[str, Any], is_evaluation: Callab
             for lang in languages:
                 per_fact = per_fact_mean(
                     records, lambda r: r["delta_p"],
-                    lambda r: r["method"] == method and r["mode"] == mode and r["lang"] == lang
-                    and (is_evaluation(r["query_id"]) or not have_eval))
+                    lambda r: r["method"] == method and r["mode"] == mode and r["lang"] == lang and scored(r))
                 cells.append(bootstrap_mean(list(per_fact.values())).format(2))
             lines.append(f"| {_name(method)} | " + " | ".join(cells) + " |")
         split = "evaluation queries" if have_eval else "all queries"

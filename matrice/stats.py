@@ -9,12 +9,12 @@ interval of that difference, never written by hand.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
 
-Verdict = Literal["replicates", "contradicts", "inconclusive", "no data"]
+Verdict = Literal["replicates", "contradicts", "inconclusive", "no data", "not judged"]
 Direction = Literal["greater", "less"]
 
 
@@ -28,9 +28,6 @@ class Estimate:
     high: float | None
     n: int
     p: float | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def format(self, digits: int = 3) -> str:
         """`-0.412 [-0.520, -0.301] (n=8)`; `– (n=0)` without data."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
@@ -20,7 +21,9 @@ def _read(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
+@lru_cache(maxsize=None)
 def _json(path: Path) -> dict:
+    """Parsed once per run: the verdicts and the detail sections read the same results (treat as read-only)."""
     return json.loads(_read(path))
 
 
@@ -37,7 +40,7 @@ def replication_section(key: str, params: dict) -> str:
     from matrice.claims import all_claims, claims_table, verdict_counts
 
     out = results_dir(key)
-    is_evaluation = _evaluation_rule(params)
+    is_evaluation = _evaluation_rule(params["attribute"]["templates_per_language"])
     sets = _json(out / "neurons.json")["facts"]
     claims = all_claims(
         sets=sets, n_layers=len(_json(out / "layer_distribution.json")), manip=_json(out / "manipulation.json"),
@@ -51,18 +54,18 @@ def replication_section(key: str, params: dict) -> str:
         "Each row is a difference the paper asserts the sign of (MATRICE − X, per fact, then averaged over facts), "
         "with a 95% percentile-bootstrap interval over facts and a two-sided paired bootstrap p-value. Verdict: "
         "**replicates** when the whole interval has the paper's sign and p < 0.05, **contradicts** when the whole "
-        "interval has the opposite sign and p < 0.05, **inconclusive** otherwise. Queries are *evaluation* queries (paraphrases never attributed) where "
-        "the run has them.\n\n" + claims_table(claims)
+        "interval has the opposite sign and p < 0.05, **inconclusive** otherwise. Queries are *evaluation* queries "
+        "(paraphrases never attributed) where the run has them.\n\n" + claims_table(claims)
         + "\nScale: the paper uses four LLMs of 1.3B-13B parameters and 7,849 facts; a verdict here is about this "
         "run's model and facts only. An inconclusive row says the data cannot tell, not that the effect is absent.\n"
     )
 
 
-def _evaluation_rule(params: dict):
-    """is_evaluation(query_id): the query's paraphrase was never attributed."""
+@lru_cache(maxsize=None)
+def _evaluation_rule(localisation: int | None):
+    """is_evaluation(query_id): the query's paraphrase (template ≥ `localisation`) was never attributed."""
     from matrice.data.schema import load_queries
 
-    localisation = params["attribute"]["templates_per_language"]
     template_of = {q.query_id: q.template_id for q in load_queries(DATASET_DIR / "queries.jsonl")}
     return lambda query_id: localisation is not None and template_of[query_id] >= localisation
 
@@ -73,7 +76,7 @@ def _manipulation_intervals(key: str, params: dict) -> str:
 
     manip = _json(results_dir(key) / "manipulation.json")
     langs = [l for l in LANG_ORDER if any(r["lang"] == l for r in manip["records"])]
-    return manipulation_interval_tables(manip, _evaluation_rule(params), langs)
+    return manipulation_interval_tables(manip, _evaluation_rule(params["attribute"]["templates_per_language"]), langs)
 
 
 def model_section(key: str, params: dict) -> str:

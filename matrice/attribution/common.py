@@ -74,6 +74,13 @@ def baseline_activations(adapter: ModelAdapter, enc: Encoded, kind: BaselineKind
     return target_activations(adapter, baseline_inputs(adapter, enc, kind), enc.target_pos)
 
 
+def query_activations(adapter: ModelAdapter, enc: Encoded, kind: BaselineKind) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the full-sequence engines start from: input ids [1, T], w̄ [L, N] and w' [B, L, N]."""
+    ids = torch.tensor([enc.input_ids], dtype=torch.long, device=adapter.device)
+    original = target_activations(adapter, ids, enc.target_pos)[0]
+    return ids, original, baseline_activations(adapter, enc, kind, original)
+
+
 def answer_probability(logits: torch.Tensor, answer_id: int) -> torch.Tensor:
     """P(y*) from target-position logits [R, V], softmax in float64 whatever the model dtype.
 

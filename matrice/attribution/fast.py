@@ -1,9 +1,10 @@
 """Fast exact SAIG: same numbers as `reference.py`, a small fraction of the work.
 
-What it saves, per query (METHOD.md §1 costs m × L × M forward+backward passes):
-- all (baseline, step) rows of one patched layer run as one batch;
-- the blocks below the patched layer are unaffected by the patch: their output is recorded once and
-  replayed (the block is not run);
+What it saves (METHOD.md §1 costs m × L × M forward+backward passes per query):
+- the (layer, baseline, step) rows of all queries of a shard form one stream cut into batches, so a
+  batch may hold several queries;
+- the blocks below a row's patched layer are unaffected by the patch: their output is recorded once;
+  a row joins the batch at its own layer (no block computes a row it cannot change);
 - causal models: positions before the target are unaffected too, so their key/value cache is
   computed once and each row runs a single token (the target) through the network;
 - gradients are taken only with respect to the patched activations (parameters are frozen);
@@ -31,13 +32,20 @@ from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.hooks import Edit, neuron_hooks
 
 
+def _hidden(output: Any) -> torch.Tensor:
+    """The hidden state of a recorded block output (a tensor, or a tuple whose first item it is)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot replay a block output of type {type(output).__name__}")
+
+
 def _expand(output: Any, rows: int) -> Any:
     """Broadcast a recorded block output (tensor or tuple whose first item is the hidden state)."""
-    if isinstance(output, torch.Tensor):
-        return output.expand(rows, *output.shape[1:])
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        return (_expand(output[0], rows), *output[1:])
-    raise TypeError(f"cannot replay a block output of type {type(output).__name__}")
+    hidden = _hidden(output)
+    hidden = hidden.expand(rows, *hidden.shape[1:])
+    return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
 
 
 @contextmanager
@@ -52,15 +60,6 @@ def _record_blocks(adapter: ModelAdapter) -> Iterator[list[Any]]:
     finally:
         for h in handles:
             h.remove()
-
-
-def _hidden(output: Any) -> torch.Tensor:
-    """The hidden state of a recorded block output (a tensor, or a tuple whose first item it is)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot replay a block output of type {type(output).__name__}")
 
 
 def _rows_of(x: Any, total: int, rows: int) -> Any:

@@ -12,10 +12,9 @@ from matrice.attribution.common import (
     AttributionConfig,
     all_layers,
     answer_probability,
-    baseline_activations,
     integrate,
+    query_activations,
     step_points,
-    target_activations,
 )
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.hooks import neuron_hooks, replace_with
@@ -25,9 +24,7 @@ def peer_attribution(
     adapter: ModelAdapter, enc: Encoded, cfg: AttributionConfig, layers: list[int] | None = None
 ) -> torch.Tensor:
     """Per-baseline attributions [B, L, N] (float32; unselected layers are 0)."""
-    ids = torch.tensor([enc.input_ids], dtype=torch.long, device=adapter.device)
-    original = target_activations(adapter, ids, enc.target_pos)[0]
-    base = baseline_activations(adapter, enc, cfg.baseline, original)
+    ids, original, base = query_activations(adapter, enc, cfg.baseline)
     positions = torch.tensor([enc.target_pos])
     attr = torch.zeros(base.shape, dtype=torch.float32)
     for i in range(base.shape[0]):

@@ -11,10 +11,9 @@ from matrice.attribution.common import (
     AttributionConfig,
     all_layers,
     answer_probability,
-    baseline_activations,
     integrate,
+    query_activations,
     step_points,
-    target_activations,
 )
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.hooks import neuron_hooks, replace_with
@@ -24,9 +23,7 @@ def reference_attribution(
     adapter: ModelAdapter, enc: Encoded, cfg: AttributionConfig, layers: list[int] | None = None
 ) -> torch.Tensor:
     """Per-baseline attributions Attr_i(n_j^l): [B, L, N] (float32; unselected layers are 0)."""
-    ids = torch.tensor([enc.input_ids], dtype=torch.long, device=adapter.device)
-    original = target_activations(adapter, ids, enc.target_pos)[0]  # [L, N]
-    base = baseline_activations(adapter, enc, cfg.baseline, original)  # [B, L, N]
+    ids, original, base = query_activations(adapter, enc, cfg.baseline)  # [1, T], [L, N], [B, L, N]
     position = torch.tensor([enc.target_pos])
     attr = torch.zeros(base.shape, dtype=torch.float32)
     for i in range(base.shape[0]):
