@@ -27,14 +27,22 @@ def group_by_fact(queries: Sequence[Query], raw: Mapping[str, np.ndarray]) -> di
     }
 
 
-def aggregate_all(grouped: Mapping[str, Mapping[str, np.ndarray]], cfg: AggregationConfig, languages: Sequence[str]) -> dict[str, FactScores]:
-    """Aggregate every fact over `languages`; a fact missing one of them is an error naming both."""
+def aggregate_all(grouped: Mapping[str, Mapping[str, np.ndarray]], cfg: AggregationConfig, languages: Sequence[str],
+                  amig_grouped: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict[str, FactScores]:
+    """Aggregate every fact over `languages`; a fact missing one of them is an error naming both.
+    `amig_grouped` (AMIG's own attribution of the first queries, grouped like `grouped`) must then
+    cover every fact."""
     out: dict[str, FactScores] = {}
     for fact, per_lang in tqdm(sorted(grouped.items()), desc="aggregate", unit="fact"):
         missing = [lang for lang in languages if lang not in per_lang]
         if missing:
             raise ValueError(f"fact {fact} has no attributed query in language(s) {missing}")
-        out[fact] = aggregate_fact({lang: per_lang[lang] for lang in languages}, cfg)
+        amig_first = None
+        if amig_grouped is not None:
+            if fact not in amig_grouped:
+                raise ValueError(f"fact {fact} has no AMIG attribution")
+            amig_first = {lang: rows[0] for lang, rows in amig_grouped[fact].items()}
+        out[fact] = aggregate_fact({lang: per_lang[lang] for lang in languages}, cfg, amig_first)
     return out
 
 
@@ -51,13 +59,24 @@ def save_scores(path: Path, scores: Mapping[str, FactScores]) -> None:
         S_wo_uaq=np.stack([scores[f].S_wo_uaq for f in facts]).astype(np.float32),
         s_per_lang=np.stack([scores[f].s_per_lang for f in facts]).astype(np.float32),
         first_query_norm=np.stack([scores[f].first_query_norm for f in facts]).astype(np.float32),
+        **_amig_arrays(scores, facts),
     )
+
+
+def _amig_arrays(scores: Mapping[str, FactScores], facts: Sequence[str]) -> dict[str, np.ndarray]:
+    have = [scores[f].amig_norm is not None for f in facts]
+    if not any(have):
+        return {}
+    if not all(have):
+        raise ValueError("AMIG maps exist for some facts only")
+    return {"amig_norm": np.stack([scores[f].amig_norm for f in facts]).astype(np.float32)}
 
 
 def load_scores(path: Path) -> dict[str, FactScores]:
     with np.load(path) as d:
         langs = [str(x) for x in d["languages"]]
         return {
-            str(f): FactScores(langs, d["S"][i], d["s_per_lang"][i], d["first_query_norm"][i], d["S_wo_uaq"][i])
+            str(f): FactScores(langs, d["S"][i], d["s_per_lang"][i], d["first_query_norm"][i], d["S_wo_uaq"][i],
+                               d["amig_norm"][i] if "amig_norm" in d else None)
             for i, f in enumerate(d["fact_ids"])
         }

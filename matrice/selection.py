@@ -171,7 +171,8 @@ def select_fact(fs: FactScores, cfg: SelectionConfig | None = None, fact_id: str
     """Neuron sets of one fact for every method in :data:`METHODS`.
 
     - ``matrice``: threshold τ on S.
-    - ``amig``: per language, threshold τ_amig on the first query's layer-normalised map; intersection.
+    - ``amig``: per language, threshold τ_amig on the first query's layer-normalised map under AMIG's
+      own baseline (``FactScores.amig_maps``); intersection across languages.
     - ``random``: as many neurons as ``matrice``, uniform, seeded by (cfg.seed, fact_id).
     - ``wo_uaq``: threshold τ on S_wo_uaq (first queries, UaL).
     - ``wo_ual``: per language, threshold τ on its UaQ map s_per_lang[k]; intersection.
@@ -185,11 +186,11 @@ def select_fact(fs: FactScores, cfg: SelectionConfig | None = None, fact_id: str
     k = len(matrice)
     return {
         "matrice": matrice,
-        "amig": intersect([select_by_threshold(m, cfg.tau_amig) for m in fs.first_query_norm]),
+        "amig": intersect([select_by_threshold(m, cfg.tau_amig) for m in fs.amig_maps]),
         "random": random_neurons(k, n_layers, n_neurons, fact_rng(cfg.seed, fact_id)),
         "wo_uaq": select_by_threshold(fs.S_wo_uaq, cfg.tau),
         "wo_ual": intersect([select_by_threshold(m, cfg.tau) for m in fs.s_per_lang]),
-        "amig_k": top_k(intersection_score(fs.first_query_norm), k),
+        "amig_k": top_k(intersection_score(fs.amig_maps), k),
         "wo_uaq_k": top_k(fs.S_wo_uaq, k),
         "wo_ual_k": top_k(intersection_score(fs.s_per_lang), k),
         "random_layer": layer_matched_random(matrice, n_neurons, fact_rng(cfg.seed, f"{fact_id}:layer")),

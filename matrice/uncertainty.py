@@ -160,6 +160,14 @@ class FactScores:
     s_per_lang: np.ndarray  # [K, L, N] UaQ per language (Eq. 8), before language normalisation
     first_query_norm: np.ndarray  # [K, L, N] layer-normalised attribution of each first query
     S_wo_uaq: np.ndarray  # [L, N] UaL on the first queries only (ablation w/o UaQ)
+    # [K, L, N] layer-normalised attribution of each first query under AMIG's own (all-PAD) baseline;
+    # None when the run has none, and AMIG then falls back to first_query_norm (the SAIG maps)
+    amig_norm: np.ndarray | None = None
+
+    @property
+    def amig_maps(self) -> np.ndarray:
+        """The maps the AMIG baseline thresholds: its own attribution when the run has it."""
+        return self.first_query_norm if self.amig_norm is None else self.amig_norm
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -167,12 +175,15 @@ class FactScores:
         return (int(self.S.shape[0]), int(self.S.shape[1]))
 
 
-def aggregate_fact(per_lang: Mapping[str, np.ndarray], cfg: AggregationConfig | None = None) -> FactScores:
+def aggregate_fact(per_lang: Mapping[str, np.ndarray], cfg: AggregationConfig | None = None,
+                   amig_first: Mapping[str, np.ndarray] | None = None) -> FactScores:
     """Turn one fact's raw attributions ``{lang: [T_lang, L, N]}`` into its score maps.
 
     Pipeline: layer-normalise each query (Eq. 5) → UaQ per language (Eq. 8) → normalise languages
     (Eq. 9) → UaL (Eq. 11) = ``S``. The ablation w/o UaQ and the AMIG baseline use only the first
     query of each language. T may differ per language; languages keep the mapping's order.
+    ``amig_first`` (``{lang: [L, N]}``, AMIG's own attribution of each first query) gives
+    ``amig_norm``, layer-normalised the same way.
     Non-finite attributions are rejected (they signal an upstream failure, not a score).
     """
     cfg = cfg or AggregationConfig()
@@ -204,4 +215,17 @@ def aggregate_fact(per_lang: Mapping[str, np.ndarray], cfg: AggregationConfig | 
         s_per_lang=s_per_lang,
         first_query_norm=first_query_norm,
         S_wo_uaq=S_wo_uaq,
+        amig_norm=None if amig_first is None else _amig_norm(amig_first, languages, shape, cfg.layer_norm),
     )
+
+
+def _amig_norm(amig_first: Mapping[str, np.ndarray], languages: list[str], shape, layer_norm: LayerNorm) -> np.ndarray:
+    missing = [lang for lang in languages if lang not in amig_first]
+    if missing:
+        raise ValueError(f"AMIG attribution missing for language(s) {missing}")
+    maps = np.stack([np.asarray(amig_first[lang]) for lang in languages])
+    if maps.shape[1:] != shape:
+        raise ValueError(f"AMIG attribution [L, N] = {maps.shape[1:]} differs from {shape}")
+    if not np.all(np.isfinite(maps)):
+        raise ValueError("AMIG attributions contain NaN or inf")
+    return normalize_layers(maps, layer_norm)

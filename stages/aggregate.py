@@ -18,9 +18,10 @@ def main() -> None:
         lang_norm=params["lang_norm"], beta1=params["beta1"], beta2=params["beta2"],
     )
     _, raw = load_attributions(results_dir(key) / "attributions")
+    _, raw_amig = load_attributions(results_dir(key) / "attributions_amig")
     queries = load_queries(DATASET_DIR / "queries.jsonl")
     languages = sorted({q.lang for q in queries}, key=[q.lang for q in queries].index)
-    scores = aggregate_all(group_by_fact(queries, raw), cfg, languages)
+    scores = aggregate_all(group_by_fact(queries, raw), cfg, languages, group_by_fact(queries, raw_amig))
     save_scores(results_dir(key) / "scores.npz", scores)
 
 

@@ -132,7 +132,7 @@ def test_embedded_queries_are_consistent():
         assert q.answer == fact.object[q.lang] and q.subject == fact.subject[q.lang]
         demo = ds.demos[q.relation]
         assert q.prefix == fill_template(q.template, demo.subject[q.lang], demo.object[q.lang]) + "\n"
-    assert {q.template_id for q in ds.queries} == {0, 1, 2}
+    assert {q.template_id for q in ds.queries} == {0, 1, 2, 3}
 
 
 # ---------------------------------------------------------------- schema helpers

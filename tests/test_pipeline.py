@@ -10,7 +10,8 @@ import yaml
 
 from matrice.attribution import runner as runner_mod
 from matrice.attribution.common import AttributionConfig
-from matrice.attribution.runner import load_attributions, plan_shards, run_attribution, sample_facts_per_relation
+from matrice.attribution.runner import (choose_facts, load_attributions, plan_shards, run_attribution,
+                                       sample_facts_per_relation)
 from matrice.data.build import build_dataset
 from matrice.data.sources import DatasetConfig
 from matrice.io import atomic_save_npz, atomic_write_text
@@ -87,6 +88,24 @@ def test_fact_sample_is_seeded_and_per_relation(small_run):
     assert a == sample_facts_per_relation(small_run, 1, seed=0)
     assert sorted(f.split("-")[0] for f in a) == ["P30", "P36"]
     assert len(sample_facts_per_relation(small_run, None, seed=0)) == 4
+
+
+def test_known_fact_policy_takes_only_facts_answered_in_the_editing_language(small_run):
+    facts = sorted({q.fact_id for q in small_run})
+    known = facts[1:3]  # one P30 and/or P36 fact answered in English on template 0
+    probes = [{"fact_id": q.fact_id, "lang": q.lang, "template_id": q.template_id,
+               "correct": (q.fact_id in known and q.lang == "en" and q.template_id == 0)
+               or (q.lang == "fr")  # French answers never qualify a fact
+               or (q.template_id == 1)}  # nor do paraphrases
+              for q in small_run]
+    chosen = choose_facts(small_run, 2, 0, "known", probes, "en")
+    assert sorted(chosen) == sorted(known)
+    assert choose_facts(small_run, 1, 0, "any") == sample_facts_per_relation(small_run, 1, 0)
+    assert sorted(choose_facts(small_run, None, 0, "known", probes, "fr")) == facts
+    with pytest.raises(ValueError, match="fact_policy"):
+        choose_facts(small_run, 1, 0, "famous", probes)
+    with pytest.raises(ValueError, match="needs the probe"):
+        choose_facts(small_run, 1, 0, "known")
 
 
 def test_attribution_shards_resume_and_recompute_only_what_changed(tmp_path, small_run, tiny, monkeypatch):

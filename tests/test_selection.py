@@ -333,3 +333,22 @@ def test_layer_distribution_plain_dict_and_empty_method():
     assert dist == {"matrice": [0.0, 1.0], "random": [0.0, 0.0]}
     with pytest.raises(ValueError, match="out of range"):
         layer_distribution(sets, n_layers=1)
+
+
+def test_amig_uses_its_own_attribution_when_the_run_has_it(tmp_path):
+    en = np.array([[[1.0, 3.0], [2.0, 2.0]]])
+    fr = np.array([[[0.0, 2.0], [1.0, 3.0]]])
+    # AMIG's own first-query maps: en |.|-normalised per layer [[1, 0], [0, 1]], fr [[.5, .5], [0, 1]]
+    amig_first = {"en": np.array([[4.0, 0.0], [0.0, 2.0]]), "fr": np.array([[1.0, 1.0], [0.0, 5.0]])}
+    fs = aggregate_fact({"en": en, "fr": fr}, AggregationConfig(), amig_first)
+    np.testing.assert_allclose(fs.amig_norm, [[[1, 0], [0, 1]], [[.5, .5], [0, 1]]])
+    out = select_fact(fs, SelectionConfig(tau=0.2, tau_amig=0.6), "f1")
+    np.testing.assert_array_equal(out["amig"], pairs([1, 1]))  # en > .6: (0,0),(1,1); fr > .6: (1,1)
+    without = select_fact(aggregate_fact({"en": en, "fr": fr}), SelectionConfig(tau=0.2, tau_amig=0.6), "f1")
+    assert {tuple(p) for p in without["amig"]} != {(1, 1)}  # the SAIG maps give another set
+    np.testing.assert_array_equal(out["matrice"], without["matrice"])  # MATRICE never reads AMIG's maps
+    from matrice.scores import load_scores, save_scores
+    save_scores(tmp_path / "s.npz", {"f1": fs})
+    np.testing.assert_allclose(load_scores(tmp_path / "s.npz")["f1"].amig_norm, fs.amig_norm, rtol=1e-6)
+    with pytest.raises(ValueError, match="missing for language"):
+        aggregate_fact({"en": en, "fr": fr}, AggregationConfig(), {"en": amig_first["en"]})

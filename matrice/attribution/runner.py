@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -37,19 +37,45 @@ class Shard:
     query_ids: list[str]
 
 
-def sample_facts_per_relation(queries: Sequence[Query], per_relation: int | None, seed: int) -> list[str]:
-    """A seeded sample of fact ids per relation (all facts when `per_relation` is null)."""
+FACT_POLICIES = ("known", "any")
+
+
+def sample_facts_per_relation(queries: Sequence[Query], per_relation: int | None, seed: int,
+                              eligible: set[str] | None = None) -> list[str]:
+    """A seeded sample of fact ids per relation (all facts when `per_relation` is null), drawn from
+    `eligible` facts when given. A relation with fewer eligible facts than asked gives what it has
+    (logged), never an ineligible one."""
     by_relation: dict[str, list[str]] = defaultdict(list)
     for q in queries:
-        if q.fact_id not in by_relation[q.relation]:
+        if q.fact_id not in by_relation[q.relation] and (eligible is None or q.fact_id in eligible):
             by_relation[q.relation].append(q.fact_id)
     chosen: list[str] = []
     for relation in sorted(by_relation):
         facts = sorted(by_relation[relation])
         if per_relation is not None and per_relation < len(facts):
             facts = sorted(random.Random(f"{seed}:{relation}").sample(facts, per_relation))
+        elif per_relation is not None and len(facts) < per_relation:
+            log.warning("relation %s: only %d eligible facts for facts_per_relation=%d", relation, len(facts), per_relation)
         chosen += facts
     return chosen
+
+
+def known_facts(probes: Iterable[Mapping[str, Any]], lang: str) -> set[str]:
+    """Facts whose original query (template 0) in `lang` the model answers correctly (probe stage)."""
+    return {p["fact_id"] for p in probes if p["lang"] == lang and p["template_id"] == 0 and p["correct"]}
+
+
+def choose_facts(queries: Sequence[Query], per_relation: int | None, seed: int, policy: str,
+                 probes: Iterable[Mapping[str, Any]] | None = None, lang: str = "en") -> list[str]:
+    """The facts to attribute: `known` = facts the model answers in `lang` (default: the editing
+    language), so an edit or a suppression changes knowledge the model has; `any` = every fact."""
+    if policy not in FACT_POLICIES:
+        raise ValueError(f"attribute.fact_policy must be one of {FACT_POLICIES}, got {policy!r}")
+    if policy == "any":
+        return sample_facts_per_relation(queries, per_relation, seed)
+    if probes is None:
+        raise ValueError("attribute.fact_policy 'known' needs the probe results")
+    return sample_facts_per_relation(queries, per_relation, seed, known_facts(probes, lang))
 
 
 def plan_shards(queries: Sequence[Query], fact_ids: Sequence[str]) -> list[Shard]:
