@@ -17,14 +17,16 @@ import numpy as np
 from matrice.stats import Direction, Estimate, Verdict, bootstrap_mean, paired_difference, verdict
 
 
-NAMES = {"matrice": "MATRICE", "amig": "AMIG", "random": "Random", "wo_uaq": "w/o UaQ", "wo_ual": "w/o UaL",
+NAMES = {"lolo": "LOLO (selected without the language)", "lolo_random_layer": "Random (layer-matched to LOLO)",
+         "own": "the fact's own LAKNs", "same_relation": "another fact's LAKNs, same relation",
+         "other_relation": "another fact's LAKNs, other relation", "matrice": "MATRICE", "amig": "AMIG", "random": "Random", "wo_uaq": "w/o UaQ", "wo_ual": "w/o UaL",
          "amig_k": "AMIG (size-matched)", "wo_uaq_k": "w/o UaQ (size-matched)", "wo_ual_k": "w/o UaL (size-matched)",
          "random_layer": "Random (layer-matched)"}
 # MATRICE against each baseline: the paper's (threshold-based) one, then the fair variant beside it.
 BASELINES = ("random", "random_layer", "amig", "amig_k")
 
 
-def _name(method: str) -> str:
+def method_name(method: str) -> str:
     return NAMES.get(method, method)
 
 
@@ -116,18 +118,18 @@ def manipulation_claims(manip: Mapping[str, Any], is_evaluation: Callable[[str],
         for mode, direction in (("suppress", "less"), ("enhance", "greater")):
             out.append(_claim(
                 "Fig. 5", f"{ {'suppress': 'suppressing', 'enhance': 'enhancing'}[mode]} MATRICE's neurons moves "
-                f"P(answer) more than {_name(other)}'s",
-                f"ΔP/P MATRICE − {_name(other)} ({mode})", direction, split,
+                f"P(answer) more than {method_name(other)}'s",
+                f"ΔP/P MATRICE − {method_name(other)} ({mode})", direction, split,
                 *_paired(effect("matrice", mode), effect(other, mode)), _empty_note(empty, other, n_facts)))
     for ablation in (m for m in ("wo_uaq", "wo_uaq_k", "wo_ual", "wo_ual_k") if m in methods):
         text = f"removing {'UaQ' if 'uaq' in ablation else 'UaL'} weakens the neurons"
-        out.append(_claim("Table II", text, f"effect MATRICE − {_name(ablation)} (−ΔP suppress, +ΔP enhance, mean)",
+        out.append(_claim("Table II", text, f"effect MATRICE − {method_name(ablation)} (−ΔP suppress, +ΔP enhance, mean)",
                           "greater", split, *_paired(effect("matrice", None), effect(ablation, None)),
                           _empty_note(empty, ablation, n_facts)))
     for suffix in ("", "_k"):
         if {f"wo_uaq{suffix}", f"wo_ual{suffix}"} <= methods:
             out.append(_claim("Table II", "UaQ matters more than UaL",
-                              f"effect {_name('wo_ual' + suffix)} − effect {_name('wo_uaq' + suffix)}", "greater", split,
+                              f"effect {method_name('wo_ual' + suffix)} − effect {method_name('wo_uaq' + suffix)}", "greater", split,
                               *_paired(effect(f"wo_ual{suffix}", None), effect(f"wo_uaq{suffix}", None))))
     return out
 
@@ -153,8 +155,8 @@ def editing_claims(editing: Mapping[str, Any]) -> list[Claim]:
         for a, b in pairs:
             if a in methods and b in methods:
                 out.append(_claim(
-                    table, f"{_name(a)}'s {operation} is more reliable than {_name(b)}'s",
-                    f"{operation} reliability {_name(a)} − {_name(b)}", "greater", "edited query, every language (attributed)",
+                    table, f"{method_name(a)}'s {operation} is more reliable than {method_name(b)}'s",
+                    f"{operation} reliability {method_name(a)} − {method_name(b)}", "greater", "edited query, every language (attributed)",
                     *_paired(reliability(a, operation), reliability(b, operation)),
                     _empty_note(empty, "amig", n_facts) if "amig" in (a, b) else ""))
     return out
@@ -172,8 +174,8 @@ def enhancement_claims(enhancement: Mapping[str, Any], is_evaluation: Callable[[
 
     methods = {r["method"] for r in records}
     return [
-        _claim("Fig. 6", f"{_name(a)} gains more accuracy than {_name(b)}",
-               f"accuracy gain {_name(a)} − {_name(b)}", "greater", split, *_paired(gain(a), gain(b)))
+        _claim("Fig. 6", f"{method_name(a)} gains more accuracy than {method_name(b)}",
+               f"accuracy gain {method_name(a)} − {method_name(b)}", "greater", split, *_paired(gain(a), gain(b)))
         for a, b in (*(("matrice", m) for m in BASELINES), ("amig", "random"))
         if a in methods and b in methods
     ]
@@ -188,9 +190,66 @@ def injection_claims() -> list[Claim]:
                   "injection scores its training set; needs held-out paraphrases before it can be judged")]
 
 
+def _suppression(records: Sequence[Mapping[str, Any]], method: str, keep: Callable[[Mapping[str, Any]], bool]
+                 ) -> dict[str, float]:
+    """Per fact: mean over languages of the mean ΔP/P over the kept queries of that language, so every
+    language weighs the same whatever its number of encodable queries."""
+    per_lang: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in records:
+        if r["method"] == method and r["delta_p"] is not None and keep(r):
+            per_lang[(r["fact_id"], r["lang"])].append(r["delta_p"])
+    by_fact: dict[str, list[float]] = defaultdict(list)
+    for (fact, _), values in per_lang.items():
+        by_fact[fact].append(float(np.mean(values)))
+    return {f: float(np.mean(v)) for f, v in by_fact.items()}
+
+
+def control_claims(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool]) -> list[Claim]:
+    """The paper's premises as tests: LAKNs selected without a language still suppress the answer in
+    it (language-agnostic), and a fact's LAKNs suppress it more than another fact's do (specific)."""
+    out = []
+    lolo = controls.get("lolo", [])
+    if lolo:
+        out.append(_claim(
+            "LOLO", "LAKNs are language-agnostic: selected from six languages, suppressing them lowers P(answer) "
+            "in the seventh more than random neurons do", f"ΔP/P {method_name('lolo')} − {method_name('lolo_random_layer')} (suppress)",
+            "less", "every query of the held-out language (none reached selection)",
+            *_paired(_suppression(lolo, "lolo", lambda r: True), _suppression(lolo, "lolo_random_layer", lambda r: True))))
+    spec = controls.get("specificity", [])
+    if spec:
+        scored, have_eval = scored_queries(spec, is_evaluation)
+        split = "evaluation queries of the target fact" if have_eval else "all queries of the target fact"
+        own = _suppression(spec, "own", scored)
+        for donor in ("same_relation", "other_relation"):
+            out.append(_claim(
+                "Specificity", f"a fact's LAKNs suppress it more than {method_name(donor)} do",
+                f"ΔP/P own − {donor.replace('_', ' ')} donor (suppress)", "less", split,
+                *_paired(own, _suppression(spec, donor, scored))))
+    return out
+
+
+def lolo_interval_table(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool], languages: Sequence[str]) -> str:
+    """Suppression ΔP/P in each held-out language: LOLO, its layer-matched random control (every query of
+    the language) and MATRICE's full set (evaluation queries only, as it saw the language's others)."""
+    records = controls.get("lolo", [])
+    if not records:
+        return "No leave-one-language-out records in this run.\n"
+    lines = ["| method | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]
+    for method in ("lolo", "lolo_random_layer", "matrice"):
+        keep = (lambda r: is_evaluation(r["query_id"])) if method == "matrice" else (lambda r: True)
+        cells = []
+        for lang in languages:
+            per_fact = _suppression(records, method, lambda r, lang=lang: r["lang"] == lang and keep(r))
+            cells.append(bootstrap_mean(list(per_fact.values())).format(2))
+        lines.append(f"| {method_name(method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def all_claims(*, sets: Mapping[str, Any], n_layers: int, manip: Mapping[str, Any], editing: Mapping[str, Any],
-               enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool]) -> list[Claim]:
-    return [*layer_claims(sets, n_layers), *manipulation_claims(manip, is_evaluation), *editing_claims(editing),
+               enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool],
+               controls: Mapping[str, Any] | None = None) -> list[Claim]:
+    return [*layer_claims(sets, n_layers), *manipulation_claims(manip, is_evaluation),
+            *control_claims(controls or {}, is_evaluation), *editing_claims(editing),
             *enhancement_claims(enhancement, is_evaluation), *injection_claims()]
 
 
@@ -207,27 +266,95 @@ def claims_table(claims: Sequence[Claim]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def manipulation_estimates(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool], languages: Sequence[str]
+                           ) -> tuple[dict[str, dict[str, list[Estimate]]], bool]:
+    """``({mode: {method: [Estimate per language]}}, whether on evaluation queries)``: each fact's mean
+    ΔP/P over its evaluation queries in the language, then the mean over facts with its interval."""
+    records = manip["records"]
+    scored, have_eval = scored_queries(records, is_evaluation)
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    out: dict[str, dict[str, list[Estimate]]] = {}
+    for mode in ("suppress", "enhance"):
+        out[mode] = {}
+        for method in methods:
+            out[mode][method] = [
+                bootstrap_mean(list(per_fact_mean(
+                    records, lambda r: r["delta_p"],
+                    lambda r: r["method"] == method and r["mode"] == mode and r["lang"] == lang and scored(r)).values()))
+                for lang in languages]
+    return out, have_eval
+
+
 def manipulation_interval_tables(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool],
                                  languages: Sequence[str]) -> str:
     """Fig. 5 per language with uncertainty: per method and mode, mean ΔP/P over facts (each fact's
     mean over its evaluation queries in that language), its 95% bootstrap interval and n facts."""
-    records = manip["records"]
-    scored, have_eval = scored_queries(records, is_evaluation)
-    methods = list(dict.fromkeys(r["method"] for r in records))
+    estimates, have_eval = manipulation_estimates(manip, is_evaluation, languages)
     parts = []
-    for mode in ("suppress", "enhance"):
+    for mode, per_method in estimates.items():
         lines = ["| method | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]
-        for method in methods:
-            cells = []
-            for lang in languages:
-                per_fact = per_fact_mean(
-                    records, lambda r: r["delta_p"],
-                    lambda r: r["method"] == method and r["mode"] == mode and r["lang"] == lang and scored(r))
-                cells.append(bootstrap_mean(list(per_fact.values())).format(2))
-            lines.append(f"| {_name(method)} | " + " | ".join(cells) + " |")
+        for method, cells in per_method.items():
+            lines.append(f"| {method_name(method)} | " + " | ".join(e.format(2) for e in cells) + " |")
         split = "evaluation queries" if have_eval else "all queries"
         parts.append(f"**{mode}**: mean ΔP/P [95% CI over facts] (n facts), {split}\n\n" + "\n".join(lines) + "\n")
     return "\n".join(parts)
+
+
+def enhancement_estimates(enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool], group: str,
+                          groups: Sequence[str | None]) -> tuple[dict[str, list[Estimate]], bool]:
+    """``({method: [Estimate per group value]}, on evaluation queries?)``: accuracy gained on Q_error,
+    each fact's mean over its scored queries with ``record[group] == value`` (None: all), then over facts."""
+    records = enhancement["records"]
+    scored, have_eval = scored_queries(records, is_evaluation)
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    return {method: [bootstrap_mean(list(per_fact_mean(
+        records, lambda r: float(r["correct_after"]),
+        lambda r: r["method"] == method and scored(r) and value in (None, r[group])).values())) for value in groups]
+        for method in methods}, have_eval
+
+
+def _pooled_ratio(records: Iterable[Mapping[str, Any]], ok: str, n: str) -> dict[str, float]:
+    """Per fact: Σ ok / Σ n over its kept records (facts with no sample left out)."""
+    pooled: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in records:
+        pooled[r["fact_id"]][0] += r[ok]
+        pooled[r["fact_id"]][1] += r[n]
+    return {f: a / b for f, (a, b) in pooled.items() if b}
+
+
+EDIT_METRICS = {"reliability": ("rel_ok", "rel_n"), "generality": ("gen_ok", "gen_n"), "locality": ("loc_ok", "loc_n")}
+
+
+def editing_interval_tables(editing: Mapping[str, Any], languages: Sequence[str]) -> str:
+    """Tables III/IV with uncertainty: per method, metric and language the mean over facts of the fact's
+    rate, [95% CI] (n facts); "all" pools each fact's queries over every language first, so every
+    metric averages the same way (facts with no sample in a language are out of that cell's n)."""
+    records = editing["records"]
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    parts = []
+    for operation, title in (("erasure", "Table III — erasure"), ("update", "Table IV — update")):
+        lines = ["| method | metric | " + " | ".join([*languages, "all"]) + " |", "|---|---|" + "---|" * (len(languages) + 1)]
+        for method in methods:
+            mine = [r for r in records if r["method"] == method and r["operation"] == operation]
+            for metric, (ok, n) in EDIT_METRICS.items():
+                cells = [bootstrap_mean(list(_pooled_ratio([r for r in mine if r["lang"] == lang], ok, n).values())).format(2)
+                         for lang in languages]
+                cells.append(bootstrap_mean(list(_pooled_ratio(mine, ok, n).values())).format(2))
+                lines.append(f"| {method_name(method)} | {metric} | " + " | ".join(cells) + " |")
+        parts.append(f"**{title}**: mean [95% CI over facts] (n facts)\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def enhancement_interval_table(enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool],
+                               languages: Sequence[str]) -> str:
+    """Fig. 6 with uncertainty: accuracy gained on Q_error per method and language (and all languages),
+    each fact's mean over its Q_error queries, then mean [95% CI over facts] (n facts)."""
+    estimates, have_eval = enhancement_estimates(enhancement, is_evaluation, "lang", [*languages, None])
+    lines = ["| method | " + " | ".join([*languages, "all"]) + " |", "|---|" + "---|" * (len(languages) + 1)]
+    for method, cells in estimates.items():
+        lines.append(f"| {method_name(method)} | " + " | ".join(e.format(2) for e in cells) + " |")
+    split = "evaluation queries" if have_eval else "all queries"
+    return f"Accuracy gained on Q_error ({split}): mean [95% CI over facts] (n facts)\n\n" + "\n".join(lines) + "\n"
 
 
 def verdict_counts(claims: Sequence[Claim]) -> dict[str, int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 LANG_ORDER = ["en", "fr", "zh", "fi", "hu", "ja", "ko"]
 
@@ -81,46 +81,54 @@ def wide_rows(index_name: str, series: Mapping[str, list[float]]) -> list[dict]:
     return [{index_name: i, **{name: values[i] for name, values in series.items()}} for i in range(length)]
 
 
-def _bar_groups(ax, groups: list[str], series: Mapping[str, list[float | None]]) -> None:
+def _interval_bars(ax, groups: list[str], series: Mapping[str, list[Any]]) -> None:
+    """Bars of Estimate means with their 95% intervals as error bars; a cell without data is not drawn
+    (no zero-height bar pretending to be a result); each legend entry says over how many facts."""
     width = 0.8 / max(len(series), 1)
-    for k, (name, values) in enumerate(series.items()):
+    for k, (name, estimates) in enumerate(series.items()):
         xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
-        ax.bar(xs, [0.0 if v is None else v for v in values], width, label=name)
+        drawn = [(x, e) for x, e in zip(xs, estimates) if e is not None and e.mean is not None]
+        ns = sorted({e.n for _, e in drawn})
+        n_text = "no data" if not ns else f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}"
+        ax.bar([x for x, _ in drawn], [e.mean for _, e in drawn], width, label=f"{name} ({n_text} facts)")
+        with_ci = [(x, e) for x, e in drawn if e.low is not None]
+        if with_ci:
+            ax.errorbar([x for x, _ in with_ci], [e.mean for _, e in with_ci],
+                        yerr=[[e.mean - e.low for _, e in with_ci], [e.high - e.mean for _, e in with_ci]],
+                        fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
     ax.set_xticks(range(len(groups)), groups)
     ax.axhline(0, color="black", lw=0.6)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
 
 
-def plot_manipulation(summary: list[dict], methods: list[str], path, title: str) -> None:
-    """Fig. 5: mean relative change of P(answer) per language, suppression and enhancement."""
+def plot_manipulation(estimates: Mapping[str, Mapping[str, list[Any]]], langs: list[str], path, title: str) -> None:
+    """Fig. 5: mean relative change of P(answer) per language over facts, with 95% intervals;
+    ``estimates[mode][method]`` = one Estimate per language."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    langs = ordered_langs({r["lang"] for r in summary})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, mode in zip(axes, ("suppress", "enhance")):
-        cell = {(r["method"], r["lang"]): r["mean_delta_p"] for r in summary if r["mode"] == mode}
-        _bar_groups(ax, langs, {m: [cell.get((m, l)) for l in langs] for m in methods})
+        _interval_bars(ax, langs, estimates[mode])
         ax.set_title(f"{mode} (×{0 if mode == 'suppress' else 2})")
-        ax.set_ylabel("mean ΔP / P")
+        ax.set_ylabel("mean ΔP / P (95% CI over facts)")
     fig.suptitle(title)
     _save_figure(fig, path)
 
 
-def plot_enhancement(by_relation: list[dict], methods: list[str], path, title: str) -> None:
-    """Fig. 6: accuracy gained on Q_error (low-resource languages) per relation."""
+def plot_enhancement(estimates: Mapping[str, list[Any]], relations: list[str], path, title: str) -> None:
+    """Fig. 6: accuracy gained on Q_error per relation, mean over facts with 95% intervals where a
+    relation has two facts or more; ``estimates[method]`` = one Estimate per relation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    relations = sorted({r["relation"] for r in by_relation})
-    cell = {(r["method"], r["relation"]): r["accuracy_gain"] for r in by_relation}
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    _bar_groups(ax, relations, {m: [cell.get((m, rel)) for rel in relations] for m in methods})
+    fig, ax = plt.subplots(figsize=(10, 4))
+    _interval_bars(ax, relations, estimates)
     ax.set_ylabel("accuracy gained on Q_error")
     ax.set_title(title)
     _save_figure(fig, path)

@@ -60,6 +60,8 @@ def save_scores(path: Path, scores: Mapping[str, FactScores]) -> None:
         s_per_lang=np.stack([scores[f].s_per_lang for f in facts]).astype(np.float32),
         first_query_norm=np.stack([scores[f].first_query_norm for f in facts]).astype(np.float32),
         **_amig_arrays(scores, facts),
+        **({"S_leave_out": np.stack([scores[f].S_leave_out for f in facts]).astype(np.float32)}
+           if scores[facts[0]].S_leave_out is not None else {}),
     )
 
 
@@ -77,6 +79,7 @@ def load_scores(path: Path) -> dict[str, FactScores]:
         langs = [str(x) for x in d["languages"]]
         return {
             str(f): FactScores(langs, d["S"][i], d["s_per_lang"][i], d["first_query_norm"][i], d["S_wo_uaq"][i],
-                               d["amig_norm"][i] if "amig_norm" in d else None)
+                               d["amig_norm"][i] if "amig_norm" in d else None,
+                               d["S_leave_out"][i] if "S_leave_out" in d else None)
             for i, f in enumerate(d["fact_ids"])
         }

@@ -197,6 +197,42 @@ def select_fact(fs: FactScores, cfg: SelectionConfig | None = None, fact_id: str
     }
 
 
+LEAVE_OUT_METHODS: tuple[str, ...] = ("lolo", "lolo_random_layer")
+
+
+def select_leave_one_out(fs: FactScores, cfg: SelectionConfig | None = None, fact_id: str = ""
+                         ) -> dict[str, dict[str, np.ndarray]]:
+    """Per language k: ``lolo`` = threshold τ on S computed without k (``FactScores.S_leave_out``),
+    ``lolo_random_layer`` = as many random neurons per layer. Language k never reaches either set,
+    so their effect in k tests whether the neurons are language-agnostic. Empty for a fact with one
+    language."""
+    cfg = cfg or SelectionConfig()
+    if fs.S_leave_out is None:
+        return {}
+    n_neurons = fs.shape[1]
+    out = {}
+    for lang, scores in zip(fs.languages, fs.S_leave_out):
+        lolo = select_by_threshold(scores, cfg.tau)
+        out[lang] = {"lolo": lolo,
+                     "lolo_random_layer": layer_matched_random(lolo, n_neurons, fact_rng(cfg.seed, f"{fact_id}:lolo:{lang}"))}
+    return out
+
+
+def leave_one_out_to_json(sets: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], path: str | Path) -> None:
+    """``{"facts": {fact: {held-out lang: {method: [[layer, neuron], ...]}}}}``, written atomically."""
+    data = {"methods": list(LEAVE_OUT_METHODS),
+            "facts": {f: {lang: {m: _as_pairs(p).tolist() for m, p in per.items()} for lang, per in langs.items()}
+                      for f, langs in sets.items()}}
+    atomic_write_text(path, json.dumps(data, separators=(",", ":")) + "\n")
+
+
+def leave_one_out_from_json(path: str | Path) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return {f: {lang: {m: _as_pairs(p, f"{f}/{lang}/{m}") for m, p in per.items()} for lang, per in langs.items()}
+            for f, langs in data["facts"].items()}
+
+
 @dataclass
 class NeuronSets:
     """Neuron sets of a whole run: ``facts[fact_id][method] = [n, 2]`` int64 (layer, neuron)."""

@@ -163,6 +163,9 @@ class FactScores:
     # [K, L, N] layer-normalised attribution of each first query under AMIG's own (all-PAD) baseline;
     # None when the run has none, and AMIG then falls back to first_query_norm (the SAIG maps)
     amig_norm: np.ndarray | None = None
+    # [K, L, N] row k = S aggregated over every language but languages[k] (leave-one-language-out);
+    # None for a single-language fact
+    S_leave_out: np.ndarray | None = None
 
     @property
     def amig_maps(self) -> np.ndarray:
@@ -216,7 +219,15 @@ def aggregate_fact(per_lang: Mapping[str, np.ndarray], cfg: AggregationConfig | 
         first_query_norm=first_query_norm,
         S_wo_uaq=S_wo_uaq,
         amig_norm=None if amig_first is None else _amig_norm(amig_first, languages, shape, cfg.layer_norm),
+        S_leave_out=leave_one_language_out(s_per_lang, cfg) if len(languages) > 1 else None,
     )
+
+
+def leave_one_language_out(s_per_lang: np.ndarray, cfg: AggregationConfig) -> np.ndarray:
+    """``[K, L, N]``: row k is S (Eq. 9-11) computed without language k, as if it had never been
+    attributed: the neurons its selection gives are tested in language k alone."""
+    keep = [np.arange(len(s_per_lang)) != k for k in range(len(s_per_lang))]
+    return np.stack([ual(normalize_languages(s_per_lang[m], cfg.lang_norm), cfg.beta1, cfg.beta2) for m in keep])
 
 
 def _amig_norm(amig_first: Mapping[str, np.ndarray], languages: list[str], shape, layer_norm: LayerNorm) -> np.ndarray:

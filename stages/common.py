@@ -88,3 +88,13 @@ def queries_of(queries, fact_ids) -> list:
 
 def figure_path(key: str, name: str) -> Path:
     return REPORTS_DIR / "figures" / key / name
+
+
+def evaluation_rule(params: dict[str, Any]):
+    """is_evaluation(query_id): the query's paraphrase (template ≥ attribute.templates_per_language)
+    was never attributed, so every experiment can score on queries selection never saw."""
+    from matrice.data.schema import load_queries
+
+    localisation = params["attribute"]["templates_per_language"]
+    template_of = {q.query_id: q.template_id for q in load_queries(DATASET_DIR / "queries.jsonl")}
+    return lambda query_id: localisation is not None and template_of[query_id] >= localisation

@@ -3,13 +3,14 @@ and the ablation table (Table II)."""
 
 from __future__ import annotations
 
+from matrice.claims import method_name, manipulation_estimates
 from matrice.data.schema import load_queries
 from matrice.experiments.manipulate import ablation_table, manipulate
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.report import markdown_table, ordered_langs, pivot, plot_manipulation
 from matrice.selection import METHODS
 from stages.common import (
-    DATASET_DIR, figure_path, load_neuron_sets, load_params, load_prepared, model_arg, queries_of, results_dir,
+    DATASET_DIR, evaluation_rule, figure_path, load_neuron_sets, load_params, load_prepared, model_arg, queries_of, results_dir,
     setup_logging,
 )
 
@@ -37,8 +38,11 @@ def main() -> None:
         series = {m: [next((r["mean_delta_p"] for r in rows if r["method"] == m and r["lang"] == l), None) for l in langs] for m in METHODS}
         atomic_write_json(out / f"manipulation_{mode}_plot.json",
                           [{"lang": l, **{m: series[m][i] for m in METHODS}} for i, l in enumerate(langs)])
-    plot_manipulation(result.summary, ["matrice", "amig", "random"], figure_path(key, "fig5_manipulation.png"),
-                      f"Fig. 5 — {key}: relative change of P(answer)")
+    estimates, have_eval = manipulation_estimates(result.to_dict(), evaluation_rule(params), langs)
+    shown = ("matrice", "amig", "amig_k", "random", "random_layer")
+    plot_manipulation({mode: {method_name(m): per[m] for m in shown if m in per} for mode, per in estimates.items()}, langs,
+                      figure_path(key, "fig5_manipulation.png"), f"Fig. 5 — {key}: relative change of P(answer), "
+                      + ("held-out paraphrases" if have_eval else "all queries"))
     tables = []
     for mode in ("suppress", "enhance"):
         rows = [r for r in result.summary if r["mode"] == mode]

@@ -10,7 +10,7 @@ import yaml
 
 from matrice.io import atomic_write_text
 from matrice.report import markdown_table
-from stages.common import DATASET_DIR, REPORTS_DIR, load_params, results_dir, setup_logging
+from stages.common import DATASET_DIR, REPORTS_DIR, evaluation_rule, load_params, results_dir, setup_logging
 
 REPORT = REPORTS_DIR / "report.md"
 
@@ -45,6 +45,7 @@ def replication_section(key: str, params: dict) -> str:
     claims = all_claims(
         sets=sets, n_layers=len(_json(out / "layer_distribution.json")), manip=_json(out / "manipulation.json"),
         editing=_json(out / "editing.json"), enhancement=_json(out / "enhancement.json"), is_evaluation=is_evaluation,
+        controls=_json(out / "controls.json"),
     )
     counts = verdict_counts(claims)
     summary = ", ".join(f"{counts[v]} {v}" for v in ("replicates", "contradicts", "inconclusive", "no data", "not judged")
@@ -63,11 +64,7 @@ def replication_section(key: str, params: dict) -> str:
 
 @lru_cache(maxsize=None)
 def _evaluation_rule(localisation: int | None):
-    """is_evaluation(query_id): the query's paraphrase (template ≥ `localisation`) was never attributed."""
-    from matrice.data.schema import load_queries
-
-    template_of = {q.query_id: q.template_id for q in load_queries(DATASET_DIR / "queries.jsonl")}
-    return lambda query_id: localisation is not None and template_of[query_id] >= localisation
+    return evaluation_rule({"attribute": {"templates_per_language": localisation}})
 
 
 def _manipulation_intervals(key: str, params: dict) -> str:
@@ -77,6 +74,43 @@ def _manipulation_intervals(key: str, params: dict) -> str:
     manip = _json(results_dir(key) / "manipulation.json")
     langs = [l for l in LANG_ORDER if any(r["lang"] == l for r in manip["records"])]
     return manipulation_interval_tables(manip, _evaluation_rule(params["attribute"]["templates_per_language"]), langs)
+
+
+def _editing_intervals(key: str) -> str:
+    from matrice.claims import editing_interval_tables
+    from matrice.report import LANG_ORDER
+
+    editing = _json(results_dir(key) / "editing.json")
+    return editing_interval_tables(editing, [l for l in LANG_ORDER if any(r["lang"] == l for r in editing["records"])])
+
+
+def _enhancement_intervals(key: str, params: dict) -> str:
+    from matrice.claims import enhancement_interval_table
+    from matrice.report import LANG_ORDER
+
+    enhancement = _json(results_dir(key) / "enhancement.json")
+    langs = [l for l in LANG_ORDER if any(r["lang"] == l for r in enhancement["records"])]
+    return enhancement_interval_table(enhancement, _evaluation_rule(params["attribute"]["templates_per_language"]), langs)
+
+
+def _controls_section(key: str, params: dict) -> str:
+    from matrice.claims import lolo_interval_table
+    from matrice.report import LANG_ORDER
+
+    controls = _json(results_dir(key) / "controls.json")
+    langs = [l for l in LANG_ORDER if any(r["lang"] == l for r in controls["lolo"])]
+    donors = controls["donors"]
+    pairs = ", ".join(f"{f} ← {d['same_relation']} / {d['other_relation']}" for f, d in sorted(donors.items()))
+    return (
+        "### Controls: leave-one-language-out and specificity\nLeave-one-language-out: for each language, LAKNs are "
+        "selected from the other six (UaL over six languages, same τ) and suppressed (×0) on the fact's queries in "
+        "the seventh, which no part of their selection saw; the control is as many random neurons per layer. Mean "
+        "ΔP/P per held-out language [95% CI over facts] (n facts):\n\n"
+        + lolo_interval_table(controls, _evaluation_rule(params["attribute"]["templates_per_language"]), langs)
+        + "\nSpecificity: each fact's evaluation queries under suppression of its own LAKNs, of another attributed "
+        f"fact's of the same relation, and of a fact's of another relation (target ← same / other: {pairs}); the "
+        "verdict rows above compare them.\n"
+    )
 
 
 def model_section(key: str, params: dict) -> str:
@@ -98,13 +132,16 @@ def model_section(key: str, params: dict) -> str:
         + "\n" + _read(out / "manipulation_tables.md")
         + "\nThe same per language with uncertainty: each fact's mean over its held-out paraphrase(s), then the "
         "mean over facts with a 95% bootstrap interval and n facts.\n\n" + _manipulation_intervals(key, params),
+        _controls_section(key, params),
         "### Cross-lingual editing (Tables III, IV)\nEdits made with the English object only; reliability on the "
         "edited query, generality on its paraphrases, locality on unrelated facts, per language.\n\n"
-        + _read(out / "editing_tables.md"),
+        + _read(out / "editing_tables.md")
+        + "\nThe same with uncertainty (reliability is on the edited, attributed query; generality on its paraphrases, "
+        "held-out ones included):\n\n" + _editing_intervals(key),
         "### Enhancement in low-resource languages (Fig. 6)\nAccuracy gained on queries the model got wrong "
         "(accuracy before is 0 by construction) when the fact's neurons are doubled.\n\n"
         + _fig(key, "fig6_enhancement.png", f"Fig. 6 — enhancement in low-resource languages, {key}")
-        + "\n" + _read(out / "enhancement_tables.md"),
+        + "\n" + _read(out / "enhancement_tables.md") + "\n" + _enhancement_intervals(key, params),
         "### New-knowledge injection (Table V)\nFine-tuning only the neurons' parameters vs all parameters, random "
         "or AMIG neurons, and LoRA; Q_old accuracy measures forgetting.\n\n" + _read(out / "injection_tables.md"),
         "### Case study (Fig. 7)\nOne fact in every language: the prediction before, after enhancement and after an "

@@ -1,11 +1,13 @@
-"""select: dynamic threshold tau -> LAKNs per fact, plus AMIG, Random, w/o UaQ and w/o UaL sets."""
+"""select: dynamic threshold tau -> LAKNs per fact, plus AMIG, Random, w/o UaQ and w/o UaL sets, and the
+leave-one-language-out sets (LAKNs selected without each language)."""
 
 from __future__ import annotations
 
 from matrice.io import atomic_write_json
 from matrice.report import plot_layer_distribution, wide_rows
 from matrice.scores import load_scores
-from matrice.selection import NeuronSets, SelectionConfig, layer_distribution, select_fact, summary
+from matrice.selection import (NeuronSets, SelectionConfig, layer_distribution, leave_one_out_to_json, select_fact,
+                               select_leave_one_out, summary)
 from stages.common import figure_path, load_params, model_arg, results_dir, setup_logging
 
 
@@ -21,6 +23,7 @@ def main() -> None:
     n_layers = next(iter(scores.values())).shape[0]
     out = results_dir(key)
     sets.to_json(out / "neurons.json")
+    leave_one_out_to_json({f: select_leave_one_out(fs, cfg, f) for f, fs in scores.items()}, out / "lolo_neurons.json")
     stats = summary(sets, n_layers)
     metrics = {m: {k: v for k, v in s.items() if k != "layer_share"} for m, s in stats.items()}
     atomic_write_json(out / "selection_metrics.json", {"selection": metrics})

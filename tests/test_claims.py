@@ -113,3 +113,48 @@ def test_manipulation_interval_tables_show_n_and_an_interval_per_cell():
     row = next(line for line in table.splitlines() if line.startswith("| MATRICE") and "-0.4" in line)
     assert "(n=6)" in row and "[" in row and "– (n=0)" in row  # fr has no records: said, not invented
     assert "evaluation queries" in table and table.count("| Random |") == 2
+
+
+def test_control_claims_lolo_and_specificity():
+    from matrice.claims import control_claims, lolo_interval_table
+
+    rng = np.random.default_rng(1)
+    lolo, spec = [], []
+    for f in range(10):
+        for lang in ("en", "fr", "zh"):
+            for t in range(3):
+                qid = f"F{f}-{lang}-{t}"
+                for method, size in (("lolo", 0.5), ("lolo_random_layer", 0.0), ("matrice", 0.6)):
+                    lolo.append({"query_id": qid, "fact_id": f"F{f}", "lang": lang, "method": method,
+                                 "delta_p": -size + rng.normal(0, 0.02)})
+                # own neurons suppress on evaluation queries only; donors never do
+                for method, size in (("own", 0.4 if t == 2 else 0.0), ("same_relation", 0.0), ("other_relation", 0.0)):
+                    spec.append({"query_id": qid, "fact_id": f"F{f}", "lang": lang, "method": method,
+                                 "delta_p": -size + rng.normal(0, 0.02)})
+    claims = control_claims({"lolo": lolo, "specificity": spec}, is_eval)
+    assert [c.source for c in claims] == ["LOLO", "Specificity", "Specificity"]
+    assert all(c.verdict == "replicates" and c.estimate.n == 10 for c in claims)
+    assert claims[1].estimate.mean < -0.35  # evaluation queries only: the localisation ones would dilute it
+    flipped = [dict(r, delta_p=-r["delta_p"]) if r["method"] == "lolo" else r for r in lolo]
+    assert control_claims({"lolo": flipped}, is_eval)[0].verdict == "contradicts"
+    table = lolo_interval_table({"lolo": lolo}, is_eval, ["en", "fr", "zh"])
+    assert table.count("(n=10)") == 9 and "[" in table
+    assert control_claims({}, is_eval) == []
+
+
+def test_editing_and_enhancement_interval_tables_pool_per_fact():
+    from matrice.claims import editing_interval_tables, enhancement_interval_table
+
+    records = []
+    for f in range(4):
+        for lang, (ok, n) in (("en", (1, 1)), ("fr", (0, 3))):  # pooled per fact: 1 / 4
+            records.append({"fact_id": f"F{f}", "method": "matrice", "operation": "erasure", "lang": lang,
+                            "rel_ok": ok, "rel_n": n, "gen_ok": 0, "gen_n": 0, "loc_ok": n, "loc_n": n})
+    text = editing_interval_tables({"records": records}, ["en", "fr"])
+    row = next(l for l in text.splitlines() if "| reliability |" in l)
+    assert row.split("|")[3:6] == [" 1.00 [1.00, 1.00] (n=4) ", " 0.00 [0.00, 0.00] (n=4) ", " 0.25 [0.25, 0.25] (n=4) "]
+    assert "– (n=0)" in next(l for l in text.splitlines() if "| generality |" in l)  # no sample: no number
+    enh = [{"query_id": f"F{f}-fi-{t}", "fact_id": f"F{f}", "lang": "fi", "method": "matrice",
+            "correct_after": t == 2} for f in range(3) for t in range(3)]
+    table = enhancement_interval_table({"records": enh}, is_eval, ["fi"])
+    assert "1.00 [1.00, 1.00] (n=3)" in table and "evaluation queries" in table

@@ -352,3 +352,20 @@ def test_amig_uses_its_own_attribution_when_the_run_has_it(tmp_path):
     np.testing.assert_allclose(load_scores(tmp_path / "s.npz")["f1"].amig_norm, fs.amig_norm, rtol=1e-6)
     with pytest.raises(ValueError, match="missing for language"):
         aggregate_fact({"en": en, "fr": fr}, AggregationConfig(), {"en": amig_first["en"]})
+
+
+def test_leave_one_out_sets_roundtrip_and_threshold_without_the_language(tmp_path):
+    from matrice.selection import leave_one_out_from_json, leave_one_out_to_json, select_leave_one_out
+
+    rng = np.random.default_rng(2)
+    fs = aggregate_fact({lang: rng.normal(size=(2, 3, 40)) for lang in ("en", "fr", "zh")})
+    sets = select_leave_one_out(fs, SelectionConfig(tau=0.3), "f")
+    assert list(sets) == ["en", "fr", "zh"]
+    for k, lang in enumerate(sets):
+        np.testing.assert_array_equal(sets[lang]["lolo"], select_by_threshold(fs.S_leave_out[k], 0.3))
+        assert sorted(sets[lang]["lolo_random_layer"][:, 0].tolist()) == sorted(sets[lang]["lolo"][:, 0].tolist())
+    leave_one_out_to_json({"f": sets}, tmp_path / "l.json")
+    back = leave_one_out_from_json(tmp_path / "l.json")
+    for lang in sets:
+        for m in sets[lang]:
+            np.testing.assert_array_equal(back["f"][lang][m], sets[lang][m])

@@ -264,3 +264,21 @@ def test_zero_max_language_normalisation_keeps_zero_and_drops_negatives():
     np.testing.assert_allclose(out[2], 0.0)  # nothing positive: no signal
     # min-max maps the zero-attribution neuron of language 0 to 1/3, not 0: why zero_max is default
     np.testing.assert_allclose(normalize_languages(s, "per_language")[0], [[0.0, 1 / 3], [0.5, 1.0]])
+
+
+def test_leave_one_language_out_never_reads_the_held_out_language():
+    from matrice.uncertainty import AggregationConfig, aggregate_fact
+
+    rng = np.random.default_rng(0)
+    per_lang = {lang: rng.normal(size=(3, 4, 6)) for lang in ("en", "fr", "zh", "fi")}
+    cfg = AggregationConfig()
+    fs = aggregate_fact(per_lang, cfg)
+    assert fs.S_leave_out.shape == (4, 4, 6)
+    for k, lang in enumerate(per_lang):
+        changed = dict(per_lang, **{lang: rng.normal(size=(3, 4, 6)) * 100})
+        again = aggregate_fact(changed, cfg)
+        np.testing.assert_array_equal(again.S_leave_out[k], fs.S_leave_out[k])  # k's data never enters row k
+        assert not np.allclose(again.S, fs.S)
+        others = aggregate_fact({l: a for l, a in per_lang.items() if l != lang}, cfg)
+        np.testing.assert_allclose(fs.S_leave_out[k], others.S)  # row k = MATRICE on the other languages
+    assert aggregate_fact({"en": per_lang["en"]}, cfg).S_leave_out is None
