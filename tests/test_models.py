@@ -626,3 +626,36 @@ def test_encode_causal_with_the_real_gemma_tokenizer(gemma_tokenizer, lang, temp
         assert tok.decode(enc.answer_ids).strip() == query.answer
         assert tok.decode([enc.input_ids[p] for p in enc.baseline_positions]) == query.prompt
         assert enc.input_ids[0] == tok.bos_token_id and enc.target_pos == len(enc.input_ids) - 1
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_cached_prefix_scoring_equals_full_passes(family):
+    """score_answers_many (one prefix pass, the target token per edit set) = score_answers per edit set."""
+    from conftest import tiny_on_device
+    from matrice.models.hooks import neuron_edits
+    from matrice.models.predict import score_answers, score_answers_many
+
+    adapter = tiny_on_device(family)
+    qs = [q for q in _queries_for_scoring()]
+    from matrice.models.encoding import encode_query
+    import numpy as np
+
+    encs = [encode_query(adapter, q, few_shot=True) for q in qs]
+    rng = np.random.default_rng(0)
+    edit_sets = [None] + [neuron_edits(np.stack([rng.integers(0, adapter.n_layers, 6), rng.integers(0, adapter.n_neurons, 6)], 1), f)
+                          for f in (0.0, 2.0, 3.5)]
+    fast = score_answers_many(adapter, encs, edit_sets, batch_size=3)
+    for edits, got in zip(edit_sets, fast):
+        want = score_answers(adapter, encs, edits, batch_size=3)
+        assert [s.prob for s in got] == pytest.approx([s.prob for s in want], rel=1e-5, abs=1e-9)
+        assert [s.top_token for s in got] == [s.top_token for s in want]
+    assert [s.prob for s in fast[1]] != pytest.approx([s.prob for s in fast[0]], rel=1e-3)  # the edits do act
+
+
+def _queries_for_scoring():
+    from matrice.data.schema import Fact, make_query
+
+    facts = [Fact("a", "P36", {"en": "France"}, {"en": "Paris"}), Fact("b", "P36", {"en": "the Kingdom of Spain"}, {"en": "Madrid"})]
+    demo = Fact("d", "P36", {"en": "Japan"}, {"en": "Tokyo"})
+    tpls = ["The capital of [X] is [Y].", "[X]'s capital city, as everyone knows, is [Y]."]
+    return [make_query(f, "en", t, tpl, demo) for f in facts for t, tpl in enumerate(tpls)]

@@ -34,7 +34,7 @@ from matrice.experiments import (
 )
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.hooks import neuron_edits
-from matrice.models.predict import score_answers
+from matrice.models.predict import score_answers_many
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +134,19 @@ def manipulate(
 
     for fid, fqs in tqdm(by_fact.items(), desc="manipulation", unit="fact", disable=not progress):
         fencs = [encs[q.query_id] for q in fqs]
-        before = [s.prob for s in score_answers(adapter, fencs, batch_size=batch_size)]
+        runs = [(method, mode, factor) for method in methods for mode, factor in modes.items()
+                if len(neurons[(fid, method)])]
+        # P before and after every (method, mode) from one shared prefix pass per batch
+        scored = score_answers_many(adapter, fencs, [None, *(neuron_edits(neurons[(fid, m)], f) for m, _, f in runs)],
+                                    batch_size)
+        before = [s.prob for s in scored[0]]
+        after_of = {(m, mode): [s.prob for s in sc] for (m, mode, _), sc in zip(runs, scored[1:])}
         for method in methods:
             pairs = neurons[(fid, method)]
             if len(pairs) == 0:
                 result.empty_facts[method].append(fid)
-            for mode, factor in modes.items():
-                if len(pairs) == 0:
-                    after = list(before)
-                else:
-                    after = [s.prob for s in score_answers(adapter, fencs, neuron_edits(pairs, factor), batch_size)]
+            for mode in modes:
+                after = after_of.get((method, mode), before)  # an empty set changes nothing
                 for q, pb, pa in zip(fqs, before, after):
                     dp = (pa - pb) / pb if pb > 0 else None
                     if dp is not None and not math.isfinite(dp):

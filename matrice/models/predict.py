@@ -64,6 +64,49 @@ def score_answers(
     return scores
 
 
+@torch.no_grad()
+def score_answers_many(
+    adapter: ModelAdapter, encs: Sequence[Encoded], edit_sets: Sequence[Mapping[int, Edit] | None], batch_size: int = 32
+) -> list[list[AnswerScore]]:
+    """``[score_answers(adapter, encs, edits) for edits in edit_sets]``, faster. Edits act at the target
+    position only, so when it is the last token (causal models) every earlier token is computed once
+    per batch into a KV cache and each edit set runs the target token alone on a copy of that cache."""
+    if not adapter.causal or any(len(e.input_ids) < 2 or e.target_pos != len(e.input_ids) - 1 for e in encs):
+        return [score_answers(adapter, encs, edits, batch_size) for edits in edit_sets]
+    out: list[list[AnswerScore]] = [[] for _ in edit_sets]
+    for start in range(0, len(encs), batch_size):
+        chunk = encs[start : start + batch_size]
+        for scores, logits in zip(out, _target_logits_after_prefix(adapter, chunk, edit_sets)):
+            scores += _scores_from_logits(logits, chunk)
+    return out
+
+
+def _target_logits_after_prefix(adapter: ModelAdapter, chunk: Sequence[Encoded], edit_sets) -> list[torch.Tensor]:
+    import copy
+
+    prefixes = [e.input_ids[:-1] for e in chunk]
+    width = max(len(p) for p in prefixes)
+    ids = torch.full((len(chunk), width), adapter.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width + 1), dtype=torch.long)
+    for row, p in enumerate(prefixes):  # left padding: every row's target is the one new token
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    ids, mask = ids.to(adapter.device), mask.to(adapter.device)
+    extra = _accepts_position_ids(adapter.model)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    base = adapter.model.base_model
+    prefix = base(input_ids=ids, attention_mask=mask[:, :-1], use_cache=True,
+                  **({"position_ids": positions[:, :-1]} if extra else {}))
+    last = torch.tensor([[e.input_ids[-1]] for e in chunk], device=adapter.device)
+    logits = []
+    for edits in edit_sets:
+        with neuron_hooks(adapter, torch.zeros(1, dtype=torch.long), edits):
+            step = base(input_ids=last, attention_mask=mask, past_key_values=copy.deepcopy(prefix.past_key_values),
+                        use_cache=True, **({"position_ids": positions[:, -1:]} if extra else {}))
+        logits.append(adapter.head_logits(step.last_hidden_state[:, -1]).float())
+    return logits
+
+
 def normalize_answer(text: str) -> str:
     """Compare answers on text, not tokens: NFKC, case-folded, no whitespace, no edge punctuation."""
     text = unicodedata.normalize("NFKC", text).casefold()
