@@ -211,8 +211,8 @@ def control_claims(controls: Mapping[str, Any], is_evaluation: Callable[[str], b
     lolo = controls.get("lolo", [])
     if lolo:
         out.append(_claim(
-            "LOLO", "LAKNs are language-agnostic: selected from six languages, suppressing them lowers P(answer) "
-            "in the seventh more than random neurons do", f"ΔP/P {method_name('lolo')} − {method_name('lolo_random_layer')} (suppress)",
+            "LOLO", "LAKNs are language-agnostic: selected from the other languages, suppressing them lowers "
+            "P(answer) in the held-out language more than random neurons do", f"ΔP/P {method_name('lolo')} − {method_name('lolo_random_layer')} (suppress)",
             "less", "every query of the held-out language (none reached selection)",
             *_paired(_suppression(lolo, "lolo", lambda r: True), _suppression(lolo, "lolo_random_layer", lambda r: True))))
     spec = controls.get("specificity", [])
@@ -222,7 +222,8 @@ def control_claims(controls: Mapping[str, Any], is_evaluation: Callable[[str], b
         own = _suppression(spec, "own", scored)
         for donor in ("same_relation", "other_relation"):
             out.append(_claim(
-                "Specificity", f"a fact's LAKNs suppress it more than {method_name(donor)} do",
+                "Specificity", "a fact's LAKNs suppress it more than the LAKNs of "
+                + ("another fact of its relation" if donor == "same_relation" else "a fact of another relation") + " do",
                 f"ΔP/P own − {donor.replace('_', ' ')} donor (suppress)", "less", split,
                 *_paired(own, _suppression(spec, donor, scored))))
     return out

@@ -103,8 +103,8 @@ def _controls_section(key: str, params: dict) -> str:
     pairs = ", ".join(f"{f} ← {d['same_relation']} / {d['other_relation']}" for f, d in sorted(donors.items()))
     return (
         "### Controls: leave-one-language-out and specificity\nLeave-one-language-out: for each language, LAKNs are "
-        "selected from the other six (UaL over six languages, same τ) and suppressed (×0) on the fact's queries in "
-        "the seventh, which no part of their selection saw; the control is as many random neurons per layer. Mean "
+        "selected from the other languages (UaL without it, same τ) and suppressed (×0) on the fact's queries in "
+        "the held-out one, which no part of their selection saw; the control is as many random neurons per layer. Mean "
         "ΔP/P per held-out language [95% CI over facts] (n facts):\n\n"
         + lolo_interval_table(controls, _evaluation_rule(params["attribute"]["templates_per_language"]), langs)
         + "\nSpecificity: each fact's evaluation queries under suppression of its own LAKNs, of another attributed "
