@@ -181,13 +181,66 @@ def enhancement_claims(enhancement: Mapping[str, Any], is_evaluation: Callable[[
     ]
 
 
-def injection_claims() -> list[Claim]:
-    """Table V is not judged yet: the injection experiment reports accuracy on its own training
-    queries, which measures memorising, not learning (held-out redesign pending)."""
-    none = Estimate(None, None, None, 0)
-    return [Claim("Table V", "MATRICE_FT learns new facts with less forgetting than AMIG_FT / Direct_FT",
-                  "avg(Q_new, Q_old) MATRICE_FT − others", "greater", "training queries", none, "not judged",
-                  "injection scores its training set; needs held-out paraphrases before it can be judged")]
+INJECT_NAMES = {"direct_ft": "Direct_FT", "matrice": "MATRICE_FT", "amig": "AMIG_FT", "random": "Random_FT",
+                "lora": "LoRA", "base": "unedited"}
+
+
+def _selected_records(injection: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The records of each variant's selected learning rate (and of the unedited model)."""
+    selected = injection.get("selected", {})
+    return [r for r in injection.get("records", []) if r["variant"] == "base" or r["lr"] == selected.get(r["variant"])]
+
+
+def injection_accuracy(records: Sequence[Mapping[str, Any]], variant: str, split: str, lang: str | None = None
+                       ) -> dict[str, float]:
+    """Per fact: accuracy of `variant` on `split` (optionally one language)."""
+    return per_fact_mean(records, lambda r: float(r["correct"]),
+                         lambda r: r["variant"] == variant and r["split"] == split and lang in (None, r["lang"]))
+
+
+def injection_claims(injection: Mapping[str, Any]) -> list[Claim]:
+    """Table V on held-out data: MATRICE_FT learns the injected fact (held-out paraphrase) better than
+    Random_FT / AMIG_FT, carries it to other languages, and forgets less than Direct_FT."""
+    records = _selected_records(injection)
+    variants = {r["variant"] for r in records}
+    if "matrice" not in variants:
+        return []
+    out = []
+    rows = [("heldout", "learns the new fact (held-out paraphrase, never trained on) better than", m)
+            for m in ("random", "amig", "direct_ft")]
+    rows += [("transfer", "carries the new fact into the other languages more than", m) for m in ("random", "amig")]
+    rows += [("old", "forgets less of what the model knew (Q_old) than", "direct_ft")]
+    for split, text, other in rows:
+        if other in variants:
+            where = {"heldout": "held-out paraphrases of the injected facts",
+                     "transfer": "the injected facts' original queries in the other languages",
+                     "old": "Q_old (facts not injected)"}[split]
+            out.append(_claim("Table V", f"MATRICE_FT {text} {INJECT_NAMES[other]}",
+                              f"{split} accuracy MATRICE_FT − {INJECT_NAMES[other]}", "greater", where,
+                              *_paired(injection_accuracy(records, "matrice", split),
+                                       injection_accuracy(records, other, split)),
+                              "each variant at its selected learning rate"))
+    return out
+
+
+def injection_interval_table(injection: Mapping[str, Any], languages: Sequence[str]) -> str:
+    """Each variant at its selected rate: accuracy per split, then transfer per language, as mean
+    [95% CI over facts] (n facts)."""
+    records = _selected_records(injection)
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    splits = ("heldout", "transfer", "trained", "old")
+    lines = ["| variant | lr | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
+    for v in variants:
+        cells = [bootstrap_mean(list(injection_accuracy(records, v, sp).values())).format(2) for sp in splits]
+        lines.append(f"| {INJECT_NAMES.get(v, v)} | {injection.get('selected', {}).get(v, '–')} | " + " | ".join(cells) + " |")
+    per_lang = ["| variant | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]
+    for v in variants:
+        cells = [bootstrap_mean(list(injection_accuracy(records, v, "transfer", lang).values())).format(2)
+                 for lang in languages]
+        per_lang.append(f"| {INJECT_NAMES.get(v, v)} | " + " | ".join(cells) + " |")
+    return ("Accuracy at each variant's selected learning rate: mean [95% CI over facts] (n facts)\n\n"
+            + "\n".join(lines) + "\n\nTransfer per language (the injected fact's original query in a language it "
+            "was not trained in):\n\n" + "\n".join(per_lang) + "\n")
 
 
 def _suppression(records: Sequence[Mapping[str, Any]], method: str, keep: Callable[[Mapping[str, Any]], bool]
@@ -248,10 +301,10 @@ def lolo_interval_table(controls: Mapping[str, Any], is_evaluation: Callable[[st
 
 def all_claims(*, sets: Mapping[str, Any], n_layers: int, manip: Mapping[str, Any], editing: Mapping[str, Any],
                enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool],
-               controls: Mapping[str, Any] | None = None) -> list[Claim]:
+               controls: Mapping[str, Any] | None = None, injection: Mapping[str, Any] | None = None) -> list[Claim]:
     return [*layer_claims(sets, n_layers), *manipulation_claims(manip, is_evaluation),
             *control_claims(controls or {}, is_evaluation), *editing_claims(editing),
-            *enhancement_claims(enhancement, is_evaluation), *injection_claims()]
+            *enhancement_claims(enhancement, is_evaluation), *injection_claims(injection or {})]
 
 
 def claims_table(claims: Sequence[Claim]) -> str:

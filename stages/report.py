@@ -45,7 +45,7 @@ def replication_section(key: str, params: dict) -> str:
     claims = all_claims(
         sets=sets, n_layers=len(_json(out / "layer_distribution.json")), manip=_json(out / "manipulation.json"),
         editing=_json(out / "editing.json"), enhancement=_json(out / "enhancement.json"), is_evaluation=is_evaluation,
-        controls=_json(out / "controls.json"),
+        controls=_json(out / "controls.json"), injection=_json(out / "injection.json"),
     )
     counts = verdict_counts(claims)
     summary = ", ".join(f"{counts[v]} {v}" for v in ("replicates", "contradicts", "inconclusive", "no data", "not judged")
@@ -91,6 +91,14 @@ def _enhancement_intervals(key: str, params: dict) -> str:
     enhancement = _json(results_dir(key) / "enhancement.json")
     langs = [l for l in LANG_ORDER if any(r["lang"] == l for r in enhancement["records"])]
     return enhancement_interval_table(enhancement, _evaluation_rule(params["attribute"]["templates_per_language"]), langs)
+
+
+def _injection_intervals(key: str) -> str:
+    from matrice.claims import injection_interval_table
+    from matrice.report import LANG_ORDER
+
+    injection = _json(results_dir(key) / "injection.json")
+    return injection_interval_table(injection, [l for l in LANG_ORDER if any(r["lang"] == l for r in injection["records"])])
 
 
 def _controls_section(key: str, params: dict) -> str:
@@ -143,7 +151,9 @@ def model_section(key: str, params: dict) -> str:
         + _fig(key, "fig6_enhancement.png", f"Fig. 6 — enhancement in low-resource languages, {key}")
         + "\n" + _read(out / "enhancement_tables.md") + "\n" + _enhancement_intervals(key, params),
         "### New-knowledge injection (Table V)\nFine-tuning only the neurons' parameters vs all parameters, random "
-        "or AMIG neurons, and LoRA; Q_old accuracy measures forgetting.\n\n" + _read(out / "injection_tables.md"),
+        "or AMIG neurons, and LoRA, on localisation paraphrases of facts the model does not know; judged on held-out "
+        "paraphrases and the other languages; Q_old accuracy measures forgetting.\n\n" + _injection_intervals(key)
+        + "\n" + _read(out / "injection_tables.md"),
         "### Case study (Fig. 7)\nOne fact in every language: the prediction before, after enhancement and after an "
         "update edit made in English.\n\n" + _read(out / "case_study.md"),
     ]

@@ -85,7 +85,7 @@ def test_layer_claim_and_the_whole_table():
                         editing={"records": []}, enhancement={"records": []}, is_evaluation=is_eval)
     table = claims_table(claims)
     assert table.count("\n") == len(claims) + 2
-    assert "**not judged**" in table and "(n=8)" in table
+    assert "(n=8)" in table and "Table V" not in table  # no injection results given: no Table V row
     assert verdict_counts(claims)["replicates"] >= 3
 
 
@@ -158,3 +158,23 @@ def test_editing_and_enhancement_interval_tables_pool_per_fact():
             "correct_after": t == 2} for f in range(3) for t in range(3)]
     table = enhancement_interval_table({"records": enh}, is_eval, ["fi"])
     assert "1.00 [1.00, 1.00] (n=3)" in table and "evaluation queries" in table
+
+
+def test_injection_claims_use_each_variants_selected_rate():
+    from matrice.claims import injection_claims, injection_interval_table
+
+    records = []
+    for f in range(6):
+        for variant, lr, acc in (("matrice", 0.1, 1), ("matrice", 0.3, 0), ("random", 0.1, 0), ("direct_ft", 0.01, 0)):
+            for split in ("heldout", "transfer", "old"):
+                records.append({"variant": variant, "lr": lr, "split": split, "fact_id": f"F{f}", "lang": "fr",
+                                "query_id": f"F{f}-{split}", "correct": bool(acc)})
+    injection = {"records": records, "selected": {"matrice": 0.1, "random": 0.1, "direct_ft": 0.01}}
+    claims = {(c.comparison): c for c in injection_claims(injection)}
+    assert claims["heldout accuracy MATRICE_FT − Random_FT"].estimate.mean == 1.0  # lr 0.3's zeros are not used
+    assert claims["heldout accuracy MATRICE_FT − Random_FT"].verdict == "replicates"  # 6 of 6 facts, same sign
+    assert "old accuracy MATRICE_FT − Direct_FT" in claims and claims["old accuracy MATRICE_FT − Direct_FT"].estimate.n == 6
+    injection["selected"]["matrice"] = 0.3
+    assert {c.estimate.mean for c in injection_claims(injection)} == {0.0}
+    assert "(n=6)" in injection_interval_table(injection, ["fr"])
+    assert injection_claims({}) == []

@@ -382,8 +382,8 @@ def test_masked_finetuning_touches_only_neurons(family):
     for name, m in masks.items():
         assert {tuple(int(x) for x in idx) for idx in torch.nonzero(m)} == set().union(*want[name].values()), name
     encs = [encode_query(a, q) for q in QUERIES if q.lang == "en"]
-    cfg = InjectConfig(lr=1e-2, epochs=3, batch_size=4)
-    trained, info = train_variant(a, "matrice", ps, encs, cfg, progress=False)
+    cfg = InjectConfig(epochs=3, batch_size=4)
+    trained, info = train_variant(a, "matrice", ps, encs, cfg, 1e-2, progress=False)
     assert_same_state(a.model, saved)  # the caller's model is untouched
     assert info["n_trainable"] == sum(int(m.sum()) for m in masks.values()) and info["n_neurons"] == 3
     assert info["losses"][-1] < info["losses"][0]
@@ -410,13 +410,13 @@ def test_masked_finetuning_touches_only_neurons(family):
 def test_direct_ft_and_lora_change_parameters(llama):
     saved = state(llama.model)
     encs = [encode_query(llama, q) for q in QUERIES if q.lang == "en"]
-    cfg = InjectConfig(lr=1e-2, epochs=2, batch_size=4, lora_r=2)
-    trained, info = train_variant(llama, "direct_ft", None, encs, cfg, progress=False)
+    cfg = InjectConfig(epochs=2, batch_size=4, lora_r=2)
+    trained, info = train_variant(llama, "direct_ft", None, encs, cfg, 1e-2, progress=False)
     orig = dict(llama.model.named_parameters())
     changed = [n for n, p in trained.model.named_parameters() if not torch.equal(p.detach(), orig[n].detach())]
     assert "model.layers.0.self_attn.q_proj.weight" in changed and "model.embed_tokens.weight" in changed
     assert info["n_trainable"] == sum(p.numel() for p in llama.model.parameters())
-    lora, linfo = train_variant(llama, "lora", None, encs, cfg, progress=False)
+    lora, linfo = train_variant(llama, "lora", None, encs, cfg, 1e-2, progress=False)
     assert 0 < linfo["n_trainable"] < info["n_trainable"] and linfo["losses"][-1] < linfo["losses"][0]
     assert_same_state(llama.model, saved)
 
@@ -426,7 +426,7 @@ def test_lora_targets_only_ffn_projections(family):
     a = tiny_adapter(family)
     saved = state(a.model)
     encs = [encode_query(a, q) for q in QUERIES if q.lang == "en"]
-    trained, info = train_variant(a, "lora", None, encs, InjectConfig(lr=1e-2, epochs=1, lora_r=2), progress=False)
+    trained, info = train_variant(a, "lora", None, encs, InjectConfig(epochs=1, lora_r=2), 1e-2, progress=False)
     lora_modules = {n.rsplit(".lora_A", 1)[0] for n, _ in trained.model.named_parameters() if ".lora_A" in n}
     from matrice.interventions import ffn_module_names
 
@@ -436,23 +436,35 @@ def test_lora_targets_only_ffn_projections(family):
 
 
 def test_inject_knowledge_end_to_end():
+    from matrice.experiments.inject import choose_units
+
     a = tiny_adapter("gpt2")
     saved = state(a.model)
     probes = probe(a, QUERIES)
+    held_out = lambda q: q.template_id >= 1  # en/fr template 1 is held out; fi has none
+    units = choose_units(QUERIES, probes, held_out, None, seed=0)
+    by_id = {q.query_id: q for q in QUERIES}
+    correct = {p.query_id: p.correct for p in probes}
+    assert units and len({u.fact_id for u in units}) == len(units)  # one unit per fact
+    for u in units:
+        assert all(by_id[i].template_id == 0 and by_id[i].lang == u.lang for i in u.train)  # localisation only
+        assert all(held_out(by_id[i]) and not correct[i] for i in u.heldout)  # held out and unknown before
+        assert all(by_id[i].lang != u.lang and not correct[i] for i in u.transfer)
     sets = {f.fact_id: {"matrice": pairs((2, 1), (2, 2)), "random": pairs((0, 4)), "amig": pairs()} for f in FACTS}
-    cfg = InjectConfig(lr=5e-2, epochs=15, batch_size=8, lora_r=2)
+    cfg = InjectConfig(lrs={"default": [5e-2], "direct_ft": [1e-3, 5e-2]}, epochs=15, batch_size=8, lora_r=2)
     res = inject_knowledge(a, QUERIES, probes, sets, variants=("direct_ft", "matrice", "random", "amig", "lora"),
-                           cfg=cfg, languages=("en", "fr"), progress=False)
+                           cfg=cfg, is_evaluation=held_out, progress=False)
     assert_same_state(a.model, saved)
-    n_new = sum(not p.correct for p in probes if p.lang in ("en", "fr"))
-    assert res.n_new == n_new and res.n_old == sum(p.correct for p in probes if p.lang in ("en", "fr"))
-    base = res.variants["base"]["overall"]
-    assert base["q_new"] == 0.0 and base["q_old"] in (None, 1.0)  # by construction of Q_new / Q_old
-    assert res.variants["amig"]["n_trainable"] == 0  # empty union: nothing to train
-    assert res.variants["matrice"]["n_neurons"] == 2 and res.variants["random"]["n_neurons"] == 1
-    assert res.variants["direct_ft"]["overall"]["q_new"] > 0.5  # full fine-tuning memorises Q_new
-    assert {r["lang"] for r in res.rows} == {"en", "fr", "all"}
-    assert set(json.loads(json.dumps(res.to_dict()))["variants"]) == {"base", "direct_ft", "matrice", "random", "amig", "lora"}
+    base = res.runs["base"]["None"]
+    assert base["heldout"] == 0.0 and base["transfer"] in (None, 0.0) and base["old"] in (None, 1.0)  # by construction
+    assert set(res.runs["direct_ft"]) == {"0.001", "0.05"} and res.selected["direct_ft"] in (1e-3, 5e-2)
+    assert res.runs["amig"]["0.05"]["n_trainable"] == 0  # empty union: nothing to train
+    assert res.runs["matrice"]["0.05"]["n_neurons"] == 2 and res.runs["random"]["0.05"]["n_neurons"] == 1
+    assert res.runs["direct_ft"]["0.05"]["trained"] > 0.5  # full fine-tuning memorises its training queries
+    trained_ids = {i for u in units for i in u.train}
+    assert not any(r.query_id in trained_ids for r in res.records if r.split in ("heldout", "transfer", "old"))
+    assert {r.split for r in res.records} >= {"trained", "heldout"}
+    assert set(json.loads(json.dumps(res.to_dict()))["runs"]) == {"base", "direct_ft", "matrice", "random", "amig", "lora"}
 
 
 def test_inject_missing_fact_fails_before_training():

@@ -1,10 +1,22 @@
-"""New-knowledge injection by fine-tuning (paper §IV-H, Table V).
+"""New-knowledge injection by fine-tuning (paper §IV-H, Table V), designed to measure learning, not
+memorising.
 
-Q_new = the queries the probe marked incorrect (knowledge to learn), Q_old = those it marked
-correct (knowledge to keep). The model is fine-tuned on Q_new with cross-entropy on the whole gold
-answer (teacher forcing after the prompt for causal models; on the [MASK] positions for masked
-ones), then greedy-decoded on Q_new and Q_old; accuracy per language and variant (and "Avg", the
-mean of the two, as in Table V).
+A *unit* is a (fact, language) whose held-out paraphrase(s) the model gets wrong (probe): knowledge
+to learn. At most one unit per fact, a seeded sample of ``max_new`` facts. Each variant is
+fine-tuned on the units' *localisation* paraphrases (cross-entropy on the whole gold answer, teacher
+forcing after the prompt for causal models; on the [MASK] positions for masked ones) and
+greedy-decoded on:
+
+- ``heldout``: the unit's held-out paraphrases (never trained on): did it learn the fact?
+- ``trained``: the paraphrases it was trained on (memorising; labelled as such);
+- ``transfer``: the fact's original query in every other language that the model got wrong before:
+  does knowledge injected in one language appear in the others?
+- ``old``: Q_old, a seeded sample of ``max_old`` queries the model answered correctly, of other facts:
+  forgetting.
+
+Every (variant, learning rate) of the sweep ``lrs`` is trained and scored; the *selected* rate of a
+variant is the one with the best mean of its ``trained`` and ``old`` accuracy, which a practitioner
+can measure without held-out data, so the held-out numbers are not chosen on themselves.
 
 Variants (each starts from a deep copy of the caller's model, which is never modified):
 - ``"direct_ft"``: all parameters (Direct_FT).
@@ -21,8 +33,7 @@ Choices where the paper is silent:
   (one fine-tuning run on all of Q_new, as the paper describes a single training on Q_new). A
   method whose union is empty trains nothing (its row shows the unedited model, n_trainable 0).
 - Training runs in eval mode (no dropout) unless ``dropout`` is set, so it is deterministic.
-- ``max_old`` optionally evaluates a seeded sample of Q_old (it can be most of the dataset).
-- ``"base"`` (``include_base``): the untouched model, a check that Q_new accuracy is 0 and Q_old 1.
+- ``"base"`` (``include_base``): the untouched model, a check that held-out accuracy is 0 and Q_old 1.
 """
 
 from __future__ import annotations
@@ -32,14 +43,15 @@ import gc
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from matrice.data.schema import Query
 from matrice.experiments import (
-    NeuronSetsLike, ProbesLike, as_probe_map, encode_all, experiment_rng, fact_neurons,
+    NeuronSetsLike, ProbesLike, as_probe_map, dataclass_dict, encode_all, experiment_rng, fact_neurons,
+    original_queries,
 )
 from matrice.interventions import (
     TrainConfig, check_masked_update, enable_masked_training, ffn_module_names, neuron_param_masks, train_on_answers,
@@ -54,9 +66,10 @@ DEFAULT_VARIANTS: tuple[str, ...] = ("direct_ft", "random", "amig", "matrice", "
 
 @dataclass(frozen=True)
 class InjectConfig:
-    """Fine-tuning parameters shared by all variants (``variant_lr`` overrides ``lr`` per variant)."""
+    """Fine-tuning parameters shared by all variants; ``lrs[variant]`` (else ``lrs["default"]``) is the
+    variant's learning-rate sweep."""
 
-    lr: float = 1e-3
+    lrs: dict[str, list[float]] = field(default_factory=lambda: {"default": [1e-3]})
     epochs: int = 10
     batch_size: int = 8
     seed: int = 0
@@ -65,44 +78,99 @@ class InjectConfig:
     dropout: bool = False
     max_grad_norm: float | None = None
     max_old: int | None = None
-    max_new: int | None = None  # seeded subsample of Q_new (fine-tuning cost grows with it)
+    max_new: int | None = None  # units (facts) to inject; fine-tuning cost grows with it
     eval_batch_size: int = 32
     verify: bool = True
     include_base: bool = True
-    variant_lr: dict[str, float] = field(default_factory=dict)
 
-    def train_config(self, variant: str) -> TrainConfig:
-        return TrainConfig(lr=self.variant_lr.get(variant, self.lr), epochs=self.epochs, batch_size=self.batch_size,
-                           seed=self.seed, dropout=self.dropout, max_grad_norm=self.max_grad_norm)
+    def __post_init__(self) -> None:
+        if "default" not in self.lrs:
+            raise ValueError("inject.lrs needs a 'default' list of learning rates")
+        for variant, lrs in self.lrs.items():
+            if not lrs or any(not isinstance(lr, (int, float)) or lr <= 0 for lr in lrs):
+                raise ValueError(f"inject.lrs.{variant} must be a non-empty list of positive numbers, got {lrs!r}")
+
+    def sweep(self, variant: str) -> list[float]:
+        return list(self.lrs.get(variant, self.lrs["default"]))
+
+    def train_config(self, lr: float) -> TrainConfig:
+        return TrainConfig(lr=lr, epochs=self.epochs, batch_size=self.batch_size, seed=self.seed, dropout=self.dropout,
+                           max_grad_norm=self.max_grad_norm)
+
+
+SPLITS: tuple[str, ...] = ("heldout", "trained", "transfer", "old")
+
+
+@dataclass(frozen=True)
+class InjectionRecord:
+    """One query greedy-decoded after one (variant, lr) run; ``fact_id`` is the unit's fact for the
+    first three splits and the query's own fact for ``old``."""
+
+    variant: str
+    lr: float | None
+    split: str
+    fact_id: str
+    lang: str
+    query_id: str
+    correct: bool
+
+
+@dataclass(frozen=True)
+class Unit:
+    fact_id: str
+    lang: str
+    train: list[str]  # query ids (localisation paraphrases)
+    heldout: list[str]
+    transfer: list[str]
 
 
 @dataclass
 class InjectionResult:
-    """``variants[name]``: n_trainable (parameter entries that may change), n_neurons, losses per
-    epoch, ``per_lang[lang]`` and ``overall`` with q_new / q_old accuracy, avg and counts.
-    ``rows``: the same flattened per (variant, lang), with lang ``"all"`` for the overall row."""
+    """``runs[variant][str(lr)]``: n_trainable, n_neurons, losses, accuracy per split; ``selected[variant]``
+    the lr picked by the rule in the module doc; ``records``: every decoded query of every run."""
 
     config: dict[str, Any] = field(default_factory=dict)
-    n_new: int = 0
+    units: list[dict[str, Any]] = field(default_factory=list)
     n_old: int = 0
-    n_unprobed: int = 0
     unencodable: dict[str, str] = field(default_factory=dict)
-    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    runs: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    selected: dict[str, float | None] = field(default_factory=dict)
+    records: list[InjectionRecord] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config, "n_new": self.n_new, "n_old": self.n_old, "n_unprobed": self.n_unprobed,
-                "unencodable": self.unencodable, "variants": self.variants, "rows": self.rows}
+        return {"config": self.config, "units": self.units, "n_old": self.n_old, "unencodable": self.unencodable,
+                "runs": self.runs, "selected": self.selected, "records": [dataclass_dict(r) for r in self.records]}
 
 
-def split_new_old(queries: Sequence[Query], probes: ProbesLike, languages: Sequence[str] | None = None
-                  ) -> tuple[list[Query], list[Query], int]:
-    """(Q_new, Q_old, number of queries without a probe record) within ``languages`` (None = all)."""
+def choose_units(queries: Sequence[Query], probes: ProbesLike, is_evaluation: Callable[[Query], bool],
+                 max_units: int | None, seed: int) -> list[Unit]:
+    """One (fact, language) per fact whose held-out paraphrases in that language the model gets all
+    wrong and that has localisation paraphrases there (seeded language choice), then a seeded sample
+    of ``max_units`` facts."""
     pm = as_probe_map(probes)
-    keep = [q for q in queries if languages is None or q.lang in set(languages)]
-    new = [q for q in keep if q.query_id in pm and not pm[q.query_id].correct]
-    old = [q for q in keep if q.query_id in pm and pm[q.query_id].correct]
-    return new, old, sum(q.query_id not in pm for q in keep)
+    by_fact: dict[str, list[Query]] = defaultdict(list)
+    for q in queries:
+        if q.query_id in pm:
+            by_fact[q.fact_id].append(q)
+    units = []
+    for fid in sorted(by_fact):
+        fqs = by_fact[fid]
+        candidates = []
+        for lang in sorted({q.lang for q in fqs}):
+            held = [q for q in fqs if q.lang == lang and is_evaluation(q)]
+            train = [q for q in fqs if q.lang == lang and not is_evaluation(q)]
+            if held and train and not any(pm[q.query_id].correct for q in held):
+                candidates.append((lang, train, held))
+        if not candidates:
+            continue
+        lang, train, held = candidates[int(experiment_rng(seed, "unit", fid).integers(len(candidates)))]
+        transfer = [q.query_id for l, q in sorted(original_queries(fqs).items())
+                    if l != lang and not pm[q.query_id].correct]
+        units.append(Unit(fid, lang, [q.query_id for q in train], [q.query_id for q in held], transfer))
+    if max_units is not None and len(units) > max_units:
+        idx = experiment_rng(seed, "units").choice(len(units), size=max_units, replace=False)
+        units = [units[i] for i in sorted(idx)]
+    return units
 
 
 def union_neurons(sets: NeuronSetsLike, fact_ids: Sequence[str], method: str, adapter: ModelAdapter) -> np.ndarray:
@@ -111,38 +179,15 @@ def union_neurons(sets: NeuronSetsLike, fact_ids: Sequence[str], method: str, ad
     return np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
 
 
-def _accuracy(adapter: ModelAdapter, qs: Sequence[Query], encs: Mapping[str, Encoded], batch_size: int) -> dict[str, list[bool]]:
-    out: dict[str, list[bool]] = defaultdict(list)
-    if not qs:
-        return out
-    gen = greedy_decode(adapter, [encs[q.query_id] for q in qs], batch_size=batch_size)
-    for q, g in zip(qs, gen):
-        out[q.lang].append(bool(is_correct(adapter, g, q.answer)))
-    return out
-
-
-def _table(new_ok: Mapping[str, list[bool]], old_ok: Mapping[str, list[bool]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    def block(a: list[bool], b: list[bool]) -> dict[str, Any]:
-        qn = float(np.mean(a)) if a else None
-        qo = float(np.mean(b)) if b else None
-        both = [v for v in (qn, qo) if v is not None]
-        return {"q_new": qn, "q_old": qo, "avg": float(np.mean(both)) if len(both) == 2 else None,
-                "n_new": len(a), "n_old": len(b)}
-
-    per_lang = {lang: block(new_ok.get(lang, []), old_ok.get(lang, [])) for lang in sorted(set(new_ok) | set(old_ok))}
-    overall = block([x for v in new_ok.values() for x in v], [x for v in old_ok.values() for x in v])
-    return per_lang, overall
-
-
 def train_variant(adapter: ModelAdapter, variant: str, pairs: np.ndarray | None, encs_new: Sequence[Encoded],
-                  cfg: InjectConfig, progress: bool = True) -> tuple[ModelAdapter, dict[str, Any]]:
+                  cfg: InjectConfig, lr: float, progress: bool = True) -> tuple[ModelAdapter, dict[str, Any]]:
     """Fine-tune a deep copy of the caller's model as ``variant`` ("direct_ft", "lora", or masked on
     ``pairs``) on ``encs_new``; returns an adapter around the trained copy and
     {n_trainable, n_neurons, losses, lr}. The caller's model is not touched."""
     model = copy.deepcopy(adapter.model)
     work = ModelAdapter(model, adapter.tokenizer, adapter.family)  # freezes every parameter
     info: dict[str, Any] = {"n_neurons": None if pairs is None else int(len(pairs))}
-    tcfg = cfg.train_config(variant)
+    tcfg = cfg.train_config(lr)
     info["lr"] = tcfg.lr
     if variant == "direct_ft":
         for p in model.parameters():
@@ -176,6 +221,22 @@ def train_variant(adapter: ModelAdapter, variant: str, pairs: np.ndarray | None,
     return work, info
 
 
+def _decode_correct(adapter: ModelAdapter, qs: Sequence[Query], encs: Mapping[str, Encoded], batch_size: int) -> list[bool]:
+    if not qs:
+        return []
+    gen = greedy_decode(adapter, [encs[q.query_id] for q in qs], batch_size=batch_size)
+    return [bool(is_correct(adapter, g, q.answer)) for q, g in zip(qs, gen)]
+
+
+def _accuracies(records: Sequence[InjectionRecord]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for split in SPLITS:
+        rs = [r.correct for r in records if r.split == split]
+        out[split] = float(np.mean(rs)) if rs else None
+        out[f"n_{split}"] = len(rs)
+    return out
+
+
 def inject_knowledge(
     adapter: ModelAdapter,
     queries: Sequence[Query],
@@ -183,49 +244,70 @@ def inject_knowledge(
     sets: NeuronSetsLike,
     variants: Sequence[str] = DEFAULT_VARIANTS,
     cfg: InjectConfig | None = None,
-    languages: Sequence[str] | None = None,
+    is_evaluation: Callable[[Query], bool] | None = None,
     few_shot: bool = False,
     encoded: Mapping[str, Encoded] | None = None,
     progress: bool = True,
 ) -> InjectionResult:
-    """Fine-tune each variant on Q_new and report Q_new / Q_old accuracy per language (module doc)."""
+    """Fine-tune every (variant, lr) on the units' localisation paraphrases and score the four splits
+    (module doc). ``is_evaluation(query)`` marks held-out paraphrases (default: template id ≥ 1)."""
     cfg = cfg or InjectConfig()
-    new_q, old_q, unprobed = split_new_old(queries, probes, languages)
-    if cfg.max_new is not None and len(new_q) > cfg.max_new:
-        idx = experiment_rng(cfg.seed, "q_new").choice(len(new_q), size=cfg.max_new, replace=False)
-        new_q = [new_q[i] for i in sorted(idx)]
+    is_evaluation = is_evaluation or (lambda q: q.template_id >= 1)
+    by_id = {q.query_id: q for q in queries}
+    units = choose_units(queries, probes, is_evaluation, cfg.max_new, cfg.seed)
+    if not units:
+        raise ValueError("injection: no (fact, language) has held-out paraphrases the model gets wrong")
+    unit_facts = {u.fact_id for u in units}
+    pm = as_probe_map(probes)
+    old_q = [q for q in queries if q.query_id in pm and pm[q.query_id].correct and q.fact_id not in unit_facts]
     if cfg.max_old is not None and len(old_q) > cfg.max_old:
         idx = experiment_rng(cfg.seed, "q_old").choice(len(old_q), size=cfg.max_old, replace=False)
         old_q = [old_q[i] for i in sorted(idx)]
-    encs, failed = encode_all(adapter, new_q + old_q, few_shot, encoded)
-    new_q = [q for q in new_q if q.query_id in encs]
+    wanted = [by_id[i] for u in units for i in (*u.train, *u.heldout, *u.transfer)] + old_q
+    encs, failed = encode_all(adapter, wanted, few_shot, encoded)
+    split_queries = {split: [(u, by_id[i]) for u in units for i in getattr(u, split) if i in encs]
+                     for split in ("train", "heldout", "transfer")}
     old_q = [q for q in old_q if q.query_id in encs]
-    encs_new = [encs[q.query_id] for q in new_q]
-    new_facts = [q.fact_id for q in new_q]
-    result = InjectionResult(config={**cfg.__dict__, "variants": list(variants), "languages": languages},
-                             n_new=len(new_q), n_old=len(old_q), n_unprobed=unprobed, unencodable=failed)
+    encs_train = [encs[q.query_id] for _, q in split_queries["train"]]
+    result = InjectionResult(config={**cfg.__dict__, "variants": list(variants)},
+                             units=[dataclass_dict(u) for u in units], n_old=len(old_q), unencodable=failed)
     # resolve every neuron set first, so a missing fact fails before hours of training
-    unions = {v: union_neurons(sets, new_facts, v, adapter) for v in variants if v not in ("direct_ft", "lora")}
-    log.info("injection: %d Q_new, %d Q_old queries; neurons per variant: %s",
-             len(new_q), len(old_q), {v: len(u) for v, u in unions.items()})
+    unions = {v: union_neurons(sets, sorted(unit_facts), v, adapter) for v in variants if v not in ("direct_ft", "lora")}
+    log.info("injection: %d units, %d training queries, %d Q_old; neurons per variant: %s; lr sweeps: %s",
+             len(units), len(encs_train), len(old_q), {v: len(u) for v, u in unions.items()},
+             {v: cfg.sweep(v) for v in variants})
 
-    todo = (["base"] if cfg.include_base else []) + list(variants)
-    for variant in todo:
+    def score(variant: str, lr: float | None, work: ModelAdapter) -> list[InjectionRecord]:
+        records = []
+        for split, pairs in (("trained", split_queries["train"]), ("heldout", split_queries["heldout"]),
+                             ("transfer", split_queries["transfer"])):
+            ok = _decode_correct(work, [q for _, q in pairs], encs, cfg.eval_batch_size)
+            records += [InjectionRecord(variant, lr, split, u.fact_id, q.lang, q.query_id, c) for (u, q), c in zip(pairs, ok)]
+        ok = _decode_correct(work, old_q, encs, cfg.eval_batch_size)
+        return records + [InjectionRecord(variant, lr, "old", q.fact_id, q.lang, q.query_id, c) for q, c in zip(old_q, ok)]
+
+    todo = [("base", None)] if cfg.include_base else []
+    todo += [(v, lr) for v in variants for lr in cfg.sweep(v)]
+    for variant, lr in todo:
         if variant == "base":
             work, info = adapter, {"n_trainable": 0, "n_neurons": None, "losses": [], "lr": None}
         elif variant in unions and len(unions[variant]) == 0:
-            log.warning("variant %s: no neurons for the facts of Q_new; nothing is trained", variant)
-            work, info = adapter, {"n_trainable": 0, "n_neurons": 0, "losses": [], "lr": None}
+            log.warning("variant %s: no neurons for the units' facts; nothing is trained", variant)
+            work, info = adapter, {"n_trainable": 0, "n_neurons": 0, "losses": [], "lr": lr}
         else:
-            work, info = train_variant(adapter, variant, unions.get(variant), encs_new, cfg, progress)
-        per_lang, overall = _table(_accuracy(work, new_q, encs, cfg.eval_batch_size),
-                                   _accuracy(work, old_q, encs, cfg.eval_batch_size))
-        result.variants[variant] = {**info, "per_lang": per_lang, "overall": overall}
-        result.rows += [{"variant": variant, "lang": lang, **row} for lang, row in per_lang.items()]
-        result.rows.append({"variant": variant, "lang": "all", **overall})
+            work, info = train_variant(adapter, variant, unions.get(variant), encs_train, cfg, lr, progress)
+        records = score(variant, lr, work)
+        result.records += records
+        result.runs.setdefault(variant, {})[str(lr)] = {**info, **_accuracies(records)}
         if work is not adapter:
             del work
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+    for variant, runs in result.runs.items():
+        def fit(run: Mapping[str, Any]) -> float:
+            vals = [run[s] for s in ("trained", "old") if run[s] is not None]
+            return float(np.mean(vals)) if vals else -1.0
+        best = max(runs, key=lambda lr: fit(runs[lr]))  # first of equals: the sweep's order
+        result.selected[variant] = runs[best]["lr"]
     return result
