@@ -40,7 +40,7 @@ def replication_section(key: str, params: dict) -> str:
     from matrice.claims import all_claims, claims_table, verdict_counts
 
     out = results_dir(key)
-    is_evaluation = _evaluation_rule(params["attribute"]["templates_per_language"])
+    is_evaluation = _rule(params)
     sets = _json(out / "neurons.json")["facts"]
     claims = all_claims(
         sets=sets, n_layers=len(_json(out / "layer_distribution.json")), manip=_json(out / "manipulation.json"),
@@ -67,46 +67,51 @@ def _evaluation_rule(localisation: int | None):
     return evaluation_rule({"attribute": {"templates_per_language": localisation}})
 
 
-def _manipulation_intervals(key: str, params: dict) -> str:
-    from matrice.claims import manipulation_interval_tables
+def _langs_of(records) -> list[str]:
+    """The languages present in `records`, in the report's order."""
     from matrice.report import LANG_ORDER
 
+    present = {r["lang"] for r in records}
+    return [l for l in LANG_ORDER if l in present]
+
+
+def _rule(params: dict):
+    return _evaluation_rule(params["attribute"]["templates_per_language"])
+
+
+def _manipulation_intervals(key: str, params: dict) -> str:
+    from matrice.claims import manipulation_interval_tables
+
     manip = _json(results_dir(key) / "manipulation.json")
-    langs = [l for l in LANG_ORDER if any(r["lang"] == l for r in manip["records"])]
-    return manipulation_interval_tables(manip, _evaluation_rule(params["attribute"]["templates_per_language"]), langs)
+    return manipulation_interval_tables(manip, _rule(params), _langs_of(manip["records"]))
 
 
 def _editing_intervals(key: str) -> str:
     from matrice.claims import editing_interval_tables
-    from matrice.report import LANG_ORDER
 
     editing = _json(results_dir(key) / "editing.json")
-    return editing_interval_tables(editing, [l for l in LANG_ORDER if any(r["lang"] == l for r in editing["records"])])
+    return editing_interval_tables(editing, _langs_of(editing["records"]))
 
 
 def _enhancement_intervals(key: str, params: dict) -> str:
     from matrice.claims import enhancement_interval_table
-    from matrice.report import LANG_ORDER
 
     enhancement = _json(results_dir(key) / "enhancement.json")
-    langs = [l for l in LANG_ORDER if any(r["lang"] == l for r in enhancement["records"])]
-    return enhancement_interval_table(enhancement, _evaluation_rule(params["attribute"]["templates_per_language"]), langs)
+    return enhancement_interval_table(enhancement, _rule(params), _langs_of(enhancement["records"]))
 
 
 def _injection_intervals(key: str) -> str:
     from matrice.claims import injection_interval_table
-    from matrice.report import LANG_ORDER
 
     injection = _json(results_dir(key) / "injection.json")
-    return injection_interval_table(injection, [l for l in LANG_ORDER if any(r["lang"] == l for r in injection["records"])])
+    return injection_interval_table(injection, _langs_of(injection["records"]))
 
 
 def _controls_section(key: str, params: dict) -> str:
     from matrice.claims import lolo_interval_table
-    from matrice.report import LANG_ORDER
 
     controls = _json(results_dir(key) / "controls.json")
-    langs = [l for l in LANG_ORDER if any(r["lang"] == l for r in controls["lolo"])]
+    langs = _langs_of(controls["lolo"])
     donors = controls["donors"]
     pairs = ", ".join(f"{f} ← {d['same_relation']} / {d['other_relation']}" for f, d in sorted(donors.items()))
     return (
@@ -114,7 +119,7 @@ def _controls_section(key: str, params: dict) -> str:
         "selected from the other languages (UaL without it, same τ) and suppressed (×0) on the fact's queries in "
         "the held-out one, which no part of their selection saw; the control is as many random neurons per layer. Mean "
         "ΔP/P per held-out language [95% CI over facts] (n facts):\n\n"
-        + lolo_interval_table(controls, _evaluation_rule(params["attribute"]["templates_per_language"]), langs)
+        + lolo_interval_table(controls, _rule(params), langs)
         + "\nSpecificity: each fact's evaluation queries under suppression of its own LAKNs, of another attributed "
         f"fact's of the same relation, and of a fact's of another relation (target ← same / other: {pairs}); the "
         "verdict rows above compare them.\n"
