@@ -10,7 +10,7 @@ from matrice.experiments.inject import InjectConfig, inject_knowledge
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.report import markdown_table
 from stages.common import (
-    DATASET_DIR, evaluation_rule, load_neuron_sets, load_params, load_prepared, load_probes, model_arg, queries_of,
+    DATASET_DIR, evaluation_rule, load_neuron_sets, load_params, load_prepared, load_probes, model_arg,
     results_dir, setup_logging,
 )
 
@@ -28,7 +28,7 @@ def main() -> None:
     probes = load_probes(key)
     adapter = load_prepared(key, params)
     sets = load_neuron_sets(key)
-    queries = queries_of(load_queries(DATASET_DIR / "queries.jsonl"), sets.facts)
+    queries = load_queries(DATASET_DIR / "queries.jsonl")  # units: attributed facts; Q_old: any other fact
     rule = evaluation_rule(params)
     result = inject_knowledge(adapter, queries, probes, sets, s["variants"], cfg, lambda q: rule(q.query_id),
                               few_shot=params["few_shot"])

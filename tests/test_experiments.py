@@ -470,8 +470,20 @@ def test_inject_knowledge_end_to_end():
 def test_inject_missing_fact_fails_before_training():
     a = tiny_adapter("gpt2")
     probes = probe(a, QUERIES)
-    with pytest.raises(MissingNeuronSetError):
-        inject_knowledge(a, QUERIES, probes, {"f1": {"matrice": pairs()}}, variants=("matrice",), progress=False)
+    with pytest.raises(MissingNeuronSetError):  # the injected facts have no "matrice" set
+        inject_knowledge(a, QUERIES, probes, {f.fact_id: {"random": pairs()} for f in FACTS}, variants=("matrice",),
+                         progress=False)
+
+
+def test_inject_units_come_from_attributed_facts_and_q_old_from_the_others():
+    a = tiny_adapter("gpt2")
+    probes = [{"query_id": q.query_id, "fact_id": q.fact_id, "relation": q.relation, "lang": q.lang, "prob": 0.5,
+               "rank": 0, "correct": q.fact_id in ("f3", "f4") or q.template_id == 0} for q in QUERIES]
+    res = inject_knowledge(a, QUERIES, probes, {"f1": {"matrice": pairs((2, 1))}, "f2": {"matrice": pairs((2, 2))}},
+                           variants=("matrice",), cfg=InjectConfig(lrs={"default": [1e-3]}, epochs=1),
+                           is_evaluation=lambda q: q.template_id >= 1, progress=False)
+    assert {u["fact_id"] for u in res.units} == {"f1", "f2"}
+    assert {r.fact_id for r in res.records if r.split == "old"} == {"f3", "f4"}
 
 
 # ---- case study ---------------------------------------------------------------------------------

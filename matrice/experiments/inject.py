@@ -50,7 +50,7 @@ import torch
 
 from matrice.data.schema import Query
 from matrice.experiments import (
-    NeuronSetsLike, ProbesLike, as_probe_map, dataclass_dict, encode_all, experiment_rng, fact_neurons,
+    NeuronSetsLike, ProbesLike, _facts_of, as_probe_map, dataclass_dict, encode_all, experiment_rng, fact_neurons,
     original_queries,
 )
 from matrice.interventions import (
@@ -250,11 +250,13 @@ def inject_knowledge(
     progress: bool = True,
 ) -> InjectionResult:
     """Fine-tune every (variant, lr) on the units' localisation paraphrases and score the four splits
-    (module doc). ``is_evaluation(query)`` marks held-out paraphrases (default: template id ≥ 1)."""
+    (module doc). Units come from the facts that have neuron sets; Q_old from every other fact in
+    ``queries``. ``is_evaluation(query)`` marks held-out paraphrases (default: template id ≥ 1)."""
     cfg = cfg or InjectConfig()
     is_evaluation = is_evaluation or (lambda q: q.template_id >= 1)
     by_id = {q.query_id: q for q in queries}
-    units = choose_units(queries, probes, is_evaluation, cfg.max_new, cfg.seed)
+    with_sets = set(_facts_of(sets))
+    units = choose_units([q for q in queries if q.fact_id in with_sets], probes, is_evaluation, cfg.max_new, cfg.seed)
     if not units:
         raise ValueError("injection: no (fact, language) has held-out paraphrases the model gets wrong")
     unit_facts = {u.fact_id for u in units}
