@@ -122,7 +122,10 @@ def _controls_section(key: str, params: dict) -> str:
         + lolo_interval_table(controls, _rule(params), langs)
         + "\nSpecificity: each fact's evaluation queries under suppression of its own LAKNs, of another attributed "
         f"fact's of the same relation, and of a fact's of another relation (target ← same / other: {pairs}); the "
-        "verdict rows above compare them.\n"
+        "verdict rows above compare them"
+        + (". No attributed fact has another attributed fact of its relation, so the same-relation row has no data: "
+           "it needs `attribute.facts_per_relation` ≥ 2.\n" if all(d["same_relation"] is None for d in donors.values())
+           else ".\n")
     )
 
 
