@@ -98,3 +98,14 @@ def evaluation_rule(params: dict[str, Any]):
     localisation = params["attribute"]["templates_per_language"]
     template_of = {q.query_id: q.template_id for q in load_queries(DATASET_DIR / "queries.jsonl")}
     return lambda query_id: localisation is not None and template_of[query_id] >= localisation
+
+
+def split_empty(sets, methods) -> tuple[list[str], list[str]]:
+    """(methods with neurons for some fact, methods empty for every fact): a figure draws the first
+    and names the second, so "no neurons" is never drawn as a measured zero."""
+    empty = [m for m in methods if all(len(per[m]) == 0 for per in sets.facts.values())]
+    return [m for m in methods if m not in empty], empty
+
+
+def not_drawn_note(empty: list[str], name) -> str:
+    return f" ({', '.join(name(m) for m in empty)}: no neurons for any fact, not drawn)" if empty else ""

@@ -9,7 +9,8 @@ from matrice.experiments.enhance import enhance_low_resource
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.report import markdown_table, pivot, plot_enhancement
 from stages.common import (
-    DATASET_DIR, evaluation_rule, figure_path, load_neuron_sets, load_params, load_prepared, load_probes, model_arg, queries_of,
+    DATASET_DIR, evaluation_rule, figure_path, load_neuron_sets, load_params, load_prepared, load_probes, model_arg,
+    not_drawn_note, queries_of, split_empty,
     results_dir, setup_logging,
 )
 
@@ -35,9 +36,10 @@ def main() -> None:
                                       if r["method"] == m and r["relation"] == rel), None) for m in section["methods"]}}
         for rel in relations])
     estimates, have_eval = enhancement_estimates(result.to_dict(), evaluation_rule(params), "relation", relations)
-    plot_enhancement({method_name(m): e for m, e in estimates.items()}, relations, figure_path(key, "fig6_enhancement.png"),
+    shown, empty = split_empty(sets, list(estimates))
+    plot_enhancement({method_name(m): estimates[m] for m in shown}, relations, figure_path(key, "fig6_enhancement.png"),
                      f"Fig. 6 — {key}: enhancement in {', '.join(section['languages'])}, "
-                     + ("held-out paraphrases" if have_eval else "all queries"))
+                     + ("held-out paraphrases" if have_eval else "all queries") + not_drawn_note(empty, method_name))
     langs = [l for l in section["languages"] if any(r["lang"] == l for r in result.by_lang)]
     text = (f"**Fig. 6 data** — accuracy gained on Q_error ({result.n_q_error} queries the model got wrong in "
             f"{', '.join(section['languages'])}) by ×{section['factor']} on the fact's neurons\n\n"

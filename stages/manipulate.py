@@ -10,7 +10,8 @@ from matrice.io import atomic_write_json, atomic_write_text
 from matrice.report import markdown_table, ordered_langs, pivot, plot_manipulation
 from matrice.selection import METHODS
 from stages.common import (
-    DATASET_DIR, evaluation_rule, figure_path, load_neuron_sets, load_params, load_prepared, model_arg, queries_of, results_dir,
+    DATASET_DIR, evaluation_rule, figure_path, load_neuron_sets, load_params, load_prepared, model_arg, not_drawn_note,
+    queries_of, results_dir, split_empty,
     setup_logging,
 )
 
@@ -39,10 +40,10 @@ def main() -> None:
         atomic_write_json(out / f"manipulation_{mode}_plot.json",
                           [{"lang": l, **{m: series[m][i] for m in METHODS}} for i, l in enumerate(langs)])
     estimates, have_eval = manipulation_estimates(result.to_dict(), evaluation_rule(params), langs)
-    shown = ("matrice", "amig", "amig_k", "random", "random_layer")
+    shown, empty = split_empty(sets, ["matrice", "amig", "amig_k", "random", "random_layer"])
     plot_manipulation({mode: {method_name(m): per[m] for m in shown if m in per} for mode, per in estimates.items()}, langs,
                       figure_path(key, "fig5_manipulation.png"), f"Fig. 5 — {key}: relative change of P(answer), "
-                      + ("held-out paraphrases" if have_eval else "all queries"))
+                      + ("held-out paraphrases" if have_eval else "all queries") + not_drawn_note(empty, method_name))
     tables = []
     for mode in ("suppress", "enhance"):
         rows = [r for r in result.summary if r["mode"] == mode]

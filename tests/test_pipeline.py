@@ -187,3 +187,15 @@ def test_experiment_inputs_missing_give_clear_messages(tmp_path, monkeypatch):
         common.load_prepared("mgpt", {"models": {"mgpt": {"source": "x"}}})
     with pytest.raises(SystemExit, match="models.nope is not defined"):
         common.model_params({"models": {"mgpt": {}}}, "nope")
+
+
+def test_figures_name_methods_with_no_neurons_instead_of_drawing_zeros():
+    from matrice.selection import NeuronSets
+    from stages.common import not_drawn_note, split_empty
+
+    sets = NeuronSets(methods=["matrice", "amig"], facts={})
+    sets.add("a", {"matrice": np.array([[1, 2]]), "amig": np.zeros((0, 2))})
+    sets.add("b", {"matrice": np.zeros((0, 2)), "amig": np.zeros((0, 2))})
+    assert split_empty(sets, ["matrice", "amig"]) == (["matrice"], ["amig"])
+    assert "AMIG: no neurons for any fact" in not_drawn_note(["amig"], str.upper)
+    assert not_drawn_note([], str.upper) == ""
