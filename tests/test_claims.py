@@ -178,3 +178,14 @@ def test_injection_claims_use_each_variants_selected_rate():
     assert {c.estimate.mean for c in injection_claims(injection)} == {0.0}
     assert "(n=6)" in injection_interval_table(injection, ["fr"])
     assert injection_claims({}) == []
+
+
+def test_an_untrained_injection_variant_is_labelled():
+    from matrice.claims import injection_claims
+
+    records = [{"variant": v, "lr": 0.1, "split": "heldout", "fact_id": f"F{f}", "lang": "fr", "query_id": f"q{f}",
+                "correct": v == "matrice"} for f in range(3) for v in ("matrice", "amig")]
+    injection = {"records": records, "selected": {"matrice": 0.1, "amig": 0.1},
+                 "runs": {"matrice": {"0.1": {"n_trainable": 10}}, "amig": {"0.1": {"n_trainable": 0}}}}
+    (claim,) = injection_claims(injection)
+    assert "trained nothing" in claim.note
