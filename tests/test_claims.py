@@ -187,5 +187,5 @@ def test_an_untrained_injection_variant_is_labelled():
                 "correct": v == "matrice"} for f in range(3) for v in ("matrice", "amig")]
     injection = {"records": records, "selected": {"matrice": 0.1, "amig": 0.1},
                  "runs": {"matrice": {"0.1": {"n_trainable": 10}}, "amig": {"0.1": {"n_trainable": 0}}}}
-    (claim,) = injection_claims(injection)
-    assert "trained nothing" in claim.note
+    claims = injection_claims(injection)
+    assert claims and all("trained nothing" in c.note for c in claims)
