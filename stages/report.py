@@ -79,32 +79,10 @@ def _rule(params: dict):
     return _evaluation_rule(params["attribute"]["templates_per_language"])
 
 
-def _manipulation_intervals(key: str, params: dict) -> str:
-    from matrice.claims import manipulation_interval_tables
-
-    manip = _json(results_dir(key) / "manipulation.json")
-    return manipulation_interval_tables(manip, _rule(params), _langs_of(manip["records"]))
-
-
-def _editing_intervals(key: str) -> str:
-    from matrice.claims import editing_interval_tables
-
-    editing = _json(results_dir(key) / "editing.json")
-    return editing_interval_tables(editing, _langs_of(editing["records"]))
-
-
-def _enhancement_intervals(key: str, params: dict) -> str:
-    from matrice.claims import enhancement_interval_table
-
-    enhancement = _json(results_dir(key) / "enhancement.json")
-    return enhancement_interval_table(enhancement, _rule(params), _langs_of(enhancement["records"]))
-
-
-def _injection_intervals(key: str) -> str:
-    from matrice.claims import injection_interval_table
-
-    injection = _json(results_dir(key) / "injection.json")
-    return injection_interval_table(injection, _langs_of(injection["records"]))
+def _intervals(key: str, name: str, table, *rule) -> str:
+    """An experiment's table with intervals: `table(results, [is_evaluation,] languages present)`."""
+    results = _json(results_dir(key) / f"{name}.json")
+    return table(results, *rule, _langs_of(results["records"]))
 
 
 def _controls_section(key: str, params: dict) -> str:
@@ -130,6 +108,9 @@ def _controls_section(key: str, params: dict) -> str:
 
 
 def model_section(key: str, params: dict) -> str:
+    from matrice.claims import (editing_interval_tables, enhancement_interval_table, injection_interval_table,
+                                manipulation_interval_tables)
+
     out = results_dir(key)
     sel = _json(out / "selection_metrics.json")["selection"]
     sel_rows = [[m, s["n_facts"], s["mean_per_fact"], s["median_per_fact"], s["n_empty"]] for m, s in sel.items()]
@@ -147,20 +128,23 @@ def model_section(key: str, params: dict) -> str:
         + _fig(key, "fig5_manipulation.png", f"Fig. 5 — suppression and enhancement, {key}")
         + "\n" + _read(out / "manipulation_tables.md")
         + "\nThe same per language with uncertainty: each fact's mean over its held-out paraphrase(s), then the "
-        "mean over facts with a 95% bootstrap interval and n facts.\n\n" + _manipulation_intervals(key, params),
+        "mean over facts with a 95% bootstrap interval and n facts.\n\n"
+        + _intervals(key, "manipulation", manipulation_interval_tables, _rule(params)),
         _controls_section(key, params),
         "### Cross-lingual editing (Tables III, IV)\nEdits made with the English object only; reliability on the "
         "edited query, generality on its paraphrases, locality on unrelated facts, per language.\n\n"
         + _read(out / "editing_tables.md")
         + "\nThe same with uncertainty (reliability is on the edited, attributed query; generality on its paraphrases, "
-        "held-out ones included):\n\n" + _editing_intervals(key),
+        "held-out ones included):\n\n" + _intervals(key, "editing", editing_interval_tables),
         "### Enhancement in low-resource languages (Fig. 6)\nAccuracy gained on queries the model got wrong "
         "(accuracy before is 0 by construction) when the fact's neurons are doubled.\n\n"
         + _fig(key, "fig6_enhancement.png", f"Fig. 6 — enhancement in low-resource languages, {key}")
-        + "\n" + _read(out / "enhancement_tables.md") + "\n" + _enhancement_intervals(key, params),
+        + "\n" + _read(out / "enhancement_tables.md")
+        + "\n" + _intervals(key, "enhancement", enhancement_interval_table, _rule(params)),
         "### New-knowledge injection (Table V)\nFine-tuning only the neurons' parameters vs all parameters, random "
         "or AMIG neurons, and LoRA, on localisation paraphrases of facts the model does not know; judged on held-out "
-        "paraphrases and the other languages; Q_old accuracy measures forgetting.\n\n" + _injection_intervals(key)
+        "paraphrases and the other languages; Q_old accuracy measures forgetting.\n\n"
+        + _intervals(key, "injection", injection_interval_table)
         + "\n" + _read(out / "injection_tables.md"),
         "### Case study (Fig. 7)\nOne fact in every language: the prediction before, after enhancement and after an "
         "update edit made in English.\n\n" + _read(out / "case_study.md"),
