@@ -55,15 +55,22 @@ def erasure_vectors(adapter: ModelAdapter, neurons: Pairs) -> dict[tuple[int, in
     return {(l, i): torch.zeros_like(adapter.output_weight(l, i)) for l, i in _pairs(neurons)}
 
 
+UPDATE_SCALINGS = ("raw", "column_norm")
+
+
 def update_vectors(
-    adapter: ModelAdapter, neurons: Pairs, old_token: int, new_token: int, lambda1: float = 1.0, lambda2: float = 1.0
+    adapter: ModelAdapter, neurons: Pairs, old_token: int, new_token: int, lambda1: float = 1.0, lambda2: float = 1.0,
+    scaling: str = "raw",
 ) -> dict[tuple[int, int], torch.Tensor]:
-    """Update: ``W − λ1'·E(o) + λ2'·E(o')`` with λk' = λk·‖W‖/‖E‖ per column (Dai et al.'s scaling),
-    so each term has norm λk·‖W‖: λ1 = λ2 = 1 removes/adds a vector as long as the column itself.
+    """Update: ``W − λ1·E(o) + λ2·E(o')`` (Eq. 15; ``scaling="raw"``, the default, as Dai et al.'s
+    code adds raw embeddings), or with ``scaling="column_norm"`` λk' = λk·‖W‖/‖E‖ per column, so each
+    term has norm λk·‖W‖ (our option: the same λ means the same relative change in every layer).
 
     E is the output (unembedding) row of a token. Computed in float32, cast to the weight's dtype.
-    A column with ‖W‖ = 0 is left unchanged (both terms vanish).
+    With column_norm, a column with ‖W‖ = 0 is left unchanged (both terms vanish).
     """
+    if scaling not in UPDATE_SCALINGS:
+        raise ValueError(f"update scaling must be one of {UPDATE_SCALINGS}, got {scaling!r}")
     e_old = adapter.unembedding(old_token).detach().float()
     e_new = adapter.unembedding(new_token).detach().float()
     n_old, n_new = e_old.norm(), e_new.norm()
@@ -73,8 +80,8 @@ def update_vectors(
     for l, i in _pairs(neurons):
         w = adapter.output_weight(l, i)
         w32 = w.detach().float()
-        norm = w32.norm()
-        new = w32 - lambda1 * norm / n_old * e_old.to(w.device) + lambda2 * norm / n_new * e_new.to(w.device)
+        k_old, k_new = (lambda1, lambda2) if scaling == "raw" else (lambda1 * w32.norm() / n_old, lambda2 * w32.norm() / n_new)
+        new = w32 - k_old * e_old.to(w.device) + k_new * e_new.to(w.device)
         out[(l, i)] = new.to(w.dtype)
     return out
 

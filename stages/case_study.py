@@ -36,7 +36,8 @@ def main() -> None:
     adapter = load_prepared(key, params)
     sets = load_neuron_sets(key)
     fact = choose_fact(section["fact"], sorted(sets.facts))
-    cfg = EditConfig(lambda1=params["edit"]["lambda1"], lambda2=params["edit"]["lambda2"], seed=params["seed"])
+    cfg = EditConfig(lambda1=params["edit"]["lambda1"], lambda2=params["edit"]["lambda2"],
+                     scaling=params["edit"].get("scaling", "raw"), seed=params["seed"])
     study = case_study(adapter, load_queries(DATASET_DIR / "queries.jsonl"), sets, fact, section["method"],
                        section["factor"], section["new_object"], cfg, params["few_shot"])
     out = results_dir(key)

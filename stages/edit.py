@@ -17,8 +17,11 @@ def main() -> None:
     key = model_arg(__doc__)
     params = load_params()
     section = params["edit"]
-    cfg = EditConfig(lambda1=section["lambda1"], lambda2=section["lambda2"], locality_k=section["locality_k"],
-                     seed=params["seed"], batch_size=section["batch_size"])
+    try:
+        cfg = EditConfig(lambda1=section["lambda1"], lambda2=section["lambda2"], scaling=section.get("scaling", "raw"),
+                         locality_k=section["locality_k"], seed=params["seed"], batch_size=section["batch_size"])
+    except ValueError as exc:
+        raise SystemExit(f"params.yaml: edit: {exc}") from exc
     adapter = load_prepared(key, params)
     sets = load_neuron_sets(key)
     queries = load_queries(DATASET_DIR / "queries.jsonl")  # locality samples unrelated facts from all of them

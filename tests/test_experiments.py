@@ -224,11 +224,15 @@ def test_ablation_table_normalisation():
 def test_interventions_vectors_and_restore(llama):
     saved = state(llama.model)
     ps = pairs((0, 1), (2, 7))
-    upd = update_vectors(llama, ps, 5, 9, lambda1=1.0, lambda2=2.0)
+    upd = update_vectors(llama, ps, 5, 9, lambda1=1.0, lambda2=2.0, scaling="column_norm")
     w = llama.output_weight(2, 7).float()
     e5, e9 = llama.unembedding(5).float(), llama.unembedding(9).float()
     expect = w - w.norm() * e5 / e5.norm() + 2 * w.norm() * e9 / e9.norm()
     assert torch.allclose(upd[(2, 7)], expect, atol=1e-6)
+    raw = update_vectors(llama, ps, 5, 9, lambda1=0.5, lambda2=2.0)  # Eq. 15 as written: the default
+    assert torch.allclose(raw[(2, 7)], w - 0.5 * e5 + 2 * e9, atol=1e-6)
+    with pytest.raises(ValueError, match="scaling"):
+        update_vectors(llama, ps, 5, 9, scaling="relative")
     with pytest.raises(RuntimeError, match="boom"):
         with edited_output_weights(llama, upd):
             assert torch.allclose(llama.model.model.layers[2].mlp.down_proj.weight[:, 7], upd[(2, 7)])
@@ -243,7 +247,7 @@ def test_edit_flips_prediction(gpt2_implant):
     a, gold = gpt2_implant
     saved = state(a.model)
     sets = sets_for({"f1": {"matrice": pairs(IMPLANT)}})
-    cfg = EditConfig(locality_k=2, seed=0)
+    cfg = EditConfig(locality_k=2, seed=0, scaling="column_norm")  # the implant is built for norm-relative λ
     res = edit_facts(a, QUERIES, sets, methods=("matrice", "amig"), cfg=cfg, facts=["f1"], progress=False)
     assert_same_state(a.model, saved)  # bit-for-bit after every edit
     new = res.new_objects["f1"]
@@ -283,7 +287,8 @@ def test_edit_seeded_choices_and_skips(gpt2_implant):
     res = edit_facts(a, QUERIES, sets_for({}), methods=("matrice",), cfg=EditConfig(locality_k=1), facts=["f4"], progress=False)
     assert res.skipped["no_new_object"] == ["f4"] and {r["operation"] for r in res.summary} == {"erasure"}
     only = edit_facts(a, QUERIES, sets_for({"f1": {"matrice": pairs(IMPLANT)}}), methods=("matrice",),
-                      operations=("update",), cfg=EditConfig(locality_k=1), facts=["f1"], progress=False)
+                      operations=("update",), cfg=EditConfig(locality_k=1, scaling="column_norm"), facts=["f1"],
+                      progress=False)
     assert {r["operation"] for r in only.summary} == {"update"}
     assert next(r for r in only.summary if r["lang"] == "en")["reliability"] == 1.0
     with pytest.raises(ValueError, match="unknown edit operations"):
@@ -492,7 +497,8 @@ def test_case_study(gpt2_implant):
     a, _ = gpt2_implant
     saved = state(a.model)
     sets = sets_for({"f1": {"matrice": pairs(IMPLANT)}})
-    cs = case_study(a, QUERIES, sets, "f1", new_object={"en": "Rome", "fr": "Rome", "fi": "Rooma"})
+    cs = case_study(a, QUERIES, sets, "f1", new_object={"en": "Rome", "fr": "Rome", "fi": "Rooma"},
+                    cfg=EditConfig(scaling="column_norm"))  # the implant is built for norm-relative λ
     assert_same_state(a.model, saved)
     en = cs.languages["en"]
     assert en["gold"] == "Paris" and en["before"]["text"].strip() == "Paris" and en["before"]["correct"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import yaml
 
 from matrice.attribution import runner as runner_mod
 from matrice.attribution.common import AttributionConfig
-from matrice.attribution.runner import (choose_facts, load_attributions, plan_shards, run_attribution,
+from matrice.attribution.runner import (choose_facts, load_attributions, plan_shards, run_attribution, shard_name,
                                        sample_facts_per_relation)
 from matrice.data.build import build_dataset
 from matrice.data.sources import DatasetConfig
@@ -145,6 +147,30 @@ def test_attribution_shards_resume_and_recompute_only_what_changed(tmp_path, sma
     assert sorted(p.name for p in tmp_path.glob("shard-*.npz")) == [s.name for s in shards[:2]]
 
 
+def test_a_run_over_more_facts_keeps_the_shards_of_the_facts_it_shares(tmp_path, small_run, tiny, monkeypatch):
+    adapter = tiny("llama")
+    facts = sample_facts_per_relation(small_run, None, 0)
+    encs = encode_all(adapter, small_run, few_shot=True)
+    cfg = AttributionConfig(steps=2)
+    run_attribution(adapter, small_run, encs, plan_shards(small_run, facts[1:2]), cfg, {"steps": 2}, tmp_path)
+    calls = []
+    real = runner_mod.fast_attribution_many
+    monkeypatch.setattr(runner_mod, "fast_attribution_many",
+                        lambda adapter, encs, *a, **k: (calls.append(len(encs)), real(adapter, encs, *a, **k))[1])
+    run_attribution(adapter, small_run, encs, plan_shards(small_run, facts), cfg, {"steps": 2}, tmp_path)
+    per_fact = Counter(q.fact_id for q in small_run)
+    assert len(facts) > 1 and per_fact[facts[1]] > 0
+    assert sum(calls) == sum(per_fact[f] for f in facts) - per_fact[facts[1]]  # only the new facts were attributed
+    assert set(load_attributions(tmp_path)[1]) == {q.query_id for q in small_run if q.fact_id in facts}
+
+
+def test_shard_names_are_file_safe_and_distinct():
+    assert shard_name("P17-e01") == "shard-P17-e01.npz"
+    odd = [shard_name(f) for f in ("P17/a b", "P17/a_b", "P17 a/b", "../x")]
+    assert len(set(odd)) == len(odd)
+    assert all("/" not in n and " " not in n and n.startswith("shard-") for n in odd)
+
+
 def test_scores_group_by_template_order_and_round_trip(tmp_path, small_run):
     rng = np.random.default_rng(0)
     raw = {q.query_id: rng.normal(size=(2, 5)).astype(np.float32) for q in small_run}
@@ -199,3 +225,63 @@ def test_figures_name_methods_with_no_neurons_instead_of_drawing_zeros():
     assert split_empty(sets, ["matrice", "amig"]) == (["matrice"], ["amig"])
     assert "AMIG: no neurons for any fact" in not_drawn_note(["amig"], str.upper)
     assert not_drawn_note([], str.upper) == ""
+
+
+def _module_file(name: str) -> Path | None:
+    base = ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.exists():
+            return path
+    return None
+
+
+def _local_imports(path: Path) -> set[str]:
+    """Project modules (matrice.*, stages.*) a file imports, with the packages whose __init__ runs."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in found:
+            parts = name.split(".")
+            if parts[0] in ("matrice", "stages"):
+                names.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+    return names
+
+
+def _files_run_by(module: str) -> set[Path]:
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in _LOADERS:
+            continue
+        path = _module_file(name)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        todo.extend(_local_imports(path))
+    return seen
+
+
+# file loading and writing only: they move bytes, never change a number (the dataset's own code is a
+# dep of build_dataset, whose output every later stage depends on)
+_LOADERS = {"stages.common", "matrice.io", "matrice.data", "matrice.data.schema"}
+
+
+def test_every_stage_depends_on_the_code_it_runs():
+    """A stage whose code (or a module it imports) changes must rerun: its deps cover every project
+    file its entry point imports, transitively (loaders excepted, see _LOADERS)."""
+    for name, stage in _stages().items():
+        body = stage.get("do", stage)
+        module = body["cmd"].split()[2]
+        deps = [d.replace("${key}", "x") for d in body.get("deps", [])]
+        for path in sorted(_files_run_by(module)):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel in ("matrice/__init__.py", "stages/__init__.py"):  # a version string
+                continue
+            covered = any(rel == d or rel.startswith(d.rstrip("/") + "/") for d in deps)
+            assert covered, f"dvc.yaml stage {name!r} runs {rel} but does not list it in deps"

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -38,6 +39,8 @@ class Shard:
 
 
 FACT_POLICIES = ("known", "any")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def sample_facts_per_relation(queries: Sequence[Query], per_relation: int | None, seed: int,
@@ -78,11 +81,21 @@ def choose_facts(queries: Sequence[Query], per_relation: int | None, seed: int, 
     return sample_facts_per_relation(queries, per_relation, seed, known_facts(probes, lang))
 
 
+def shard_name(fact_id: str) -> str:
+    """A shard is named by its fact, so a run that attributes more (or other) facts keeps every
+    finished shard of the facts it shares with an earlier run. Ids that are not file-name safe get
+    a hash suffix so two of them cannot collide."""
+    if _SAFE_NAME.fullmatch(fact_id):
+        return f"shard-{fact_id}.npz"
+    digest = hashlib.sha1(fact_id.encode()).hexdigest()[:10]
+    return f"shard-{_UNSAFE_CHARS.sub('_', fact_id)[:80]}-{digest}.npz"
+
+
 def plan_shards(queries: Sequence[Query], fact_ids: Sequence[str]) -> list[Shard]:
     by_fact: dict[str, list[str]] = defaultdict(list)
     for q in queries:
         by_fact[q.fact_id].append(q.query_id)
-    return [Shard(f"shard-{i:05d}.npz", fact, by_fact[fact]) for i, fact in enumerate(fact_ids)]
+    return [Shard(shard_name(fact), fact, by_fact[fact]) for fact in fact_ids]
 
 
 def fingerprint(settings: dict, encs: Sequence[Encoded]) -> str:

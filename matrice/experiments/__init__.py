@@ -10,6 +10,9 @@ errors, query encoding that counts (never hides) what could not be encoded, and 
 - :mod:`.enhance` — doubling activations on low-resource queries the model gets wrong (Fig. 6).
 - :mod:`.inject` — neuron-masked fine-tuning vs direct / random / AMIG / LoRA (Table V).
 - :mod:`.case_study` — one fact before/after enhancement and update in every language (Fig. 7).
+
+The submodules are not re-exported here: a stage imports only the experiment it runs, so its
+`dvc.yaml` deps can name exactly the files that determine its numbers (checked by a test).
 """
 
 from __future__ import annotations
@@ -182,20 +185,7 @@ def dataclass_dict(obj: Any) -> dict[str, Any]:
     return {f.name: clean(getattr(obj, f.name)) for f in fields(obj)}
 
 
-from matrice.experiments.manipulate import (  # noqa: E402  (re-exports; submodules import the helpers above)
-    ManipulationRecord, ManipulationResult, ablation_table, manipulate,
-)
-from matrice.experiments.edit import EditConfig, EditResult, edit_facts  # noqa: E402
-from matrice.experiments.enhance import EnhancementResult, enhance_low_resource  # noqa: E402
-from matrice.experiments.inject import InjectConfig, InjectionResult, inject_knowledge  # noqa: E402
-from matrice.experiments.case_study import CaseStudy, case_study  # noqa: E402
-
 __all__ = [
     "ProbeRecord", "as_probe_map", "MissingNeuronSetError", "fact_neurons", "encode_all", "group_by_fact",
     "original_queries", "experiment_rng",
-    "ManipulationRecord", "ManipulationResult", "manipulate", "ablation_table",
-    "EditConfig", "EditResult", "edit_facts",
-    "EnhancementResult", "enhance_low_resource",
-    "InjectConfig", "InjectionResult", "inject_knowledge",
-    "CaseStudy", "case_study",
 ]

@@ -116,7 +116,7 @@ def case_study(
     enhanced = snapshot(neuron_edits(pairs, factor) if len(pairs) else None, on_new=False)
     updated = None
     if new_token is not None:
-        vectors = update_vectors(adapter, pairs, gold_token, new_token, cfg.lambda1, cfg.lambda2)
+        vectors = update_vectors(adapter, pairs, gold_token, new_token, cfg.lambda1, cfg.lambda2, cfg.scaling)
         with edited_output_weights(adapter, vectors):
             updated = snapshot(None, on_new=True)
 

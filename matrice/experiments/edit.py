@@ -4,9 +4,10 @@ For each fact and method, with the edit made once "in English" and evaluated in 
 
 - **erasure**: every neuron's output vector (its column of the FFN output projection; row of GPT-2's
   Conv1D) is set to 0;
-- **update**: it is set to ``W − λ1'·E(o) + λ2'·E(o')`` where E is the unembedding row of the first
-  answer token of the object in English and λk' = λk·‖W‖/‖E‖ (each term has norm λk·‖W‖; Dai et
-  al.'s scaling; λ1 = λ2 = 1 by default, see :func:`matrice.interventions.update_vectors`).
+- **update**: it is set to ``W − λ1·E(o) + λ2·E(o')`` where E is the unembedding row of the first
+  answer token of the object in English (Eq. 15 with raw λ, as Dai et al.'s code adds raw
+  embeddings; λ1 = λ2 = 1 by default). ``scaling="column_norm"`` is our option: λk' = λk·‖W‖/‖E‖,
+  so each term has norm λk·‖W‖ (see :func:`matrice.interventions.update_vectors`).
 
 Metrics per (method, operation, language), micro-averaged over queries:
 
@@ -51,7 +52,7 @@ from matrice.data.schema import Query
 from matrice.experiments import (
     NeuronSetsLike, dataclass_dict, encode_all, experiment_rng, fact_neurons, group_by_fact, original_queries,
 )
-from matrice.interventions import edited_output_weights, erasure_vectors, update_vectors
+from matrice.interventions import UPDATE_SCALINGS, edited_output_weights, erasure_vectors, update_vectors
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.predict import AnswerScore, normalize_answer, score_answers
@@ -69,6 +70,7 @@ class EditConfig:
 
     lambda1: float = 1.0
     lambda2: float = 1.0
+    scaling: str = "raw"  # raw: Eq. 15 as written | column_norm: λ relative to the column's norm
     source_lang: str = "en"
     locality_k: int = 10
     seed: int = 0
@@ -78,6 +80,8 @@ class EditConfig:
     def __post_init__(self) -> None:
         if self.locality_k < 0:
             raise ValueError(f"locality_k must be >= 0, got {self.locality_k}")
+        if self.scaling not in UPDATE_SCALINGS:
+            raise ValueError(f"scaling must be one of {UPDATE_SCALINGS}, got {self.scaling!r}")
 
 
 @dataclass(frozen=True)
@@ -339,7 +343,8 @@ def edit_facts(
                     scores = base[op]
                 else:
                     vectors = (erasure_vectors(adapter, pairs) if op == "erasure" else
-                               update_vectors(adapter, pairs, gold_token, new.token, cfg.lambda1, cfg.lambda2))
+                               update_vectors(adapter, pairs, gold_token, new.token, cfg.lambda1, cfg.lambda2,
+                                              cfg.scaling))
                     with edited_output_weights(adapter, vectors):
                         scores = score(probe_encs + loc_encs)
                 fact_after, loc_after = scores[: len(probe_ids)], scores[len(probe_ids):]
