@@ -134,6 +134,41 @@ def plot_enhancement(estimates: Mapping[str, list[Any]], relations: list[str], p
     _save_figure(fig, path)
 
 
+def plot_edit_sweep(curves: Mapping[str, list[tuple[float, Any, Any]]], path, title: str) -> None:
+    """Reliability against locality of the update edit, one line per method through its λ values;
+    ``curves[method]`` = [(λ, reliability Estimate, locality Estimate), ...]. Error bars are the 95%
+    intervals over facts on both axes; points without data are not drawn; the legend gives n facts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for method, points in curves.items():
+        drawn = [(lam, r, l) for lam, r, l in points if r.mean is not None and l.mean is not None]
+        if not drawn:
+            continue
+        ns = sorted({r.n for _, r, _ in drawn})
+        n_text = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}"
+        xs, ys = [l.mean for _, _, l in drawn], [r.mean for _, r, _ in drawn]
+        line = ax.plot(xs, ys, marker="o", label=f"{method} ({n_text} facts)")[0]
+        xerr = [[l.mean - (l.low if l.low is not None else l.mean) for _, _, l in drawn],
+                [(l.high if l.high is not None else l.mean) - l.mean for _, _, l in drawn]]
+        yerr = [[r.mean - (r.low if r.low is not None else r.mean) for _, r, _ in drawn],
+                [(r.high if r.high is not None else r.mean) - r.mean for _, r, _ in drawn]]
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor=line.get_color(), elinewidth=0.7, capsize=2, alpha=0.6)
+        for (lam, _, _), x, y in zip(drawn, xs, ys):
+            ax.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color=line.get_color())
+    ax.set_xlabel("locality (unrelated facts' top-1 unchanged)")
+    ax.set_ylabel("reliability (new object top-1)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    _save_figure(fig, path)
+
+
 def pivot(rows: list[dict], row_key: str, col_key: str, value: str, row_order: list[str], col_order: list[str]) -> list[list]:
     cell = {(r[row_key], r[col_key]): r.get(value) for r in rows}
     return [[rk] + [cell.get((rk, ck)) for ck in col_order] for rk in row_order]
