@@ -5,19 +5,30 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 
+def _file_mode() -> int:
+    """The mode `open()` would give a new file under the current umask (0o644 under umask 022).
+    mkstemp creates its file 0o600; on a cluster's shared filesystem that locks collaborators out."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_replace(path: Path, write: "callable") -> None:
-    """Write through a temp file in the same directory, then rename over the target."""
+    """Write through a temp file in the same directory, then rename over the target (with the
+    permissions of a plainly created file, not mkstemp's private 0o600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, _file_mode())
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
@@ -52,13 +63,24 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> None:
-    """np.savez_compressed to a temp file, then rename (np.savez appends .npz to str names, so use a handle)."""
+    """A compressed .npz (what np.savez_compressed writes, np.load reads it) through a temp file.
+
+    Byte-for-byte deterministic: np.savez stamps every member with the current time, so equal arrays
+    written twice would hash differently and DVC would rerun every stage downstream of a rerun whose
+    numbers did not change. Members here carry a fixed timestamp."""
 
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name, value in arrays.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=_NPZ_TIME)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with zf.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
 
     _atomic_replace(Path(path), write)
+
+
+_NPZ_TIME = (1980, 1, 1, 0, 0, 0)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -28,12 +28,13 @@ def group_by_fact(queries: Sequence[Query], raw: Mapping[str, np.ndarray]) -> di
 
 
 def aggregate_all(grouped: Mapping[str, Mapping[str, np.ndarray]], cfg: AggregationConfig, languages: Sequence[str],
-                  amig_grouped: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict[str, FactScores]:
+                  amig_grouped: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+                  progress: bool = True) -> dict[str, FactScores]:
     """Aggregate every fact over `languages`; a fact missing one of them is an error naming both.
     `amig_grouped` (AMIG's own attribution of the first queries, grouped like `grouped`) must then
     cover every fact."""
     out: dict[str, FactScores] = {}
-    for fact, per_lang in tqdm(sorted(grouped.items()), desc="aggregate", unit="fact"):
+    for fact, per_lang in tqdm(sorted(grouped.items()), desc="aggregate", unit="fact", disable=not progress):
         missing = [lang for lang in languages if lang not in per_lang]
         if missing:
             raise ValueError(f"fact {fact} has no attributed query in language(s) {missing}")
@@ -43,6 +44,22 @@ def aggregate_all(grouped: Mapping[str, Mapping[str, np.ndarray]], cfg: Aggregat
                 raise ValueError(f"fact {fact} has no AMIG attribution")
             amig_first = {lang: rows[0] for lang, rows in amig_grouped[fact].items()}
         out[fact] = aggregate_fact({lang: per_lang[lang] for lang in languages}, cfg, amig_first)
+    return out
+
+
+def aggregate_stream(fact_maps: Iterable[tuple[str, Mapping[str, np.ndarray]]],
+                     amig_maps: Callable[[str], Mapping[str, np.ndarray]] | None, queries: Sequence[Query],
+                     cfg: AggregationConfig, languages: Sequence[str]) -> dict[str, FactScores]:
+    """:func:`aggregate_all` over (fact, {query id: raw map}) pairs as they are read (one attribution
+    shard at a time; ``amig_maps(fact)`` gives that fact's AMIG maps), so memory holds one fact's raw
+    maps, not the whole run's."""
+    by_fact: dict[str, list[Query]] = defaultdict(list)
+    for q in queries:
+        by_fact[q.fact_id].append(q)
+    out: dict[str, FactScores] = {}
+    for fact, raw in tqdm(fact_maps, desc="aggregate", unit="fact"):
+        amig = group_by_fact(by_fact[fact], amig_maps(fact)) if amig_maps is not None else None
+        out.update(aggregate_all(group_by_fact(by_fact[fact], raw), cfg, languages, amig, progress=False))
     return out
 
 

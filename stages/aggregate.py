@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from matrice.attribution.runner import load_attributions
 from matrice.data.schema import load_queries
-from matrice.scores import aggregate_all, group_by_fact, save_scores
+from matrice.attribution.runner import iter_fact_attributions, load_shard, read_manifest
+from matrice.scores import aggregate_stream, save_scores
 from matrice.uncertainty import AggregationConfig
 from stages.common import DATASET_DIR, load_params, model_arg, results_dir, setup_logging
 
@@ -17,11 +17,18 @@ def main() -> None:
         layer_norm=params["layer_norm"], alpha1=params["alpha1"], alpha2=params["alpha2"],
         lang_norm=params["lang_norm"], beta1=params["beta1"], beta2=params["beta2"],
     )
-    _, raw = load_attributions(results_dir(key) / "attributions")
-    _, raw_amig = load_attributions(results_dir(key) / "attributions_amig")
     queries = load_queries(DATASET_DIR / "queries.jsonl")
     languages = sorted({q.lang for q in queries}, key=[q.lang for q in queries].index)
-    scores = aggregate_all(group_by_fact(queries, raw), cfg, languages, group_by_fact(queries, raw_amig))
+    out = results_dir(key)
+    amig_dir = out / "attributions_amig"
+    amig_shards = {s["fact_id"]: amig_dir / s["name"] for s in read_manifest(amig_dir)["shards"]}
+
+    def amig_maps(fact: str):
+        if fact not in amig_shards:
+            raise SystemExit(f"{amig_dir}: fact {fact} has no AMIG attribution; rerun the attribute stage")
+        return load_shard(amig_shards[fact])
+
+    scores = aggregate_stream(iter_fact_attributions(out / "attributions"), amig_maps, queries, cfg, languages)
     save_scores(results_dir(key) / "scores.npz", scores)
 
 

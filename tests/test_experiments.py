@@ -555,3 +555,44 @@ def test_specificity_borrows_donor_neurons(gpt2_implant):
         assert r.n_neurons == len(sets[source]["matrice"])
     assert not any(r.fact_id == "f4" and r.method == "same_relation" for r in records)
     assert {r.method for r in records} == {"own", "same_relation", "other_relation"}
+
+
+# ---- the update λ sweep -------------------------------------------------------------------------
+
+def test_lambda_sweep_matches_the_edit_stage_at_the_same_lambda(gpt2_implant):
+    from matrice.experiments.edit_sweep import sweep_update
+
+    a, _ = gpt2_implant
+    saved = state(a.model)
+    sets = sets_for({"f1": {"matrice": pairs(IMPLANT)}, "f2": {"matrice": pairs()}})
+    cfg = EditConfig(locality_k=2, seed=0, scaling="column_norm")
+    sweep = sweep_update(a, QUERIES, sets, ("matrice",), [2.0, 1.0, 0.5], cfg, facts=["f1", "f2"], progress=False)
+    assert_same_state(a.model, saved)
+    assert sweep.lambdas == [0.5, 1.0, 2.0] and sweep.empty_facts["matrice"] == ["f2"]
+    edit = edit_facts(a, QUERIES, sets, methods=("matrice",), operations=("update",), cfg=cfg, facts=["f1"], progress=False)
+    for lam in (0.5, 1.0, 2.0):
+        mine = {r.lang: r for r in sweep.records if r.lam == lam}
+        assert mine and all(r.fact_id == "f1" and r.n_neurons == len(pairs(IMPLANT)) for r in mine.values())
+        if lam == 1.0:  # the edit stage's λ: the same o', locality sample and scores
+            for r in edit.records:
+                assert (mine[r.lang].rel_n, mine[r.lang].rel_ok) == (r.rel_n, r.rel_ok)
+                assert (mine[r.lang].loc_n, mine[r.lang].loc_ok) == (r.loc_n, r.loc_ok)
+    assert mine["en"].rel_ok == 1  # the implant flips the English original at λ = 2 as at λ = 1
+    with pytest.raises(ValueError, match="positive"):
+        sweep_update(a, QUERIES, sets, ("matrice",), [0.0, 1.0], cfg, progress=False)
+
+
+def test_lambda_sweep_curves_pool_each_fact_over_languages_then_average_facts():
+    from matrice.experiments.edit_sweep import sweep_curves, sweep_table
+
+    def rec(fact, lang, rel_n, rel_ok, loc_n, loc_ok, lam=1.0, method="matrice"):
+        return {"fact_id": fact, "method": method, "lam": lam, "lang": lang,
+                "rel_n": rel_n, "rel_ok": rel_ok, "loc_n": loc_n, "loc_ok": loc_ok}
+
+    records = [rec("a", "en", 1, 1, 4, 4), rec("a", "fr", 3, 0, 4, 2), rec("b", "en", 2, 2, 0, 0)]
+    curves = sweep_curves({"config": {"methods": ["matrice", "random"]}, "lambdas": [1.0], "records": records})
+    (lam, rel, loc), = curves["matrice"]
+    assert lam == 1.0 and rel.n == 2 and rel.mean == pytest.approx((1 / 4 + 1.0) / 2)
+    assert loc.n == 1 and loc.mean == pytest.approx(6 / 8)  # fact b has no locality sample
+    assert curves["random"][0][1].n == 0
+    assert "| matrice | 1 | 0.62" in sweep_table(curves)

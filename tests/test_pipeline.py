@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import os
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from matrice.attribution import runner as runner_mod
+from matrice.attribution import executors as runner_mod  # where the engine is called per shard
 from matrice.attribution.common import AttributionConfig
 from matrice.attribution.runner import (choose_facts, load_attributions, plan_shards, run_attribution, shard_name,
                                        sample_facts_per_relation)
@@ -76,6 +78,18 @@ def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
     assert list(tmp_path.iterdir()) == []
     atomic_write_text(tmp_path / "t.txt", "done")
     assert (tmp_path / "t.txt").read_text() == "done" and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_writes_respect_the_umask(tmp_path, umask, mode):
+    """Shared filesystems: outputs get a plainly created file's mode, not mkstemp's private 0o600."""
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "t.txt", "x")
+        atomic_save_npz(tmp_path / "a.npz", a=np.zeros(2))
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {mode}
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +299,81 @@ def test_every_stage_depends_on_the_code_it_runs():
                 continue
             covered = any(rel == d or rel.startswith(d.rstrip("/") + "/") for d in deps)
             assert covered, f"dvc.yaml stage {name!r} runs {rel} but does not list it in deps"
+
+
+def test_npz_outputs_are_byte_for_byte_deterministic(tmp_path, monkeypatch):
+    """Equal arrays written at different times hash the same, so a rerun that changes no number
+    does not make DVC rerun everything downstream."""
+    import hashlib
+    import time as time_mod
+
+    arrays = {"x": np.arange(6.0).reshape(2, 3), "ids": np.array(["a", "bb"]), "fp": np.array("f")}
+    atomic_save_npz(tmp_path / "a.npz", **arrays)
+    later = time_mod.time() + 3600
+    monkeypatch.setattr(time_mod, "time", lambda: later)
+    atomic_save_npz(tmp_path / "b.npz", **arrays)
+    digest = [hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("a.npz", "b.npz")]
+    assert digest[0] == digest[1]
+    with np.load(tmp_path / "b.npz") as data:
+        np.testing.assert_array_equal(data["x"], arrays["x"])
+        assert list(data["ids"]) == ["a", "bb"] and str(data["fp"]) == "f"
+
+
+def test_float16_storage_round_trips_and_selects_like_float32(tmp_path, small_run, tiny):
+    from matrice.attribution.runner import iter_fact_attributions
+    from matrice.scores import aggregate_all, aggregate_stream
+    from matrice.selection import SelectionConfig, select_fact
+    from matrice.uncertainty import AggregationConfig
+
+    adapter = tiny("llama")
+    facts = sample_facts_per_relation(small_run, None, 0)
+    encs = encode_all(adapter, small_run, few_shot=True)
+    shards = plan_shards(small_run, facts)
+    cfg = AttributionConfig(steps=2)
+    for dtype in ("float32", "float16"):
+        run_attribution(adapter, small_run, encs, shards, cfg, {"steps": 2}, tmp_path / dtype, store_dtype=dtype)
+    with np.load(tmp_path / "float16" / shards[0].name) as data:
+        assert data["raw"].dtype == np.float16
+    _, raw32 = load_attributions(tmp_path / "float32")
+    _, raw16 = load_attributions(tmp_path / "float16")
+    for qid in raw32:
+        assert raw16[qid].dtype == np.float32
+        scale = np.abs(raw32[qid]).max()
+        assert np.abs(raw16[qid] - raw32[qid]).max() <= 1e-3 * scale  # float16: 11 significant bits
+    langs = ["en", "fr"]
+    agg = AggregationConfig()
+    scores32 = aggregate_stream(iter_fact_attributions(tmp_path / "float32"), None, small_run, agg, langs)
+    scores16 = aggregate_stream(iter_fact_attributions(tmp_path / "float16"), None, small_run, agg, langs)
+    in_memory = aggregate_all(group_by_fact(small_run, raw32), agg, langs)
+    assert set(scores32) == set(in_memory) == set(facts)
+    for fact in facts:  # streaming, one fact at a time, is the in-memory aggregation
+        np.testing.assert_array_equal(scores32[fact].S, in_memory[fact].S)
+        sel32 = select_fact(scores32[fact], SelectionConfig(), fact)
+        sel16 = select_fact(scores16[fact], SelectionConfig(), fact)
+        np.testing.assert_array_equal(sel16["matrice"], sel32["matrice"])
+    # an unknown storage type is refused before anything is computed
+    with pytest.raises(ValueError, match="store_dtype"):
+        run_attribution(adapter, small_run, encs, shards, cfg, {}, tmp_path / "x", store_dtype="int8")
+
+
+def test_plan_counts_rows_and_projects_from_the_measured_speed(small_run, tiny):
+    from dataclasses import replace
+
+    from matrice.attribution.plan import count_rows, plan_run
+
+    adapter = tiny("llama")
+    encs = encode_all(adapter, small_run, few_shot=True)
+    cfg = AttributionConfig(steps=3)
+    amig = replace(cfg, baseline="amig")
+    expected = sum(len(e.baseline_positions) for e in encs) * adapter.n_layers * 3
+    assert count_rows(encs, cfg, adapter.n_layers) == expected
+    assert count_rows(encs[:4], amig, adapter.n_layers) == 4 * adapter.n_layers * 3
+    plan = plan_run(adapter, [(encs, cfg), (encs[:4], amig)], n_facts=4, n_languages=2, workers=2,
+                    store_dtype="float16", measure_queries=2)
+    assert plan.rows == expected + 4 * adapter.n_layers * 3 and plan.queries == len(encs) + 4
+    assert plan.rows_per_s > 0 and plan.measured_queries == 1
+    assert plan.hours_one_worker == pytest.approx(plan.rows / plan.rows_per_s / 3600)
+    assert plan.hours_wall == pytest.approx(plan.hours_one_worker / 2)
+    assert plan.raw_gib * 1024**3 == pytest.approx(plan.queries * adapter.n_layers * adapter.n_neurons * 2)
+    assert plan.scores_gib * 1024**3 == pytest.approx(4 * (4 + 2 * 2) * adapter.n_layers * adapter.n_neurons * 4)
+    assert "rows (baseline × layer × step)" in plan.text()

@@ -16,13 +16,13 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from matrice.attribution.common import AttributionConfig
-from matrice.attribution.fast import fast_attribution_many
+from matrice.attribution.executors import LocalExecutor, ShardExecutor, ShardJob
 from matrice.data.schema import Query
 from matrice.io import atomic_save_npz, atomic_write_json
 from matrice.models.adapter import Encoded, ModelAdapter
@@ -39,6 +39,7 @@ class Shard:
 
 
 FACT_POLICIES = ("known", "any")
+STORE_DTYPES = ("float32", "float16")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -103,71 +104,120 @@ def fingerprint(settings: dict, encs: Sequence[Encoded]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _shard_is_done(path: Path, print_: str) -> bool:
+def _stored(raw: np.ndarray, store_dtype: str) -> np.ndarray:
+    """float16 keeps ~3 significant digits and range ±65504; maps beyond it would turn into inf."""
+    if store_dtype == "float16" and np.abs(raw).max(initial=0.0) >= np.finfo(np.float16).max:
+        raise ValueError("attribution values exceed the float16 range: set attribute.store_dtype: float32")
+    return raw.astype(store_dtype)
+
+
+def _shard_is_done(path: Path, print_: str, store_dtype: str = "float32") -> bool:
+    """Kept when computed with the same settings and inputs (fingerprint) and stored as asked."""
     if not path.exists():
         return False
     try:
         with np.load(path) as data:
-            return str(data["fingerprint"]) == print_
+            return str(data["fingerprint"]) == print_ and data["raw"].dtype == np.dtype(store_dtype)
     except Exception:  # unreadable shard: recompute it
         return False
 
 
 def run_attribution(
-    adapter: ModelAdapter,
+    adapter: ModelAdapter | None,
     queries: Sequence[Query],
     encs: Sequence[Encoded],
     shards: Sequence[Shard],
     cfg: AttributionConfig,
     settings: dict,
     out_dir: Path,
+    executor: ShardExecutor | None = None,
+    store_dtype: str = "float32",
 ) -> dict:
-    """Compute (or resume) every shard; returns and writes the manifest."""
+    """Compute (or resume) every shard; returns and writes the manifest. Shards are computed by
+    ``executor`` (default: in this process on ``adapter``) and each is written the moment it arrives,
+    its maps stored as ``store_dtype`` (float16 halves the disk; loading gives float32 either way)."""
+    if store_dtype not in STORE_DTYPES:
+        raise ValueError(f"attribute.store_dtype must be one of {STORE_DTYPES}, got {store_dtype!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if executor is None:
+        if adapter is None:
+            raise ValueError("run_attribution needs an adapter or an executor")
+        executor = LocalExecutor(adapter)
     enc_by_id = {q.query_id: e for q, e in zip(queries, encs)}
     total = sum(len(s.query_ids) for s in shards)
     bar = tqdm(total=total, desc="attribute", unit="query")
-    started, computed = time.time(), 0
+    prints: dict[str, str] = {}
+    jobs: list[ShardJob] = []
     for shard in shards:
         shard_encs = [enc_by_id[q] for q in shard.query_ids]
-        print_ = fingerprint(settings, shard_encs)
-        path = out_dir / shard.name
-        if _shard_is_done(path, print_):
+        prints[shard.name] = fingerprint(settings, shard_encs)
+        if _shard_is_done(out_dir / shard.name, prints[shard.name], store_dtype):
             log.info("%s (%s) already done, kept", shard.name, shard.fact_id)
             bar.update(len(shard_encs))
-            continue
-        raw, n_base = [], []
-        for attr in fast_attribution_many(adapter, shard_encs, cfg):  # [B, L, N] per query, in order
-            raw.append(attr.sum(dim=0).numpy())
-            n_base.append(attr.shape[0])
-            computed += 1
-            bar.update(1)
-            bar.set_postfix(q_per_min=f"{60 * computed / (time.time() - started):.1f}")
+        else:
+            jobs.append(ShardJob(shard.name, shard.fact_id, shard_encs))
+    by_name = {s.name: s for s in shards}
+    started, computed = time.time(), 0
+
+    def progress(n: int) -> None:
+        nonlocal computed
+        computed += n
+        bar.update(n)
+        bar.set_postfix(q_per_min=f"{60 * computed / max(time.time() - started, 1e-9):.1f}")
+
+    for output in executor.map(jobs, cfg, progress):
+        shard = by_name[output.name]
         atomic_save_npz(
-            path, query_ids=np.array(shard.query_ids), raw=np.stack(raw).astype(np.float32),
-            n_baselines=np.array(n_base), fingerprint=np.array(print_), fact_id=np.array(shard.fact_id),
+            out_dir / shard.name, query_ids=np.array(shard.query_ids), raw=_stored(output.raw, store_dtype),
+            n_baselines=output.n_baselines,
+            fingerprint=np.array(prints[shard.name]), fact_id=np.array(shard.fact_id),
         )
     bar.close()
-    keep = {s.name for s in shards}
+    keep = set(by_name)
     for stale in out_dir.glob("shard-*.npz"):
         if stale.name not in keep:
             stale.unlink()
-    manifest = {
-        "settings": settings,
-        "layers": adapter.n_layers,
-        "neurons": adapter.n_neurons,
-        "shards": [asdict(s) for s in shards],
-    }
+    layers, neurons = _map_shape(adapter, out_dir, shards)
+    manifest = {"settings": settings, "layers": layers, "neurons": neurons, "shards": [asdict(s) for s in shards]}
     atomic_write_json(out_dir / MANIFEST, manifest)
     return manifest
 
 
+def _map_shape(adapter: ModelAdapter | None, out_dir: Path, shards: Sequence[Shard]) -> tuple[int, int]:
+    """(layers, neurons) of the maps: the adapter's, or read from a written shard."""
+    if adapter is not None:
+        return adapter.n_layers, adapter.n_neurons
+    for shard in shards:
+        with np.load(out_dir / shard.name) as data:
+            return int(data["raw"].shape[1]), int(data["raw"].shape[2])
+    return 0, 0
+
+
 def load_attributions(out_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """Manifest and raw [L, N] attribution per query id."""
-    manifest = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
+    """Manifest and raw [L, N] float32 attribution per query id, for the whole run in memory (tests,
+    small runs); :func:`iter_fact_attributions` streams one fact at a time."""
+    manifest = read_manifest(out_dir)
     raw: dict[str, np.ndarray] = {}
-    for shard in manifest["shards"]:
-        with np.load(out_dir / shard["name"]) as data:
-            for qid, scores in zip(data["query_ids"], data["raw"]):
-                raw[str(qid)] = scores
+    for _, maps in iter_fact_attributions(out_dir, manifest):
+        raw.update(maps)
     return manifest, raw
+
+
+def read_manifest(out_dir: Path) -> dict:
+    path = out_dir / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the attribute stage has not finished (dvc repro)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def iter_fact_attributions(out_dir: Path, manifest: dict | None = None) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """(fact id, {query id: raw [L, N] float32}) shard by shard: memory holds one fact at a time,
+    whatever the run's size, and float16-stored shards come back as float32."""
+    manifest = manifest if manifest is not None else read_manifest(out_dir)
+    for shard in manifest["shards"]:
+        yield shard["fact_id"], load_shard(out_dir / shard["name"])
+
+
+def load_shard(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {str(qid): scores.astype(np.float32) for qid, scores in zip(data["query_ids"], data["raw"])}

@@ -1,0 +1,191 @@
+"""The update edit over a range of λ: reliability against locality per method (paper Eq. 15).
+
+One λ says little: a larger step flips more edited queries *and* more unrelated ones. This sweep
+makes the trade-off visible. For every fact, method and λ (λ1 = λ2 = λ, with the edit's scaling),
+the fact's neurons get ``W − λ·E(o) + λ·E(o')`` exactly as :mod:`.edit` does (same o', same
+locality sample, same neurons), and two things are scored:
+
+- **reliability**: the fact's original query (template 0) in each language, with o' as the answer:
+  success when o''s first token is top-1;
+- **locality**: the original queries of ``locality_k`` unrelated facts: success when the top-1 token
+  is the same as before the edit.
+
+Generality is left out to keep the sweep affordable (the edit stage reports it at the default λ).
+A method whose set is empty for a fact has nothing to sweep there (counted in ``empty_facts``).
+Per (method, λ) the report gives each fact's rate pooled over languages, then the mean over facts
+with a 95% bootstrap interval (:func:`sweep_curves`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+from tqdm.auto import tqdm
+
+from matrice.data.schema import Query
+from matrice.experiments import NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, group_by_fact, original_queries
+from matrice.experiments.edit import EditConfig, choose_new_object, locality_facts
+from matrice.interventions import edited_output_weights, update_vectors
+from matrice.models.adapter import Encoded, ModelAdapter
+from matrice.models.encoding import encode_query
+from matrice.models.predict import score_answers
+from matrice.stats import Estimate, bootstrap_mean
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """Counts for one (fact, method, λ, language)."""
+
+    fact_id: str
+    relation: str
+    method: str
+    lam: float
+    lang: str
+    n_neurons: int
+    rel_n: int
+    rel_ok: int
+    loc_n: int
+    loc_ok: int
+
+
+@dataclass
+class SweepResult:
+    config: dict[str, Any] = field(default_factory=dict)
+    lambdas: list[float] = field(default_factory=list)
+    records: list[SweepRecord] = field(default_factory=list)
+    empty_facts: dict[str, list[str]] = field(default_factory=dict)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "lambdas": self.lambdas, "empty_facts": self.empty_facts,
+                "skipped": self.skipped, "records": [dataclass_dict(r) for r in self.records]}
+
+
+def _check_lambdas(lambdas: Sequence[float]) -> list[float]:
+    values = [float(x) for x in lambdas]
+    if not values or any(x <= 0 for x in values):
+        raise ValueError(f"the λ sweep needs positive values, got {list(lambdas)}")
+    return sorted(set(values))
+
+
+def sweep_update(
+    adapter: ModelAdapter,
+    queries: Sequence[Query],
+    sets: NeuronSetsLike,
+    methods: Sequence[str],
+    lambdas: Sequence[float],
+    cfg: EditConfig | None = None,
+    few_shot: bool = False,
+    facts: Sequence[str] | None = None,
+    encoded: Mapping[str, Encoded] | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Reliability and locality of the update edit for every (fact, method, λ); see the module doc."""
+    cfg = cfg or EditConfig()
+    grid = _check_lambdas(lambdas)
+    encs, _ = encode_all(adapter, queries, few_shot, encoded)
+    by_fact = group_by_fact(q for q in queries if q.query_id in encs)
+    originals = {fid: original_queries(fqs) for fid, fqs in by_fact.items()}
+    by_relation: dict[str, list[str]] = defaultdict(list)
+    for f, fqs in by_fact.items():
+        by_relation[fqs[0].relation].append(f)
+    targets = list(by_fact) if facts is None else list(facts)
+    result = SweepResult(config={**cfg.__dict__, "methods": list(methods)}, lambdas=grid,
+                         empty_facts={m: [] for m in methods}, skipped={"no_source_query": [], "no_new_object": []})
+
+    def score(encodings: list[Encoded]):
+        return score_answers(adapter, encodings, batch_size=cfg.batch_size)
+
+    for fid in tqdm(targets, desc="λ sweep", unit="fact", disable=not progress):
+        src = originals[fid].get(cfg.source_lang)
+        if src is None:
+            result.skipped["no_source_query"].append(fid)
+            continue
+        gold_token = encs[src.query_id].answer_ids[0]
+        relation = by_fact[fid][0].relation
+        new = choose_new_object(adapter, fid, by_fact, gold_token, cfg.source_lang, cfg.seed, few_shot,
+                                pool=by_relation[relation])
+        if new is None:
+            result.skipped["no_new_object"].append(fid)
+            continue
+        rel = _relabelled_originals(adapter, originals[fid], new.labels, few_shot)
+        loc = [(q.lang, encs[q.query_id]) for f in locality_facts(fid, list(by_fact), cfg.locality_k, cfg.seed)
+               for q in originals[f].values()]
+        loc_before = score([e for _, e in loc])
+        for method in methods:
+            pairs = fact_neurons(sets, fid, method, adapter)
+            if len(pairs) == 0:
+                result.empty_facts[method].append(fid)
+                continue
+            for lam in grid:
+                vectors = update_vectors(adapter, pairs, gold_token, new.token, lam, lam, cfg.scaling)
+                with edited_output_weights(adapter, vectors):
+                    after = score([e for _, e in rel] + [e for _, e in loc])
+                result.records += _records(fid, relation, method, lam, len(pairs), rel, loc, after, loc_before)
+    return result
+
+
+def _relabelled_originals(adapter: ModelAdapter, originals: Mapping[str, Query], labels: Mapping[str, str],
+                          few_shot: bool) -> list[tuple[str, Encoded]]:
+    """Each language's original query with o''s label in that language as the answer (as the edit
+    stage scores reliability); languages without a label or an encoding are left out."""
+    out = []
+    for lang, q in sorted(originals.items()):
+        if lang not in labels:
+            continue
+        try:
+            out.append((lang, encode_query(adapter, replace(q, answer=labels[lang]), few_shot)))
+        except ValueError:
+            continue
+    return out
+
+
+def _records(fid: str, relation: str, method: str, lam: float, n_neurons: int, rel, loc, after, loc_before
+             ) -> list[SweepRecord]:
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for (lang, _), s in zip(rel, after[: len(rel)]):
+        counts[lang]["rel_n"] += 1
+        counts[lang]["rel_ok"] += int(s.rank == 0)
+    for (lang, _), s, b in zip(loc, after[len(rel):], loc_before):
+        counts[lang]["loc_n"] += 1
+        counts[lang]["loc_ok"] += int(s.top_token == b.top_token)
+    return [SweepRecord(fid, relation, method, lam, lang, n_neurons, c["rel_n"], c["rel_ok"], c["loc_n"], c["loc_ok"])
+            for lang, c in sorted(counts.items())]
+
+
+def _pooled(records: Sequence[Mapping[str, Any]], ok: str, n: str) -> list[float]:
+    """Each fact's rate pooled over its languages (facts without a sample are left out)."""
+    tot: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in records:
+        tot[r["fact_id"]][0] += r[ok]
+        tot[r["fact_id"]][1] += r[n]
+    return [k / m for k, m in tot.values() if m]
+
+
+def sweep_curves(sweep: Mapping[str, Any]) -> dict[str, list[tuple[float, Estimate, Estimate]]]:
+    """Per method, per λ: (λ, reliability, locality), each the mean over facts of the fact's pooled
+    rate with its 95% bootstrap interval (n facts)."""
+    records = sweep["records"]
+    curves: dict[str, list[tuple[float, Estimate, Estimate]]] = {}
+    for method in sweep["config"]["methods"]:
+        points = []
+        for lam in sweep["lambdas"]:
+            mine = [r for r in records if r["method"] == method and r["lam"] == lam]
+            points.append((lam, bootstrap_mean(_pooled(mine, "rel_ok", "rel_n")),
+                           bootstrap_mean(_pooled(mine, "loc_ok", "loc_n"))))
+        curves[method] = points
+    return curves
+
+
+def sweep_table(curves: Mapping[str, Sequence[tuple[float, Estimate, Estimate]]], name=lambda m: m) -> str:
+    """Markdown: one row per (method, λ), reliability and locality as mean [95% CI] (n facts)."""
+    lines = ["| method | λ | reliability | locality |", "|---|---|---|---|"]
+    for method, points in curves.items():
+        for lam, rel, loc in points:
+            lines.append(f"| {name(method)} | {lam:g} | {rel.format(2)} | {loc.format(2)} |")
+    return "\n".join(lines) + "\n"
