@@ -169,6 +169,31 @@ def plot_edit_sweep(curves: Mapping[str, list[tuple[float, Any, Any]]], path, ti
     _save_figure(fig, path)
 
 
+def plot_consistency(points: Mapping[str, tuple[float, float | None, bool]], cut: float, effect: str, path,
+                     title: str) -> None:
+    """Query localisation: each fact's consistency (x) against an experiment's effect on it (y),
+    coloured by the consistent / inconsistent split, the split's threshold as a dashed line;
+    ``points[fact]`` = (consistency, effect or None, consistent). Facts without the effect are not drawn
+    (the legend counts the drawn ones)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, flag, color in (("consistent", True, "tab:blue"), ("inconsistent", False, "tab:orange")):
+        drawn = [(x, y) for x, y, c in points.values() if c == flag and y is not None]
+        if drawn:
+            ax.scatter([x for x, _ in drawn], [y for _, y in drawn], color=color, label=f"{label} (n={len(drawn)} facts)")
+    ax.axvline(cut, color="gray", ls="--", lw=0.8)
+    ax.set_xlabel("consistency (mean pairwise Jaccard of per-query top-k)")
+    ax.set_ylabel(effect)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    _save_figure(fig, path)
+
+
 def pivot(rows: list[dict], row_key: str, col_key: str, value: str, row_order: list[str], col_order: list[str]) -> list[list]:
     cell = {(r[row_key], r[col_key]): r.get(value) for r in rows}
     return [[rk] + [cell.get((rk, ck)) for ck in col_order] for rk in row_order]
