@@ -133,6 +133,20 @@ def _sweep_section(key: str, params: dict) -> str:
     )
 
 
+def _consistency_section(key: str) -> str:
+    """Query localisation (issue #9): consistency per fact and its link to the experiments."""
+    data = _json(results_dir(key) / "consistency.json")
+    return (
+        "### Query localisation: are facts localised consistently?\nFor each fact, the mean pairwise Jaccard overlap "
+        f"of its localisation queries' top-{data['top_k']} neurons (1: every paraphrase and language picks the same "
+        "neurons), within and across languages, and the agreement between the top neurons by mean attribution and by "
+        "the consistency-aware score mean − std. The Query Localization paper reports that neuron-level edits work "
+        "worse on inconsistent facts; the second table tests that here.\n\n"
+        + _fig(key, "consistency.png", f"Consistency vs suppression effect, {key}")
+        + "\n" + _read(results_dir(key) / "consistency_table.md")
+    )
+
+
 def model_section(key: str, params: dict) -> str:
     from matrice.claims import (editing_interval_tables, enhancement_interval_table, injection_interval_table,
                                 manipulation_interval_tables)
@@ -177,6 +191,7 @@ def model_section(key: str, params: dict) -> str:
         + "\n" + _read(out / "injection_tables.md"),
         "### Case study (Fig. 7)\nOne fact in every language: the prediction before, after enhancement and after an "
         "update edit made in English.\n\n" + _read(out / "case_study.md"),
+        _consistency_section(key),
     ]
     return "\n".join(parts)
 

@@ -49,7 +49,9 @@ def tiny_run(tmp_path_factory):
 def test_every_stage_runs_and_the_report_judges(tiny_run):
     report = (tiny_run / "reports" / "report.md").read_text()
     assert "## Does the paper replicate here?" in report
-    for section in ("Controls: leave-one-language-out", "Table III — erasure", "Accuracy gained on Q_error"):
+    for section in ("Controls: leave-one-language-out", "Table III — erasure", "Accuracy gained on Q_error",
+                    "Update edit: reliability against locality over λ", "| MATRICE | 0.25 |",
+                    "Query localisation: are facts localised consistently?"):
         assert section in report
     assert "| LOLO |" in report and "| Specificity |" in report
 

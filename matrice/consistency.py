@@ -1,0 +1,160 @@
+"""Query localisation: how consistently do a fact's queries localise it to the same neurons?
+
+"Knowledge Localization: Mission Not Accomplished? Enter Query Localization!" finds that many facts
+are not *KN-consistent*: their paraphrases attribute them to different neurons, and neuron-level
+edits work worse on them. This module measures that here, from the per-query attribution maps the
+pipeline already computed, and links it to the experiments.
+
+Per fact (its localisation queries, every language):
+- **consistency** = mean pairwise Jaccard overlap of the queries' top-k neuron sets (by raw
+  attribution, k = ``top_k``): 1 when every query picks the same k neurons, 0 when no two share one;
+  split into pairs within a language (paraphrases) and across languages;
+- **CAS agreement** = Jaccard of the top-k by mean normalised attribution and the top-k by the
+  consistency-aware score mean − std over queries (each map divided by its sum of |values|): 1 when
+  the neurons that dominate on average are also the stable ones.
+
+A fact is *consistent* when its consistency is at least ``threshold`` (default: the median over the
+run's facts, so the split compares the more and the less consistent half). Effects per fact come from
+the experiments (suppression ΔP/P of MATRICE's neurons on evaluation queries, erasure and update
+reliability) and are compared between the groups (difference of means, 95% bootstrap interval) and
+against consistency (Spearman ρ, 95% bootstrap interval over facts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from scipy import stats as sps
+
+from matrice.stats import Estimate, bootstrap_mean
+
+
+@dataclass(frozen=True)
+class FactConsistency:
+    fact_id: str
+    n_queries: int
+    consistency: float | None  # all pairs
+    within_language: float | None
+    cross_language: float | None
+    cas_agreement: float
+
+
+def top_k(flat: np.ndarray, k: int) -> frozenset[int]:
+    """Indices of the k largest values (ties broken by index, so the set is deterministic)."""
+    order = np.lexsort((np.arange(flat.size), -flat))
+    return frozenset(order[:k].tolist())
+
+
+def jaccard(a: frozenset[int], b: frozenset[int]) -> float:
+    union = len(a | b)
+    return len(a & b) / union if union else 1.0
+
+
+def _mean_or_none(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def fact_consistency(fact_id: str, maps: Mapping[str, np.ndarray], lang_of: Mapping[str, str], k: int
+                     ) -> FactConsistency:
+    """Consistency of one fact from its per-query maps ``{query id: [L, N]}`` (module docstring)."""
+    if k < 1:
+        raise ValueError(f"consistency.top_k must be >= 1, got {k}")
+    qids = sorted(maps)
+    flat = {q: np.asarray(maps[q], dtype=np.float64).ravel() for q in qids}
+    tops = {q: top_k(flat[q], k) for q in qids}
+    within, cross = [], []
+    for a, b in combinations(qids, 2):
+        (within if lang_of[a] == lang_of[b] else cross).append(jaccard(tops[a], tops[b]))
+    normed = np.stack([f / max(np.abs(f).sum(), 1e-30) for f in flat.values()])
+    mean = normed.mean(axis=0)
+    cas = mean - normed.std(axis=0)
+    return FactConsistency(fact_id, len(qids), _mean_or_none(within + cross), _mean_or_none(within),
+                           _mean_or_none(cross), jaccard(top_k(mean, k), top_k(cas, k)))
+
+
+def split_consistent(scores: Mapping[str, float], threshold: float | None = None) -> tuple[dict[str, bool], float]:
+    """{fact: consistent?} and the threshold used (the median of ``scores`` when none is given)."""
+    if not scores:
+        return {}, float("nan")
+    cut = float(np.median(list(scores.values()))) if threshold is None else float(threshold)
+    return {f: s >= cut for f, s in scores.items()}, cut
+
+
+def _percentile_ci(result: Any) -> tuple[float | None, float | None]:
+    low, high = result.confidence_interval
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return None, None
+    return float(low), float(high)
+
+
+def group_difference(consistent: Sequence[float], inconsistent: Sequence[float], seed: int = 0) -> Estimate:
+    """Mean(consistent) − mean(inconsistent) with a 95% percentile bootstrap interval (facts resampled
+    within each group); n = facts in both groups."""
+    x, y = np.asarray(consistent, float), np.asarray(inconsistent, float)
+    n = len(x) + len(y)
+    if len(x) == 0 or len(y) == 0:
+        return Estimate(None, None, None, n)
+    diff = float(x.mean() - y.mean())
+    if len(x) < 2 or len(y) < 2:
+        return Estimate(diff, None, None, n)
+    res = sps.bootstrap((x, y), lambda a, b, axis=-1: a.mean(axis=axis) - b.mean(axis=axis), n_resamples=10_000,
+                        method="percentile", random_state=np.random.default_rng(seed), vectorized=True)
+    return Estimate(diff, *_percentile_ci(res), n)
+
+
+def spearman(x: Sequence[float], y: Sequence[float], seed: int = 0) -> Estimate:
+    """Spearman ρ between per-fact values with a 95% percentile bootstrap interval over facts."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    n = len(x)
+    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return Estimate(None, None, None, n)
+    rho = float(sps.spearmanr(x, y).statistic)
+
+    def statistic(a, b):
+        return sps.spearmanr(a, b).statistic if np.ptp(a) > 0 and np.ptp(b) > 0 else np.nan
+
+    res = sps.bootstrap((x, y), statistic, paired=True, n_resamples=2_000, method="percentile",
+                        random_state=np.random.default_rng(seed), vectorized=False)
+    return Estimate(rho, *_percentile_ci(res), n)
+
+
+def fact_effects(manip: Mapping[str, Any], editing: Mapping[str, Any], is_evaluation, method: str = "matrice"
+                 ) -> dict[str, dict[str, float]]:
+    """{effect: {fact: value}}: suppression ΔP/P (mean over the fact's evaluation queries, or over all
+    its queries when the run holds none out), erasure and update reliability (the fact's queries
+    pooled over languages), for ``method``'s neurons."""
+    effects: dict[str, dict[str, float]] = {}
+    mine = [r for r in manip["records"] if r["method"] == method and r["mode"] == "suppress" and r["delta_p"] is not None]
+    held_out = [r for r in mine if is_evaluation(r["query_id"])]
+    sums: dict[str, list[float]] = {}
+    for r in held_out or mine:
+        sums.setdefault(r["fact_id"], []).append(r["delta_p"])
+    effects["suppression ΔP/P"] = {f: float(np.mean(v)) for f, v in sums.items()}
+    for op in ("erasure", "update"):
+        tot: dict[str, list[int]] = {}
+        for r in editing["records"]:
+            if r["method"] == method and r["operation"] == op:
+                t = tot.setdefault(r["fact_id"], [0, 0])
+                t[0] += r["rel_ok"]
+                t[1] += r["rel_n"]
+        effects[f"{op} reliability"] = {f: ok / n for f, (ok, n) in tot.items() if n}
+    return effects
+
+
+def link_table(consistency: Mapping[str, float], consistent: Mapping[str, bool],
+               effects: Mapping[str, Mapping[str, float]], seed: int = 0) -> list[dict[str, Any]]:
+    """Per effect: mean in each group, their difference and Spearman ρ with consistency (Estimates)."""
+    rows = []
+    for name, per_fact in effects.items():
+        facts = sorted(f for f in per_fact if f in consistency)
+        yes = [per_fact[f] for f in facts if consistent[f]]
+        no = [per_fact[f] for f in facts if not consistent[f]]
+        rows.append({
+            "effect": name, "consistent": bootstrap_mean(yes, seed=seed), "inconsistent": bootstrap_mean(no, seed=seed),
+            "difference": group_difference(yes, no, seed), "spearman": spearman(
+                [consistency[f] for f in facts], [per_fact[f] for f in facts], seed),
+        })
+    return rows

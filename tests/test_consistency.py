@@ -1,0 +1,91 @@
+"""Query localisation: the consistency score and its link to the experiments, on cases where the
+answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from matrice.consistency import (fact_consistency, fact_effects, group_difference, jaccard, link_table, spearman,
+                                 split_consistent, top_k)
+
+LANGS = {"q_en0": "en", "q_en1": "en", "q_fr0": "fr", "q_fr1": "fr"}
+
+
+def _hot(cells: list[int], shape=(3, 10), seed: int = 0) -> np.ndarray:
+    """A map with small noise and large values at the given flat cells."""
+    m = np.random.default_rng(seed).uniform(0, 0.01, size=shape)
+    m.ravel()[cells] = np.linspace(2.0, 1.0, len(cells))
+    return m
+
+
+def test_identical_maps_are_fully_consistent():
+    maps = {q: _hot([3, 7, 12, 25]) for q in LANGS}
+    c = fact_consistency("f", maps, LANGS, k=4)
+    assert c.consistency == c.within_language == c.cross_language == 1.0
+    assert c.cas_agreement == 1.0 and c.n_queries == 4
+
+
+def test_disjoint_maps_score_zero_and_paraphrase_agreement_is_within_language():
+    disjoint = {q: _hot([4 * i, 4 * i + 1], seed=i) for i, q in enumerate(LANGS)}
+    assert fact_consistency("f", disjoint, LANGS, k=2).consistency == 0.0
+    by_lang = {"q_en0": _hot([1, 2]), "q_en1": _hot([1, 2], seed=1), "q_fr0": _hot([20, 21]), "q_fr1": _hot([20, 21], seed=2)}
+    c = fact_consistency("f", by_lang, LANGS, k=2)
+    assert c.within_language == 1.0 and c.cross_language == 0.0
+    assert c.consistency == pytest.approx(2 / 6)  # 2 of the 6 pairs share a language
+    with pytest.raises(ValueError, match="top_k"):
+        fact_consistency("f", by_lang, LANGS, k=0)
+
+
+def test_cas_agreement_drops_when_the_largest_mean_is_not_the_stable_neuron():
+    """Neuron 1 is moderate in every query (mean 0.2, std 0.1); neuron 2 is large in the English queries
+    only (mean 0.45, std 0.45): the mean picks 2, mean − std picks 1."""
+    maps = {q: np.zeros((2, 5)) for q in LANGS}
+    for q in ("q_en0", "q_en1"):
+        maps[q].ravel()[[1, 2]] = [0.1, 0.9]
+    for q in ("q_fr0", "q_fr1"):
+        maps[q].ravel()[[1, 3]] = [0.3, 0.7]
+    assert fact_consistency("f", maps, LANGS, k=1).cas_agreement == 0.0
+
+
+def test_top_k_and_jaccard():
+    assert top_k(np.array([0.1, 3.0, 2.0, 3.0]), 2) == frozenset({1, 3})  # ties broken by index
+    assert jaccard(frozenset({1, 2}), frozenset({2, 3})) == pytest.approx(1 / 3)
+
+
+def test_split_at_the_median_or_a_fixed_threshold():
+    scores = {"a": 0.1, "b": 0.5, "c": 0.9}
+    groups, cut = split_consistent(scores)
+    assert cut == 0.5 and groups == {"a": False, "b": True, "c": True}
+    assert split_consistent(scores, 0.95)[0] == {"a": False, "b": False, "c": False}
+
+
+def test_link_finds_a_built_in_difference_and_correlation():
+    rng = np.random.default_rng(0)
+    facts = [f"f{i}" for i in range(20)]
+    consistency = {f: i / 20 for i, f in enumerate(facts)}
+    groups, _ = split_consistent(consistency)
+    effect = {f: -consistency[f] + rng.normal(0, 0.01) for f in facts}  # more consistent, more suppressed
+    (row,) = link_table(consistency, groups, {"suppression": effect})
+    assert row["difference"].high < 0 and row["difference"].n == 20
+    assert row["spearman"].mean < -0.9 and row["spearman"].high < 0
+    flat = group_difference([1.0, 1.0], [1.0, 1.0])
+    assert flat.mean == 0.0
+    assert spearman([1, 2], [2, 1]).mean is None  # too few facts to rank
+
+
+def test_effects_per_fact_use_evaluation_queries_and_pool_editing_over_languages():
+    manip = {"records": [
+        {"method": "matrice", "mode": "suppress", "fact_id": "a", "query_id": "a|en|0", "delta_p": -0.9},
+        {"method": "matrice", "mode": "suppress", "fact_id": "a", "query_id": "a|en|3", "delta_p": -0.2},
+        {"method": "random", "mode": "suppress", "fact_id": "a", "query_id": "a|en|3", "delta_p": -0.5},
+    ]}
+    editing = {"records": [
+        {"method": "matrice", "operation": "update", "fact_id": "a", "rel_ok": 1, "rel_n": 1},
+        {"method": "matrice", "operation": "update", "fact_id": "a", "rel_ok": 0, "rel_n": 3},
+        {"method": "matrice", "operation": "erasure", "fact_id": "a", "rel_ok": 0, "rel_n": 0},
+    ]}
+    effects = fact_effects(manip, editing, lambda qid: qid.endswith("|3"))
+    assert effects["suppression ΔP/P"] == {"a": -0.2}
+    assert effects["update reliability"] == {"a": 0.25} and effects["erasure reliability"] == {}
+    assert fact_effects(manip, editing, lambda qid: False)["suppression ΔP/P"] == {"a": pytest.approx(-0.55)}
