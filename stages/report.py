@@ -133,6 +133,17 @@ def _sweep_section(key: str, params: dict) -> str:
     )
 
 
+def _degenerate_section(key: str) -> str:
+    """Degenerate knowledge neurons (issue #9): are there redundant groups among a fact's neurons?"""
+    return (
+        "### Degenerate knowledge neurons (AMIG)\nGroups of a fact's neurons that each alone can be suppressed "
+        "(×0 at the answer position) without losing the answer, but not together, searched among its LAKNs in every "
+        "language and among each language's own knowledge neurons (pairs exhaustively, larger groups by greedy growth), "
+        "on the original query of each language, then re-checked on a held-out paraphrase and, for LAKN groups, on the "
+        "other languages.\n\n" + _read(results_dir(key) / "degenerate_table.md")
+    )
+
+
 def _consistency_section(key: str) -> str:
     """Query localisation (issue #9): consistency per fact and its link to the experiments."""
     data = _json(results_dir(key) / "consistency.json")
@@ -191,6 +202,7 @@ def model_section(key: str, params: dict) -> str:
         + "\n" + _read(out / "injection_tables.md"),
         "### Case study (Fig. 7)\nOne fact in every language: the prediction before, after enhancement and after an "
         "update edit made in English.\n\n" + _read(out / "case_study.md"),
+        _degenerate_section(key),
         _consistency_section(key),
     ]
     return "\n".join(parts)
