@@ -27,7 +27,7 @@ def main() -> None:
     sets = load_neuron_sets(key)
     queries = load_queries(DATASET_DIR / "queries.jsonl")
     try:
-        result = sweep_update(adapter, queries, sets, section["methods"], sweep["lambdas"], cfg,
+        result = sweep_update(adapter, queries, sets, sweep.get("methods") or section["methods"], sweep["lambdas"], cfg,
                               few_shot=params["few_shot"], facts=sorted(sets.facts))
     except ValueError as exc:
         raise SystemExit(f"params.yaml: edit_sweep.lambdas: {exc}") from exc
