@@ -14,8 +14,8 @@ Search, not exponential (AMIG enumerates all 2^n subsets):
 3. **larger groups**: greedy growth from the harmless members that are in no degenerate pair: add the
    member whose addition lowers P most, until P < ``t_low``·P₀ (found) or ``max_group`` members; a
    found group is kept only if it is minimal (dropping any member lifts P back above ``t_low``·P₀).
-Every candidate suppression of a query is one edit set of one :func:`score_answers_many` call, which
-runs the prompt once and each edit set on the answer token only.
+Candidate suppressions are batched (:class:`Suppressor`): a query's prompt runs once, then every
+candidate group is one row of a forward over the answer token only.
 
 A group found on the search query is *verified* on another query of the fact (a held-out
 paraphrase): each member alone still harmless and the group still below ``t_low``·P₀ there.
@@ -23,14 +23,16 @@ paraphrase): each member alone still harmless and the group still below ``t_low`
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.hooks import neuron_edits
+from matrice.models.hooks import Edit, neuron_edits, neuron_hooks
 from matrice.models.predict import score_answers_many
 from matrice.stats import Estimate, bootstrap_mean
 
@@ -64,29 +66,87 @@ class GroupSearch:
     n_evaluated: int = 0
 
 
-def suppression_ratios(adapter: ModelAdapter, enc: Encoded, groups: Sequence[Sequence[Neuron]], batch_size: int = 32
-                       ) -> tuple[float, np.ndarray]:
-    """P₀ and P(answer | group suppressed)/P₀ for every group, in one batched call."""
-    scored = score_answers_many(adapter, [enc], [None, *(neuron_edits(list(g), 0.0) for g in groups)], batch_size)
-    p0 = scored[0][0].prob
-    after = np.array([s[0].prob for s in scored[1:]], dtype=np.float64)
-    return p0, (after / p0 if p0 > 0 else np.full(len(groups), np.nan))
+class Suppressor:
+    """P(answer) under many candidate suppressions of a query. Causal models: the prompt's KV cache is
+    computed once per query and kept (the search asks about the same few queries again and again);
+    each forward then runs only the answer token, one candidate group per row, the cache broadcast to
+    the rows, not copied. Masked models: one edit set per group (slower, same numbers)."""
+
+    def __init__(self, adapter: ModelAdapter, batch_size: int = 32, rows: int = 64):
+        self.adapter = adapter
+        self.batch_size = batch_size
+        self.rows = rows
+        self._prefix: dict[tuple[int, ...], Any] = {}
+
+    def ratios(self, enc: Encoded, groups: Sequence[Sequence[Neuron]]) -> tuple[float, np.ndarray]:
+        """P₀ and P(answer | group suppressed)/P₀ for every group."""
+        a = self.adapter
+        if a.causal and len(enc.input_ids) > 1 and enc.target_pos == len(enc.input_ids) - 1:
+            probs = self._rows(enc, [[], *groups])
+        else:
+            scored = score_answers_many(a, [enc], [None, *(neuron_edits(list(g), 0.0) for g in groups)], self.batch_size)
+            probs = np.array([s[0].prob for s in scored], dtype=np.float64)
+        p0 = float(probs[0])
+        return p0, (probs[1:] / p0 if p0 > 0 else np.full(len(groups), np.nan))
+
+    @torch.no_grad()
+    def _rows(self, enc: Encoded, groups: Sequence[Sequence[Neuron]]) -> np.ndarray:
+        a = self.adapter
+        base = a.model.base_model
+        ids = torch.tensor([enc.input_ids], dtype=torch.long, device=a.device)
+        key = tuple(enc.input_ids)
+        if key not in self._prefix:
+            self._prefix[key] = base(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        gold = enc.answer_ids[0]
+        out: list[float] = []
+        for start in range(0, len(groups), self.rows):
+            chunk = groups[start : start + self.rows]
+            cache = copy.deepcopy(self._prefix[key])
+            for layer in cache.layers:
+                layer.keys = layer.keys.expand(len(chunk), *layer.keys.shape[1:])
+                layer.values = layer.values.expand(len(chunk), *layer.values.shape[1:])
+            with neuron_hooks(a, torch.zeros(1, dtype=torch.long), _row_masks(chunk)):
+                step = base(input_ids=ids[:, -1:].expand(len(chunk), 1), past_key_values=cache, use_cache=True)
+            probs = torch.softmax(a.head_logits(step.last_hidden_state[:, -1]).double(), dim=-1)[:, gold]
+            out += probs.tolist()
+        return np.array(out, dtype=np.float64)
 
 
-def find_degenerate(adapter: ModelAdapter, enc: Encoded, candidates: Sequence[Neuron], cfg: DegenerateConfig
+def _row_masks(groups: Sequence[Sequence[Neuron]]) -> dict[int, Edit]:
+    """Per layer, an edit that zeroes row r's neurons of group r (rows without one there untouched)."""
+    by_layer: dict[int, list[tuple[int, int]]] = {}
+    for row, group in enumerate(groups):
+        for layer, neuron in group:
+            by_layer.setdefault(int(layer), []).append((row, int(neuron)))
+
+    def zero(cells: list[tuple[int, int]]) -> Edit:
+        rows_idx = torch.tensor([r for r, _ in cells])
+        neuron_idx = torch.tensor([n for _, n in cells])
+
+        def edit(act: torch.Tensor) -> torch.Tensor:
+            out = act.clone()
+            out[rows_idx.to(act.device), neuron_idx.to(act.device)] = 0
+            return out
+
+        return edit
+
+    return {layer: zero(cells) for layer, cells in by_layer.items()}
+
+
+def find_degenerate(scorer: Suppressor, enc: Encoded, candidates: Sequence[Neuron], cfg: DegenerateConfig
                     ) -> GroupSearch:
     """Degenerate groups among ``candidates`` (ordered by score, best first) on one query."""
     members = [tuple(map(int, n)) for n in candidates[: cfg.max_candidates]]
     if not members:
         return GroupSearch(p0=float("nan"), n_candidates=0)
-    p0, single = suppression_ratios(adapter, enc, [[m] for m in members], cfg.batch_size)
+    p0, single = scorer.ratios(enc, [[m] for m in members])
     out = GroupSearch(p0=p0, n_candidates=len(members), n_evaluated=len(members))
     if not p0 > 0:
         return out
     out.harmless = [m for m, r in zip(members, single) if r >= cfg.t_high]
     pairs = list(combinations(out.harmless, 2))
     if pairs:
-        _, ratios = suppression_ratios(adapter, enc, pairs, cfg.batch_size)
+        _, ratios = scorer.ratios(enc, pairs)
         out.n_evaluated += len(pairs)
         for pair, r in zip(pairs, ratios):
             if r < cfg.t_low:
@@ -95,7 +155,7 @@ def find_degenerate(adapter: ModelAdapter, enc: Encoded, candidates: Sequence[Ne
     in_pair = {m for g in out.groups for m in g}
     rest = [m for m in out.harmless if m not in in_pair]
     if len(rest) >= 3 and cfg.max_group >= 3:
-        group, ratio, n = _grow(adapter, enc, rest, cfg)
+        group, ratio, n = _grow(scorer, enc, rest, cfg)
         out.n_evaluated += n
         if group is not None:
             out.groups.append(group)
@@ -103,7 +163,7 @@ def find_degenerate(adapter: ModelAdapter, enc: Encoded, candidates: Sequence[Ne
     return out
 
 
-def _grow(adapter: ModelAdapter, enc: Encoded, pool: list[Neuron], cfg: DegenerateConfig
+def _grow(scorer: Suppressor, enc: Encoded, pool: list[Neuron], cfg: DegenerateConfig
           ) -> tuple[list[Neuron] | None, float, int]:
     """Greedy growth: add the member that lowers P most until it drops below t_low (then check that
     the group is minimal). O(pool × max_group) evaluations."""
@@ -113,23 +173,23 @@ def _grow(adapter: ModelAdapter, enc: Encoded, pool: list[Neuron], cfg: Degenera
         options = [m for m in pool if m not in group]
         if not options:
             break
-        _, ratios = suppression_ratios(adapter, enc, [group + [m] for m in options], cfg.batch_size)
+        _, ratios = scorer.ratios(enc, [group + [m] for m in options])
         evaluated += len(options)
         best = int(np.nanargmin(ratios))
         group = group + [options[best]]
         if ratios[best] < cfg.t_low:
             if len(group) < 3:
                 return None, float("nan"), evaluated  # pairs are the pair search's job
-            _, without = suppression_ratios(adapter, enc, [[m for m in group if m != x] for x in group], cfg.batch_size)
+            _, without = scorer.ratios(enc, [[m for m in group if m != x] for x in group])
             evaluated += len(group)
             minimal = bool(np.all(without >= cfg.t_low))
             return (group if minimal else None), float(ratios[best]), evaluated
     return None, float("nan"), evaluated
 
 
-def verify(adapter: ModelAdapter, enc: Encoded, group: Sequence[Neuron], cfg: DegenerateConfig) -> dict[str, float | bool]:
+def verify(scorer: Suppressor, enc: Encoded, group: Sequence[Neuron], cfg: DegenerateConfig) -> dict[str, float | bool]:
     """The definition re-checked on another query: every member alone harmless, the group harmful."""
-    _, ratios = suppression_ratios(adapter, enc, [[m] for m in group] + [list(group)], cfg.batch_size)
+    _, ratios = scorer.ratios(enc, [[m] for m in group] + [list(group)])
     singles, together = ratios[:-1], float(ratios[-1])
     return {"min_single_ratio": float(np.min(singles)), "group_ratio": together,
             "holds": bool(np.all(singles >= cfg.t_high) and together < cfg.t_low)}
@@ -162,11 +222,12 @@ def search_fact(adapter: ModelAdapter, fact_id: str, relation: str, search: dict
     the other languages' queries: is the degeneracy shared?), and each language's own set there;
     every group re-checked on the language's held-out paraphrase."""
     records = []
+    scorer = Suppressor(adapter, cfg.batch_size)  # one per fact: it keeps the fact's prompt caches
     for kind, sets in (("lakn", {lang: lakns for lang in search}), ("language", own_sets)):
         for lang, enc in search.items():
-            found = find_degenerate(adapter, enc, list(sets.get(lang, [])), cfg)
-            checks = [verify(adapter, held_out[lang], g, cfg) if lang in held_out else None for g in found.groups]
-            shared = [[other for other, e in search.items() if other != lang and verify(adapter, e, g, cfg)["holds"]]
+            found = find_degenerate(scorer, enc, list(sets.get(lang, [])), cfg)
+            checks = [verify(scorer, held_out[lang], g, cfg) if lang in held_out else None for g in found.groups]
+            shared = [[other for other, e in search.items() if other != lang and verify(scorer, e, g, cfg)["holds"]]
                       if kind == "lakn" else [] for g in found.groups]
             records.append(DegenerateRecord(
                 fact_id, relation, kind, lang, found.n_candidates, len(found.harmless), found.n_evaluated, found.p0,

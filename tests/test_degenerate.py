@@ -3,10 +3,11 @@ that each alone carry the answer are redundant (a degenerate group); untouched n
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from matrice.degenerate import DegenerateConfig, find_degenerate, suppression_ratios, verify
+from matrice.degenerate import DegenerateConfig, Suppressor, find_degenerate, verify
 from matrice.models.encoding import encode_query
 from matrice.models.tiny import tiny_adapter
 from test_experiments import QUERIES
@@ -33,9 +34,9 @@ def redundant_gpt2(neurons: list[tuple[int, int]], scale: float = 60.0):
 def test_a_redundant_pair_is_degenerate_and_an_unrelated_pair_is_not():
     twins, unrelated = [(2, 5), (0, 7)], [(1, 3), (1, 4)]
     a, enc = redundant_gpt2(twins)
-    p0, ratios = suppression_ratios(a, enc, [[twins[0]], [twins[1]], twins, unrelated])
+    p0, ratios = Suppressor(a).ratios(enc, [[twins[0]], [twins[1]], twins, unrelated])
     assert p0 > 0.8 and ratios[0] >= 0.8 and ratios[1] >= 0.8 and ratios[2] < 0.5  # the construction holds
-    found = find_degenerate(a, enc, twins + unrelated, CFG)
+    found = find_degenerate(Suppressor(a), enc, twins + unrelated, CFG)
     assert found.groups == [twins] and found.group_ratio[0] < 0.5
     assert set(found.harmless) == set(twins + unrelated)
     assert found.n_evaluated == 4 + 6  # singles, then every pair of harmless members, nothing else
@@ -43,16 +44,16 @@ def test_a_redundant_pair_is_degenerate_and_an_unrelated_pair_is_not():
 
 def test_a_single_carrier_is_not_harmless_so_never_degenerate():
     a, enc = redundant_gpt2([(2, 5)])
-    found = find_degenerate(a, enc, [(2, 5), (1, 3), (1, 4)], CFG)
+    found = find_degenerate(Suppressor(a), enc, [(2, 5), (1, 3), (1, 4)], CFG)
     assert (2, 5) not in found.harmless and found.groups == []
 
 
 def test_greedy_growth_finds_a_minimal_triple():
     triple = [(1, 2), (2, 5), (0, 7)]  # any one suffices: pairs are harmless, the three together are not
     a, enc = redundant_gpt2(triple)
-    found = find_degenerate(a, enc, triple + [(0, 1)], CFG)
+    found = find_degenerate(Suppressor(a), enc, triple + [(0, 1)], CFG)
     assert [sorted(g) for g in found.groups] == [sorted(triple)]
-    check = verify(a, enc, found.groups[0], CFG)
+    check = verify(Suppressor(a), enc, found.groups[0], CFG)
     assert check["holds"] and check["min_single_ratio"] >= 0.8 and check["group_ratio"] < 0.5
 
 
@@ -82,3 +83,25 @@ def test_a_fact_search_verifies_on_held_out_paraphrases_shares_across_languages_
     assert summary["lakn"]["found"].mean == 1.0 and summary["lakn"]["shared"].mean == 1.0
     assert summary["language"]["found"].mean == 0.5 and summary["lakn"]["size"].mean == 2.0
     assert summary["lakn"]["verified"].mean == 1.0 and summary["lakn"]["found"].n == 1
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "gemma3", "bloom"])
+def test_batched_suppression_rows_equal_one_edit_set_per_group(family):
+    """The fast path (groups as rows over the answer token, prefix cache broadcast) gives the
+    probabilities of one full scoring per group."""
+    from matrice.models.hooks import neuron_edits
+    from matrice.models.predict import score_answers_many
+
+    from conftest import tiny_on_device
+
+    a = tiny_on_device(family)
+    enc = encode_query(a, QUERIES[0], few_shot=False)
+    n = a.n_neurons
+    groups = [[], [(0, 1)], [(1, 2), (0, 3)], [(a.n_layers - 1, n - 1), (0, 1), (1, 5)], [(1, 2)]]
+    scorer = Suppressor(a, rows=3)  # a batch boundary inside the groups
+    p0, fast = scorer.ratios(enc, groups)
+    _, again = scorer.ratios(enc, groups[::-1])  # the cached prompt gives the same numbers
+    slow = [s[0].prob for s in score_answers_many(a, [enc], [None, *(neuron_edits(g, 0.0) if g else None for g in groups)])]
+    np.testing.assert_allclose(p0, slow[0], rtol=2e-5)
+    np.testing.assert_allclose(fast * p0, slow[1:], rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(again, fast[::-1], rtol=1e-5)  # rows batched differently: float rounding only
