@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from matrice.stats import Direction, Estimate, Verdict, bootstrap_mean, paired_difference, verdict
+from matrice.stats import (Direction, Estimate, Verdict, bootstrap_mean, paired_difference, per_fact_mean, pooled_ratio,
+                           verdict)
 
 
 NAMES = {"lolo": "LOLO (selected without the language)", "lolo_random_layer": "Random (layer-matched to LOLO)",
@@ -48,18 +49,6 @@ def _claim(source: str, text: str, comparison: str, direction: Direction, querie
            a: Sequence[float | None], b: Sequence[float | None], note: str = "") -> Claim:
     est = paired_difference(a, b)
     return Claim(source, text, comparison, direction, queries, est, verdict(est, direction), note)
-
-
-def per_fact_mean(records: Iterable[Mapping[str, Any]], value: Callable[[Mapping[str, Any]], float | None],
-                  keep: Callable[[Mapping[str, Any]], bool]) -> dict[str, float]:
-    """Mean of `value` over each fact's kept records (records whose value is None are left out)."""
-    by_fact: dict[str, list[float]] = defaultdict(list)
-    for r in records:
-        if keep(r):
-            v = value(r)
-            if v is not None:
-                by_fact[r["fact_id"]].append(float(v))
-    return {f: float(np.mean(vs)) for f, vs in by_fact.items() if vs}
 
 
 def scored_queries(records: Sequence[Mapping[str, Any]], is_evaluation: Callable[[str], bool]
@@ -140,12 +129,7 @@ def editing_claims(editing: Mapping[str, Any]) -> list[Claim]:
     n_facts = len({r["fact_id"] for r in records})
 
     def reliability(method: str, operation: str) -> dict[str, float]:
-        pooled: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        for r in records:
-            if r["method"] == method and r["operation"] == operation:
-                pooled[r["fact_id"]][0] += r["rel_ok"]
-                pooled[r["fact_id"]][1] += r["rel_n"]
-        return {f: ok / n for f, (ok, n) in pooled.items() if n}
+        return pooled_ratio([r for r in records if r["method"] == method and r["operation"] == operation], "rel_ok", "rel_n")
 
     methods = {r["method"] for r in records}
     empty = editing.get("empty_facts", {})
@@ -304,12 +288,27 @@ def lolo_interval_table(controls: Mapping[str, Any], is_evaluation: Callable[[st
     return "\n".join(lines) + "\n"
 
 
+def fact_check_claims(fact_check: Mapping[str, Any]) -> list[Claim]:
+    """AMIG: degenerate knowledge neurons detect false statements better than the model itself — the
+    F1 of flagging false statements, DKN attribution − P(object), on the statements both decide
+    (`matrice.fact_check`: facts resampled together; a ratio of sums, so not a mean of per-fact values)."""
+    if not fact_check:
+        return []
+    est = Estimate(**fact_check["summary"]["difference"]["dkn_attribution"])
+    source = fact_check.get("neuron_source", "relation")
+    queries = "held-out paraphrases" + ("" if source == "relation" else "; neurons found with the true object")
+    return [Claim("AMIG (fact checking)", "degenerate knowledge neurons detect false facts better than the model",
+                  "F1 (false flagged) DKN attribution − P(object)", "greater", queries, est, verdict(est, "greater"))]
+
+
 def all_claims(*, sets: Mapping[str, Any], n_layers: int, manip: Mapping[str, Any], editing: Mapping[str, Any],
                enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool],
-               controls: Mapping[str, Any] | None = None, injection: Mapping[str, Any] | None = None) -> list[Claim]:
+               controls: Mapping[str, Any] | None = None, injection: Mapping[str, Any] | None = None,
+               fact_check: Mapping[str, Any] | None = None) -> list[Claim]:
     return [*layer_claims(sets, n_layers), *manipulation_claims(manip, is_evaluation),
             *control_claims(controls or {}, is_evaluation), *editing_claims(editing),
-            *enhancement_claims(enhancement, is_evaluation), *injection_claims(injection or {})]
+            *enhancement_claims(enhancement, is_evaluation), *injection_claims(injection or {}),
+            *fact_check_claims(fact_check or {})]
 
 
 def claims_table(claims: Sequence[Claim]) -> str:
@@ -372,15 +371,6 @@ def enhancement_estimates(enhancement: Mapping[str, Any], is_evaluation: Callabl
         for method in methods}, have_eval
 
 
-def _pooled_ratio(records: Iterable[Mapping[str, Any]], ok: str, n: str) -> dict[str, float]:
-    """Per fact: Σ ok / Σ n over its kept records (facts with no sample left out)."""
-    pooled: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for r in records:
-        pooled[r["fact_id"]][0] += r[ok]
-        pooled[r["fact_id"]][1] += r[n]
-    return {f: a / b for f, (a, b) in pooled.items() if b}
-
-
 EDIT_METRICS = {"reliability": ("rel_ok", "rel_n"), "generality": ("gen_ok", "gen_n"), "locality": ("loc_ok", "loc_n")}
 
 
@@ -396,9 +386,9 @@ def editing_interval_tables(editing: Mapping[str, Any], languages: Sequence[str]
         for method in methods:
             mine = [r for r in records if r["method"] == method and r["operation"] == operation]
             for metric, (ok, n) in EDIT_METRICS.items():
-                cells = [bootstrap_mean(list(_pooled_ratio([r for r in mine if r["lang"] == lang], ok, n).values())).format(2)
+                cells = [bootstrap_mean(list(pooled_ratio([r for r in mine if r["lang"] == lang], ok, n).values())).format(2)
                          for lang in languages]
-                cells.append(bootstrap_mean(list(_pooled_ratio(mine, ok, n).values())).format(2))
+                cells.append(bootstrap_mean(list(pooled_ratio(mine, ok, n).values())).format(2))
                 lines.append(f"| {method_name(method)} | {metric} | " + " | ".join(cells) + " |")
         parts.append(f"**{title}**: mean [95% CI over facts] (n facts)\n\n" + "\n".join(lines) + "\n")
     return "\n".join(parts)

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import stats as sps
 
-from matrice.stats import Estimate, bootstrap_mean
+from matrice.stats import Estimate, bootstrap_mean, per_fact_mean, pooled_ratio
 
 
 @dataclass(frozen=True)
@@ -129,18 +129,10 @@ def fact_effects(manip: Mapping[str, Any], editing: Mapping[str, Any], is_evalua
     effects: dict[str, dict[str, float]] = {}
     mine = [r for r in manip["records"] if r["method"] == method and r["mode"] == "suppress" and r["delta_p"] is not None]
     held_out = [r for r in mine if is_evaluation(r["query_id"])]
-    sums: dict[str, list[float]] = {}
-    for r in held_out or mine:
-        sums.setdefault(r["fact_id"], []).append(r["delta_p"])
-    effects["suppression ΔP/P"] = {f: float(np.mean(v)) for f, v in sums.items()}
+    effects["suppression ΔP/P"] = per_fact_mean(held_out or mine, lambda r: r["delta_p"])
     for op in ("erasure", "update"):
-        tot: dict[str, list[int]] = {}
-        for r in editing["records"]:
-            if r["method"] == method and r["operation"] == op:
-                t = tot.setdefault(r["fact_id"], [0, 0])
-                t[0] += r["rel_ok"]
-                t[1] += r["rel_n"]
-        effects[f"{op} reliability"] = {f: ok / n for f, (ok, n) in tot.items() if n}
+        effects[f"{op} reliability"] = pooled_ratio(
+            [r for r in editing["records"] if r["method"] == method and r["operation"] == op], "rel_ok", "rel_n")
     return effects
 
 

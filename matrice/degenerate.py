@@ -34,7 +34,7 @@ import torch
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.hooks import Edit, neuron_edits, neuron_hooks
 from matrice.models.predict import score_answers_many
-from matrice.stats import Estimate, bootstrap_mean
+from matrice.stats import Estimate, bootstrap_mean, per_fact_mean
 
 Neuron = tuple[int, int]
 
@@ -237,13 +237,7 @@ def search_fact(adapter: ModelAdapter, fact_id: str, relation: str, search: dict
 
 
 def _per_fact(records: Sequence[dict], value) -> list[float]:
-    """Each fact's mean of ``value(record)`` over its records (None values left out)."""
-    by_fact: dict[str, list[float]] = {}
-    for r in records:
-        v = value(r)
-        if v is not None:
-            by_fact.setdefault(r["fact_id"], []).append(float(v))
-    return [float(np.mean(v)) for v in by_fact.values()]
+    return list(per_fact_mean(records, value).values())
 
 
 def summarise(records: Sequence[dict], n_languages: int) -> dict[str, dict[str, Estimate]]:

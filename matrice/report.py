@@ -194,6 +194,23 @@ def plot_consistency(points: Mapping[str, tuple[float, float | None, bool]], cut
     _save_figure(fig, path)
 
 
+def plot_fact_check(f1: Mapping[str, list[Any]], langs: list[str], path, title: str) -> None:
+    """Fact checking: F1 of flagging false statements per language and detector with 95% intervals
+    over facts (``f1[detector]`` = [Estimate per language]); the dotted line is flagging everything."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(langs) + 2), 4.2))
+    _interval_bars(ax, langs, f1)
+    ax.axhline(2 / 3, color="gray", ls=":", lw=0.9)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("F1 (false statement flagged)")
+    ax.set_title(title, fontsize=9)
+    _save_figure(fig, path)
+
+
 def pivot(rows: list[dict], row_key: str, col_key: str, value: str, row_order: list[str], col_order: list[str]) -> list[list]:
     cell = {(r[row_key], r[col_key]): r.get(value) for r in rows}
     return [[rk] + [cell.get((rk, ck)) for ck in col_order] for rk in row_order]

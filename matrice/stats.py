@@ -10,7 +10,8 @@ interval of that difference, never written by hand.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -100,3 +101,55 @@ def verdict(difference: Estimate, direction: Direction, alpha: float = 0.05) -> 
     if high < 0:
         return "contradicts"
     return "inconclusive"
+
+
+def cluster_statistic(
+    counts: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray], n_boot: int = 10_000, seed: int = 0,
+    level: float = 0.95, with_p: bool = False,
+) -> Estimate:
+    """A statistic of summed per-unit counts (F1 from true/false positives...) with a percentile interval
+    from resampling the units (facts) with replacement: ``counts`` is [units, k], ``statistic`` maps
+    [..., k] summed counts to [...] values (NaN where undefined). A ratio of sums is not a mean of
+    per-fact values, so `bootstrap_mean` does not apply. ``with_p``: a two-sided bootstrap p-value for
+    "statistic = 0" (twice the smaller share of resamples on either side of 0), for differences."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n = counts.shape[0]
+    if n == 0:
+        return Estimate(None, None, None, 0)
+    point = float(statistic(counts.sum(axis=0)))
+    if not np.isfinite(point):
+        return Estimate(None, None, None, n)
+    if n == 1:
+        return Estimate(point, None, None, 1)
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)  # [n_boot, units]: how often each unit is drawn
+    values = np.asarray(statistic(weights @ counts), dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return Estimate(point, None, None, n)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    p = float(min(1.0, 2 * min(np.mean(values <= 0), np.mean(values >= 0)))) if with_p else None
+    return Estimate(point, float(low), float(high), n, p)
+
+
+def per_fact_mean(records: Iterable[Mapping[str, Any]], value: Callable[[Mapping[str, Any]], float | None],
+                  keep: Callable[[Mapping[str, Any]], bool] = lambda r: True) -> dict[str, float]:
+    """Mean of `value` over each fact's kept records (records whose value is None are left out):
+    the per-fact values every interval here resamples."""
+    by_fact: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        if keep(r):
+            v = value(r)
+            if v is not None:
+                by_fact[r["fact_id"]].append(float(v))
+    return {f: float(np.mean(vs)) for f, vs in by_fact.items() if vs}
+
+
+def pooled_ratio(records: Iterable[Mapping[str, Any]], ok: str, n: str) -> dict[str, float]:
+    """Per fact: Σ ok / Σ n over its records (a rate pooled over languages; facts with no sample left out)."""
+    pooled: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in records:
+        pooled[r["fact_id"]][0] += r[ok]
+        pooled[r["fact_id"]][1] += r[n]
+    return {f: a / b for f, (a, b) in pooled.items() if b}

@@ -46,6 +46,7 @@ def replication_section(key: str, params: dict) -> str:
         sets=sets, n_layers=len(_json(out / "layer_distribution.json")), manip=_json(out / "manipulation.json"),
         editing=_json(out / "editing.json"), enhancement=_json(out / "enhancement.json"), is_evaluation=is_evaluation,
         controls=_json(out / "controls.json"), injection=_json(out / "injection.json"),
+        fact_check=_json(out / "fact_check.json"),
     )
     counts = verdict_counts(claims)
     summary = ", ".join(f"{counts[v]} {v}" for v in ("replicates", "contradicts", "inconclusive", "no data", "not judged")
@@ -144,6 +145,22 @@ def _degenerate_section(key: str) -> str:
     )
 
 
+def _fact_check_section(key: str) -> str:
+    """Fact checking with degenerate knowledge neurons (issue #9) against the model's probability."""
+    data = _json(results_dir(key) / "fact_check.json")
+    common = data["summary"]["n_facts_common"]
+    verdict = ("No fact has degenerate neurons to read under this neuron source, so the DKN detector abstains "
+               "everywhere and the data cannot tell whether it beats the probability baseline.\n" if common == 0 else "")
+    return (
+        "### Fact checking with degenerate knowledge neurons (AMIG)\nAMIG flags a statement as false when the "
+        "integrated-gradients attribution of P(object) to the relation's degenerate neurons is low. Here it is "
+        "compared with the model's own P(object) and with the plain activation of the relation's LAKNs on the filled "
+        "statement, each flagging with a threshold chosen on the other facts.\n\n" + verdict
+        + _fig(key, "fact_check.png", f"Fact checking: F1 of flagging false statements per language, {key}")
+        + "\n" + _read(results_dir(key) / "fact_check_table.md")
+    )
+
+
 def _consistency_section(key: str) -> str:
     """Query localisation (issue #9): consistency per fact and its link to the experiments."""
     data = _json(results_dir(key) / "consistency.json")
@@ -203,6 +220,7 @@ def model_section(key: str, params: dict) -> str:
         "### Case study (Fig. 7)\nOne fact in every language: the prediction before, after enhancement and after an "
         "update edit made in English.\n\n" + _read(out / "case_study.md"),
         _degenerate_section(key),
+        _fact_check_section(key),
         _consistency_section(key),
     ]
     return "\n".join(parts)

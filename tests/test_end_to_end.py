@@ -51,7 +51,8 @@ def test_every_stage_runs_and_the_report_judges(tiny_run):
     assert "## Does the paper replicate here?" in report
     for section in ("Controls: leave-one-language-out", "Table III — erasure", "Accuracy gained on Q_error",
                     "Update edit: reliability against locality over λ", "| MATRICE | 0.25 |",
-                    "Query localisation: are facts localised consistently?", "Degenerate knowledge neurons (AMIG)"):
+                    "Query localisation: are facts localised consistently?", "Degenerate knowledge neurons (AMIG)",
+                    "Fact checking with degenerate knowledge neurons (AMIG)", "AMIG (fact checking)"):
         assert section in report
     assert "| LOLO |" in report and "| Specificity |" in report
 

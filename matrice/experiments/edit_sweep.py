@@ -32,7 +32,7 @@ from matrice.interventions import edited_output_weights, update_vectors
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.predict import score_answers
-from matrice.stats import Estimate, bootstrap_mean
+from matrice.stats import Estimate, bootstrap_mean, pooled_ratio
 
 log = logging.getLogger(__name__)
 
@@ -158,15 +158,6 @@ def _records(fid: str, relation: str, method: str, lam: float, n_neurons: int, r
             for lang, c in sorted(counts.items())]
 
 
-def _pooled(records: Sequence[Mapping[str, Any]], ok: str, n: str) -> list[float]:
-    """Each fact's rate pooled over its languages (facts without a sample are left out)."""
-    tot: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for r in records:
-        tot[r["fact_id"]][0] += r[ok]
-        tot[r["fact_id"]][1] += r[n]
-    return [k / m for k, m in tot.values() if m]
-
-
 def sweep_curves(sweep: Mapping[str, Any]) -> dict[str, list[tuple[float, Estimate, Estimate]]]:
     """Per method, per λ: (λ, reliability, locality), each the mean over facts of the fact's pooled
     rate with its 95% bootstrap interval (n facts)."""
@@ -176,8 +167,8 @@ def sweep_curves(sweep: Mapping[str, Any]) -> dict[str, list[tuple[float, Estima
         points = []
         for lam in sweep["lambdas"]:
             mine = [r for r in records if r["method"] == method and r["lam"] == lam]
-            points.append((lam, bootstrap_mean(_pooled(mine, "rel_ok", "rel_n")),
-                           bootstrap_mean(_pooled(mine, "loc_ok", "loc_n"))))
+            points.append((lam, bootstrap_mean(list(pooled_ratio(mine, "rel_ok", "rel_n").values())),
+                           bootstrap_mean(list(pooled_ratio(mine, "loc_ok", "loc_n").values()))))
         curves[method] = points
     return curves
 
