@@ -134,15 +134,47 @@ def _sweep_section(key: str, params: dict) -> str:
     )
 
 
+def _degenerate_answer(summary: dict) -> str:
+    """The section's answer in a sentence, read off the summary's estimates."""
+    from matrice.stats import Estimate
+
+    lakn, lang = (Estimate(**summary[k]["found"]) for k in ("lakn", "language"))
+    verified = [Estimate(**summary[k]["verified"]) for k in ("lakn", "language")]
+    found = any(e.mean for e in (lakn, lang))
+    if not found:
+        return (f"**No degenerate group is found on this model** (LAKNs {lakn.format(2)}, language-specific neurons "
+                f"{lang.format(2)} of languages per fact).\n\n")
+    held = [v for v in verified if v.n]
+    held_text = " and ".join(v.format(2) for v in held)
+    return (f"**Degenerate groups are found on this model** in a share {lakn.format(2)} of a fact's languages among its "
+            f"LAKNs and {lang.format(2)} among the language-specific neurons; the share of found groups that still "
+            f"hold on the held-out paraphrase is {held_text} (LAKN, language-specific groups)"
+            + (": none holds on a paraphrase the search never saw, so here degeneracy is a property of the query "
+               "searched, not of the fact" if held and all(v.mean == 0 for v in held) else "") + ".\n\n")
+
+
 def _degenerate_section(key: str) -> str:
     """Degenerate knowledge neurons (issue #9): are there redundant groups among a fact's neurons?"""
+    summary = _json(results_dir(key) / "degenerate.json")["summary"]
     return (
         "### Degenerate knowledge neurons (AMIG)\nGroups of a fact's neurons that each alone can be suppressed "
         "(×0 at the answer position) without losing the answer, but not together, searched among its LAKNs in every "
         "language and among each language's own knowledge neurons (pairs exhaustively, larger groups by greedy growth), "
         "on the original query of each language, then re-checked on a held-out paraphrase and, for LAKN groups, on the "
-        "other languages.\n\n" + _read(results_dir(key) / "degenerate_table.md")
+        "other languages.\n\n" + _degenerate_answer(summary) + _read(results_dir(key) / "degenerate_table.md")
     )
+
+
+def _fact_check_answer(summary: dict) -> str:
+    """Whether the DKN detector beats P(object), read off the paired F1 difference and its verdict."""
+    from matrice.stats import Estimate, verdict
+
+    diff = Estimate(**summary["difference"]["dkn_attribution"])
+    answer = {"replicates": "**beats** the probability baseline", "contradicts": "**does worse than** the probability baseline"
+              }.get(verdict(diff, "greater"), "**cannot be told apart from** the probability baseline on these data")
+    return (f"DKN-based fact checking {answer}: F1 difference {diff.format(3)}"
+            f"{'' if diff.p is None else f', p = {diff.p:.3f}'} over the {summary['n_facts_common']} facts whose relation "
+            "has degenerate neurons in another fact.\n\n")
 
 
 def _fact_check_section(key: str) -> str:
@@ -150,7 +182,8 @@ def _fact_check_section(key: str) -> str:
     data = _json(results_dir(key) / "fact_check.json")
     common = data["summary"]["n_facts_common"]
     verdict = ("No fact has degenerate neurons to read under this neuron source, so the DKN detector abstains "
-               "everywhere and the data cannot tell whether it beats the probability baseline.\n" if common == 0 else "")
+               "everywhere and the data cannot tell whether it beats the probability baseline.\n\n" if common == 0
+               else _fact_check_answer(data["summary"]))
     return (
         "### Fact checking with degenerate knowledge neurons (AMIG)\nAMIG flags a statement as false when the "
         "integrated-gradients attribution of P(object) to the relation's degenerate neurons is low. Here it is "
