@@ -42,6 +42,9 @@ def main() -> None:
     })
     atomic_write_json(out / "consistency_metrics.json", {"consistency": _metrics(facts, consistent, rows)})
     atomic_write_text(out / "consistency_table.md", _table(facts, rows, cut, section))
+    atomic_write_json(out / "consistency_plot.json", [
+        {"fact": f, "consistency": scores[f], "suppression": effects[SCATTER_EFFECT].get(f), "consistent": consistent[f]}
+        for f in sorted(scores)])
     plot_consistency({f: (scores[f], effects[SCATTER_EFFECT].get(f), consistent[f]) for f in scores}, cut, SCATTER_EFFECT,
                      figure_path(key, "consistency.png"),
                      f"{key}: query-localisation consistency (top-{section['top_k']}) vs MATRICE suppression")

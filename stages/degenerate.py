@@ -58,6 +58,7 @@ def main() -> None:
     atomic_write_json(out / "degenerate_metrics.json", {"degenerate": {
         kind: {m: e.mean for m, e in v.items()} for kind, v in summary.items()}})
     atomic_write_text(out / "degenerate_table.md", _tables(rows, summary, cfg))
+    atomic_write_json(out / "degenerate_plot.json", _plot_rows(rows))
 
 
 def _queries(adapter, queries, localisation, few_shot):
@@ -74,6 +75,18 @@ def _queries(adapter, queries, localisation, few_shot):
         elif localisation is not None and q.template_id >= localisation and q.lang not in held_out:
             held_out[q.lang] = enc
     return search, held_out
+
+
+def _plot_rows(rows) -> list[dict]:
+    """Per language: the share of searched facts with a degenerate group, per neuron set (`dvc plots`)."""
+    out = []
+    for lang in ordered_langs({r["lang"] for r in rows}):
+        row = {"lang": lang}
+        for kind in ("lakn", "language"):
+            mine = [r for r in rows if r["set_kind"] == kind and r["lang"] == lang and r["n_candidates"] > 0]
+            row[kind] = sum(bool(r["groups"]) for r in mine) / len(mine) if mine else None
+        out.append(row)
+    return out
 
 
 def _tables(rows, summary, cfg) -> str:

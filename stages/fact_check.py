@@ -74,6 +74,8 @@ def main() -> None:
         "summary": _jsonable(summary), "statements": rows})
     atomic_write_json(out / "fact_check_metrics.json", {"fact_check": _metrics(summary)})
     atomic_write_text(out / "fact_check_table.md", _table(summary, source))
+    atomic_write_json(out / "fact_check_plot.json", [
+        {"lang": lang, **{d: summary["common"]["per_lang"][lang][d].f1.mean for d in DETECTORS}} for lang in summary["langs"]])
     plot_fact_check({NAMES[d]: [summary["common"]["per_lang"][lang][d].f1 for lang in summary["langs"]] for d in DETECTORS},
                     summary["langs"], figure_path(key, "fact_check.png"),
                     f"{key}: flagging false statements (F1, held-out paraphrases, statements every detector scores)")
