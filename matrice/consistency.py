@@ -113,12 +113,16 @@ def spearman(x: Sequence[float], y: Sequence[float], seed: int = 0) -> Estimate:
         return Estimate(None, None, None, n)
     rho = float(sps.spearmanr(x, y).statistic)
 
-    def statistic(a, b):
-        return sps.spearmanr(a, b).statistic if np.ptp(a) > 0 and np.ptp(b) > 0 else np.nan
-
-    res = sps.bootstrap((x, y), statistic, paired=True, n_resamples=2_000, method="percentile",
-                        random_state=np.random.default_rng(seed), vectorized=False)
-    return Estimate(rho, *_percentile_ci(res), n)
+    # facts resampled in pairs; a resample whose values are all tied has no ρ and is left out (scipy's
+    # bootstrap would turn one such resample into a NaN interval)
+    idx = np.random.default_rng(seed).integers(0, n, size=(2_000, n))
+    rhos = np.array([sps.spearmanr(x[i], y[i]).statistic if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0 else np.nan
+                     for i in idx])
+    rhos = rhos[np.isfinite(rhos)]
+    if len(rhos) == 0:
+        return Estimate(rho, None, None, n)
+    low, high = np.percentile(rhos, [2.5, 97.5])
+    return Estimate(rho, float(low), float(high), n)
 
 
 def fact_effects(manip: Mapping[str, Any], editing: Mapping[str, Any], is_evaluation, method: str = "matrice"

@@ -89,3 +89,14 @@ def test_effects_per_fact_use_evaluation_queries_and_pool_editing_over_languages
     assert effects["suppression ΔP/P"] == {"a": -0.2}
     assert effects["update reliability"] == {"a": 0.25} and effects["erasure reliability"] == {}
     assert fact_effects(manip, editing, lambda qid: False)["suppression ΔP/P"] == {"a": pytest.approx(-0.55)}
+
+
+def test_spearman_keeps_an_interval_when_some_resamples_are_all_tied():
+    """Update reliability is 0 for most facts: resamples of only those have no ρ; the interval comes
+    from the others instead of turning into NaN."""
+    from matrice.consistency import spearman
+
+    x = np.arange(16.0)
+    y = np.r_[np.zeros(13), [1 / 7, 0.0, 2 / 7]]
+    est = spearman(x, y)
+    assert est.low is not None and est.high is not None and est.low <= est.mean <= est.high
