@@ -127,6 +127,12 @@ def _metrics(summary: dict) -> dict:
             "probability_all_f1": summary["all"]["probability"].f1.mean}
 
 
+def _p_text(p: float | None) -> str:
+    if p is None:
+        return "–"
+    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
+
+
 def _table(summary: dict, source: str) -> str:
     common = summary["common"]
     lines = ["| detector | statements | precision | recall | F1 | true scored above false |", "|---|---|---|---|---|---|"]
@@ -140,8 +146,8 @@ def _table(summary: dict, source: str) -> str:
     per_lang = ["| language | " + " | ".join(f"F1 {NAMES[d]}" for d in DETECTORS) + " |", "|---|" + "---|" * len(DETECTORS)]
     for lang in summary["langs"]:
         per_lang.append(f"| {lang} | " + " | ".join(common["per_lang"][lang][d].f1.format(2) for d in DETECTORS) + " |")
-    diffs = [f"- F1 {NAMES[d]} − {NAMES['probability']}: {e.format(3)}, p = "
-             f"{'–' if e.p is None else f'{e.p:.3f}'}" for d, e in summary["difference"].items()]
+    diffs = [f"- F1 {NAMES[d]} − {NAMES['probability']}: {e.format(3)}, p {_p_text(e.p)}"
+             for d, e in summary["difference"].items()]
     donors = ("the degenerate groups and LAKNs of the other attributed facts of the fact's relation (no label leak)"
               if source == "relation" else "the fact's own degenerate groups and LAKNs (found with its true object)")
     return (f"Neurons: {donors}. Facts: {summary['n_facts']}; with DKNs to read: {summary['n_facts_common']}. "
@@ -150,7 +156,8 @@ def _table(summary: dict, source: str) -> str:
             "Precision/recall/F1 of flagging false statements with 95% intervals over facts (n facts); flagging "
             "everything scores F1 = 0.67. Statements every detector scores:\n\n" + "\n".join(lines)
             + "\n\nPer language (same statements):\n\n" + "\n".join(per_lang)
-            + "\n\nPaired differences (facts resampled together):\n\n" + "\n".join(diffs) + "\n")
+            + "\n\nPaired differences, each on the statements both detectors decide (facts resampled together; "
+            "p: twice the smaller share of 10,000 resamples on either side of 0):\n\n" + "\n".join(diffs) + "\n")
 
 
 if __name__ == "__main__":
