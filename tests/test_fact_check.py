@@ -132,3 +132,25 @@ def test_kn_activation_reads_the_object_in_the_filled_statement(tiny, family):
     expected = float((acts[0, 3] + acts[1, 2]) / 2)
     assert activation_scores(a, [enc], neurons)[0] == pytest.approx(expected, rel=1e-5)
     assert activation_scores(a, [enc], frozenset()) == [None]
+
+
+def test_the_stage_names_a_bad_parameter_and_a_missing_input(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from stages import fact_check
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["fact_check", "gemma3_270m"])
+    params["fact_check"]["neuron_source"] = "everything"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit, match="fact_check.neuron_source"):
+        fact_check.main()
+    params["fact_check"]["neuron_source"] = "relation"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit, match="degenerate.json is missing"):
+        fact_check.main()
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("fact_check*"))
