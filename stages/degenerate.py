@@ -77,16 +77,22 @@ def _queries(adapter, queries, localisation, few_shot):
     return search, held_out
 
 
+def _per_language(rows) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """(set kind, language) -> (facts with a degenerate group, facts searched, groups found)."""
+    out = {}
+    for kind in ("lakn", "language"):
+        for lang in ordered_langs({r["lang"] for r in rows}):
+            mine = [r for r in rows if r["set_kind"] == kind and r["lang"] == lang and r["n_candidates"] > 0]
+            out[(kind, lang)] = (sum(bool(r["groups"]) for r in mine), len(mine), sum(len(r["groups"]) for r in mine))
+    return out
+
+
 def _plot_rows(rows) -> list[dict]:
     """Per language: the share of searched facts with a degenerate group, per neuron set (`dvc plots`)."""
-    out = []
-    for lang in ordered_langs({r["lang"] for r in rows}):
-        row = {"lang": lang}
-        for kind in ("lakn", "language"):
-            mine = [r for r in rows if r["set_kind"] == kind and r["lang"] == lang and r["n_candidates"] > 0]
-            row[kind] = sum(bool(r["groups"]) for r in mine) / len(mine) if mine else None
-        out.append(row)
-    return out
+    counts = _per_language(rows)
+    return [{"lang": lang, **{kind: (counts[(kind, lang)][0] / counts[(kind, lang)][1] if counts[(kind, lang)][1] else None)
+                              for kind in ("lakn", "language")}}
+            for lang in ordered_langs({r["lang"] for r in rows})]
 
 
 def _tables(rows, summary, cfg) -> str:
@@ -94,12 +100,10 @@ def _tables(rows, summary, cfg) -> str:
     for metric, text in ROWS.items():
         lines.append(f"| {text} | {summary['lakn'][metric].format(2)} | {summary['language'][metric].format(2)} |")
     langs = ordered_langs({r["lang"] for r in rows})
+    counts = _per_language(rows)
     per_lang = ["| set | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
     for kind, name in (("lakn", "LAKNs"), ("language", "language-specific")):
-        cells = []
-        for lang in langs:
-            mine = [r for r in rows if r["set_kind"] == kind and r["lang"] == lang and r["n_candidates"] > 0]
-            cells.append(f"{sum(bool(r['groups']) for r in mine)}/{len(mine)} ({sum(len(r['groups']) for r in mine)} groups)")
+        cells = [f"{found}/{searched} ({groups} groups)" for found, searched, groups in (counts[(kind, lang)] for lang in langs)]
         per_lang.append(f"| {name} | " + " | ".join(cells) + " |")
     return (f"Degenerate groups (member alone: P ≥ {cfg.t_high}·P₀; group: P < {cfg.t_low}·P₀; the top "
             f"{cfg.max_candidates} neurons of each set searched, groups up to {cfg.max_group}): mean [95% CI over "
