@@ -34,7 +34,9 @@ def main() -> None:
         )
     except ValueError as exc:
         raise SystemExit(f"params.yaml: {exc}") from exc
-    adapter = load_prepared(key, params, dtype=section["dtype"])
+    executor_kind = section.get("executor", "local")
+    # a Ray driver only encodes queries and writes shards: the workers hold the weights
+    adapter = load_prepared(key, params, dtype=section["dtype"], weights=executor_kind == "local" or args.plan)
     queries = load_queries(DATASET_DIR / "queries.jsonl")
     policy = section.get("fact_policy", "any")
     try:
@@ -59,7 +61,7 @@ def main() -> None:
     firsts = [(q, e) for q, e in zip(queries, encs) if q.template_id == 0]
     amig_queries, amig_encs = [q for q, _ in firsts], [e for _, e in firsts]
     if args.plan:
-        workers = section.get("workers") or (1 if section.get("executor", "local") == "local" else 2)
+        workers = section.get("workers") or (1 if executor_kind == "local" else 2)
         plan = plan_run(adapter, [(encs, cfg), (amig_encs, amig_cfg)], len(facts), len({q.lang for q in queries}),
                         workers, store, args.plan_queries)
         print(plan.text())
@@ -93,7 +95,8 @@ def make_executor(section: dict, adapter, load_adapter):
     except ImportError as exc:
         raise SystemExit("attribute.executor: ray needs Ray: pip install -e '.[ray]'") from exc
     return RayExecutor(load_adapter, address=section.get("ray_address") or "local", workers=section.get("workers"),
-                       cpus_per_worker=section.get("cpus_per_worker", 1))
+                       cpus_per_worker=section.get("cpus_per_worker", 1),
+                       gpus_per_worker=section.get("gpus_per_worker", 1))
 
 
 if __name__ == "__main__":

@@ -50,16 +50,23 @@ def results_dir(key: str) -> Path:
     return RESULTS_DIR / key
 
 
-def load_prepared(key: str, params: dict[str, Any], dtype: str | None = None) -> ModelAdapter:
-    """Load the model `prepare_model` made ready: converted safetensors, or the id/path it points to."""
-    from matrice.models.loading import load_adapter
+def load_prepared(key: str, params: dict[str, Any], dtype: str | None = None, weights: bool = True) -> ModelAdapter:
+    """Load the model `prepare_model` made ready: converted safetensors, or the id/path it points to.
+    `weights=False`: tokenizer and shapes only (a Ray driver, which encodes and dispatches)."""
+    from matrice.models.loading import load_adapter, load_skeleton
 
     info_path = prepared_dir(key) / "source.json"
     if not info_path.exists():
         raise SystemExit(f"{info_path} is missing: run the prepare_model stage first (dvc repro)")
     info = json.loads(info_path.read_text(encoding="utf-8"))
     cfg = model_params(params, key)
-    return load_adapter(info["load_from"], cfg.get("device", "auto"), dtype or cfg.get("dtype", "float32"))
+    dtype = dtype or cfg.get("dtype", "float32")
+    try:
+        if not weights:
+            return load_skeleton(info["load_from"], dtype)
+        return load_adapter(info["load_from"], cfg.get("device", "auto"), dtype, cfg.get("device_map"))
+    except ValueError as exc:
+        raise SystemExit(f"params.yaml: models.{key}: {exc}") from exc
 
 
 def load_neuron_sets(key: str):

@@ -17,6 +17,7 @@ from matrice.attribution.executors import RayExecutor
 from matrice.attribution.runner import load_attributions, plan_shards, run_attribution, sample_facts_per_relation
 from matrice.data.build import build_dataset
 from matrice.data.sources import DatasetConfig
+from matrice.models.loading import load_skeleton
 from matrice.models.tiny import tiny_adapter
 from matrice.probing import encode_all
 
@@ -70,11 +71,19 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 def test_ray_executor_gives_the_local_executors_shards(ray_local, run_inputs, local_result, tmp_path):
+    """The driver holds no weights (a meta-device skeleton, as the stage loads it for Ray): it
+    encodes the same queries and the workers compute the local executor's shards."""
     adapter, queries, encs, shards = run_inputs
+    adapter.model.save_pretrained(tmp_path / "model")
+    adapter.tokenizer.save_pretrained(tmp_path / "model")
+    driver = load_skeleton(str(tmp_path / "model"))
+    assert {p.device.type for p in driver.model.parameters()} == {"meta"}
+    assert encode_all(driver, queries, few_shot=True) == encs
     trace = tmp_path / "trace"
     trace.mkdir()
     with _ray_executor(trace) as executor:
-        run_attribution(adapter, queries, encs, shards, CFG, {"steps": 3}, tmp_path / "out", executor=executor)
+        manifest = run_attribution(driver, queries, encs, shards, CFG, {"steps": 3}, tmp_path / "out", executor=executor)
+    assert (manifest["layers"], manifest["neurons"]) == (adapter.n_layers, adapter.n_neurons)
     _assert_same(load_attributions(tmp_path / "out")[1], local_result)
     assert len(list(trace.iterdir())) == len(shards)  # each shard computed once
     pids = {p.name.split(".")[-2] for p in trace.iterdir()}

@@ -29,7 +29,7 @@ from matrice.attribution.common import (
 )
 from matrice.attribution.head import fused_answer_probability, head_input, linear_head
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.hooks import Edit, neuron_hooks
+from matrice.models.hooks import Edit, instance_forward, neuron_hooks, restore_forward
 
 
 def _hidden(output: Any) -> torch.Tensor:
@@ -81,6 +81,7 @@ def _growing_batch(adapter: ModelAdapter, recorded: list[Any], active: list[int]
     layer with the recorded input of that block. No block computes a row it cannot change."""
     lowest = next(j for j, n in enumerate(active) if n > 0)
     blocks = adapter.layers
+    own = [instance_forward(block) for block in blocks]
     for j in range(lowest):
         blocks[j].forward = lambda *a, _out=_expand(recorded[j], active[lowest]), **k: _out
     for j in range(lowest, len(blocks)):
@@ -89,7 +90,7 @@ def _growing_batch(adapter: ModelAdapter, recorded: list[Any], active: list[int]
         def forward(hidden, *args, _j=j, _run=blocks[j].forward, _joining=joining, **kwargs):
             rows = active[_j]
             if hidden.shape[0] < rows:
-                extra = _joining.expand(rows - hidden.shape[0], *_joining.shape[1:])
+                extra = _joining.to(hidden.device).expand(rows - hidden.shape[0], *_joining.shape[1:])
                 hidden = torch.cat([hidden, extra])
             hidden = hidden[:rows]
             if rows < total:
@@ -100,8 +101,8 @@ def _growing_batch(adapter: ModelAdapter, recorded: list[Any], active: list[int]
     try:
         yield
     finally:
-        for block in blocks:
-            vars(block).pop("forward", None)
+        for block, forward in zip(blocks, own):
+            restore_forward(block, forward)
 
 
 class _CausalRunner:
@@ -170,7 +171,7 @@ class _MaskedRunner:
 
 def _replace_rows(rows: torch.Tensor, values: torch.Tensor) -> Edit:
     """Rows `rows` of the batch get `values` at this layer; the other rows keep their activation."""
-    return lambda act: act.index_put((rows.to(act.device),), values.to(act.dtype))
+    return lambda act: act.index_put((rows.to(act.device),), values.to(act.device, act.dtype))
 
 
 class _QueryRows:

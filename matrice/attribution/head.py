@@ -24,6 +24,7 @@ from torch import nn
 
 from matrice.attribution.common import answer_probability
 from matrice.models.adapter import ModelAdapter
+from matrice.models.hooks import instance_forward, restore_forward
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,12 @@ def linear_head(adapter: ModelAdapter) -> LinearHead:
 
 @contextmanager
 def _bypass(module: nn.Module) -> Iterator[None]:
+    own = instance_forward(module)
     module.forward = lambda x, *a, **k: x
     try:
         yield
     finally:
-        del module.forward
+        restore_forward(module, own)
 
 
 def head_input(adapter: ModelAdapter, hidden: torch.Tensor) -> torch.Tensor:
@@ -145,6 +147,7 @@ def fused_answer_probability(
     are frozen during attribution)."""
     if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
         raise ValueError("fused_answer_probability differentiates only the hidden state; freeze the head")
+    hidden = hidden.to(head.weight.device)  # a model spread over devices: the head may sit on another
     ids = torch.as_tensor(answer_ids, dtype=torch.long, device=hidden.device).expand(hidden.shape[0])
     return _FusedAnswerProbability.apply(
         hidden, head.weight, head.bias, head.softcap, ids, chunk or default_chunk(hidden.device)

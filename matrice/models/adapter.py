@@ -63,7 +63,9 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embeddings' device (a model spread by a device_map moves each
+        block's inputs to that block itself)."""
+        return self.model.get_input_embeddings().weight.device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -2,12 +2,14 @@
 
 The hook sits on the FFN output projection and sees its input, i.e. exactly the neurons. Every
 function here is batched: `positions[b]` is the target position of batch row b (one position: all rows).
+A model spread over devices (device_map) runs each block on its own device: edits are moved to the
+block's device and captured values come back on `adapter.device`, so callers see one device.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -41,10 +43,10 @@ def neuron_hooks(
             x = args[0]
             rows, pos = _row_index(x, positions)
             if layer in edits:
-                new = edits[layer](x[rows, pos]).to(x.dtype)
+                new = edits[layer](x[rows, pos]).to(device=x.device, dtype=x.dtype)
                 x = x.index_put((rows, pos), new)
             if layer in capture:
-                captured[layer] = x[rows, pos]
+                captured[layer] = x[rows, pos].to(adapter.device)
             return (x, *args[1:])
 
         return hook
@@ -56,6 +58,20 @@ def neuron_hooks(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def instance_forward(module: torch.nn.Module) -> Callable[..., Any] | None:
+    """The forward a module carries as an instance attribute: accelerate's device hook when the
+    model is dispatched over devices. Whoever replaces a module's forward puts this one back."""
+    return vars(module).get("forward")
+
+
+def restore_forward(module: torch.nn.Module, forward: Callable[..., Any] | None) -> None:
+    """Undo a temporary `module.forward = ...`: back to `forward` (from `instance_forward`), or to the class's."""
+    if forward is None:
+        vars(module).pop("forward", None)
+    else:
+        module.forward = forward
 
 
 def scale_neurons(neurons: torch.Tensor, factor: float) -> Edit:
