@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def safe_stem(identifier: str) -> str:
+    """A file-name-safe stem for an id (a fact id names its shard and its score file): the id itself
+    when safe, else its safe characters plus a hash, so two unsafe ids cannot collide."""
+    if _SAFE_NAME.fullmatch(identifier):
+        return identifier
+    digest = hashlib.sha1(identifier.encode()).hexdigest()[:10]
+    return f"{_UNSAFE_CHARS.sub('_', identifier)[:80]}-{digest}"
 
 
 def _file_mode() -> int:

@@ -29,7 +29,7 @@ def main() -> None:
         return load_shard(amig_shards[fact])
 
     scores = aggregate_stream(iter_fact_attributions(out / "attributions"), amig_maps, queries, cfg, languages)
-    save_scores(results_dir(key) / "scores.npz", scores)
+    save_scores(results_dir(key) / "scores", scores)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from matrice.degenerate import DegenerateConfig, search_fact, summarise
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.models.encoding import encode_query
 from matrice.report import ordered_langs
-from matrice.scores import load_scores
+from matrice.scores import ScoreStore
 from matrice.selection import select_by_threshold
 from stages.common import (DATASET_DIR, load_neuron_sets, load_params, load_prepared, model_arg, results_dir,
                            setup_logging)
@@ -36,14 +36,14 @@ def main() -> None:
         raise SystemExit(f"params.yaml: {exc}") from exc
     adapter = load_prepared(key, params)
     sets = load_neuron_sets(key)
-    scores = load_scores(results_dir(key) / "scores.npz")
+    scores = ScoreStore(results_dir(key) / "scores")
     localisation = params["attribute"]["templates_per_language"]
     by_fact = defaultdict(list)
     for q in load_queries(DATASET_DIR / "queries.jsonl"):
         if q.fact_id in scores:
             by_fact[q.fact_id].append(q)
     records = []
-    for fact in tqdm(sorted(scores), desc="degenerate", unit="fact"):
+    for fact in tqdm(sorted(scores.facts), desc="degenerate", unit="fact"):
         search, held_out = _queries(adapter, by_fact[fact], localisation, params["few_shot"])
         fs = scores[fact]
         own = {lang: [tuple(n) for n in select_by_threshold(fs.s_per_lang[k], params["tau"]).tolist()]
@@ -51,7 +51,7 @@ def main() -> None:
         lakns = [tuple(n) for n in sets.facts[fact]["matrice"].tolist()]
         records += search_fact(adapter, fact, by_fact[fact][0].relation, search, held_out, lakns, own, cfg)
     rows = [asdict(r) for r in records]
-    summary = summarise(rows, len(scores[next(iter(scores))].languages))
+    summary = summarise(rows, len(scores.languages))
     out = results_dir(key)
     atomic_write_json(out / "degenerate.json", {"config": asdict(cfg), "records": rows,
                                                 "summary": {k: {m: asdict(e) for m, e in v.items()} for k, v in summary.items()}})

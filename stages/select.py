@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from matrice.io import atomic_write_json
 from matrice.report import plot_layer_distribution, wide_rows
-from matrice.scores import load_scores
+from matrice.scores import ScoreStore
 from matrice.selection import (NeuronSets, SelectionConfig, layer_distribution, leave_one_out_to_json, select_fact,
                                select_leave_one_out, summary)
 from stages.common import figure_path, load_params, model_arg, results_dir, setup_logging
@@ -16,14 +16,14 @@ def main() -> None:
     key = model_arg(__doc__)
     params = load_params()
     cfg = SelectionConfig(tau=params["tau"], tau_amig=params["tau_amig"], seed=params["seed"])
-    scores = load_scores(results_dir(key) / "scores.npz")
-    sets = NeuronSets()
-    for fact_id, fact_scores in scores.items():
+    sets, leave_one_out, n_layers = NeuronSets(), {}, 0
+    for fact_id, fact_scores in ScoreStore(results_dir(key) / "scores").items():  # one fact in memory at a time
         sets.add(fact_id, select_fact(fact_scores, cfg, fact_id))
-    n_layers = next(iter(scores.values())).shape[0]
+        leave_one_out[fact_id] = select_leave_one_out(fact_scores, cfg, fact_id)
+        n_layers = fact_scores.shape[0]
     out = results_dir(key)
     sets.to_json(out / "neurons.json")
-    leave_one_out_to_json({f: select_leave_one_out(fs, cfg, f) for f, fs in scores.items()}, out / "lolo_neurons.json")
+    leave_one_out_to_json(leave_one_out, out / "lolo_neurons.json")
     stats = summary(sets, n_layers)
     metrics = {m: {k: v for k, v in s.items() if k != "layer_share"} for m, s in stats.items()}
     atomic_write_json(out / "selection_metrics.json", {"selection": metrics})

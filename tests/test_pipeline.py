@@ -20,7 +20,7 @@ from matrice.data.build import build_dataset
 from matrice.data.sources import DatasetConfig
 from matrice.io import atomic_save_npz, atomic_write_text
 from matrice.probing import ProbeResult, accuracy_by_language, encode_all
-from matrice.scores import group_by_fact, load_scores, save_scores
+from matrice.scores import ScoreStore, group_by_fact, save_scores
 from matrice.uncertainty import AggregationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,12 +194,13 @@ def test_scores_group_by_template_order_and_round_trip(tmp_path, small_run):
     from matrice.scores import aggregate_all
 
     scores = aggregate_all(grouped, AggregationConfig(), ["en", "fr"])
-    save_scores(tmp_path / "s.npz", scores)
-    back = load_scores(tmp_path / "s.npz")
-    assert set(back) == set(scores)
+    save_scores(tmp_path / "s", scores.items())
+    back = ScoreStore(tmp_path / "s")
+    assert back.facts == sorted(scores) and back.languages == ["en", "fr"]
     for f in scores:
-        np.testing.assert_allclose(back[f].S, scores[f].S, rtol=1e-6)
-        assert back[f].languages == ["en", "fr"]
+        for name in ("S", "s_per_lang", "first_query_norm", "S_wo_uaq", "S_leave_out"):
+            np.testing.assert_array_equal(getattr(back[f], name), getattr(scores[f], name).astype(np.float32))
+        assert back[f].amig_norm is None and back[f].languages == ["en", "fr"]
     with pytest.raises(ValueError, match="no attributed query in language"):
         aggregate_all(grouped, AggregationConfig(), ["en", "fr", "ja"])
 
@@ -342,8 +343,8 @@ def test_float16_storage_round_trips_and_selects_like_float32(tmp_path, small_ru
         assert np.abs(raw16[qid] - raw32[qid]).max() <= 1e-3 * scale  # float16: 11 significant bits
     langs = ["en", "fr"]
     agg = AggregationConfig()
-    scores32 = aggregate_stream(iter_fact_attributions(tmp_path / "float32"), None, small_run, agg, langs)
-    scores16 = aggregate_stream(iter_fact_attributions(tmp_path / "float16"), None, small_run, agg, langs)
+    scores32 = dict(aggregate_stream(iter_fact_attributions(tmp_path / "float32"), None, small_run, agg, langs))
+    scores16 = dict(aggregate_stream(iter_fact_attributions(tmp_path / "float16"), None, small_run, agg, langs))
     in_memory = aggregate_all(group_by_fact(small_run, raw32), agg, langs)
     assert set(scores32) == set(in_memory) == set(facts)
     for fact in facts:  # streaming, one fact at a time, is the in-memory aggregation
@@ -377,3 +378,32 @@ def test_plan_counts_rows_and_projects_from_the_measured_speed(small_run, tiny):
     assert plan.raw_gib * 1024**3 == pytest.approx(plan.queries * adapter.n_layers * adapter.n_neurons * 2)
     assert plan.scores_gib * 1024**3 == pytest.approx(4 * (4 + 2 * 2) * adapter.n_layers * adapter.n_neurons * 4)
     assert "rows (baseline × layer × step)" in plan.text()
+
+
+def test_score_store_writes_one_file_per_fact_as_they_come_and_the_index_last(tmp_path, small_run):
+    """A crash mid-write leaves no index (no reader takes it as finished); a later run with fewer
+    facts removes the files of the facts it dropped; facts come back in id order whatever the order
+    they were written in."""
+    from matrice.scores import INDEX, aggregate_all
+
+    rng = np.random.default_rng(1)
+    raw = {q.query_id: rng.normal(size=(2, 5)).astype(np.float32) for q in small_run}
+    scores = aggregate_all(group_by_fact(small_run, raw), AggregationConfig(), ["en", "fr"])
+    facts = sorted(scores)
+    out = tmp_path / "scores"
+    save_scores(out, [(f, scores[f]) for f in reversed(facts)])
+    assert ScoreStore(out).facts == facts and len(list(out.glob("scores-*.npz"))) == len(facts)
+
+    def crashes_after_one():
+        yield facts[0], scores[facts[0]]
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        save_scores(out, crashes_after_one())
+    assert not (out / INDEX).exists()
+    with pytest.raises(FileNotFoundError, match="aggregate stage has not finished"):
+        ScoreStore(out)
+    save_scores(out, [(f, scores[f]) for f in facts[:2]])
+    assert ScoreStore(out).facts == facts[:2] and len(list(out.glob("scores-*.npz"))) == 2
+    with pytest.raises(ValueError, match="no fact to save"):
+        save_scores(tmp_path / "empty", [])

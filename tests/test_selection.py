@@ -347,9 +347,9 @@ def test_amig_uses_its_own_attribution_when_the_run_has_it(tmp_path):
     without = select_fact(aggregate_fact({"en": en, "fr": fr}), SelectionConfig(tau=0.2, tau_amig=0.6), "f1")
     assert {tuple(p) for p in without["amig"]} != {(1, 1)}  # the SAIG maps give another set
     np.testing.assert_array_equal(out["matrice"], without["matrice"])  # MATRICE never reads AMIG's maps
-    from matrice.scores import load_scores, save_scores
-    save_scores(tmp_path / "s.npz", {"f1": fs})
-    np.testing.assert_allclose(load_scores(tmp_path / "s.npz")["f1"].amig_norm, fs.amig_norm, rtol=1e-6)
+    from matrice.scores import ScoreStore, save_scores
+    save_scores(tmp_path / "s", [("f1", fs)])
+    np.testing.assert_allclose(ScoreStore(tmp_path / "s")["f1"].amig_norm, fs.amig_norm, rtol=1e-6)
     with pytest.raises(ValueError, match="missing for language"):
         aggregate_fact({"en": en, "fr": fr}, AggregationConfig(), {"en": amig_first["en"]})
 

@@ -34,7 +34,7 @@ class RunPlan:
     hours_one_worker: float
     hours_wall: float
     raw_gib: float  # attribution shards, uncompressed (npz deflate saves little on these maps)
-    scores_gib: float  # scores.npz: (4 + 2 × languages) maps per fact
+    scores_gib: float  # scores/: (4 + 2 × languages) maps per fact, one file each
     facts: int
     languages: int
     store_dtype: str

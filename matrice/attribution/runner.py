@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import random
-import re
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from matrice.attribution.common import AttributionConfig
 from matrice.attribution.executors import LocalExecutor, ShardExecutor, ShardJob
 from matrice.data.schema import Query
-from matrice.io import atomic_save_npz, atomic_write_json
+from matrice.io import atomic_save_npz, atomic_write_json, safe_stem
 from matrice.models.adapter import Encoded, ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -40,8 +39,6 @@ class Shard:
 
 FACT_POLICIES = ("known", "any")
 STORE_DTYPES = ("float32", "float16")
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def sample_facts_per_relation(queries: Sequence[Query], per_relation: int | None, seed: int,
@@ -86,10 +83,7 @@ def shard_name(fact_id: str) -> str:
     """A shard is named by its fact, so a run that attributes more (or other) facts keeps every
     finished shard of the facts it shares with an earlier run. Ids that are not file-name safe get
     a hash suffix so two of them cannot collide."""
-    if _SAFE_NAME.fullmatch(fact_id):
-        return f"shard-{fact_id}.npz"
-    digest = hashlib.sha1(fact_id.encode()).hexdigest()[:10]
-    return f"shard-{_UNSAFE_CHARS.sub('_', fact_id)[:80]}-{digest}.npz"
+    return f"shard-{safe_stem(fact_id)}.npz"
 
 
 def plan_shards(queries: Sequence[Query], fact_ids: Sequence[str]) -> list[Shard]:
