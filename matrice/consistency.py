@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import stats as sps
 
-from matrice.stats import Estimate, bootstrap_mean, per_fact_mean, pooled_ratio
+from matrice.stats import Estimate, bootstrap_mean, per_fact_mean, pooled_ratio, resample_indices
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def spearman(x: Sequence[float], y: Sequence[float], seed: int = 0) -> Estimate:
 
     # facts resampled in pairs; a resample whose values are all tied has no ρ and is left out (scipy's
     # bootstrap would turn one such resample into a NaN interval)
-    idx = np.random.default_rng(seed).integers(0, n, size=(2_000, n))
+    idx = resample_indices(n, 2_000, seed)
     rhos = np.array([sps.spearmanr(x[i], y[i]).statistic if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0 else np.nan
                      for i in idx])
     rhos = rhos[np.isfinite(rhos)]

@@ -23,7 +23,6 @@ paraphrase): each member alone still harmless and the group still below ``t_low`
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any, Sequence
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from matrice.models.adapter import Encoded, ModelAdapter
+from matrice.models.cache import broadcast_cache
 from matrice.models.hooks import Edit, neuron_edits, neuron_hooks
 from matrice.models.predict import score_answers_many
 from matrice.stats import Estimate, bootstrap_mean, per_fact_mean
@@ -101,10 +101,7 @@ class Suppressor:
         out: list[float] = []
         for start in range(0, len(groups), self.rows):
             chunk = groups[start : start + self.rows]
-            cache = copy.deepcopy(self._prefix[key])
-            for layer in cache.layers:
-                layer.keys = layer.keys.expand(len(chunk), *layer.keys.shape[1:])
-                layer.values = layer.values.expand(len(chunk), *layer.values.shape[1:])
+            cache = broadcast_cache(self._prefix[key], len(chunk))
             with neuron_hooks(a, torch.zeros(1, dtype=torch.long), _row_masks(chunk)):
                 step = base(input_ids=ids[:, -1:].expand(len(chunk), 1), past_key_values=cache, use_cache=True)
             probs = torch.softmax(a.head_logits(step.last_hidden_state[:, -1]).double(), dim=-1)[:, gold]

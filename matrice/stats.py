@@ -44,10 +44,14 @@ def _clean(values: Sequence[float | None]) -> np.ndarray:
     return arr[np.isfinite(arr)]
 
 
+def resample_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, n] unit indices drawn with replacement: the fact resamples every interval here uses
+    (a statistic of several per-fact arrays resamples them with the same rows, keeping pairs)."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
 def _bootstrap_means(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
-    return values[idx].mean(axis=1)
+    return values[resample_indices(len(values), n_boot, seed)].mean(axis=1)
 
 
 def bootstrap_mean(values: Sequence[float | None], n_boot: int = 10_000, seed: int = 0, level: float = 0.95) -> Estimate:

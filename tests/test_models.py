@@ -12,6 +12,7 @@ from torch import nn
 
 from conftest import encode_text
 from matrice.models.adapter import Encoded, ModelAdapter
+from matrice.models.cache import broadcast_cache
 from matrice.models.families import (
     FAMILIES,
     Family,
@@ -344,6 +345,30 @@ def test_logits_at_equals_full_forward(tiny, family):
         got = adapter.logits_at(batch.input_ids, batch.attention_mask, batch.positions)
     assert got.shape == (3, len(adapter.tokenizer))
     torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+
+
+CAUSAL_FAMILIES = [f for f in TINY_FAMILIES if f not in ("bert", "xlm-roberta")]
+
+
+@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
+def test_broadcast_cache_equals_per_row_full_forwards(tiny, family):
+    """Rows that run the last token on one broadcast prefix cache get the full sequence's last hidden
+    state, and the shared cache is left as it was (the model appends to the fresh one only)."""
+    adapter = tiny(family)
+    ids = torch.tensor([adapter.tokenizer(CAUSAL_TEXTS[2])["input_ids"]], device=adapter.device)
+    base = adapter.model.base_model
+    rows = 3
+    with torch.no_grad():
+        full = base(input_ids=ids).last_hidden_state[:, -1]
+        prefix = base(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        before = [(layer.keys.clone(), layer.values.clone()) for layer in prefix.layers]
+        for counts in (rows, [rows] * len(prefix.layers)):
+            out = base(input_ids=ids[:, -1:].expand(rows, 1), past_key_values=broadcast_cache(prefix, counts), use_cache=True)
+            torch.testing.assert_close(out.last_hidden_state[:, -1], full.expand(rows, -1), atol=ATOL, rtol=ATOL)
+    for layer, (keys, values) in zip(prefix.layers, before):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    with pytest.raises(ValueError, match="row counts"):
+        broadcast_cache(prefix, [rows] * (len(prefix.layers) - 1))
 
 
 def test_head_logits_applies_final_softcapping():

@@ -29,6 +29,7 @@ from matrice.attribution.common import (
 )
 from matrice.attribution.head import fused_answer_probability, head_input, linear_head
 from matrice.models.adapter import Encoded, ModelAdapter
+from matrice.models.cache import broadcast_cache
 from matrice.models.hooks import Edit, instance_forward, neuron_hooks, restore_forward
 
 
@@ -126,14 +127,7 @@ class _CausalRunner:
 
     def _cache_for(self, active: list[int]):
         """The prefix cache with layer j broadcast (not copied) to the active[j] rows of that block."""
-        if self.cache is None:
-            return None
-        cache = copy.deepcopy(self.cache)
-        for layer, rows in zip(cache.layers, active):
-            if rows > 1:
-                layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
-                layer.values = layer.values.expand(rows, *layer.values.shape[1:])
-        return cache
+        return None if self.cache is None else broadcast_cache(self.cache, active)
 
     def head_inputs(self, active: list[int], edits: dict[int, Edit]) -> torch.Tensor:
         rows = active[-1]

@@ -1,0 +1,27 @@
+"""A prompt's key/value cache shared by many rows that each run one more token.
+
+Attribution rows, degenerate-neuron candidate groups and edited predictions all run the answer
+position of one prompt many times with different neuron edits. The prompt's positions are unaffected
+by those edits, so its cache is computed once and each batch attends to it by broadcasting (a view,
+no per-row copy of the keys and values).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+
+def broadcast_cache(cache: Any, rows: int | Sequence[int]) -> Any:
+    """A fresh cache (the model appends the new token's keys to it, so the shared one is never
+    touched) whose layer j holds the prefix broadcast to `rows` rows, or to `rows[j]` rows when one
+    count per layer is given (blocks that run only some of the batch's rows)."""
+    fresh = copy.deepcopy(cache)
+    per_layer = [rows] * len(fresh.layers) if isinstance(rows, int) else list(rows)
+    if len(per_layer) != len(fresh.layers):
+        raise ValueError(f"{len(per_layer)} row counts for a cache of {len(fresh.layers)} layers")
+    for layer, n in zip(fresh.layers, per_layer):
+        if n > 1:
+            layer.keys = layer.keys.expand(n, *layer.keys.shape[1:])
+            layer.values = layer.values.expand(n, *layer.values.shape[1:])
+    return fresh
