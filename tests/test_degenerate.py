@@ -9,7 +9,7 @@ import torch
 
 from matrice.degenerate import DegenerateConfig, Suppressor, find_degenerate, verify
 from matrice.models.encoding import encode_query
-from matrice.models.tiny import tiny_adapter
+from matrice.models.tiny import TINY_CAUSAL_FAMILIES, tiny_adapter
 from test_experiments import QUERIES
 
 CFG = DegenerateConfig(t_high=0.8, t_low=0.5)
@@ -85,7 +85,7 @@ def test_a_fact_search_verifies_on_held_out_paraphrases_shares_across_languages_
     assert summary["lakn"]["verified"].mean == 1.0 and summary["lakn"]["found"].n == 1
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "gemma3", "bloom"])
+@pytest.mark.parametrize("family", TINY_CAUSAL_FAMILIES)
 def test_batched_suppression_rows_equal_one_edit_set_per_group(family):
     """The fast path (groups as rows over the answer token, prefix cache broadcast) gives the
     probabilities of one full scoring per group."""

@@ -31,7 +31,7 @@ from matrice.models.predict import (
     score_answers,
     target_logits,
 )
-from matrice.models.tiny import TINY_FAMILIES, tiny_adapter, tiny_model
+from matrice.models.tiny import TINY_CAUSAL_FAMILIES, TINY_FAMILIES, TINY_MASKED_FAMILIES, tiny_adapter, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -76,7 +76,7 @@ def gelu_erf(h: torch.Tensor) -> torch.Tensor:
 def ffn_input_module(adapter: ModelAdapter, family: str, layer: int) -> nn.Module:
     """The module whose first input is the hidden state the FFN starts from."""
     block = adapter.layers[layer]
-    return block.intermediate if family in ("bert", "xlm-roberta") else block.mlp
+    return block.intermediate if family in TINY_MASKED_FAMILIES else block.mlp
 
 
 def manual_neurons(adapter: ModelAdapter, family: str, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ def manual_neurons(adapter: ModelAdapter, family: str, layer: int, x: torch.Tens
         fc = block.mlp.dense_h_to_4h
         h = x @ fc.weight.T + fc.bias
         return h * 0.5 * (1.0 + torch.tanh(0.79788456 * h * (1.0 + 0.044715 * h * h)))
-    if family in ("bert", "xlm-roberta"):  # exact (erf) GELU
+    if family in TINY_MASKED_FAMILIES:  # exact (erf) GELU
         fc = block.intermediate.dense
         return gelu_erf(x @ fc.weight.T + fc.bias)
     raise AssertionError(family)
@@ -347,10 +347,7 @@ def test_logits_at_equals_full_forward(tiny, family):
     torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
 
 
-CAUSAL_FAMILIES = [f for f in TINY_FAMILIES if f not in ("bert", "xlm-roberta")]
-
-
-@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
+@pytest.mark.parametrize("family", TINY_CAUSAL_FAMILIES)
 def test_broadcast_cache_equals_per_row_full_forwards(tiny, family):
     """Rows that run the last token on one broadcast prefix cache get the full sequence's last hidden
     state, and the shared cache is left as it was (the model appends to the fresh one only)."""
@@ -423,7 +420,7 @@ def test_structure(tiny, family):
     assert adapter.n_layers == 3
     hidden = adapter.model.config.hidden_size
     assert adapter.n_neurons == (4 * hidden if family == "bloom" else 48)
-    assert adapter.causal == (family not in ("bert", "xlm-roberta"))
+    assert adapter.causal == (family not in TINY_MASKED_FAMILIES)
     if adapter.causal:
         assert adapter.baseline_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("</s>")
     else:
@@ -574,7 +571,7 @@ def test_encode_causal_answer_merging_with_the_prompt(tiny):
     assert tok.unk_token_id not in enc.answer_ids
 
 
-@pytest.mark.parametrize("family", ["bert", "xlm-roberta"])
+@pytest.mark.parametrize("family", TINY_MASKED_FAMILIES)
 @pytest.mark.parametrize("obj", ["Paris", "Xyzzy"])
 def test_encode_masked(tiny, family, obj):
     adapter = tiny(family)

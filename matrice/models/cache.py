@@ -1,7 +1,7 @@
 """A prompt's key/value cache shared by many rows that each run one more token.
 
-Attribution rows, degenerate-neuron candidate groups and edited predictions all run the answer
-position of one prompt many times with different neuron edits. The prompt's positions are unaffected
+Attribution rows and degenerate-neuron candidate groups run the answer position of one prompt many
+times with different neuron edits. The prompt's positions are unaffected
 by those edits, so its cache is computed once and each batch attends to it by broadcasting (a view,
 no per-row copy of the keys and values).
 """

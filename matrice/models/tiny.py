@@ -10,6 +10,8 @@ import torch
 from matrice.models.adapter import ModelAdapter
 
 TINY_FAMILIES = ("gpt2", "llama", "qwen2", "gemma3", "bloom", "bert", "xlm-roberta")
+TINY_MASKED_FAMILIES = ("bert", "xlm-roberta")  # masked LMs; the others are causal
+TINY_CAUSAL_FAMILIES = tuple(f for f in TINY_FAMILIES if f not in TINY_MASKED_FAMILIES)
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
 DEFAULT_CORPUS = (
     "The capital of France is Paris. La capitale de la France est Paris. 法国的首都是巴黎。"
@@ -75,13 +77,13 @@ def tiny_model(family: str, vocab: int, seed: int = 0, init_scale: float = 0.3):
 
     config = _config(family, vocab)
     config.initializer_range = init_scale
-    masked = family in ("bert", "xlm-roberta")
+    masked = family in TINY_MASKED_FAMILIES
     torch.manual_seed(seed)
     model = (tf.AutoModelForMaskedLM if masked else tf.AutoModelForCausalLM).from_config(config)
     return model.float().eval()
 
 
 def tiny_adapter(family: str, seed: int = 0, corpus: Iterable[str] = (DEFAULT_CORPUS,)) -> ModelAdapter:
-    masked = family in ("bert", "xlm-roberta")
+    masked = family in TINY_MASKED_FAMILIES
     tokenizer = tiny_tokenizer(corpus, causal=not masked)
     return ModelAdapter(tiny_model(family, len(tokenizer), seed), tokenizer)
