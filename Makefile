@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # never pulls the multi-GB CUDA wheels on a CPU machine. On a GPU machine: make TORCH_SPEC=torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup pipeline test clean-venv
+.PHONY: setup pipeline test gpu-check gpu-carry clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,22 @@ pipeline: setup
 
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
+
+# Everything GPU-side measured in one time-boxed command (benchmarks/gpu_check.py; README "GPU check").
+# A GPU machine has no venv and no network: it uses its own python3 and what `make gpu-carry` packed.
+# The dry run, `make gpu-check DEVICE=cpu`, writes the same files with tiny shapes (CI runs it).
+DEVICE ?= cuda
+OUT ?= gpu-check
+CARRY := .gpu_carry
+GPU_PY = $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py --device $(DEVICE) --out $(OUT) \
+		$(if $(wildcard $(CARRY)/tokenizer/config.json),--tokenizer $(CARRY)/tokenizer) $(GPU_CHECK_ARGS)
+
+# Packs what a GPU machine lacks into $(CARRY)/ (ignored by git; name it in the device call's carry).
+gpu-carry: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash benchmarks/gpu_carry.sh $(CARRY)
 
 clean-venv:
 	rm -rf $(VENV)

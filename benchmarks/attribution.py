@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from matrice.attribution import fast
 from matrice.attribution.common import AttributionConfig
 from matrice.attribution.fast import fast_attribution_many
 from matrice.attribution.peer import peer_attribution
@@ -53,9 +54,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
     """Measured FLOP/s of a large square matmul on this device and dtype: the ceiling we compare with."""
-    n, repeats = (2048, 10) if device.type == "cpu" else (8192, 50)
+    n, repeats = (n or 2048, 10) if device.type == "cpu" else (n or 8192, 50)
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(3):
@@ -128,26 +129,40 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process high-water mark
 
 
-def where_time_goes(adapter: ModelAdapter, encs: Sequence[Encoded], cfg: AttributionConfig, top: int = 8) -> list[dict]:
-    """Self time of the costliest operators of one fast run (profiler), as shares of the total."""
+def where_time_goes(adapter: ModelAdapter, encs: Sequence[Encoded], cfg: AttributionConfig, top: int = 8) -> dict:
+    """Self time of the costliest operators of one fast run (profiler), as shares of the total; on a
+    GPU also the host side's and how busy the device was (kernel time / wall time): a low figure
+    means the host (Python, launches, syncs) is what limits, not the kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if adapter.device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    cuda = adapter.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    start = time.perf_counter()
+    with profile(activities=activities, acc_events=True) as prof:
         list(fast_attribution_many(adapter, encs, cfg))
         synchronize(adapter.device)
-    key = "self_device_time_total" if adapter.device.type == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
-    total = sum(getattr(e, key) for e in events)
-    events.sort(key=lambda e: getattr(e, key), reverse=True)
-    return [{"op": e.key, "share": round(getattr(e, key) / total, 3)} for e in events[:top]]
+    wall = time.perf_counter() - start
+
+    def shares(key: str) -> tuple[list[dict], float]:
+        events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+        total = sum(getattr(e, key) for e in events)
+        events.sort(key=lambda e: getattr(e, key), reverse=True)
+        return [{"op": e.key, "share": round(getattr(e, key) / total, 3)} for e in events[:top]], total / 1e6
+
+    ops, busy = shares("self_device_time_total" if cuda else "self_cpu_time_total")
+    out = {"ops": ops, "profiled_wall_s": round(wall, 3)}
+    if cuda:
+        out["device_busy_fraction"] = round(busy / wall, 3)
+        out["host_ops"] = shares("self_cpu_time_total")[0]
+    return out
 
 
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def bench_shape(name: str, adapter: ModelAdapter, encs: list[Encoded], args: argparse.Namespace, peak: float) -> dict:
+def bench_shape(name: str, adapter: ModelAdapter, encs: list[Encoded], args: argparse.Namespace, peak: float,
+                progress: Callable[[dict], None] | None = None) -> dict:
     device = adapter.device
     base_cfg = AttributionConfig(steps=args.steps, baseline="saig", integration=args.integration)
     n_base = [len(e.baseline_positions) for e in encs]
@@ -162,7 +177,13 @@ def bench_shape(name: str, adapter: ModelAdapter, encs: list[Encoded], args: arg
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         cfg = AttributionConfig(steps=args.steps, baseline="saig", batch_size=batch, integration=args.integration)
-        scores, seconds = timed(lambda: list(fast_attribution_many(adapter, encs, cfg)), device)
+        try:
+            scores, seconds = timed(lambda: list(fast_attribution_many(adapter, encs, cfg)), device)
+        except torch.cuda.OutOfMemoryError:  # a batch too large for this device: say so, try the next
+            torch.cuda.empty_cache()
+            out["fast"].append({"batch_size": batch, "error": "out of memory"})
+            print(json.dumps(out["fast"][-1]), flush=True)
+            continue
         fast_scores = fast_scores or scores
         achieved = (head_f + block_f) / seconds
         out["fast"].append({
@@ -172,7 +193,12 @@ def bench_shape(name: str, adapter: ModelAdapter, encs: list[Encoded], args: arg
             "peak_memory_gib": round(peak_memory_gib(device), 2),
         })
         print(json.dumps(out["fast"][-1]), flush=True)
-    best = min(out["fast"], key=lambda r: r["seconds"])
+        if progress is not None:
+            progress(out)
+    measured = [r for r in out["fast"] if "seconds" in r]
+    if not measured:
+        return out
+    best = min(measured, key=lambda r: r["seconds"])
     engines = {"peer": peer_attribution} if not args.no_peer else {}
     if not args.no_reference:
         engines["reference"] = reference_attribution
@@ -230,14 +256,19 @@ def main() -> None:
     parser.add_argument("--agreement", action="store_true", help="bfloat16 vs float32 on the prepared model")
     parser.add_argument("--agreement-queries", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    parser.add_argument("--peak-n", type=int, default=None, help="side of the peak-measuring matmul (default 2048 CPU, 8192 GPU)")
+    parser.add_argument("--cudnn-attention", action="store_true",
+                        help="let SDPA use cuDNN (PyTorch's choice) instead of the engine's backends (an A/B switch)")
     parser.add_argument("--out", default="benchmarks/results.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cudnn_attention:
+        fast.CUDA_ATTENTION_BACKENDS = None
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    peak = matmul_peak(device, dtype)
+    peak = matmul_peak(device, dtype, args.peak_n)
     report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-                    "dtype": args.dtype, "matmul_peak_tflops": round(peak / 1e12, 4), "shapes": []}
+                    "dtype": args.dtype, "cuda_attention_backends": fast.CUDA_ATTENTION_BACKENDS, "matmul_peak_tflops": round(peak / 1e12, 4), "shapes": []}
     print(json.dumps({k: v for k, v in report.items() if k != "shapes"}), flush=True)
     for shape in args.shapes:
         if shape == "prepared":
@@ -249,8 +280,11 @@ def main() -> None:
             adapter = random_model(shape, device, dtype)
             encs = random_queries(adapter, args.queries)
         print(f"== {shape}", flush=True)
-        report["shapes"].append(bench_shape(shape, adapter, encs, args, peak))
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # each shape kept as soon as it is done
+        def keep(partial: dict) -> None:  # each batch size kept as soon as it is measured
+            Path(args.out).write_text(json.dumps({**report, "shapes": [*report["shapes"], partial]}, indent=2) + "\n")
+
+        report["shapes"].append(bench_shape(shape, adapter, encs, args, peak, keep))
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         del adapter
     if args.agreement:
         report["bfloat16_agreement"] = agreement(args.model, args.device, args)

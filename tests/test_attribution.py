@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import default_text, encode_text, tiny_on_device
+from conftest import across_shapes, default_text, encode_text, tiny_on_device
 from matrice.attribution.common import (
     AttributionConfig,
     baseline_activations,
@@ -268,7 +268,7 @@ def test_baseline_sentences_and_activations(tiny, family):
     for i in (0, len(enc.baseline_positions) - 1):
         for layer in range(adapter.n_layers):
             plain = plain_activation(adapter, saig[i].tolist(), enc.target_pos, layer)
-            torch.testing.assert_close(w_base[i, layer], plain, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(w_base[i, layer], plain, **across_shapes(1e-6, 1e-5))
         assert not torch.allclose(w_base[i], w_orig)
     assert torch.equal(baseline_activations(adapter, enc, "zero", w_orig), torch.zeros_like(w_orig)[None])
 

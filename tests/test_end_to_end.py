@@ -4,10 +4,6 @@ the stages' wiring (file names, params, the report) is exercised, not only the l
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,33 +12,20 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _stage_commands() -> list[str]:
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    return [(s["do"] if "foreach" in s else s)["cmd"].replace("${key}", "tiny") for s in stages.values()]
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from matrice.models.tiny import tiny_adapter
+    from stages.sequence import project_copy, reduced_params, run_stages
 
     root = tmp_path_factory.mktemp("run")
-    for name in ("stages", "matrice"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     model_dir = root / "tiny_model"
     adapter = tiny_adapter("llama")
     adapter.model.save_pretrained(model_dir)
     adapter.tokenizer.save_pretrained(model_dir)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["models"] = {"tiny": {"source": str(model_dir), "device": "cpu", "dtype": "float32"}}
-    params["dataset"].update(relations=["P36", "P30"], languages=["en", "fr", "zh"], max_facts_per_relation=4)
-    params["attribute"].update(facts_per_relation=2, fact_policy="any", batch_size=64)  # a random model knows nothing
-    params["inject"].update(max_new=4, max_old=4, epochs=1)
-    params["steps"] = 2
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PYTHONPATH": str(root), "TQDM_DISABLE": "1"}
-    for cmd in _stage_commands():
-        done = subprocess.run([sys.executable, *cmd.split()[1:]], cwd=root, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, f"{cmd} failed:\n{done.stderr[-3000:]}"
+    params = reduced_params(yaml.safe_load((REPO / "params.yaml").read_text()), "tiny", str(model_dir), "cpu")
+    runs = run_stages(project_copy(root, params), ["tiny"])
+    failed = [r for r in runs if r.returncode]
+    assert not failed, f"{failed[0].cmd} failed:\n{failed[0].stderr_tail}"
     return root
 
 

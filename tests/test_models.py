@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import encode_text
+from conftest import TEST_DEVICE, encode_text
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.cache import broadcast_cache
 from matrice.models.families import (
@@ -428,7 +428,7 @@ def test_structure(tiny, family):
     assert adapter.pad_token_id == tok.pad_token_id
     assert [len(p.weight.shape) for p in adapter.in_projs(0)] == [2] * len(adapter.family.in_projs)
     assert adapter.unembedding(5).shape == (hidden,)
-    assert adapter.dtype == torch.float32 and adapter.device.type == "cpu"
+    assert adapter.dtype == torch.float32 and adapter.device.type == TEST_DEVICE.type
     assert not any(p.requires_grad for p in adapter.model.parameters())
 
 
@@ -444,7 +444,7 @@ def test_output_weight_is_the_neurons_output_vector(tiny, family):
         assert proj.weight.shape == (hidden, adapter.n_neurons)  # Linear (out, in): a column per neuron
 
     def contribution(i: int, a: float = 1.7) -> torch.Tensor:
-        e = torch.zeros(1, adapter.n_neurons)
+        e = torch.zeros(1, adapter.n_neurons, device=adapter.device)
         e[0, i] = a
         with torch.no_grad():
             return (proj(e) - proj(torch.zeros_like(e)))[0]

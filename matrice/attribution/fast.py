@@ -15,8 +15,8 @@ What it saves (METHOD.md §1 costs m × L × M forward+backward passes per query
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any, ContextManager, Iterator, Sequence
 
 import torch
 
@@ -31,6 +31,22 @@ from matrice.attribution.head import fused_answer_probability, head_input, linea
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.cache import broadcast_cache
 from matrice.models.hooks import Edit, instance_forward, neuron_hooks, restore_forward
+
+
+# SDPA backends the engine's passes may use on a GPU (None: PyTorch's own choice). cuDNN's attention
+# is left out: it builds an execution plan per new input shape, and the growing batch gives a new row
+# count at almost every block, so plan building (host time) dominated bf16 runs on an H100; the
+# flash and memory-efficient kernels need no plan and give the same numbers to float rounding.
+CUDA_ATTENTION_BACKENDS: tuple[str, ...] | None = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def attention_kernels(device: torch.device) -> ContextManager[Any]:
+    """The engine's SDPA backends on CUDA (`CUDA_ATTENTION_BACKENDS`); elsewhere nothing changes."""
+    if device.type != "cuda" or CUDA_ATTENTION_BACKENDS is None:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name) for name in CUDA_ATTENTION_BACKENDS])
 
 
 def _hidden(output: Any) -> torch.Tensor:
@@ -197,7 +213,8 @@ class _QueryRows:
             values.append(self.points[start + local].clone().requires_grad_(True))
             edits[layer] = _replace_rows(local, values[-1])
         active = [int((chunk_layers <= j).sum()) for j in range(self.n_layers)]
-        return self.runner.head_inputs(active, edits), values
+        with attention_kernels(self.original.device):
+            return self.runner.head_inputs(active, edits), values
 
     def attributions(self) -> torch.Tensor:
         attr = torch.zeros(self.base.shape, dtype=torch.float32)

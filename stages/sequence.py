@@ -1,0 +1,86 @@
+"""The dvc.yaml stages in their order as plain commands, and a runner for them in a copy of the project.
+
+Why: a machine without DVC (a lent GPU machine) or a test that wants every stage's wiring runs the
+same commands `dvc repro` would, in the file's order (dvc.yaml lists the stages top to bottom, each
+after what it reads), with per-stage wall times."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class StageRun:
+    """One stage command's outcome: its wall time and, when it failed, the end of its stderr."""
+
+    stage: str
+    cmd: str
+    seconds: float
+    returncode: int
+    stderr_tail: str = ""
+
+
+def stage_commands(model_keys: list[str], dvc_yaml: Path = REPO / "dvc.yaml") -> list[tuple[str, str]]:
+    """(stage name, command) in dvc.yaml's order; a `foreach: ${models}` stage once per model key."""
+    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    out = []
+    for name, stage in stages.items():
+        if "foreach" in stage:
+            out += [(f"{name}@{key}", stage["do"]["cmd"].replace("${key}", key)) for key in model_keys]
+        else:
+            out.append((name, stage["cmd"]))
+    return out
+
+
+def project_copy(root: Path, params: dict[str, Any]) -> Path:
+    """A runnable copy of the code (stages/, matrice/) under `root` with `params` as its params.yaml."""
+    for name in ("stages", "matrice"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def reduced_params(params: dict[str, Any], key: str, source: str, device: str) -> dict[str, Any]:
+    """`params` shrunk to a minutes-long run of every stage on one (random) model: two relations,
+    three languages, two facts each, M = 2. A random model knows no fact, so every fact is attributed."""
+    params = yaml.safe_load(yaml.safe_dump(params))  # a deep copy
+    params["models"] = {key: {"source": source, "device": device, "dtype": "float32"}}
+    params["dataset"].update(relations=["P36", "P30"], languages=["en", "fr", "zh"], max_facts_per_relation=4)
+    params["attribute"].update(facts_per_relation=2, fact_policy="any", batch_size=64)
+    params["inject"].update(max_new=4, max_old=4, epochs=1)
+    params["steps"] = 2
+    return params
+
+
+def run_stages(root: Path, model_keys: list[str],
+               on_stage: Callable[[StageRun], None] | None = None) -> list[StageRun]:
+    """Every stage in `root` (a `project_copy`), in order, stopping at the first failure."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "TQDM_DISABLE": "1"}
+    runs = []
+    for name, cmd in stage_commands(model_keys):
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, *cmd.split()[1:]], cwd=root, env=env, capture_output=True, text=True)
+        run = StageRun(name, cmd, round(time.perf_counter() - start, 2), done.returncode,
+                       done.stderr[-3000:] if done.returncode else "")
+        runs.append(run)
+        if on_stage is not None:
+            on_stage(run)
+        if done.returncode:
+            break
+    return runs
+
+
+def as_records(runs: list[StageRun]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in runs]

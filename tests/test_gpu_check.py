@@ -1,0 +1,76 @@
+"""The GPU check's CPU dry run (`make gpu-check DEVICE=cpu`): every part runs on tiny shapes and
+writes the files a GPU run writes, so the one command a GPU session runs cannot rot in between."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from gpu_check import PARTS, goal_lines, summary_markdown  # noqa: E402
+
+FILES = ("environment.json", "engine.json", "tests.json", "ray.json", "pipeline.json", "summary.md", "gpu_check.log")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gpu-check")
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_the_dry_run_writes_every_file_and_every_part_succeeds(dry_run):
+    assert sorted(p.name for p in dry_run.iterdir()) == sorted(FILES)
+    checks = {}
+    for name in ("environment", "tests", "ray", "pipeline"):
+        checks[name] = json.loads((dry_run / f"{name}.json").read_text())["check"]
+    engine = json.loads((dry_run / "engine.json").read_text())
+    checks.update({f"engine_{k}": v["check"] for k, v in engine.items()})
+    assert set(checks) == set(PARTS)
+    ray_ok = {"ok"} if json.loads((dry_run / "environment.json").read_text())["packages"].get("ray") else {"skipped"}
+    for part, check in checks.items():
+        assert check["status"] in (ray_ok if part == "ray" else {"ok"}), (part, check)
+
+
+def test_the_dry_run_measures_what_it_reports(dry_run):
+    engine = json.loads((dry_run / "engine.json").read_text())
+    for run in engine.values():
+        assert run["shapes"] and all(r["rows_per_s"] > 0 for s in run["shapes"] for r in s["fast"])
+    reference = engine["reference"]["shapes"][0]["reference"]
+    assert reference["max_relative_difference"] < 1e-4  # the fast engine agrees with the reference
+    tests = json.loads((dry_run / "tests.json").read_text())
+    assert tests["finished"] and tests["counts"].get("passed", 0) >= 1 and not tests["failures"]
+    pipeline = json.loads((dry_run / "pipeline.json").read_text())
+    assert pipeline["all_stages_ran"] and pipeline["stages"][-1]["stage"] == "report"
+    summary = (dry_run / "summary.md").read_text()
+    for section in ("## Attribution engine", "## Tests on the device", "## Ray executor", "## Pipeline end to end", "## Goals"):
+        assert section in summary
+
+
+def test_a_part_cut_by_its_time_box_is_reported_and_the_rest_still_runs(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--out", str(tmp_path),
+                           "--parts", "environment", "engine_fp32", "--budget", "engine_fp32=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "environment.json").read_text())["check"]["status"] == "ok"
+    assert json.loads((tmp_path / "engine.json").read_text())["fp32"]["check"]["status"] == "timed_out"
+    assert "| engine_fp32 | timed_out |" in (tmp_path / "summary.md").read_text()
+
+
+def test_goals_are_judged_only_on_what_was_measured():
+    results = {"engine": {"bf16": {"shapes": [{"shape": "llama-2-7b", "fast": [
+        {"fraction_of_peak": 0.3}, {"batch_size": 2048, "error": "out of memory"}, {"fraction_of_peak": 0.45}]}]}},
+        "pipeline": {"all_stages_ran": False, "total_seconds": 100.0}}
+    lines = goal_lines(results)
+    assert lines[0].endswith("0.45 — met")
+    assert lines[1].endswith("not measured")  # no Gemma shape ran
+    assert lines[2].endswith("not measured")  # a pipeline that did not finish has no total
+    assert "## Goals" in summary_markdown({"environment": {}, "pipeline": results["pipeline"]}, "cuda")
