@@ -1,7 +1,11 @@
 """The paper's claims as computed comparisons: one row per claim, our estimate, the verdict.
 
 Each claim is a paired per-fact difference (MATRICE − X, or a share − its uniform value) whose sign
-the paper asserts; `matrice.stats` gives the interval, the p-value and the verdict. Manipulation and
+the paper asserts, tested over relation clusters (`matrice.stats.clustered_difference`: each
+relation's facts averaged first, exact sign-flip test) with the fact-level estimate beside it. A row
+is *not testable* when a side selected or trained nothing for at least half the facts, or both sides
+sit at one value in every fact. `judge` gives the verdicts: Holm over the declared primary family,
+raw p for the exploratory rows, equivalence within the declared margins. Manipulation and
 enhancement are scored on *evaluation* queries (paraphrases never attributed) when the run has them;
 editing's reliability is, by the experiment's design, on the edited (attributed) query, and says so.
 """
@@ -9,13 +13,21 @@ editing's reliability is, by the experiment's design, on the edited (attributed)
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from matrice.stats import (Direction, Estimate, Verdict, bootstrap_mean, paired_difference, per_fact_mean, pooled_ratio,
-                           verdict)
+from matrice.stats import (Comparison, Direction, Estimate, Verdict, bootstrap_mean, clustered_difference, flag_counts, holm,
+                           paired_ratio_difference, per_fact_mean, pooled_ratio, power, prf, verdict)
+
+RelationOf = Callable[[str], str]
+
+
+def relation_prefix(fact_id: str) -> str:
+    """The relation of a fact id written `<relation>-<id>` (embedded and mLAMA facts); the report
+    passes the dataset's own mapping instead."""
+    return fact_id.split("-", 1)[0]
 
 
 NAMES = {"lolo": "LOLO (selected without the language)", "lolo_random_layer": "Random (layer-matched to LOLO)",
@@ -40,15 +52,65 @@ class Claim:
     comparison: str  # what is estimated, e.g. "ΔP/P MATRICE − Random (suppress)"
     direction: Direction  # the sign the paper asserts for the difference
     queries: str  # which queries the number rests on
-    estimate: Estimate
+    estimate: Estimate  # over relations: the verdict's unit
     verdict: Verdict
     note: str = ""
+    key: str = ""  # stable id (params.yaml `verdicts.primary` names rows by it)
+    metric: str = ""  # which equivalence margin applies (params.yaml `verdicts.margins`)
+    fact_estimate: Estimate | None = None  # over facts, beside the verdict's
+    unit_diffs: tuple[float, ...] = ()  # the relation-level differences (power analysis)
+    untestable: str = ""  # why no verdict is possible ("" when one is)
+    primary: bool = False
+    p_holm: float | None = None
+
+
+def _untestable(a: Mapping[str, float | None], b: Mapping[str, float | None], empty: Mapping[str, int], n_facts: int) -> str:
+    """Why a row cannot be tested: a side selected/trained nothing for ≥ half the facts (`empty`:
+    side name -> facts without neurons), or both sides at one value in every fact."""
+    for name, k in empty.items():
+        if n_facts and 2 * k >= n_facts:
+            return f"{name} selected or trained nothing for {k} of {n_facts} facts"
+    shared = [(a[f], b[f]) for f in set(a) & set(b) if a[f] is not None and b[f] is not None]
+    values = {v for pair in shared for v in pair}
+    if shared and len(values) == 1:
+        return f"both sides are {values.pop():g} in every fact"
+    return ""
 
 
 def _claim(source: str, text: str, comparison: str, direction: Direction, queries: str,
-           a: Sequence[float | None], b: Sequence[float | None], note: str = "") -> Claim:
-    est = paired_difference(a, b)
-    return Claim(source, text, comparison, direction, queries, est, verdict(est, direction), note)
+           a: Mapping[str, float | None], b: Mapping[str, float | None], note: str = "", *, key: str, metric: str,
+           relation_of: RelationOf = relation_prefix, empty: Mapping[str, int] | None = None, n_facts: int = 0) -> Claim:
+    comp: Comparison = clustered_difference(a, b, relation_of)
+    untestable = _untestable(a, b, empty or {}, n_facts or len(set(a) | set(b)))
+    if "selected or trained nothing" in untestable and "is empty for" in note:  # the reason says it already
+        note = ""
+    diffs = _relation_diffs(a, b, relation_of)
+    return Claim(source, text, comparison, direction, queries, comp.relation,
+                 verdict(comp.relation, direction, untestable=untestable), note, key, metric, comp.fact, diffs, untestable)
+
+
+def _relation_diffs(a: Mapping[str, float | None], b: Mapping[str, float | None], relation_of: RelationOf) -> tuple[float, ...]:
+    by_relation: dict[str, list[float]] = defaultdict(list)
+    for f in sorted(set(a) & set(b)):
+        if a[f] is not None and b[f] is not None:
+            by_relation[relation_of(f)].append(float(a[f]) - float(b[f]))
+    return tuple(float(np.mean(v)) for _, v in sorted(by_relation.items()))
+
+
+def judge(claims: Sequence[Claim], primary: Sequence[str] = (), margins: Mapping[str, float] | None = None,
+          alpha: float = 0.05) -> list[Claim]:
+    """Final verdicts: rows named in `primary` get Holm-adjusted p (over the primary rows that can be
+    tested) and decide with it; the others are exploratory and use their raw p; every row may be
+    judged equivalent within its metric's declared margin."""
+    margins = margins or {}
+    family = [c for c in claims if c.key in primary and not c.untestable]
+    adjusted = dict(zip((c.key for c in family), holm([c.estimate.p for c in family])))
+    out = []
+    for c in claims:
+        p_holm = adjusted.get(c.key)
+        v = verdict(c.estimate, c.direction, alpha, margins.get(c.metric), p_holm, c.untestable)
+        out.append(replace(c, primary=c.key in primary, p_holm=p_holm, verdict=v))
+    return out
 
 
 def scored_queries(records: Sequence[Mapping[str, Any]], is_evaluation: Callable[[str], bool]
@@ -59,11 +121,6 @@ def scored_queries(records: Sequence[Mapping[str, Any]], is_evaluation: Callable
     return (lambda r: is_evaluation(r["query_id"])) if have_eval else (lambda r: True), have_eval
 
 
-def _paired(x: Mapping[str, float], y: Mapping[str, float]) -> tuple[list[float | None], list[float | None]]:
-    facts = sorted(set(x) | set(y))
-    return [x.get(f) for f in facts], [y.get(f) for f in facts]
-
-
 def _empty_note(empty: Mapping[str, Sequence[str]], method: str, n_facts: int) -> str:
     k = len(empty.get(method, []))
     if not k:
@@ -72,18 +129,26 @@ def _empty_note(empty: Mapping[str, Sequence[str]], method: str, n_facts: int) -
             "doing nothing")
 
 
-def layer_claims(sets: Mapping[str, Mapping[str, Sequence[Sequence[int]]]], n_layers: int) -> list[Claim]:
+def _empty_counts(empty: Mapping[str, Sequence[str]], *methods: str) -> dict[str, int]:
+    """{display name: facts where the method selected nothing} for the methods of one row."""
+    return {method_name(m): len(empty.get(m, [])) for m in methods if empty.get(m)}
+
+
+def layer_claims(sets: Mapping[str, Mapping[str, Sequence[Sequence[int]]]], n_layers: int,
+                 relation_of: RelationOf = relation_prefix) -> list[Claim]:
     """Fig. 4: 'the last few layers contain a higher proportion' — share of a fact's LAKNs in the top
     third of the layers against the uniform share."""
     top = n_layers - n_layers // 3
     uniform = (n_layers - top) / n_layers
-    shares = [float(np.mean([l >= top for l, _ in per["matrice"]])) for per in sets.values() if len(per["matrice"])]
+    shares = {f: float(np.mean([l >= top for l, _ in per["matrice"]])) for f, per in sets.items() if len(per["matrice"])}
     return [_claim("Fig. 4", "the last few layers hold a higher share of LAKNs",
                    f"share of MATRICE neurons in layers {top}-{n_layers - 1} − uniform ({uniform:.2f})", "greater",
-                   "all selected neurons", shares, [uniform] * len(shares))]
+                   "all selected neurons", shares, {f: uniform for f in shares}, key="fig4_top_layer_share",
+                   metric="share", relation_of=relation_of)]
 
 
-def manipulation_claims(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool]) -> list[Claim]:
+def manipulation_claims(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool],
+                        relation_of: RelationOf = relation_prefix) -> list[Claim]:
     """Fig. 5 and Table II from per-query ΔP/P, averaged per fact over evaluation queries."""
     records = manip["records"]
     scored, have_eval = scored_queries(records, is_evaluation)
@@ -102,6 +167,7 @@ def manipulation_claims(manip: Mapping[str, Any], is_evaluation: Callable[[str],
 
     empty = manip.get("empty_facts", {})
     methods = {r["method"] for r in records}
+    common = dict(metric="delta_p", relation_of=relation_of, n_facts=n_facts)
     out = []
     for other in (m for m in BASELINES if m in methods):
         for mode, direction in (("suppress", "less"), ("enhance", "greater")):
@@ -109,21 +175,25 @@ def manipulation_claims(manip: Mapping[str, Any], is_evaluation: Callable[[str],
                 "Fig. 5", f"{ {'suppress': 'suppressing', 'enhance': 'enhancing'}[mode]} MATRICE's neurons moves "
                 f"P(answer) more than {method_name(other)}'s",
                 f"ΔP/P MATRICE − {method_name(other)} ({mode})", direction, split,
-                *_paired(effect("matrice", mode), effect(other, mode)), _empty_note(empty, other, n_facts)))
+                effect("matrice", mode), effect(other, mode), _empty_note(empty, other, n_facts),
+                key=f"fig5_{mode}_vs_{other}", empty=_empty_counts(empty, "matrice", other), **common))
     for ablation in (m for m in ("wo_uaq", "wo_uaq_k", "wo_ual", "wo_ual_k") if m in methods):
         text = f"removing {'UaQ' if 'uaq' in ablation else 'UaL'} weakens the neurons"
         out.append(_claim("Table II", text, f"effect MATRICE − {method_name(ablation)} (−ΔP suppress, +ΔP enhance, mean)",
-                          "greater", split, *_paired(effect("matrice", None), effect(ablation, None)),
-                          _empty_note(empty, ablation, n_facts)))
+                          "greater", split, effect("matrice", None), effect(ablation, None),
+                          _empty_note(empty, ablation, n_facts), key=f"table2_vs_{ablation}",
+                          empty=_empty_counts(empty, "matrice", ablation), **common))
     for suffix in ("", "_k"):
         if {f"wo_uaq{suffix}", f"wo_ual{suffix}"} <= methods:
             out.append(_claim("Table II", "UaQ matters more than UaL",
                               f"effect {method_name('wo_ual' + suffix)} − effect {method_name('wo_uaq' + suffix)}", "greater", split,
-                              *_paired(effect(f"wo_ual{suffix}", None), effect(f"wo_uaq{suffix}", None))))
+                              effect(f"wo_ual{suffix}", None), effect(f"wo_uaq{suffix}", None),
+                              key=f"table2_uaq_over_ual{suffix}",
+                              empty=_empty_counts(empty, f"wo_ual{suffix}", f"wo_uaq{suffix}"), **common))
     return out
 
 
-def editing_claims(editing: Mapping[str, Any]) -> list[Claim]:
+def editing_claims(editing: Mapping[str, Any], relation_of: RelationOf = relation_prefix) -> list[Claim]:
     """Tables III/IV: reliability per fact, pooled over languages (edited in English)."""
     records = editing["records"]
     n_facts = len({r["fact_id"] for r in records})
@@ -141,25 +211,34 @@ def editing_claims(editing: Mapping[str, Any]) -> list[Claim]:
                 out.append(_claim(
                     table, f"{method_name(a)}'s {operation} is more reliable than {method_name(b)}'s",
                     f"{operation} reliability {method_name(a)} − {method_name(b)}", "greater", "edited query, every language (attributed)",
-                    *_paired(reliability(a, operation), reliability(b, operation)),
-                    _empty_note(empty, "amig", n_facts) if "amig" in (a, b) else ""))
+                    reliability(a, operation), reliability(b, operation),
+                    _empty_note(empty, "amig", n_facts) if "amig" in (a, b) else "",
+                    key=f"{'table3' if operation == 'erasure' else 'table4'}_{operation}_{a}_vs_{b}", metric="rate",
+                    relation_of=relation_of, empty=_empty_counts(empty, a, b), n_facts=n_facts))
     return out
 
 
-def enhancement_claims(enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool]) -> list[Claim]:
-    """Fig. 6: accuracy gained on Q_error (low-resource languages) per fact."""
+def enhancement_claims(enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool],
+                       relation_of: RelationOf = relation_prefix,
+                       empty: Mapping[str, Sequence[str]] | None = None) -> list[Claim]:
+    """Fig. 6: accuracy gained on Q_error (low-resource languages) per fact. `empty`: method -> facts
+    whose set is empty (from the selection)."""
     records = enhancement["records"]
     scored, have_eval = scored_queries(records, is_evaluation)
     split = "Q_error, evaluation queries" if have_eval else "Q_error (no held-out ones in this run)"
+    empty = empty or {}
 
     def gain(method: str) -> dict[str, float]:
         return per_fact_mean(records, lambda r: float(r["correct_after"]),
                              lambda r: r["method"] == method and scored(r))
 
     methods = {r["method"] for r in records}
+    n_facts = len({r["fact_id"] for r in records})
     return [
         _claim("Fig. 6", f"{method_name(a)} gains more accuracy than {method_name(b)}",
-               f"accuracy gain {method_name(a)} − {method_name(b)}", "greater", split, *_paired(gain(a), gain(b)))
+               f"accuracy gain {method_name(a)} − {method_name(b)}", "greater", split, gain(a), gain(b),
+               key=f"fig6_{a}_vs_{b}", metric="accuracy", relation_of=relation_of,
+               empty=_empty_counts(empty, a, b), n_facts=n_facts)
         for a, b in (*(("matrice", m) for m in BASELINES), ("amig", "random"))
         if a in methods and b in methods
     ]
@@ -182,7 +261,7 @@ def injection_accuracy(records: Sequence[Mapping[str, Any]], variant: str, split
                          lambda r: r["variant"] == variant and r["split"] == split and lang in (None, r["lang"]))
 
 
-def injection_claims(injection: Mapping[str, Any]) -> list[Claim]:
+def injection_claims(injection: Mapping[str, Any], relation_of: RelationOf = relation_prefix) -> list[Claim]:
     """Table V on held-out data: MATRICE_FT learns the injected fact (held-out paraphrase) better than
     Random_FT / AMIG_FT, carries it to other languages, and forgets less than Direct_FT."""
     records = _selected_records(injection)
@@ -205,10 +284,13 @@ def injection_claims(injection: Mapping[str, Any]) -> list[Claim]:
             where = {"heldout": "held-out paraphrases of the injected facts",
                      "transfer": "the injected facts' original queries in the other languages",
                      "old": "Q_old (facts not injected)"}[split]
+            mine, theirs = injection_accuracy(records, "matrice", split), injection_accuracy(records, other, split)
+            facts = set(mine) | set(theirs)
+            not_trained = {INJECT_NAMES[v]: len(facts) for v in ("matrice", other) if v in untrained}
             out.append(_claim("Table V", f"MATRICE_FT {text} {INJECT_NAMES[other]}",
-                              f"{split} accuracy MATRICE_FT − {INJECT_NAMES[other]}", "greater", where,
-                              *_paired(injection_accuracy(records, "matrice", split),
-                                       injection_accuracy(records, other, split)), note))
+                              f"{split} accuracy MATRICE_FT − {INJECT_NAMES[other]}", "greater", where, mine, theirs, note,
+                              key=f"table5_{split}_vs_{other}", metric="accuracy", relation_of=relation_of,
+                              empty=not_trained, n_facts=len(facts)))
     return out
 
 
@@ -246,7 +328,8 @@ def _suppression(records: Sequence[Mapping[str, Any]], method: str, keep: Callab
     return {f: float(np.mean(v)) for f, v in by_fact.items()}
 
 
-def control_claims(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool]) -> list[Claim]:
+def control_claims(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool],
+                   relation_of: RelationOf = relation_prefix) -> list[Claim]:
     """The paper's premises as tests: LAKNs selected without a language still suppress the answer in
     it (language-agnostic), and a fact's LAKNs suppress it more than another fact's do (specific)."""
     out = []
@@ -256,7 +339,8 @@ def control_claims(controls: Mapping[str, Any], is_evaluation: Callable[[str], b
             "LOLO", "LAKNs are language-agnostic: selected from the other languages, suppressing them lowers "
             "P(answer) in the held-out language more than random neurons do", f"ΔP/P {method_name('lolo')} − {method_name('lolo_random_layer')} (suppress)",
             "less", "every query of the held-out language (none reached selection)",
-            *_paired(_suppression(lolo, "lolo", lambda r: True), _suppression(lolo, "lolo_random_layer", lambda r: True))))
+            _suppression(lolo, "lolo", lambda r: True), _suppression(lolo, "lolo_random_layer", lambda r: True),
+            key="lolo_vs_random_layer", metric="delta_p", relation_of=relation_of))
     spec = controls.get("specificity", [])
     if spec:
         scored, have_eval = scored_queries(spec, is_evaluation)
@@ -267,7 +351,8 @@ def control_claims(controls: Mapping[str, Any], is_evaluation: Callable[[str], b
                 "Specificity", "a fact's LAKNs suppress it more than the LAKNs of "
                 + ("another fact of its relation" if donor == "same_relation" else "a fact of another relation") + " do",
                 f"ΔP/P own − {donor.replace('_', ' ')} donor (suppress)", "less", split,
-                *_paired(own, _suppression(spec, donor, scored))))
+                own, _suppression(spec, donor, scored), key=f"specificity_vs_{donor}", metric="delta_p",
+                relation_of=relation_of))
     return out
 
 
@@ -288,40 +373,89 @@ def lolo_interval_table(controls: Mapping[str, Any], is_evaluation: Callable[[st
     return "\n".join(lines) + "\n"
 
 
-def fact_check_claims(fact_check: Mapping[str, Any]) -> list[Claim]:
+def f1_difference_by_relation(statements: Sequence[Mapping[str, Any]], a: str, b: str, relation_of: RelationOf,
+                              seed: int = 0) -> Estimate:
+    """F1(a) − F1(b) of flagging false statements on those both decide, relations as the units (their
+    facts' counts summed): the verdict's test, a paired permutation over relations."""
+    both = [r for r in statements if r["flagged"][a] is not None and r["flagged"][b] is not None]
+    units, counts_a = flag_counts(both, a, lambda r: relation_of(r["fact_id"]))
+    units_b, counts_b = flag_counts(both, b, lambda r: relation_of(r["fact_id"]))
+    assert units == units_b
+    return paired_ratio_difference(counts_a, counts_b, lambda c: prf(c)[..., 2], seed=seed)
+
+
+def fact_check_claims(fact_check: Mapping[str, Any], relation_of: RelationOf = relation_prefix) -> list[Claim]:
     """AMIG: degenerate knowledge neurons detect false statements better than the model itself — the
-    F1 of flagging false statements, DKN attribution − P(object), on the statements both decide
-    (`matrice.fact_check`: facts resampled together; a ratio of sums, so not a mean of per-fact values)."""
+    F1 of flagging false statements, DKN attribution − P(object), on the statements both decide. A
+    ratio of sums, not a mean of per-fact values: relations are the units of a paired permutation test
+    (`f1_difference_by_relation`); the fact-level estimate is the stage's."""
     if not fact_check:
         return []
-    est = Estimate(**fact_check["summary"]["difference"]["dkn_attribution"])
+    fact_level = Estimate(**fact_check["summary"]["difference"]["dkn_attribution"])
+    est = f1_difference_by_relation(fact_check.get("statements", []), "dkn_attribution", "probability", relation_of)
     source = fact_check.get("neuron_source", "relation")
     queries = "held-out paraphrases" + ("" if source == "relation" else "; neurons found with the true object")
     return [Claim("AMIG (fact checking)", "degenerate knowledge neurons detect false facts better than the model",
-                  "F1 (false flagged) DKN attribution − P(object)", "greater", queries, est, verdict(est, "greater"))]
+                  "F1 (false flagged) DKN attribution − P(object)", "greater", queries, est, verdict(est, "greater"),
+                  key="amig_fact_check", metric="f1", fact_estimate=fact_level)]
 
 
 def all_claims(*, sets: Mapping[str, Any], n_layers: int, manip: Mapping[str, Any], editing: Mapping[str, Any],
                enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool],
                controls: Mapping[str, Any] | None = None, injection: Mapping[str, Any] | None = None,
-               fact_check: Mapping[str, Any] | None = None) -> list[Claim]:
-    return [*layer_claims(sets, n_layers), *manipulation_claims(manip, is_evaluation),
-            *control_claims(controls or {}, is_evaluation), *editing_claims(editing),
-            *enhancement_claims(enhancement, is_evaluation), *injection_claims(injection or {}),
-            *fact_check_claims(fact_check or {})]
+               fact_check: Mapping[str, Any] | None = None, relation_of: RelationOf = relation_prefix,
+               primary: Sequence[str] = (), margins: Mapping[str, float] | None = None, alpha: float = 0.05) -> list[Claim]:
+    """Every claim row of the run, judged (`judge`)."""
+    empty_sets = {m: [f for f, per in sets.items() if not len(per.get(m, []))] for per in sets.values() for m in per}
+    claims = [*layer_claims(sets, n_layers, relation_of), *manipulation_claims(manip, is_evaluation, relation_of),
+              *control_claims(controls or {}, is_evaluation, relation_of), *editing_claims(editing, relation_of),
+              *enhancement_claims(enhancement, is_evaluation, relation_of, empty_sets),
+              *injection_claims(injection or {}, relation_of), *fact_check_claims(fact_check or {}, relation_of)]
+    return judge(claims, primary, margins, alpha)
+
+
+def _p(p: float | None) -> str:
+    return "–" if p is None else (f"{p:.3f}" if p >= 0.001 else "<0.001")
 
 
 def claims_table(claims: Sequence[Claim]) -> str:
-    """Markdown: one row per claim; the estimate is the mean paired difference [95% CI] (n facts)."""
-    lines = ["| source | the paper's claim | we estimate | on | paper's sign | ours: mean [95% CI] (n facts) | p | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Markdown: one row per claim; the verdict's estimate is over relations (each relation's facts
+    averaged first), the fact-level one beside it; p is the exact sign-flip p over relations, Holm
+    the family-wise adjusted one (primary rows only)."""
+    lines = ["| source | the paper's claim | we estimate | on | paper's sign | relations: mean [95% CI] (n) "
+             "| facts: mean [95% CI] (n) | p | Holm p | family | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in claims:
-        p = "–" if c.estimate.p is None else (f"{c.estimate.p:.3f}" if c.estimate.p >= 0.001 else "<0.001")
         sign = "> 0" if c.direction == "greater" else "< 0"
-        note = f" ({c.note})" if c.note else ""
-        lines.append(f"| {c.source} | {c.claim} | {c.comparison} | {c.queries} | {sign} | {c.estimate.format()} | {p} "
-                     f"| **{c.verdict}**{note} |")
+        why = "; ".join(x for x in (c.untestable, c.note) if x)
+        facts = c.fact_estimate.format() if c.fact_estimate is not None else "–"
+        lines.append(f"| {c.source} | {c.claim} | {c.comparison} | {c.queries} | {sign} | {c.estimate.format()} | {facts} "
+                     f"| {_p(c.estimate.p)} | {_p(c.p_holm) if c.primary else '–'} | {'primary' if c.primary else 'exploratory'} "
+                     f"| **{c.verdict}**{f' ({why})' if why else ''} |")
     return "\n".join(lines) + "\n"
+
+
+def power_table(claims: Sequence[Claim], alpha: float, facts_per_relation: float) -> str:
+    """Per primary row: the standardised effect over relations, the smallest difference this n can
+    detect with 80% power, and the relations (facts) the observed effect would need."""
+    family = [c for c in claims if c.primary and c.verdict not in ("not testable", "no data")]
+    if not family:
+        return "No primary row can be tested in this run.\n"
+    level = alpha / len(family)  # Holm's first step, the strictest
+    rows = [(c, power(c.unit_diffs, level, facts_per_relation)) for c in family]
+    floor = rows[0][1].floor
+    lines = ["| row | relations | effect (mean/sd) | detectable at 80% power | relations needed | facts needed |",
+             "|---|---|---|---|---|---|"]
+    for c, pw in rows:
+        fmt = lambda x, d=2: "–" if x is None else f"{x:.{d}f}"  # noqa: E731
+        lines.append(f"| {c.key} | {c.estimate.n} | {fmt(pw.effect_size)} | {fmt(pw.minimum_detectable, 3)} "
+                     f"| {pw.relations_needed or '–'} | {pw.facts_needed or '–'} |")
+    n_rel = max(c.estimate.n for c in family)
+    return (f"Two-sided α = {alpha} over {len(family)} primary rows: Holm's first step tests at {level:.4f}. With n "
+            f"relations the exact sign-flip p cannot go below 1/2^(n−1), so at least **{floor} relations** are needed "
+            f"before any primary row can pass it" + (f" (this run has {n_rel}: no primary row can replicate or "
+            "contradict here, whatever the effect)" if n_rel < floor else "") + ". Normal approximation for a paired "
+            "mean, 80% power; facts at this run's facts per relation.\n\n" + "\n".join(lines) + "\n")
 
 
 def manipulation_estimates(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool], languages: Sequence[str]
@@ -404,6 +538,11 @@ def enhancement_interval_table(enhancement: Mapping[str, Any], is_evaluation: Ca
         lines.append(f"| {method_name(method)} | " + " | ".join(e.format(2) for e in cells) + " |")
     split = "evaluation queries" if have_eval else "all queries"
     return f"Accuracy gained on Q_error ({split}): mean [95% CI over facts] (n facts)\n\n" + "\n".join(lines) + "\n"
+
+
+def missing_primary(claims: Sequence[Claim], primary: Sequence[str]) -> list[str]:
+    """Declared primary rows this run has no data for (a method or experiment left out): the report names them."""
+    return sorted(set(primary) - {c.key for c in claims})
 
 
 def verdict_counts(claims: Sequence[Claim]) -> dict[str, int]:

@@ -49,7 +49,7 @@ from matrice.data.schema import Query
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.predict import normalize_answer, score_answers
-from matrice.stats import Estimate, bootstrap_mean, cluster_statistic
+from matrice.stats import Estimate, bootstrap_mean, cluster_statistic, flag_counts, prf
 
 Neuron = tuple[int, int]
 DETECTORS = ("dkn_attribution", "kn_activation", "probability")
@@ -205,26 +205,6 @@ def leave_one_fact_out(facts: Sequence[str], scores: Sequence[float | None], is_
     return [None if s is None or thresholds[f] is None else bool(s < thresholds[f]) for f, s in zip(facts, scores)]
 
 
-def _prf(counts: np.ndarray) -> np.ndarray:
-    """[..., 3] summed (tp, fp, fn) -> [..., 3] (precision, recall, F1); NaN where undefined."""
-    tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.stack([tp / (tp + fp), tp / (tp + fn), 2 * tp / (2 * tp + fp + fn)], axis=-1)
-
-
-def fact_counts(rows: Sequence[Mapping], detector: str) -> tuple[list[str], np.ndarray]:
-    """(facts, [facts, 3] tp/fp/fn of flagging false statements) over `rows` with a decision."""
-    per: dict[str, np.ndarray] = {}
-    for r in rows:
-        pred = r["flagged"][detector]
-        if pred is None:
-            continue
-        c = per.setdefault(r["fact_id"], np.zeros(3))
-        c += [pred and not r["true"], pred and r["true"], (not pred) and not r["true"]]
-    facts = sorted(per)
-    return facts, np.array([per[f] for f in facts]).reshape(len(facts), 3)
-
-
 @dataclass(frozen=True)
 class DetectionScores:
     precision: Estimate
@@ -233,11 +213,16 @@ class DetectionScores:
     n_statements: int
 
 
+def fact_counts(rows: Sequence[Mapping], detector: str) -> tuple[list[str], np.ndarray]:
+    """(facts, [facts, 3] tp/fp/fn of flagging false statements) over `rows` with a decision."""
+    return flag_counts(rows, detector, lambda r: r["fact_id"])
+
+
 def detection_scores(rows: Sequence[Mapping], detector: str, seed: int = 0) -> DetectionScores:
     """Precision, recall, F1 of flagging false statements, each with a 95% interval over facts."""
     _, counts = fact_counts(rows, detector)
     n = sum(r["flagged"][detector] is not None for r in rows)
-    return DetectionScores(*(cluster_statistic(counts, lambda c, k=k: _prf(c)[..., k], seed=seed) for k in range(3)), n)
+    return DetectionScores(*(cluster_statistic(counts, lambda c, k=k: prf(c)[..., k], seed=seed) for k in range(3)), n)
 
 
 def f1_difference(rows: Sequence[Mapping], a: str, b: str, seed: int = 0) -> Estimate:
@@ -247,7 +232,7 @@ def f1_difference(rows: Sequence[Mapping], a: str, b: str, seed: int = 0) -> Est
     facts_b, cb = fact_counts(both, b)
     assert facts_a == facts_b
     counts = np.concatenate([ca, cb], axis=1)
-    return cluster_statistic(counts, lambda c: _prf(c[..., :3])[..., 2] - _prf(c[..., 3:])[..., 2], seed=seed, with_p=True)
+    return cluster_statistic(counts, lambda c: prf(c[..., :3])[..., 2] - prf(c[..., 3:])[..., 2], seed=seed, with_p=True)
 
 
 def pair_accuracy(rows: Sequence[Mapping], detector: str) -> Estimate:

@@ -1,21 +1,29 @@
 """Intervals, paired comparisons and the verdict rule: what lets a reader tell methods apart.
 
-The unit of resampling is the *fact*: queries of one fact (paraphrases, languages) share its neurons
-and are not independent, so a bootstrap over queries would overstate certainty. Every estimate
-carries n (facts) and a 95% percentile-bootstrap interval; a MATRICE-vs-X comparison is the paired
-per-fact difference, with a two-sided bootstrap p-value. A claim's verdict is read off the
-interval of that difference, never written by hand.
+The verdict's unit is the *relation*: facts of one relation share their neurons (specificity is
+relation-level, some share their object), so they are not independent; each relation's per-fact
+differences are averaged first and the relation means are the units of an exact paired sign-flip
+permutation test (`sign_flip_p`, scipy.stats.permutation_test: every sign pattern up to 2^20 units,
+seeded Monte Carlo beyond). Its 95% interval is the test inverted (`sign_flip_interval`: the shifts
+it does not reject), so "the interval excludes 0" and "p < 0.05" say the same thing. The fact-level
+estimate is shown beside it. A verdict is one of five, read off that estimate (`verdict`), never
+written by hand; Holm adjusts the declared primary family (`holm`); `power` says what this n can see.
+Descriptive tables keep the percentile bootstrap over facts (`bootstrap_mean`).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
-Verdict = Literal["replicates", "contradicts", "inconclusive", "no data", "not judged"]
+Verdict = Literal["replicates", "contradicts", "equivalent", "inconclusive", "not testable", "no data", "not judged"]
+SIGN_FLIP_EXACT_UP_TO = 20  # units: every sign pattern (2^20 ≈ 1e6) up to this n, Monte Carlo beyond
+SIGN_FLIP_MONTE_CARLO = 99_999
 Direction = Literal["greater", "less"]
 
 
@@ -31,12 +39,16 @@ class Estimate:
     p: float | None = None
 
     def format(self, digits: int = 3) -> str:
-        """`-0.412 [-0.520, -0.301] (n=8)`; `– (n=0)` without data."""
+        """`-0.412 [-0.520, -0.301] (n=8)`; `– (n=0)` without data; an unbounded side reads ∞."""
         if self.mean is None:
             return f"– (n={self.n})"
         if self.low is None or self.high is None:
             return f"{self.mean:.{digits}f} (n={self.n})"
-        return f"{self.mean:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}] (n={self.n})"
+
+        def bound(x: float) -> str:
+            return f"{x:.{digits}f}" if math.isfinite(x) else ("−∞" if x < 0 else "∞")
+
+        return f"{self.mean:.{digits}f} [{bound(self.low)}, {bound(self.high)}] (n={self.n})"
 
 
 def _clean(values: Sequence[float | None]) -> np.ndarray:
@@ -68,43 +80,168 @@ def bootstrap_mean(values: Sequence[float | None], n_boot: int = 10_000, seed: i
     return Estimate(float(arr.mean()), float(low), float(high), len(arr))
 
 
-def paired_difference(
-    a: Sequence[float | None], b: Sequence[float | None], n_boot: int = 10_000, seed: int = 0, level: float = 0.95
-) -> Estimate:
-    """Mean of a_i − b_i over the units where both are defined, its bootstrap interval and a
-    two-sided bootstrap p-value for "mean difference = 0" (resampling the centred differences)."""
-    if len(a) != len(b):
-        raise ValueError(f"paired values need equal lengths, got {len(a)} and {len(b)}")
-    diffs = [x - y for x, y in zip(a, b) if x is not None and y is not None]
-    est = bootstrap_mean(diffs, n_boot, seed, level)
-    arr = _clean(diffs)
-    if len(arr) < 2:
-        return est
-    centred = _bootstrap_means(arr - arr.mean(), n_boot, seed + 1)
-    p = float((np.sum(np.abs(centred) >= abs(arr.mean())) + 1) / (n_boot + 1))
-    return Estimate(est.mean, est.low, est.high, est.n, p)
+def _mean_statistic(x: np.ndarray, axis: int) -> np.ndarray:
+    return np.mean(x, axis=axis)
 
 
-def verdict(difference: Estimate, direction: Direction, alpha: float = 0.05) -> Verdict:
-    """The paper claims the difference is `direction` than 0. Its interval entirely on that side (and,
-    where the estimate has a p-value, p < alpha): replicates; entirely on the other side (p < alpha):
-    contradicts; otherwise (or with fewer than 2 facts, so no interval): inconclusive. Requiring both
-    is deliberate: with a handful of facts a percentile interval can exclude 0 on one lucky fact."""
+def sign_flip_p(diffs: Sequence[float | None], seed: int = 0) -> float | None:
+    """Two-sided p of the paired sign-flip permutation test of "mean difference = 0" (the differences
+    are symmetric about 0 under the null). Exact up to 2^20 sign patterns, so valid at any n: with n
+    units it is never below 2/2^n = 1/2^(n−1) (0.5 at n = 2)."""
+    from scipy.stats import permutation_test
+
+    d = _clean(diffs)
+    if len(d) == 0:
+        return None
+    if len(d) == 1:  # two patterns, ±d, both as far from 0 as the observed one
+        return 1.0
+    exact = len(d) <= SIGN_FLIP_EXACT_UP_TO
+    result = permutation_test((d,), _mean_statistic, permutation_type="samples", vectorized=True,
+                              n_resamples=np.inf if exact else SIGN_FLIP_MONTE_CARLO, alternative="two-sided",
+                              rng=np.random.default_rng(seed))
+    return float(min(1.0, result.pvalue))
+
+
+@lru_cache(maxsize=4)
+def _all_sign_patterns(n: int) -> np.ndarray:
+    """[2^n, n] of ±1: every sign pattern (row 0 is all +1, the observed one)."""
+    bits = (np.arange(2**n, dtype=np.int64)[:, None] >> np.arange(n)) & 1
+    return (1 - 2 * bits).astype(np.int8)
+
+
+def _sign_patterns(n: int, seed: int) -> np.ndarray:
+    if n <= SIGN_FLIP_EXACT_UP_TO:
+        return _all_sign_patterns(n)
+    drawn = np.random.default_rng(seed).choice(np.array([-1, 1], dtype=np.int8), size=(SIGN_FLIP_MONTE_CARLO, n))
+    return np.vstack([np.ones((1, n), dtype=np.int8), drawn])  # the observed pattern counts once, as in p
+
+
+def sign_flip_interval(diffs: Sequence[float | None], level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """The shifts μ that the sign-flip test of (d − μ) does not reject at 1 − level: the test inverted,
+    so its coverage is the test's (exact for differences symmetric about their mean). Unbounded
+    (−inf, inf) when n is too small for any p below 1 − level (n ≤ 5 at 95%)."""
+    d = _clean(diffs)
+    n = len(d)
+    if n == 0:
+        raise ValueError("no differences to build an interval from")
+    signs = _sign_patterns(n, seed).astype(np.float64)
+    flipped, sign_sums, total = signs @ d, signs.sum(axis=1), d.sum()
+
+    def p(mu: float) -> float:
+        observed = abs(total - n * mu)
+        return float(np.mean(np.abs(flipped - mu * sign_sums) >= observed * (1 - 1e-12) - 1e-15))
+
+    alpha, span = 1 - level, float(d.max() - d.min()) + 1.0
+    if p(float(d.min()) - span) >= alpha:  # even all-one-sign differences are not rejected
+        return -math.inf, math.inf
+
+    def edge(inside: float, outside: float) -> float:
+        for _ in range(60):
+            mid = (inside + outside) / 2
+            inside, outside = (mid, outside) if p(mid) >= alpha else (inside, mid)
+        return inside
+
+    centre = float(d.mean())
+    return edge(centre, float(d.min()) - span), edge(centre, float(d.max()) + span)
+
+
+def sign_flip_estimate(diffs: Sequence[float | None], level: float = 0.95, seed: int = 0) -> Estimate:
+    """Mean difference, its sign-flip interval and two-sided p (module docstring)."""
+    d = _clean(diffs)
+    if len(d) == 0:
+        return Estimate(None, None, None, 0)
+    low, high = sign_flip_interval(d, level, seed)
+    return Estimate(float(d.mean()), low, high, len(d), sign_flip_p(d, seed))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A paired comparison at two units: relations (each relation's facts averaged first; the unit of
+    the test and the verdict) and facts (beside it; it treats a relation's facts as independent)."""
+
+    relation: Estimate
+    fact: Estimate
+
+
+def clustered_difference(a: Mapping[str, float | None], b: Mapping[str, float | None],
+                         relation_of: Callable[[str], str], level: float = 0.95, seed: int = 0) -> Comparison:
+    """a[f] − b[f] over the facts where both are defined, tested over relation means and over facts."""
+    diffs = {f: float(a[f]) - float(b[f]) for f in sorted(set(a) & set(b))
+             if a[f] is not None and b[f] is not None and np.isfinite(float(a[f]) - float(b[f]))}
+    by_relation: dict[str, list[float]] = defaultdict(list)
+    for fact, diff in diffs.items():
+        by_relation[relation_of(fact)].append(diff)
+    relation_means = [float(np.mean(v)) for _, v in sorted(by_relation.items())]
+    return Comparison(sign_flip_estimate(relation_means, level, seed), sign_flip_estimate(list(diffs.values()), level, seed))
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment (family-wise error): the i-th smallest of m p-values times (m − i),
+    made monotone and capped at 1; None stays None and does not count in m."""
+    present = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    m, running, out = len(present), 0.0, list(pvalues)
+    for rank, (p, i) in enumerate(present):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+def verdict(difference: Estimate, direction: Direction, alpha: float = 0.05, margin: float | None = None,
+            p: float | None = None, untestable: str = "") -> Verdict:
+    """The paper claims the difference is `direction` than 0.
+    - not testable: `untestable` says why (a side selected or trained nothing, both at one floor/ceiling);
+    - replicates / contradicts: the interval entirely on the claimed / the other side and the p-value
+      (`p`, e.g. Holm-adjusted, else the estimate's own) below alpha;
+    - equivalent: the interval inside ±`margin` (declared before the run; none: never);
+    - inconclusive: anything else, including a single unit (no interval)."""
     if direction not in ("greater", "less"):
         raise ValueError(f"direction must be 'greater' or 'less', got {direction!r}")
+    if untestable:
+        return "not testable"
     if difference.n == 0 or difference.mean is None:
         return "no data"
     if difference.low is None or difference.high is None:
         return "inconclusive"
-    if difference.p is not None and difference.p >= alpha:
-        return "inconclusive"
+    p = difference.p if p is None else p
     sign = 1 if direction == "greater" else -1
     low, high = sorted((sign * difference.low, sign * difference.high))
-    if low > 0:
-        return "replicates"
-    if high < 0:
-        return "contradicts"
+    if p is None or p < alpha:
+        if low > 0:
+            return "replicates"
+        if high < 0:
+            return "contradicts"
+    if margin is not None and -margin < difference.low and difference.high < margin:
+        return "equivalent"
     return "inconclusive"
+
+
+@dataclass(frozen=True)
+class Power:
+    """What a row's n can see (normal approximation for a paired mean at two-sided `alpha`, 80% power):
+    the standardised effect (mean / sd of the unit differences), the smallest mean difference this n
+    detects, and the relations (and facts, at this run's facts per relation) the observed effect needs;
+    `floor`: the fewest relations whose smallest possible sign-flip p (1/2^(n−1)) is below alpha."""
+
+    effect_size: float | None
+    minimum_detectable: float | None
+    relations_needed: int | None
+    facts_needed: int | None
+    floor: int
+
+
+def power(unit_diffs: Sequence[float | None], alpha: float, facts_per_relation: float, target: float = 0.8) -> Power:
+    from scipy.stats import norm
+
+    d = _clean(unit_diffs)
+    floor = int(math.floor(1 - math.log2(alpha))) + 1  # 1/2^(n−1) < alpha
+    if len(d) < 2 or not np.std(d, ddof=1) > 0:
+        return Power(None, None, None, None, floor)
+    z = norm.ppf(1 - alpha / 2) + norm.ppf(target)
+    sd = float(np.std(d, ddof=1))
+    effect = float(d.mean()) / sd
+    needed = max(floor, math.ceil((z / abs(effect)) ** 2)) if effect else None
+    return Power(effect, z * sd / math.sqrt(len(d)), needed,
+                 None if needed is None else math.ceil(needed * facts_per_relation), floor)
 
 
 def cluster_statistic(
@@ -135,6 +272,52 @@ def cluster_statistic(
     low, high = np.percentile(values, [tail, 100 - tail])
     p = float(min(1.0, 2 * min(np.mean(values <= 0), np.mean(values >= 0)))) if with_p else None
     return Estimate(point, float(low), float(high), n, p)
+
+
+def prf(counts: np.ndarray) -> np.ndarray:
+    """[..., 3] summed (tp, fp, fn) -> [..., 3] (precision, recall, F1); NaN where undefined."""
+    tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.stack([tp / (tp + fp), tp / (tp + fn), 2 * tp / (2 * tp + fp + fn)], axis=-1)
+
+
+def flag_counts(rows: Iterable[Mapping[str, Any]], detector: str, unit_of: Callable[[Mapping[str, Any]], str]
+                ) -> tuple[list[str], np.ndarray]:
+    """(units, [units, 3] tp/fp/fn) of a detector flagging false statements (`row["flagged"][detector]`,
+    None: no decision; `row["true"]`), summed per unit (a fact, a relation)."""
+    per: dict[str, np.ndarray] = {}
+    for r in rows:
+        pred = r["flagged"][detector]
+        if pred is None:
+            continue
+        per.setdefault(unit_of(r), np.zeros(3))[:] += [pred and not r["true"], pred and r["true"], (not pred) and not r["true"]]
+    units = sorted(per)
+    return units, np.array([per[u] for u in units]).reshape(len(units), 3)
+
+
+def paired_ratio_difference(counts_a: np.ndarray, counts_b: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray],
+                            seed: int = 0, level: float = 0.95) -> Estimate:
+    """statistic(Σ counts_a) − statistic(Σ counts_b) over paired units (relations; rows [units, k]) for a
+    ratio of sums such as F1: the interval from resampling units (`cluster_statistic`), the p-value
+    from the paired permutation test that swaps a unit's two count rows (scipy; exact up to 2^20
+    units), the counterpart of `sign_flip_p` for a statistic that is not a mean of per-unit values."""
+    from scipy.stats import permutation_test
+
+    a, b = np.asarray(counts_a, dtype=np.float64), np.asarray(counts_b, dtype=np.float64)
+    k = a.shape[1]
+    est = cluster_statistic(np.concatenate([a, b], axis=1), lambda c: statistic(c[..., :k]) - statistic(c[..., k:]),
+                            seed=seed, level=level)
+    if est.mean is None or len(a) < 2:
+        return replace(est, p=None if est.mean is None else 1.0)
+
+    def difference(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
+        return statistic(np.sum(x, axis=axis)) - statistic(np.sum(y, axis=axis))
+
+    exact = len(a) <= SIGN_FLIP_EXACT_UP_TO
+    result = permutation_test((a, b), difference, permutation_type="samples", vectorized=True, axis=0,
+                              n_resamples=np.inf if exact else SIGN_FLIP_MONTE_CARLO, alternative="two-sided",
+                              rng=np.random.default_rng(seed))
+    return replace(est, p=float(min(1.0, result.pvalue)))
 
 
 def per_fact_mean(records: Iterable[Mapping[str, Any]], value: Callable[[Mapping[str, Any]], float | None],

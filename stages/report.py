@@ -34,30 +34,89 @@ def _fig(key: str, name: str, caption: str) -> str:
     return f"![{caption}]({path.as_posix()})\n\n*{caption}*\n"
 
 
-def replication_section(key: str, params: dict) -> str:
-    """"Does the paper replicate here?": every claim as a paired per-fact difference with its
-    interval and a computed verdict (matrice.claims)."""
-    from matrice.claims import all_claims, claims_table, verdict_counts
+VERDICT_ORDER = ("replicates", "contradicts", "equivalent", "inconclusive", "no data", "not judged")
 
-    out = results_dir(key)
-    is_evaluation = _rule(params)
-    sets = _json(out / "neurons.json")["facts"]
-    claims = all_claims(
-        sets=sets, n_layers=len(_json(out / "layer_distribution.json")), manip=_json(out / "manipulation.json"),
-        editing=_json(out / "editing.json"), enhancement=_json(out / "enhancement.json"), is_evaluation=is_evaluation,
-        controls=_json(out / "controls.json"), injection=_json(out / "injection.json"),
-        fact_check=_json(out / "fact_check.json"),
-    )
-    counts = verdict_counts(claims)
-    summary = ", ".join(f"{counts[v]} {v}" for v in ("replicates", "contradicts", "inconclusive", "no data", "not judged")
-                        if counts.get(v))
+
+@lru_cache(maxsize=None)
+def _relation_of() -> dict[str, str]:
+    from matrice.data.schema import load_queries
+
+    return {q.fact_id: q.relation for q in load_queries(DATASET_DIR / "queries.jsonl")}
+
+
+def _verdict_params(params: dict) -> tuple[list[str], dict[str, float], float]:
+    section = params.get("verdicts") or {}
+    return list(section.get("primary") or []), dict(section.get("margins") or {}), float(section.get("alpha", 0.05))
+
+
+_CLAIMS: dict[str, list] = {}
+
+
+def _claims(key: str, params: dict) -> list:
+    """Every judged claim row of the run (matrice.claims), computed once: the verdict table and the
+    sections that quote a row read the same numbers."""
+    if key not in _CLAIMS:
+        from matrice.claims import all_claims
+
+        out = results_dir(key)
+        primary, margins, alpha = _verdict_params(params)
+        relation_of = _relation_of()
+        _CLAIMS[key] = all_claims(
+            sets=_json(out / "neurons.json")["facts"], n_layers=len(_json(out / "layer_distribution.json")),
+            manip=_json(out / "manipulation.json"), editing=_json(out / "editing.json"),
+            enhancement=_json(out / "enhancement.json"), is_evaluation=_rule(params),
+            controls=_json(out / "controls.json"), injection=_json(out / "injection.json"),
+            fact_check=_json(out / "fact_check.json"), relation_of=lambda f: relation_of.get(f, f),
+            primary=primary, margins=margins, alpha=alpha)
+    return _CLAIMS[key]
+
+
+def _headline(claims: list) -> str:
+    """Counts over the rows that can be tested, primary and exploratory apart; the rest named with why."""
+    def counts(rows: list) -> str:
+        n = {v: sum(c.verdict == v for c in rows) for v in VERDICT_ORDER}
+        return ", ".join(f"{n[v]} {v}" for v in VERDICT_ORDER if n[v]) or "none"
+
+    testable = [c for c in claims if c.verdict not in ("not testable", "no data")]
+    untestable = [c for c in claims if c.verdict == "not testable"]
+    no_data = [c.key for c in claims if c.verdict == "no data"]
+    primary = [c for c in testable if c.primary]
+    return (f"Of {len(claims)} rows, **{len(testable)} can be tested**. Primary family ({len(primary)} testable): "
+            f"{counts(primary)}. Exploratory ({len(testable) - len(primary)}): {counts([c for c in testable if not c.primary])}. "
+            f"**{len(untestable)} not testable**" + (": " + "; ".join(f"{c.key} ({c.untestable})" for c in untestable)
+                                                    if untestable else "") + "."
+            + (f" No data in this run: {', '.join(no_data)}." if no_data else ""))
+
+
+def replication_section(key: str, params: dict) -> str:
+    """"Does the paper replicate here?": every claim as a paired difference tested over relation
+    clusters, with Holm over the declared primary family (matrice.claims)."""
+    from matrice.claims import claims_table, missing_primary, power_table
+
+    claims = _claims(key, params)
+    primary, margins, alpha = _verdict_params(params)
+    sets = _json(results_dir(key) / "neurons.json")["facts"]
+    relations = {_relation_of().get(f, f) for f in sets}
+    absent = missing_primary(claims, primary)
+    margin_text = ", ".join(f"{m} ±{v}" for m, v in margins.items()) or "none declared"
     return (
-        f"### `{key}`: {summary} (of {len(claims)} claims; {len(sets)} facts)\n\n"
-        "Each row is a difference the paper asserts the sign of (MATRICE − X, per fact, then averaged over facts), "
-        "with a 95% percentile-bootstrap interval over facts and a two-sided paired bootstrap p-value. Verdict: "
-        "**replicates** when the whole interval has the paper's sign and p < 0.05, **contradicts** when the whole "
-        "interval has the opposite sign and p < 0.05, **inconclusive** otherwise. Queries are *evaluation* queries "
-        "(paraphrases never attributed) where the run has them.\n\n" + claims_table(claims)
+        f"### `{key}` ({len(sets)} facts in {len(relations)} relations)\n\n{_headline(claims)}\n\n"
+        "How a row is decided. Each row is a difference whose sign the paper asserts (MATRICE − X per fact). Facts "
+        "of one relation share neurons, so the unit is the **relation**: each relation's facts are averaged, and the "
+        "relation means go into an exact paired sign-flip permutation test (every sign pattern; with n relations p "
+        "cannot go below 1/2^(n−1)); the 95% interval is that test inverted (the shifts it does not reject), so it "
+        "excludes 0 exactly when p < 0.05. The fact-level estimate stands beside it for reference only. F1 (fact "
+        "checking) is a ratio of sums: relations' summed counts, swapped between the two detectors in the "
+        "permutation test, resampled for the interval. Verdicts: **not testable** when a side selected or trained "
+        "nothing for at least half the facts, or both sides take one value in every fact; **replicates** / "
+        "**contradicts** when the interval lies on the paper's / the other side and p < α — the Holm-adjusted p for "
+        f"the **primary** rows declared in `params.yaml` (`verdicts.primary`, one per paper figure or table), the "
+        f"raw p for every other, **exploratory**, row; **equivalent** when the interval lies inside the metric's "
+        f"margin declared before the run ({margin_text}); **inconclusive** otherwise. α = {alpha}. Queries are "
+        "*evaluation* queries (paraphrases never attributed) where the run has them.\n\n"
+        + (f"Declared primary rows this run has no data for: {', '.join(absent)}.\n\n" if absent else "")
+        + claims_table(claims)
+        + "\n#### Power\n\n" + power_table(claims, alpha, len(sets) / max(1, len(relations)))
         + "\nScale: the paper uses four LLMs of 1.3B-13B parameters and 7,849 facts; a verdict here is about this "
         "run's model and facts only. An inconclusive row says the data cannot tell, not that the effect is absent.\n"
     )
@@ -165,25 +224,26 @@ def _degenerate_section(key: str) -> str:
     )
 
 
-def _fact_check_answer(summary: dict) -> str:
-    """Whether the DKN detector beats P(object), read off the paired F1 difference and its verdict."""
-    from matrice.stats import Estimate, verdict
+def _fact_check_answer(summary: dict, row) -> str:
+    """Whether the DKN detector beats P(object): the verdict row's (relations as units), the fact-level
+    difference beside it."""
+    diff = row.estimate
+    answer = {"replicates": "**beats** the probability baseline", "contradicts": "**does worse than** the probability baseline",
+              "equivalent": "**is equivalent to** the probability baseline (within the declared margin)"
+              }.get(row.verdict, "**cannot be told apart from** the probability baseline on these data")
+    return (f"DKN-based fact checking {answer}: F1 difference over relations {diff.format(3)}"
+            f"{'' if diff.p is None else f', p = {diff.p:.3f}'} (over facts {row.fact_estimate.format(3)}), on the "
+            f"{summary['n_facts_common']} facts whose relation has degenerate neurons in another fact.\n\n")
 
-    diff = Estimate(**summary["difference"]["dkn_attribution"])
-    answer = {"replicates": "**beats** the probability baseline", "contradicts": "**does worse than** the probability baseline"
-              }.get(verdict(diff, "greater"), "**cannot be told apart from** the probability baseline on these data")
-    return (f"DKN-based fact checking {answer}: F1 difference {diff.format(3)}"
-            f"{'' if diff.p is None else f', p = {diff.p:.3f}'} over the {summary['n_facts_common']} facts whose relation "
-            "has degenerate neurons in another fact.\n\n")
 
-
-def _fact_check_section(key: str) -> str:
-    """Fact checking with degenerate knowledge neurons (issue #9) against the model's probability."""
+def _fact_check_section(key: str, params: dict) -> str:
+    """Fact checking with degenerate knowledge neurons against the model's probability."""
     data = _json(results_dir(key) / "fact_check.json")
     common = data["summary"]["n_facts_common"]
+    row = next(c for c in _claims(key, params) if c.key == "amig_fact_check")
     verdict = ("No fact has degenerate neurons to read under this neuron source, so the DKN detector abstains "
                "everywhere and the data cannot tell whether it beats the probability baseline.\n\n" if common == 0
-               else _fact_check_answer(data["summary"]))
+               else _fact_check_answer(data["summary"], row))
     return (
         "### Fact checking with degenerate knowledge neurons (AMIG)\nAMIG flags a statement as false when the "
         "integrated-gradients attribution of P(object) to the relation's degenerate neurons is low. Here it is "
@@ -253,7 +313,7 @@ def model_section(key: str, params: dict) -> str:
         "### Case study (Fig. 7)\nOne fact in every language: the prediction before, after enhancement and after an "
         "update edit made in English.\n\n" + _read(out / "case_study.md"),
         _degenerate_section(key),
-        _fact_check_section(key),
+        _fact_check_section(key, params),
         _consistency_section(key),
     ]
     return "\n".join(parts)

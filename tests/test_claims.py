@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from matrice.claims import all_claims, claims_table, editing_claims, layer_claims, manipulation_claims, verdict_counts
 
@@ -73,8 +74,9 @@ def test_editing_reliability_is_pooled_per_fact_and_paired():
     claims = by_comparison(editing_claims({"records": records, "empty_facts": {"amig": ["F0"]}}))
     assert claims["erasure reliability MATRICE − Random"].verdict == "replicates"
     assert claims["erasure reliability MATRICE − Random"].estimate.mean == 1.0
-    assert claims["erasure reliability MATRICE − AMIG"].verdict == "inconclusive"
-    assert "empty for 1 of 6" in claims["erasure reliability MATRICE − AMIG"].note
+    amig = claims["erasure reliability MATRICE − AMIG"]
+    assert amig.verdict == "not testable" and amig.untestable == "both sides are 1 in every fact"
+    assert "empty for 1 of 6" in amig.note
 
 
 def test_layer_claim_and_the_whole_table():
@@ -96,8 +98,9 @@ def test_size_and_layer_matched_baselines_get_their_own_rows():
     records = manip_records(10, effect)
     records["empty_facts"] = {"amig": [f"F{f}" for f in range(10)]}
     claims = by_comparison(manipulation_claims(records, is_eval))
-    assert claims["ΔP/P MATRICE − AMIG (suppress)"].verdict == "replicates"
-    assert "empty for 10 of 10" in claims["ΔP/P MATRICE − AMIG (suppress)"].note
+    empty_amig = claims["ΔP/P MATRICE − AMIG (suppress)"]
+    assert empty_amig.verdict == "not testable" and empty_amig.untestable == "AMIG selected or trained nothing for 10 of 10 facts"
+    assert empty_amig.note == ""  # the reason says it
     assert claims["ΔP/P MATRICE − AMIG (size-matched) (suppress)"].verdict == "inconclusive"
     assert claims["ΔP/P MATRICE − Random (layer-matched) (enhance)"].verdict == "replicates"
     assert "effect w/o UaL (size-matched) − effect w/o UaQ (size-matched)" in claims
@@ -189,3 +192,73 @@ def test_an_untrained_injection_variant_is_labelled():
                  "runs": {"matrice": {"0.1": {"n_trainable": 10}}, "amig": {"0.1": {"n_trainable": 0}}}}
     claims = injection_claims(injection)
     assert claims and all("trained nothing" in c.note for c in claims)
+
+
+def test_relations_are_the_unit_and_one_relation_claims_nothing():
+    """Two facts of one relation that agree in sign: once 'replicates, p < 0.001'; now one unit."""
+    records = manip_records(2, {"matrice": 0.5, "random": 0.0})
+    for r in records["records"]:
+        r["fact_id"] = "P36-" + r["fact_id"]
+    claims = by_comparison(manipulation_claims(records, is_eval))
+    row = claims["ΔP/P MATRICE − Random (suppress)"]
+    assert row.estimate.n == 1 and row.fact_estimate.n == 2
+    assert row.verdict == "inconclusive" and row.fact_estimate.p == 0.5  # two facts: p cannot go below 1/2
+    assert all(c.verdict in ("inconclusive", "not testable") for c in claims.values())
+
+
+def test_primary_rows_use_holm_and_exploratory_rows_their_raw_p():
+    from matrice.claims import judge
+
+    effect = {"matrice": 0.4, "random": 0.0, "amig_k": 0.4}
+    claims = manipulation_claims(manip_records(6, effect), is_eval)  # 6 relations: raw p ≥ 1/32
+    keys = {c.key for c in claims}
+    assert {"fig5_suppress_vs_random", "fig5_enhance_vs_amig_k"} <= keys
+    judged = {c.key: c for c in judge(claims, primary=["fig5_suppress_vs_random", "fig5_enhance_vs_random"])}
+    primary = judged["fig5_suppress_vs_random"]
+    assert primary.primary and primary.p_holm == pytest.approx(2 * primary.estimate.p)
+    assert primary.verdict == ("replicates" if 2 * primary.estimate.p < 0.05 else "inconclusive")
+    assert not judged["fig5_suppress_vs_amig_k"].primary and judged["fig5_suppress_vs_amig_k"].p_holm is None
+    from matrice.claims import missing_primary
+
+    assert missing_primary(claims, ["fig9_nothing", "fig5_suppress_vs_random"]) == ["fig9_nothing"]
+
+
+def test_a_null_within_the_declared_margin_is_equivalent():
+    from matrice.claims import judge
+
+    claims = manipulation_claims(manip_records(12, {"matrice": 0.4, "amig_k": 0.4}), is_eval)
+    judged = {c.key: c for c in judge(claims, margins={"delta_p": 0.05})}
+    assert judged["fig5_suppress_vs_amig_k"].verdict == "equivalent"
+    assert {c.key: c for c in judge(claims)}["fig5_suppress_vs_amig_k"].verdict == "inconclusive"
+
+
+def test_the_power_table_says_when_no_primary_row_can_pass():
+    from matrice.claims import judge, power_table
+
+    records = manip_records(8, {"matrice": 0.4, "random": 0.0})
+    judged = judge(manipulation_claims(records, is_eval), primary=["fig5_suppress_vs_random", "fig5_enhance_vs_random"])
+    text = power_table(judged, 0.05, 1.0)
+    assert "at least **7 relations**" in text  # 1/2^(n−1) < 0.025 needs n ≥ 7
+    assert "| fig5_suppress_vs_random | 8 |" in text
+
+
+def _statements(n_relations: int, good: str, bad: str):
+    """Per relation one fact, a true and a false statement: `good` flags only the false one, `bad` both."""
+    rows = []
+    for r in range(n_relations):
+        for true in (True, False):
+            rows.append({"fact_id": f"P{r}-a", "true": true, "flagged": {good: not true, bad: True}})
+    return rows
+
+
+def test_fact_checking_f1_difference_is_tested_over_relations():
+    from matrice.claims import f1_difference_by_relation
+
+    rows = _statements(6, "dkn", "prob")
+    est = f1_difference_by_relation(rows, "dkn", "prob", lambda f: f.split("-")[0])
+    assert est.n == 6 and est.mean == pytest.approx(1.0 - 2 / 3)  # F1 1 against 2·6/(2·6 + 6)
+    assert est.p == pytest.approx(2 / 64)  # six relations, one swap pattern each way as extreme
+    same = f1_difference_by_relation(rows, "dkn", "dkn", lambda f: f.split("-")[0])
+    assert same.mean == 0.0 and same.p == 1.0
+    one_relation = f1_difference_by_relation(rows, "dkn", "prob", lambda f: "P")
+    assert one_relation.n == 1 and one_relation.p == 1.0
