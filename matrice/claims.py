@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from matrice.stats import (Comparison, Direction, Estimate, Verdict, bootstrap_mean, clustered_difference, flag_counts, holm,
-                           paired_ratio_difference, per_fact_mean, pooled_ratio, power, prf, verdict)
+from matrice.stats import (Comparison, Direction, Estimate, Verdict, clustered_difference, flag_counts, holm,
+                           paired_ratio_difference, per_fact_mean, pooled_ratio, power, prf, relation_mean, verdict)
 
 RelationOf = Callable[[str], str]
 
@@ -37,6 +37,9 @@ NAMES = {"lolo": "LOLO (selected without the language)", "lolo_random_layer": "R
          "random_layer": "Random (layer-matched)"}
 # MATRICE against each baseline: the paper's (threshold-based) one, then the fair variant beside it.
 BASELINES = ("random", "random_layer", "amig", "amig_k")
+
+
+CELL = "mean over relations of their facts' means [95% CI, relations and their facts resampled] (n relations)"
 
 
 def method_name(method: str) -> str:
@@ -147,6 +150,19 @@ def layer_claims(sets: Mapping[str, Mapping[str, Sequence[Sequence[int]]]], n_la
                    metric="share", relation_of=relation_of)]
 
 
+def manipulation_effect(records: Sequence[Mapping[str, Any]], method: str, mode: str | None,
+                        keep: Callable[[Mapping[str, Any]], bool]) -> dict[str, float]:
+    """Per fact: mean ΔP/P over its kept queries for one mode; for mode None the effect in the intended
+    direction (−ΔP for suppress, +ΔP for enhance) averaged over both modes, so a wrong-direction change
+    counts against (Table II)."""
+    sign = {"suppress": -1.0, "enhance": 1.0}
+    return per_fact_mean(
+        records,
+        lambda r: None if r["delta_p"] is None else (r["delta_p"] if mode else sign[r["mode"]] * r["delta_p"]),
+        lambda r: r["method"] == method and (mode is None or r["mode"] == mode) and keep(r),
+    )
+
+
 def manipulation_claims(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool],
                         relation_of: RelationOf = relation_prefix) -> list[Claim]:
     """Fig. 5 and Table II from per-query ΔP/P, averaged per fact over evaluation queries."""
@@ -156,14 +172,7 @@ def manipulation_claims(manip: Mapping[str, Any], is_evaluation: Callable[[str],
     n_facts = len({r["fact_id"] for r in records})
 
     def effect(method: str, mode: str | None) -> dict[str, float]:
-        """ΔP/P for one mode; for mode None the effect in the intended direction (−ΔP for suppress,
-        +ΔP for enhance) averaged over both modes, so a wrong-direction change counts against."""
-        sign = {"suppress": -1.0, "enhance": 1.0}
-        return per_fact_mean(
-            records,
-            lambda r: None if r["delta_p"] is None else (r["delta_p"] if mode else sign[r["mode"]] * r["delta_p"]),
-            lambda r: r["method"] == method and (mode is None or r["mode"] == mode) and scored(r),
-        )
+        return manipulation_effect(records, method, mode, scored)
 
     empty = manip.get("empty_facts", {})
     methods = {r["method"] for r in records}
@@ -294,22 +303,22 @@ def injection_claims(injection: Mapping[str, Any], relation_of: RelationOf = rel
     return out
 
 
-def injection_interval_table(injection: Mapping[str, Any], languages: Sequence[str]) -> str:
-    """Each variant at its selected rate: accuracy per split, then transfer per language, as mean
-    [95% CI over facts] (n facts)."""
+def injection_interval_table(injection: Mapping[str, Any], languages: Sequence[str],
+                             relation_of: RelationOf = relation_prefix) -> str:
+    """Each variant at its selected rate: accuracy per split, then transfer per language (`CELL`)."""
     records = _selected_records(injection)
     variants = list(dict.fromkeys(r["variant"] for r in records))
     splits = ("heldout", "transfer", "trained", "old")
     lines = ["| variant | lr | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
     for v in variants:
-        cells = [bootstrap_mean(list(injection_accuracy(records, v, sp).values())).format(2) for sp in splits]
+        cells = [relation_mean(injection_accuracy(records, v, sp), relation_of).format(2) for sp in splits]
         lines.append(f"| {INJECT_NAMES.get(v, v)} | {injection.get('selected', {}).get(v, '–')} | " + " | ".join(cells) + " |")
     per_lang = ["| variant | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]
     for v in variants:
-        cells = [bootstrap_mean(list(injection_accuracy(records, v, "transfer", lang).values())).format(2)
+        cells = [relation_mean(injection_accuracy(records, v, "transfer", lang), relation_of).format(2)
                  for lang in languages]
         per_lang.append(f"| {INJECT_NAMES.get(v, v)} | " + " | ".join(cells) + " |")
-    return ("Accuracy at each variant's selected learning rate: mean [95% CI over facts] (n facts)\n\n"
+    return (f"Accuracy at each variant's selected learning rate: {CELL}\n\n"
             + "\n".join(lines) + "\n\nTransfer per language (the injected fact's original query in a language it "
             "was not trained in):\n\n" + "\n".join(per_lang) + "\n")
 
@@ -356,7 +365,8 @@ def control_claims(controls: Mapping[str, Any], is_evaluation: Callable[[str], b
     return out
 
 
-def lolo_interval_table(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool], languages: Sequence[str]) -> str:
+def lolo_interval_table(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool], languages: Sequence[str],
+                        relation_of: RelationOf = relation_prefix) -> str:
     """Suppression ΔP/P in each held-out language: LOLO, its layer-matched random control (every query of
     the language) and MATRICE's full set (evaluation queries only, as it saw the language's others)."""
     records = controls.get("lolo", [])
@@ -368,7 +378,7 @@ def lolo_interval_table(controls: Mapping[str, Any], is_evaluation: Callable[[st
         cells = []
         for lang in languages:
             per_fact = _suppression(records, method, lambda r, lang=lang: r["lang"] == lang and keep(r))
-            cells.append(bootstrap_mean(list(per_fact.values())).format(2))
+            cells.append(relation_mean(per_fact, relation_of).format(2))
         lines.append(f"| {method_name(method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -458,86 +468,110 @@ def power_table(claims: Sequence[Claim], alpha: float, facts_per_relation: float
             "mean, 80% power; facts at this run's facts per relation.\n\n" + "\n".join(lines) + "\n")
 
 
-def manipulation_estimates(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool], languages: Sequence[str]
+def manipulation_estimates(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool],
+                           languages: Sequence[str | None], relation_of: RelationOf = relation_prefix
                            ) -> tuple[dict[str, dict[str, list[Estimate]]], bool]:
     """``({mode: {method: [Estimate per language]}}, whether on evaluation queries)``: each fact's mean
-    ΔP/P over its evaluation queries in the language, then the mean over facts with its interval."""
+    ΔP/P over its evaluation queries in the language (None: every language), then `relation_mean`."""
     records = manip["records"]
     scored, have_eval = scored_queries(records, is_evaluation)
     methods = list(dict.fromkeys(r["method"] for r in records))
     out: dict[str, dict[str, list[Estimate]]] = {}
     for mode in ("suppress", "enhance"):
-        out[mode] = {}
-        for method in methods:
-            out[mode][method] = [
-                bootstrap_mean(list(per_fact_mean(
-                    records, lambda r: r["delta_p"],
-                    lambda r: r["method"] == method and r["mode"] == mode and r["lang"] == lang and scored(r)).values()))
-                for lang in languages]
+        out[mode] = {method: [relation_mean(manipulation_effect(
+            records, method, mode, lambda r, lang=lang: lang in (None, r["lang"]) and scored(r)), relation_of)
+            for lang in languages] for method in methods}
     return out, have_eval
 
 
+def ablation_estimates(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool],
+                       relation_of: RelationOf = relation_prefix) -> dict[str, Estimate]:
+    """Table II: each variant's signed effect (−ΔP/P suppressing, +ΔP/P enhancing, averaged), on the
+    verdicts' queries and unit; MATRICE first."""
+    records = manip["records"]
+    scored, _ = scored_queries(records, is_evaluation)
+    present = {r["method"] for r in records}
+    variants = [m for m in ("matrice", "wo_uaq", "wo_uaq_k", "wo_ual", "wo_ual_k") if m in present]
+    return {m: relation_mean(manipulation_effect(records, m, None, scored), relation_of) for m in variants}
+
+
 def manipulation_interval_tables(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool],
-                                 languages: Sequence[str]) -> str:
-    """Fig. 5 per language with uncertainty: per method and mode, mean ΔP/P over facts (each fact's
-    mean over its evaluation queries in that language), its 95% bootstrap interval and n facts."""
-    estimates, have_eval = manipulation_estimates(manip, is_evaluation, languages)
+                                 languages: Sequence[str], relation_of: RelationOf = relation_prefix) -> str:
+    """Fig. 5 per language and over all languages, then Table II's signed effects: the verdicts' queries
+    and unit (`CELL`)."""
+    estimates, have_eval = manipulation_estimates(manip, is_evaluation, [*languages, None], relation_of)
+    split = "evaluation queries (never attributed)" if have_eval else "all queries (no held-out ones in this run)"
     parts = []
     for mode, per_method in estimates.items():
-        lines = ["| method | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]
+        lines = ["| method | " + " | ".join([*languages, "all"]) + " |", "|---|" + "---|" * (len(languages) + 1)]
         for method, cells in per_method.items():
             lines.append(f"| {method_name(method)} | " + " | ".join(e.format(2) for e in cells) + " |")
-        split = "evaluation queries" if have_eval else "all queries"
-        parts.append(f"**{mode}**: mean ΔP/P [95% CI over facts] (n facts), {split}\n\n" + "\n".join(lines) + "\n")
+        parts.append(f"**{mode}**: ΔP/P, {CELL}, {split}\n\n" + "\n".join(lines) + "\n")
+    ablation = ablation_estimates(manip, is_evaluation, relation_of)
+    if len(ablation) > 1:
+        lines = ["| variant | effect |", "|---|---|"] + [f"| {method_name(m)} | {e.format(3)} |" for m, e in ablation.items()]
+        parts.append(f"**Table II** — signed effect (−ΔP/P suppressing, +ΔP/P enhancing, averaged; a change in the "
+                     f"wrong direction counts against), {CELL}, {split}\n\n" + "\n".join(lines) + "\n")
     return "\n".join(parts)
 
 
 def enhancement_estimates(enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool], group: str,
-                          groups: Sequence[str | None]) -> tuple[dict[str, list[Estimate]], bool]:
+                          groups: Sequence[str | None], relation_of: RelationOf = relation_prefix
+                          ) -> tuple[dict[str, list[Estimate]], bool]:
     """``({method: [Estimate per group value]}, on evaluation queries?)``: accuracy gained on Q_error,
-    each fact's mean over its scored queries with ``record[group] == value`` (None: all), then over facts."""
+    each fact's mean over its scored queries with ``record[group] == value`` (None: all), then `relation_mean`."""
     records = enhancement["records"]
     scored, have_eval = scored_queries(records, is_evaluation)
     methods = list(dict.fromkeys(r["method"] for r in records))
-    return {method: [bootstrap_mean(list(per_fact_mean(
+    return {method: [relation_mean(per_fact_mean(
         records, lambda r: float(r["correct_after"]),
-        lambda r: r["method"] == method and scored(r) and value in (None, r[group])).values())) for value in groups]
+        lambda r: r["method"] == method and scored(r) and value in (None, r[group])), relation_of) for value in groups]
         for method in methods}, have_eval
 
 
 EDIT_METRICS = {"reliability": ("rel_ok", "rel_n"), "generality": ("gen_ok", "gen_n"), "locality": ("loc_ok", "loc_n")}
 
 
-def editing_interval_tables(editing: Mapping[str, Any], languages: Sequence[str]) -> str:
-    """Tables III/IV with uncertainty: per method, metric and language the mean over facts of the fact's
-    rate, [95% CI] (n facts); "all" pools each fact's queries over every language first, so every
-    metric averages the same way (facts with no sample in a language are out of that cell's n)."""
+def editing_estimates(editing: Mapping[str, Any], languages: Sequence[str | None],
+                      relation_of: RelationOf = relation_prefix) -> dict[tuple[str, str, str], list[Estimate]]:
+    """{(operation, method, metric): [Estimate per language (None: all)]}: each fact's rate pooled over
+    its queries in the language (all: every language), then `relation_mean` — the verdicts' unit."""
     records = editing["records"]
-    methods = list(dict.fromkeys(r["method"] for r in records))
+    out = {}
+    for operation in ("erasure", "update"):
+        for method in dict.fromkeys(r["method"] for r in records):
+            mine = [r for r in records if r["method"] == method and r["operation"] == operation]
+            for metric, (ok, n) in EDIT_METRICS.items():
+                out[(operation, method, metric)] = [relation_mean(pooled_ratio(
+                    [r for r in mine if lang in (None, r["lang"])], ok, n), relation_of) for lang in languages]
+    return out
+
+
+def editing_interval_tables(editing: Mapping[str, Any], languages: Sequence[str],
+                            relation_of: RelationOf = relation_prefix) -> str:
+    """Tables III/IV: per method, metric and language the fact's rate pooled over its queries there
+    ("all": over every language), then `CELL` (facts with no sample in a language are out of that cell)."""
+    estimates = editing_estimates(editing, [*languages, None], relation_of)
     parts = []
     for operation, title in (("erasure", "Table III — erasure"), ("update", "Table IV — update")):
         lines = ["| method | metric | " + " | ".join([*languages, "all"]) + " |", "|---|---|" + "---|" * (len(languages) + 1)]
-        for method in methods:
-            mine = [r for r in records if r["method"] == method and r["operation"] == operation]
-            for metric, (ok, n) in EDIT_METRICS.items():
-                cells = [bootstrap_mean(list(pooled_ratio([r for r in mine if r["lang"] == lang], ok, n).values())).format(2)
-                         for lang in languages]
-                cells.append(bootstrap_mean(list(pooled_ratio(mine, ok, n).values())).format(2))
-                lines.append(f"| {method_name(method)} | {metric} | " + " | ".join(cells) + " |")
-        parts.append(f"**{title}**: mean [95% CI over facts] (n facts)\n\n" + "\n".join(lines) + "\n")
+        for (op, method, metric), cells in estimates.items():
+            if op == operation:
+                lines.append(f"| {method_name(method)} | {metric} | " + " | ".join(e.format(2) for e in cells) + " |")
+        parts.append(f"**{title}**: {CELL}\n\n" + "\n".join(lines) + "\n")
     return "\n".join(parts)
 
 
 def enhancement_interval_table(enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool],
-                               languages: Sequence[str]) -> str:
-    """Fig. 6 with uncertainty: accuracy gained on Q_error per method and language (and all languages),
-    each fact's mean over its Q_error queries, then mean [95% CI over facts] (n facts)."""
-    estimates, have_eval = enhancement_estimates(enhancement, is_evaluation, "lang", [*languages, None])
+                               languages: Sequence[str], relation_of: RelationOf = relation_prefix) -> str:
+    """Fig. 6: accuracy gained on Q_error per method and language (and all languages), each fact's mean
+    over its Q_error queries, then `CELL`."""
+    estimates, have_eval = enhancement_estimates(enhancement, is_evaluation, "lang", [*languages, None], relation_of)
     lines = ["| method | " + " | ".join([*languages, "all"]) + " |", "|---|" + "---|" * (len(languages) + 1)]
     for method, cells in estimates.items():
         lines.append(f"| {method_name(method)} | " + " | ".join(e.format(2) for e in cells) + " |")
     split = "evaluation queries" if have_eval else "all queries"
-    return f"Accuracy gained on Q_error ({split}): mean [95% CI over facts] (n facts)\n\n" + "\n".join(lines) + "\n"
+    return f"Accuracy gained on Q_error ({split}): {CELL}\n\n" + "\n".join(lines) + "\n"
 
 
 def missing_primary(claims: Sequence[Claim], primary: Sequence[str]) -> list[str]:

@@ -80,6 +80,31 @@ def bootstrap_mean(values: Sequence[float | None], n_boot: int = 10_000, seed: i
     return Estimate(float(arr.mean()), float(low), float(high), len(arr))
 
 
+def relation_mean(per_fact: Mapping[str, float | None], relation_of: Callable[[str], str], n_boot: int = 2_000,
+                  seed: int = 0, level: float = 0.95) -> Estimate:
+    """The descriptive twin of the verdicts' unit: each relation's mean over its facts, then the mean
+    over relations, with a 95% percentile interval from a two-stage bootstrap (relations resampled,
+    and the facts of each relation, once per replicate). n counts relations; a single relation's
+    interval is its facts' bootstrap."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for fact, value in per_fact.items():
+        if value is not None and np.isfinite(value):
+            groups[relation_of(fact)].append(float(value))
+    if not groups:
+        return Estimate(None, None, None, 0)
+    arrays = [np.array(v) for _, v in sorted(groups.items())]
+    point = float(np.mean([a.mean() for a in arrays]))
+    if len(arrays) == 1 and len(arrays[0]) == 1:
+        return Estimate(point, None, None, 1)
+    rng = np.random.default_rng(seed)
+    within = np.stack([a[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(axis=1) for a in arrays], axis=1)
+    drawn = rng.integers(0, len(arrays), size=(n_boot, len(arrays)))
+    means = np.take_along_axis(within, drawn, axis=1).mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return Estimate(point, float(low), float(high), len(arrays))
+
+
 def _mean_statistic(x: np.ndarray, axis: int) -> np.ndarray:
     return np.mean(x, axis=axis)
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -91,6 +91,12 @@ def queries_of(queries, fact_ids) -> list:
     """The queries of the facts that have neuron sets (the attributed facts)."""
     wanted = set(fact_ids)
     return [q for q in queries if q.fact_id in wanted]
+
+
+def relation_of(queries) -> Callable[[str], str]:
+    """fact id -> its relation, from the dataset's queries: the unit every table and verdict averages over."""
+    relations = {q.fact_id: q.relation for q in queries}
+    return lambda fact: relations.get(fact, fact)
 
 
 def figure_path(key: str, name: str) -> Path:

@@ -3,13 +3,13 @@ English and evaluated in every language (Tables III, IV)."""
 
 from __future__ import annotations
 
+from matrice.claims import editing_estimates, editing_interval_tables
 from matrice.data.schema import load_queries
 from matrice.experiments.edit import EditConfig, edit_facts
 from matrice.io import atomic_write_json, atomic_write_text
-from matrice.report import markdown_table, ordered_langs
-from stages.common import DATASET_DIR, load_neuron_sets, load_params, load_prepared, model_arg, results_dir, setup_logging
-
-METRICS = ("reliability", "generality", "locality")
+from matrice.report import ordered_langs
+from stages.common import (DATASET_DIR, load_neuron_sets, load_params, load_prepared, model_arg, relation_of, results_dir,
+                           setup_logging)
 
 
 def main() -> None:
@@ -28,20 +28,16 @@ def main() -> None:
     result = edit_facts(adapter, queries, sets, section["methods"], cfg=cfg, few_shot=params["few_shot"],
                         facts=sorted(sets.facts))
     out = results_dir(key)
-    atomic_write_json(out / "editing.json", result.to_dict())
-    average = [r for r in result.summary if r["lang"] == "average"]
+    data = result.to_dict()
+    atomic_write_json(out / "editing.json", data)
+    # every number below: each fact's rate pooled over its queries, then each relation's (the verdicts' unit)
+    relations = relation_of(queries)
+    overall = editing_estimates(data, [None], relations)
     atomic_write_json(out / "editing_metrics.json", {"editing": {
-        f"{r['method']}.{r['operation']}": {m: r[m] for m in METRICS} for r in average}})
-    langs = ordered_langs({r["lang"] for r in result.summary if r["lang"] != "average"}) + ["average"]
-    tables = []
-    for op, title in (("erasure", "Table III — erasure"), ("update", "Table IV — update")):
-        rows = []
-        for method in section["methods"]:
-            cell = {r["lang"]: r for r in result.summary if r["method"] == method and r["operation"] == op}
-            for metric in METRICS:
-                rows.append([method, metric, *(cell.get(l, {}).get(metric) for l in langs)])
-        tables.append(f"**{title}** (edited in English)\n\n" + markdown_table(["method", "metric", *langs], rows))
-    atomic_write_text(out / "editing_tables.md", "\n".join(tables))
+        f"{method}.{op}": {m: cells[0].mean for (o, meth, m), cells in overall.items() if (o, meth) == (op, method)}
+        for op, method, _ in overall}})
+    langs = ordered_langs({r["lang"] for r in data["records"]})
+    atomic_write_text(out / "editing_tables.md", "Edited in English.\n\n" + editing_interval_tables(data, langs, relations))
 
 
 if __name__ == "__main__":

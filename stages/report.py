@@ -139,14 +139,14 @@ def _rule(params: dict):
     return _evaluation_rule(params["attribute"]["templates_per_language"])
 
 
-def _intervals(key: str, name: str, table, *rule) -> str:
-    """An experiment's table with intervals: `table(results, [is_evaluation,] languages present)`."""
+def _intervals(key: str, name: str, table, *rule, **kwargs) -> str:
+    """An experiment's table with intervals: `table(results, [is_evaluation,] languages present, **kwargs)`."""
     results = _json(results_dir(key) / f"{name}.json")
-    return table(results, *rule, _langs_of(results["records"]))
+    return table(results, *rule, _langs_of(results["records"]), **kwargs)
 
 
 def _controls_section(key: str, params: dict) -> str:
-    from matrice.claims import lolo_interval_table
+    from matrice.claims import CELL, lolo_interval_table
 
     controls = _json(results_dir(key) / "controls.json")
     langs = _langs_of(controls["lolo"])
@@ -155,9 +155,9 @@ def _controls_section(key: str, params: dict) -> str:
     return (
         "### Controls: leave-one-language-out and specificity\nLeave-one-language-out: for each language, LAKNs are "
         "selected from the other languages (UaL without it, same τ) and suppressed (×0) on the fact's queries in "
-        "the held-out one, which no part of their selection saw; the control is as many random neurons per layer. Mean "
-        "ΔP/P per held-out language [95% CI over facts] (n facts):\n\n"
-        + lolo_interval_table(controls, _rule(params), langs)
+        "the held-out one, which no part of their selection saw; the control is as many random neurons per layer. "
+        f"ΔP/P per held-out language, {CELL}:\n\n"
+        + lolo_interval_table(controls, _rule(params), langs, lambda f: _relation_of().get(f, f))
         + "\nSpecificity: each fact's evaluation queries under suppression of its own LAKNs, of another attributed "
         f"fact's of the same relation, and of a fact's of another relation (target ← same / other: {pairs}); the "
         "verdict rows above compare them"
@@ -269,8 +269,7 @@ def _consistency_section(key: str) -> str:
 
 
 def model_section(key: str, params: dict) -> str:
-    from matrice.claims import (editing_interval_tables, enhancement_interval_table, injection_interval_table,
-                                manipulation_interval_tables)
+    from matrice.claims import injection_interval_table
 
     out = results_dir(key)
     sel = _json(out / "selection_metrics.json")["selection"]
@@ -287,28 +286,23 @@ def model_section(key: str, params: dict) -> str:
         "### Manipulation (Fig. 5, Table II)\nRelative change of P(answer) when each fact's neurons are set to 0 "
         "(suppress) or doubled (enhance) at the answer position; random neurons are the control.\n\n"
         + _fig(key, "fig5_manipulation.png", f"Fig. 5 — suppression and enhancement, {key}")
-        + "\n" + _read(out / "manipulation_tables.md")
-        + "\nThe same per language with uncertainty: each fact's mean over its held-out paraphrase(s), then the "
-        "mean over facts with a 95% bootstrap interval and n facts.\n\n"
-        + _intervals(key, "manipulation", manipulation_interval_tables, _rule(params)),
+        + "\n" + _read(out / "manipulation_tables.md"),
         _controls_section(key, params),
         "### Cross-lingual editing (Tables III, IV)\nEdits made with the English object only; reliability on the "
         "edited query, generality on its paraphrases, locality on unrelated facts, per language. Erasure zeroes each "
         "neuron's output weight column; update sets it to W − λ1·E(o) + λ2·E(o') with "
         f"λ1 = {params['edit']['lambda1']}, λ2 = {params['edit']['lambda2']} ({_scaling_text(params)}).\n\n"
-        + _read(out / "editing_tables.md")
-        + "\nThe same with uncertainty (reliability is on the edited, attributed query; generality on its paraphrases, "
-        "held-out ones included):\n\n" + _intervals(key, "editing", editing_interval_tables),
+        + "Reliability is on the edited (attributed) query, generality on its paraphrases, held-out ones included.\n\n"
+        + _read(out / "editing_tables.md"),
         _sweep_section(key, params),
         "### Enhancement in low-resource languages (Fig. 6)\nAccuracy gained on queries the model got wrong "
         "(accuracy before is 0 by construction) when the fact's neurons are doubled.\n\n"
         + _fig(key, "fig6_enhancement.png", f"Fig. 6 — enhancement in low-resource languages, {key}")
-        + "\n" + _read(out / "enhancement_tables.md")
-        + "\n" + _intervals(key, "enhancement", enhancement_interval_table, _rule(params)),
+        + "\n" + _read(out / "enhancement_tables.md"),
         "### New-knowledge injection (Table V)\nFine-tuning only the neurons' parameters vs all parameters, random "
         "or AMIG neurons, and LoRA, on localisation paraphrases of facts the model does not know; judged on held-out "
         "paraphrases and the other languages; Q_old accuracy measures forgetting.\n\n"
-        + _intervals(key, "injection", injection_interval_table)
+        + _intervals(key, "injection", injection_interval_table, relation_of=lambda f: _relation_of().get(f, f))
         + "\n" + _read(out / "injection_tables.md"),
         "### Case study (Fig. 7)\nOne fact in every language: the prediction before, after enhancement and after an "
         "update edit made in English.\n\n" + _read(out / "case_study.md"),

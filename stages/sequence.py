@@ -59,6 +59,7 @@ def reduced_params(params: dict[str, Any], key: str, source: str, device: str) -
     params["dataset"].update(relations=["P36", "P30"], languages=["en", "fr", "zh"], max_facts_per_relation=4)
     params["attribute"].update(facts_per_relation=2, fact_policy="any", batch_size=64)
     params["inject"].update(max_new=4, max_old=4, epochs=1)
+    params["enhance"]["languages"] = ["fr", "zh"]  # the "low-resource" ones among the three kept
     params["steps"] = 2
     return params
 

@@ -262,3 +262,16 @@ def test_fact_checking_f1_difference_is_tested_over_relations():
     assert same.mean == 0.0 and same.p == 1.0
     one_relation = f1_difference_by_relation(rows, "dkn", "prob", lambda f: "P")
     assert one_relation.n == 1 and one_relation.p == 1.0
+
+
+def test_table_ii_is_the_signed_effect_on_the_verdicts_queries_and_unit():
+    from matrice.claims import ablation_estimates
+
+    records = manip_records(8, {"matrice": 0.3, "wo_uaq": 0.3}, eval_effect={"matrice": 0.2, "wo_uaq": 0.1})
+    for r in records["records"]:
+        if r["method"] == "wo_uaq" and r["mode"] == "suppress":
+            r["delta_p"] = -r["delta_p"]  # P goes up when suppressing: counts against, not as strength
+    est = ablation_estimates(records, is_eval)
+    assert est["matrice"].mean == pytest.approx(0.2, abs=0.02)  # evaluation queries only
+    assert est["wo_uaq"].mean == pytest.approx(0.0, abs=0.02)  # (−0.1 + 0.1) / 2
+    assert est["matrice"].n == 8  # relations (each F-fact is its own here)

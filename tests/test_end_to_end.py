@@ -52,3 +52,41 @@ def test_held_out_queries_never_reach_attribution(tiny_run):
     assert max(template_of.values()) == 3
     manip = json.loads((tiny_run / "results/tiny/manipulation.json").read_text())
     assert any(template_of[r["query_id"]] == 3 for r in manip["records"])  # and the experiments score it
+
+
+def test_metrics_and_plot_data_are_the_tables_estimates(tiny_run, monkeypatch):
+    """Every metrics/plot JSON value is the estimate of the table beside it: evaluation queries, each
+    fact's mean, then each relation's — the verdicts' queries and unit."""
+    from matrice.claims import editing_estimates, enhancement_estimates, manipulation_estimates
+    from matrice.data.schema import load_queries
+    from stages.common import evaluation_rule, load_params, relation_of
+
+    monkeypatch.chdir(tiny_run)
+    out = tiny_run / "results/tiny"
+    read = lambda name: json.loads((out / name).read_text())  # noqa: E731
+    rule, relations = evaluation_rule(load_params()), relation_of(load_queries("data/dataset/queries.jsonl"))
+
+    manip = read("manipulation.json")
+    langs = [row["lang"] for row in read("manipulation_suppress_plot.json")]
+    estimates, have_eval = manipulation_estimates(manip, rule, [*langs, None], relations)
+    assert have_eval
+    metrics = read("manipulation_metrics.json")["manipulation"]
+    for mode, per_method in estimates.items():
+        plot = read(f"manipulation_{mode}_plot.json")
+        for method, cells in per_method.items():
+            assert metrics[method][mode] == cells[-1].mean
+            assert [row[method] for row in plot] == [c.mean for c in cells[:-1]]
+    table = (out / "manipulation_tables.md").read_text()
+    assert "evaluation queries (never attributed)" in table and "(n=2)" in table  # two relations
+
+    enhancement = read("enhancement.json")
+    assert enhancement["records"]  # fr and zh stand in for the low-resource languages
+    overall, _ = enhancement_estimates(enhancement, rule, "lang", [None], relations)
+    assert {m: v["accuracy_gain"] for m, v in read("enhancement_metrics.json")["enhancement"].items()} == \
+        {m: cells[0].mean for m, cells in overall.items()}
+    assert "evaluation queries" in (out / "enhancement_tables.md").read_text()
+
+    editing = editing_estimates(read("editing.json"), [None], relations)
+    for name, values in read("editing_metrics.json")["editing"].items():
+        method, operation = name.split(".")
+        assert values == {metric: editing[(operation, method, metric)][0].mean for metric in values}

@@ -23,7 +23,7 @@ from matrice.experiments.case_study import case_study
 from matrice.experiments.edit import EditConfig, choose_new_object, edit_facts, locality_facts
 from matrice.experiments.enhance import enhance_low_resource
 from matrice.experiments.inject import InjectConfig, inject_knowledge, train_variant
-from matrice.experiments.manipulate import ablation_table, manipulate
+from matrice.experiments.manipulate import manipulate
 from matrice.interventions import (
     check_masked_update, edited_output_weights, erasure_vectors, neuron_param_masks, update_vectors,
 )
@@ -187,60 +187,6 @@ def test_manipulation_layer_and_missing_fact(llama):
     with pytest.raises(MissingNeuronSetError, match="f4"):
         manipulate(llama, [q for q in QUERIES if q.fact_id in ("f3", "f4")], {"f3": {"matrice": all_layer1}},
                    methods=("matrice",), progress=False)
-
-
-def test_ablation_table_normalisation():
-    rows = [
-        {"method": "matrice", "mode": "suppress", "lang": "en", "mean_delta_p": -0.5},
-        {"method": "matrice", "mode": "suppress", "lang": "fr", "mean_delta_p": -0.4},
-        {"method": "matrice", "mode": "enhance", "lang": "en", "mean_delta_p": 0.0},
-        {"method": "matrice", "mode": "enhance", "lang": "fr", "mean_delta_p": 0.2},
-        {"method": "wo_uaq", "mode": "suppress", "lang": "en", "mean_delta_p": -0.25},
-        {"method": "wo_uaq", "mode": "suppress", "lang": "fr", "mean_delta_p": -0.4},
-        {"method": "wo_uaq", "mode": "enhance", "lang": "en", "mean_delta_p": 0.1},
-        {"method": "wo_uaq", "mode": "enhance", "lang": "fr", "mean_delta_p": 0.1},
-        {"method": "wo_ual", "mode": "suppress", "lang": "en", "mean_delta_p": 0.1},  # wrong direction
-        {"method": "wo_ual", "mode": "suppress", "lang": "fr", "mean_delta_p": None},
-        {"method": "wo_ual", "mode": "enhance", "lang": "en", "mean_delta_p": 0.3},
-        {"method": "wo_ual", "mode": "enhance", "lang": "fr", "mean_delta_p": 0.3},
-    ]
-    t = ablation_table(rows)
-    assert t["matrice"]["suppress"]["mean"] == 1.0 and t["matrice"]["enhance"]["per_lang"] == {"en": None, "fr": 1.0}
-    s = t["wo_uaq"]["suppress"]
-    assert s["per_lang"] == {"en": pytest.approx(0.5), "fr": pytest.approx(1.0)} and s["mean"] == pytest.approx(0.75)
-    e = t["wo_uaq"]["enhance"]
-    assert e["per_lang"] == {"en": None, "fr": pytest.approx(0.5)} and e["mean"] == pytest.approx(0.5)
-    assert e["n_undefined"] == 1 and e["n_langs"] == 1
-    assert t["wo_uaq"]["average"] == pytest.approx(0.625)
-    assert t["wo_ual"]["suppress"]["per_lang"] == {"en": pytest.approx(0.2), "fr": None}
-    assert ablation_table(rows, signed=True)["wo_ual"]["suppress"]["per_lang"]["en"] == pytest.approx(-0.2)
-    everything_zero = [dict(r, mean_delta_p=0.0) for r in rows]
-    z = ablation_table(everything_zero)
-    assert z["wo_uaq"]["average"] is None and z["wo_uaq"]["suppress"]["n_undefined"] == 2
-
-
-# ---- editing ------------------------------------------------------------------------------------
-
-def test_interventions_vectors_and_restore(llama):
-    saved = state(llama.model)
-    ps = pairs((0, 1), (2, 7))
-    upd = update_vectors(llama, ps, 5, 9, lambda1=1.0, lambda2=2.0, scaling="column_norm")
-    w = llama.output_weight(2, 7).float()
-    e5, e9 = llama.unembedding(5).float(), llama.unembedding(9).float()
-    expect = w - w.norm() * e5 / e5.norm() + 2 * w.norm() * e9 / e9.norm()
-    assert torch.allclose(upd[(2, 7)], expect, atol=1e-6)
-    raw = update_vectors(llama, ps, 5, 9, lambda1=0.5, lambda2=2.0)  # Eq. 15 as written: the default
-    assert torch.allclose(raw[(2, 7)], w - 0.5 * e5 + 2 * e9, atol=1e-6)
-    with pytest.raises(ValueError, match="scaling"):
-        update_vectors(llama, ps, 5, 9, scaling="relative")
-    with pytest.raises(RuntimeError, match="boom"):
-        with edited_output_weights(llama, upd):
-            assert torch.allclose(llama.model.model.layers[2].mlp.down_proj.weight[:, 7], upd[(2, 7)])
-            raise RuntimeError("boom")
-    assert_same_state(llama.model, saved)
-    with edited_output_weights(llama, erasure_vectors(llama, ps)):
-        assert float(llama.model.model.layers[0].mlp.down_proj.weight[:, 1].abs().sum()) == 0.0
-    assert_same_state(llama.model, saved)
 
 
 def test_edit_flips_prediction(gpt2_implant):

@@ -22,7 +22,7 @@ FILES = ("environment.json", "engine.json", "tests.json", "ray.json", "pipeline.
 def dry_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gpu-check")
     done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=1500)
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 

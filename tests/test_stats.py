@@ -148,3 +148,15 @@ def test_power_names_the_relations_an_effect_needs():
     assert small.relations_needed >= small.floor and small.facts_needed == 2 * small.relations_needed
     assert small.minimum_detectable > 0
     assert power([0.1], alpha=0.05, facts_per_relation=2).effect_size is None
+
+
+def test_relation_mean_weighs_relations_equally_and_resamples_them():
+    from matrice.stats import relation_mean
+
+    per_fact = {"A-1": 1.0, "A-2": 1.0, "A-3": 1.0, "B-1": 0.0}
+    est = relation_mean(per_fact, lambda f: f.split("-")[0])
+    assert est.mean == 0.5 and est.n == 2  # not 0.75: relation A's three facts count once
+    assert est.low <= 0.0 and est.high >= 1.0  # two relations: the resamples reach both
+    one = relation_mean({"A-1": 0.2, "A-2": 0.4}, lambda f: "A")
+    assert one.n == 1 and one.low >= 0.2 and one.high <= 0.4
+    assert relation_mean({}, lambda f: f).n == 0 and relation_mean({"A-1": None}, lambda f: f).n == 0
