@@ -121,32 +121,35 @@ def part_tests(args: argparse.Namespace) -> dict[str, Any]:
     workers = ["-n", "8"] if args.device == "cuda" and _importable("xdist") else []
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *workers, *targets]
     env = {**os.environ, "MATRICE_TEST_DEVICE": args.device}  # PYTHONPATH: the orchestrator's (repo first)
-    log = Path(args.scratch) / "pytest.log"
     print(" ".join(cmd), flush=True)
     start = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:  # type: ignore[union-attr]
-            f.write(line)
-            f.flush()
-            sys.stdout.write(line)
-            _write_part(args, tests_summary(log.read_text(), time.perf_counter() - start, cmd, done=False))
-        proc.wait()
-    return tests_summary(log.read_text(), time.perf_counter() - start, cmd, done=True, returncode=proc.returncode)
-
-
-def tests_summary(text: str, seconds: float, cmd: list[str], done: bool, returncode: int | None = None) -> dict[str, Any]:
     outcomes: dict[str, str] = {}
-    for line in text.splitlines():
-        test = re.search(r"(tests/\S+::\S+)", line)
-        outcome = re.search(r"\b(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", line)
-        if test and outcome:
-            outcomes[test.group(1)] = outcome.group(1).lower()
+    last = ""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # type: ignore[union-attr]
+        sys.stdout.write(line)
+        last = line.rstrip() or last
+        if record_outcome(line, outcomes):  # kept as it goes: a run cut by its box still says how far it got
+            _write_part(args, tests_summary(outcomes, last, time.perf_counter() - start, cmd, done=False))
+    proc.wait()
+    return tests_summary(outcomes, last, time.perf_counter() - start, cmd, done=True, returncode=proc.returncode)
+
+
+def record_outcome(line: str, outcomes: dict[str, str]) -> bool:
+    """A verbose pytest line's test id and outcome into `outcomes`; True when the line had one."""
+    test = re.search(r"(tests/\S+::\S+)", line)
+    outcome = re.search(r"\b(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", line)
+    if test and outcome:
+        outcomes[test.group(1)] = outcome.group(1).lower()
+    return bool(test and outcome)
+
+
+def tests_summary(outcomes: dict[str, str], tail: str, seconds: float, cmd: list[str], done: bool,
+                  returncode: int | None = None) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for o in outcomes.values():
         counts[o] = counts.get(o, 0) + 1
     failures = [t for t, o in outcomes.items() if o in ("failed", "error")]
-    tail = text.splitlines()[-1] if text.strip() else ""
     return {"command": " ".join(cmd), "finished": done, "returncode": returncode, "seconds": round(seconds, 1),
             "counts": counts, "failures": failures, "last_line": tail[-300:]}
 
@@ -228,10 +231,10 @@ def part_pipeline(args: argparse.Namespace) -> dict[str, Any]:
 
     runs_so_far: list[Any] = []
     runs = run_stages(project_copy(root, params), [key], on_stage)
-    record["all_stages_ran"] = all(r.returncode == 0 for r in runs) and len(runs) == len(_stage_names(key))
-    if not record["all_stages_ran"]:
-        failed = next((r for r in runs if r.returncode), None)
-        raise SystemExit(f"stage {failed.stage if failed else '?'} failed:\n{failed.stderr_tail if failed else ''}")
+    failed = next((r for r in runs if r.returncode), None)  # run_stages stops at the first failure
+    record["all_stages_ran"] = failed is None
+    if failed is not None:
+        raise SystemExit(f"stage {failed.stage} failed:\n{failed.stderr_tail}")
     return record
 
 
@@ -262,12 +265,6 @@ def random_default_model(tokenizer_dir: Path, out: Path) -> None:
             shutil.copy(f, out / f.name)
 
 
-def _stage_names(key: str) -> list[str]:
-    from stages.sequence import stage_commands
-
-    return [name for name, _ in stage_commands([key])]
-
-
 def _importable(name: str) -> bool:
     try:
         importlib.import_module(name)
@@ -277,8 +274,10 @@ def _importable(name: str) -> bool:
 
 
 def _part_path(args: argparse.Namespace) -> Path:
-    folder = Path(args.scratch) if args.part.startswith("engine_") else Path(args.out)
-    return folder / f"{args.part}.result.json" if args.part.startswith("engine_") else folder / f"{args.part}.json"
+    """Where a part's result goes: OUT/<part>.json, except the engine parts, merged into engine.json."""
+    if args.part.startswith("engine_"):
+        return Path(args.scratch) / f"{args.part}.result.json"
+    return Path(args.out) / f"{args.part}.json"
 
 
 def _write_part(args: argparse.Namespace, result: dict[str, Any]) -> None:

@@ -87,17 +87,9 @@ def _claim(source: str, text: str, comparison: str, direction: Direction, querie
     untestable = _untestable(a, b, empty or {}, n_facts or len(set(a) | set(b)))
     if "selected or trained nothing" in untestable and "is empty for" in note:  # the reason says it already
         note = ""
-    diffs = _relation_diffs(a, b, relation_of)
     return Claim(source, text, comparison, direction, queries, comp.relation,
-                 verdict(comp.relation, direction, untestable=untestable), note, key, metric, comp.fact, diffs, untestable)
-
-
-def _relation_diffs(a: Mapping[str, float | None], b: Mapping[str, float | None], relation_of: RelationOf) -> tuple[float, ...]:
-    by_relation: dict[str, list[float]] = defaultdict(list)
-    for f in sorted(set(a) & set(b)):
-        if a[f] is not None and b[f] is not None:
-            by_relation[relation_of(f)].append(float(a[f]) - float(b[f]))
-    return tuple(float(np.mean(v)) for _, v in sorted(by_relation.items()))
+                 verdict(comp.relation, direction, untestable=untestable), note, key, metric, comp.fact,
+                 comp.relation_diffs, untestable)
 
 
 def judge(claims: Sequence[Claim], primary: Sequence[str] = (), margins: Mapping[str, float] | None = None,

@@ -8,7 +8,8 @@ seeded Monte Carlo beyond). Its 95% interval is the test inverted (`sign_flip_in
 it does not reject), so "the interval excludes 0" and "p < 0.05" say the same thing. The fact-level
 estimate is shown beside it. A verdict is one of five, read off that estimate (`verdict`), never
 written by hand; Holm adjusts the declared primary family (`holm`); `power` says what this n can see.
-Descriptive tables keep the percentile bootstrap over facts (`bootstrap_mean`).
+The experiments' descriptive tables use the same unit (`relation_mean`: a two-stage bootstrap over
+relations and their facts); `bootstrap_mean` (over facts) serves the analyses without relations.
 """
 
 from __future__ import annotations
@@ -80,19 +81,26 @@ def bootstrap_mean(values: Sequence[float | None], n_boot: int = 10_000, seed: i
     return Estimate(float(arr.mean()), float(low), float(high), len(arr))
 
 
+def by_relation(per_fact: Mapping[str, float | None], relation_of: Callable[[str], str]) -> dict[str, list[float]]:
+    """The finite per-fact values grouped by relation, relations and facts in sorted order."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for fact in sorted(per_fact):
+        value = per_fact[fact]
+        if value is not None and np.isfinite(value):
+            groups[relation_of(fact)].append(float(value))
+    return dict(sorted(groups.items()))
+
+
 def relation_mean(per_fact: Mapping[str, float | None], relation_of: Callable[[str], str], n_boot: int = 2_000,
                   seed: int = 0, level: float = 0.95) -> Estimate:
     """The descriptive twin of the verdicts' unit: each relation's mean over its facts, then the mean
     over relations, with a 95% percentile interval from a two-stage bootstrap (relations resampled,
     and the facts of each relation, once per replicate). n counts relations; a single relation's
     interval is its facts' bootstrap."""
-    groups: dict[str, list[float]] = defaultdict(list)
-    for fact, value in per_fact.items():
-        if value is not None and np.isfinite(value):
-            groups[relation_of(fact)].append(float(value))
+    groups = by_relation(per_fact, relation_of)
     if not groups:
         return Estimate(None, None, None, 0)
-    arrays = [np.array(v) for _, v in sorted(groups.items())]
+    arrays = [np.array(v) for v in groups.values()]
     point = float(np.mean([a.mean() for a in arrays]))
     if len(arrays) == 1 and len(arrays[0]) == 1:
         return Estimate(point, None, None, 1)
@@ -186,18 +194,18 @@ class Comparison:
 
     relation: Estimate
     fact: Estimate
+    relation_diffs: tuple[float, ...] = ()  # the relation means the test ran on (power analysis)
 
 
 def clustered_difference(a: Mapping[str, float | None], b: Mapping[str, float | None],
                          relation_of: Callable[[str], str], level: float = 0.95, seed: int = 0) -> Comparison:
     """a[f] − b[f] over the facts where both are defined, tested over relation means and over facts."""
-    diffs = {f: float(a[f]) - float(b[f]) for f in sorted(set(a) & set(b))
-             if a[f] is not None and b[f] is not None and np.isfinite(float(a[f]) - float(b[f]))}
-    by_relation: dict[str, list[float]] = defaultdict(list)
-    for fact, diff in diffs.items():
-        by_relation[relation_of(fact)].append(diff)
-    relation_means = [float(np.mean(v)) for _, v in sorted(by_relation.items())]
-    return Comparison(sign_flip_estimate(relation_means, level, seed), sign_flip_estimate(list(diffs.values()), level, seed))
+    diffs = {f: float(a[f]) - float(b[f]) for f in set(a) & set(b) if a[f] is not None and b[f] is not None}
+    groups = by_relation(diffs, relation_of)
+    relation_means = tuple(float(np.mean(v)) for v in groups.values())
+    fact_diffs = [d for v in groups.values() for d in v]
+    return Comparison(sign_flip_estimate(relation_means, level, seed), sign_flip_estimate(fact_diffs, level, seed),
+                      relation_means)
 
 
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:

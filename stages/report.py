@@ -10,7 +10,8 @@ import yaml
 
 from matrice.io import atomic_write_text
 from matrice.report import markdown_table
-from stages.common import DATASET_DIR, REPORTS_DIR, evaluation_rule, load_params, results_dir, setup_logging
+from stages.common import (DATASET_DIR, REPORTS_DIR, evaluation_rule, load_params, relation_of, results_dir,
+                           setup_logging)
 
 REPORT = REPORTS_DIR / "report.md"
 
@@ -38,10 +39,11 @@ VERDICT_ORDER = ("replicates", "contradicts", "equivalent", "inconclusive", "no 
 
 
 @lru_cache(maxsize=None)
-def _relation_of() -> dict[str, str]:
+def _relation_of():
+    """fact id -> relation, from the dataset (stages.common.relation_of)."""
     from matrice.data.schema import load_queries
 
-    return {q.fact_id: q.relation for q in load_queries(DATASET_DIR / "queries.jsonl")}
+    return relation_of(load_queries(DATASET_DIR / "queries.jsonl"))
 
 
 def _verdict_params(params: dict) -> tuple[list[str], dict[str, float], float]:
@@ -60,22 +62,23 @@ def _claims(key: str, params: dict) -> list:
 
         out = results_dir(key)
         primary, margins, alpha = _verdict_params(params)
-        relation_of = _relation_of()
         _CLAIMS[key] = all_claims(
             sets=_json(out / "neurons.json")["facts"], n_layers=len(_json(out / "layer_distribution.json")),
             manip=_json(out / "manipulation.json"), editing=_json(out / "editing.json"),
             enhancement=_json(out / "enhancement.json"), is_evaluation=_rule(params),
             controls=_json(out / "controls.json"), injection=_json(out / "injection.json"),
-            fact_check=_json(out / "fact_check.json"), relation_of=lambda f: relation_of.get(f, f),
+            fact_check=_json(out / "fact_check.json"), relation_of=_relation_of(),
             primary=primary, margins=margins, alpha=alpha)
     return _CLAIMS[key]
 
 
 def _headline(claims: list) -> str:
     """Counts over the rows that can be tested, primary and exploratory apart; the rest named with why."""
+    from matrice.claims import verdict_counts
+
     def counts(rows: list) -> str:
-        n = {v: sum(c.verdict == v for c in rows) for v in VERDICT_ORDER}
-        return ", ".join(f"{n[v]} {v}" for v in VERDICT_ORDER if n[v]) or "none"
+        n = verdict_counts(rows)
+        return ", ".join(f"{n[v]} {v}" for v in VERDICT_ORDER if n.get(v)) or "none"
 
     testable = [c for c in claims if c.verdict not in ("not testable", "no data")]
     untestable = [c for c in claims if c.verdict == "not testable"]
@@ -96,7 +99,7 @@ def replication_section(key: str, params: dict) -> str:
     claims = _claims(key, params)
     primary, margins, alpha = _verdict_params(params)
     sets = _json(results_dir(key) / "neurons.json")["facts"]
-    relations = {_relation_of().get(f, f) for f in sets}
+    relations = {_relation_of()(f) for f in sets}
     absent = missing_primary(claims, primary)
     margin_text = ", ".join(f"{m} ±{v}" for m, v in margins.items()) or "none declared"
     return (
@@ -157,7 +160,7 @@ def _controls_section(key: str, params: dict) -> str:
         "selected from the other languages (UaL without it, same τ) and suppressed (×0) on the fact's queries in "
         "the held-out one, which no part of their selection saw; the control is as many random neurons per layer. "
         f"ΔP/P per held-out language, {CELL}:\n\n"
-        + lolo_interval_table(controls, _rule(params), langs, lambda f: _relation_of().get(f, f))
+        + lolo_interval_table(controls, _rule(params), langs, _relation_of())
         + "\nSpecificity: each fact's evaluation queries under suppression of its own LAKNs, of another attributed "
         f"fact's of the same relation, and of a fact's of another relation (target ← same / other: {pairs}); the "
         "verdict rows above compare them"
@@ -302,7 +305,7 @@ def model_section(key: str, params: dict) -> str:
         "### New-knowledge injection (Table V)\nFine-tuning only the neurons' parameters vs all parameters, random "
         "or AMIG neurons, and LoRA, on localisation paraphrases of facts the model does not know; judged on held-out "
         "paraphrases and the other languages; Q_old accuracy measures forgetting.\n\n"
-        + _intervals(key, "injection", injection_interval_table, relation_of=lambda f: _relation_of().get(f, f))
+        + _intervals(key, "injection", injection_interval_table, relation_of=_relation_of())
         + "\n" + _read(out / "injection_tables.md"),
         "### Case study (Fig. 7)\nOne fact in every language: the prediction before, after enhancement and after an "
         "update edit made in English.\n\n" + _read(out / "case_study.md"),
