@@ -1,5 +1,5 @@
 """The GPU check's CPU dry run (`make gpu-check DEVICE=cpu`): every part runs on tiny shapes and
-writes the files a GPU run writes, so the one command a GPU session runs cannot rot in between."""
+writes the files a GPU run writes, so the one command a GPU machine runs cannot rot between GPU runs."""
 
 from __future__ import annotations
 
