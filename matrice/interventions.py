@@ -187,7 +187,12 @@ def _answer_targets(adapter: ModelAdapter, enc: Encoded) -> tuple[list[int], lis
 
 
 def answer_loss(adapter: ModelAdapter, model: nn.Module, encs: Sequence[Encoded]) -> torch.Tensor:
-    """Mean cross-entropy over all answer tokens of the batch (teacher forcing / masked positions)."""
+    """Mean cross-entropy over all answer tokens of the batch (teacher forcing / masked positions).
+
+    The body runs on every position but the LM head only on the answer positions (its full-vocabulary
+    matmul at every position was most of a step). Why the adapter's body and head and not ``model``:
+    a wrapper such as PEFT's injects its layers into the adapter's model in place, so the body already
+    carries them, and the head is the adapter's (tied embeddings, soft-capping, MLM transform)."""
     items = [_answer_targets(adapter, e) for e in encs]
     width = max(len(ids) for ids, _ in items)
     device = adapter.device
@@ -199,9 +204,21 @@ def answer_loss(adapter: ModelAdapter, model: nn.Module, encs: Sequence[Encoded]
         mask[r, : len(ids)] = 1
         for p, t in targets:
             rows.append(r), pos.append(p), tgt.append(t)
-    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-    sel = logits[torch.tensor(rows, device=device), torch.tensor(pos, device=device)].float()
-    return nn.functional.cross_entropy(sel, torch.tensor(tgt, device=device))
+    hidden = adapter.model.base_model(input_ids=input_ids.to(device), attention_mask=mask.to(device))[0]
+    selected = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(pos, device=hidden.device)]
+    logits = adapter.head_logits(selected).float()
+    return nn.functional.cross_entropy(logits, torch.tensor(tgt, device=logits.device))
+
+
+def answer_loss_reference(model: nn.Module, adapter: ModelAdapter, encs: Sequence[Encoded]) -> torch.Tensor:
+    """:func:`answer_loss` the obvious way (the model's own logits at every position), for tests."""
+    losses = []
+    for enc in encs:
+        ids, targets = _answer_targets(adapter, enc)
+        logits = model(input_ids=torch.tensor([ids], device=adapter.device)).logits[0].float()
+        losses += [nn.functional.cross_entropy(logits[p][None], torch.tensor([t], device=logits.device), reduction="sum")
+                   for p, t in targets]
+    return torch.stack(losses).sum() / len(losses)
 
 
 def train_on_answers(
@@ -221,7 +238,8 @@ def train_on_answers(
         return []
     torch.manual_seed(cfg.seed)
     order_rng = random.Random(cfg.seed)
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=0.0)
+    # fused: one kernel per step instead of a dozen element-wise passes over every trained tensor
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=0.0, fused=_fused_adam_supported(params))
     model.train(cfg.dropout)
     losses = []
     try:
@@ -232,7 +250,7 @@ def train_on_answers(
             total, n = 0.0, 0
             for start in range(0, len(order), cfg.batch_size):
                 batch = [encs[i] for i in order[start : start + cfg.batch_size]]
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=False)  # keep the gradient buffers: no re-allocation per step
                 with torch.enable_grad():
                     loss = answer_loss(adapter, model, batch)
                     loss.backward()
@@ -249,6 +267,12 @@ def train_on_answers(
     finally:
         model.eval()
     return losses
+
+
+def _fused_adam_supported(params: Sequence[nn.Parameter]) -> bool:
+    """Fused Adam takes floating-point tensors on CPU or CUDA, all on one device type."""
+    types = {p.device.type for p in params}
+    return len(types) == 1 and types <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
 
 
 def enable_masked_training(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> tuple[list[nn.Parameter], list]:

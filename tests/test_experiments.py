@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import across_shapes
 from conftest import tiny_on_device as tiny_adapter  # on MATRICE_TEST_DEVICE
 from matrice.data.schema import Fact, make_query
 from matrice.experiments import (
@@ -25,9 +26,10 @@ from matrice.experiments.enhance import enhance_low_resource
 from matrice.experiments.inject import InjectConfig, inject_knowledge, train_variant
 from matrice.experiments.manipulate import manipulate
 from matrice.interventions import (
-    check_masked_update, edited_output_weights, erasure_vectors, neuron_param_masks, update_vectors,
+    answer_loss, answer_loss_reference, check_masked_update, edited_output_weights, erasure_vectors, neuron_param_masks, update_vectors,
 )
 from matrice.models.encoding import encode_query
+from matrice.models.tiny import TINY_FAMILIES
 from matrice.models.predict import greedy_decode, is_correct, score_answers
 
 TEMPLATES = {
@@ -356,6 +358,31 @@ def test_masked_finetuning_touches_only_neurons(family):
         p[~masks[name]] += 1.0
     with pytest.raises(RuntimeError, match="outside the neuron mask"):
         check_masked_update(a.model, trained.model, masks)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_answer_loss_with_head_on_answer_positions_equals_full_logits(family):
+    """The training loss runs the LM head on the answer positions only; the obvious loss (every
+    position's logits, one unpadded query at a time) is the same number, gradients included."""
+    a = tiny_adapter(family)
+    encs = [encode_query(a, q) for q in QUERIES if q.lang in ("en", "fi")]
+    assert len({len(e.input_ids) for e in encs}) > 1 and max(len(e.answer_ids) for e in encs) > 1  # padding, several tokens
+    params = [p for p in a.model.parameters()]
+    with torch.enable_grad():
+        for p in params:
+            p.requires_grad_(True)
+        fast = answer_loss(a, a.model, encs)
+        fast_grads = torch.autograd.grad(fast, params, allow_unused=True)
+        slow = answer_loss_reference(a.model, a, encs)
+        slow_grads = torch.autograd.grad(slow, params, allow_unused=True)
+        for p in params:
+            p.requires_grad_(False)
+    torch.testing.assert_close(fast, slow, **across_shapes(1e-5, 1e-5))
+    for f, s in zip(fast_grads, slow_grads):
+        if s is None:
+            assert f is None or not f.any()
+        else:
+            torch.testing.assert_close(f, s, **across_shapes(1e-5, 1e-4))
 
 
 def test_direct_ft_and_lora_change_parameters(llama):

@@ -23,6 +23,7 @@ from matrice.models.families import (
 from matrice.models.hooks import neuron_edits, neuron_hooks, replace_with, scale_neurons
 from matrice.models.loading import ModelConfig, load_adapter, resolve_device
 from matrice.models.predict import (
+    length_buckets,
     decode_and_score,
     greedy_decode,
     is_correct,
@@ -334,6 +335,32 @@ def test_decode_and_score_equals_separate_passes(tiny, family):
         assert [s.prob for _, s in joint] == pytest.approx([s.prob for s in scores], rel=1e-4, abs=1e-8)
         assert [(s.rank, s.top_token) for _, s in joint] == [(s.rank, s.top_token) for s in scores]
         assert [s.top_token for _, s in joint] == [g[0] for g, _ in joint]
+
+
+def test_length_buckets_sort_by_prompt_then_answer_and_cover_every_index():
+    encs = [Encoded(list(range(n)), n - 1, list(range(a)), []) for n, a in [(9, 1), (3, 2), (9, 1), (5, 3), (3, 1)]]
+    batches = length_buckets(encs, 2)
+    assert batches == [[4, 1], [3, 0], [2]]  # stable among equals
+    assert sorted(i for b in batches for i in b) == list(range(len(encs)))
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_length_bucketed_batches_equal_single_queries(tiny, family):
+    """Scores and greedy tokens come back in input order and equal each query run alone, although
+    bucketing regroups the rows (longest first here) and finished rows skip the head while decoding."""
+    adapter = tiny(family)
+    texts, answers = texts_for(adapter), [" Xyzzy", " Paris", " Pariisi", " Europe"]
+    encs = [encode_text(adapter, t, a) for t in texts for a in answers]
+    encs.sort(key=lambda e: -len(e.input_ids))
+    assert [i for b in length_buckets(encs, 3) for i in b] != list(range(len(encs)))  # the order does change
+    edits = {1: scale_neurons(torch.arange(0, adapter.n_neurons, 3), 0.0)}
+    single = [decode_and_score(adapter, [e], edits, batch_size=1)[0] for e in encs]
+    bucketed = decode_and_score(adapter, encs, edits, batch_size=3)
+    assert [g for g, _ in bucketed] == [g for g, _ in single]
+    assert [s.prob for _, s in bucketed] == pytest.approx([s.prob for _, s in single], rel=1e-4, abs=1e-8)
+    scored = score_answers(adapter, encs, edits, batch_size=3)
+    assert [s.prob for s in scored] == pytest.approx([s.prob for _, s in single], rel=1e-4, abs=1e-8)
+    assert [s.top_token for s in scored] == [s.top_token for _, s in single]
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

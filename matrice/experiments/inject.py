@@ -279,14 +279,20 @@ def inject_knowledge(
              len(units), len(encs_train), len(old_q), {v: len(u) for v, u in unions.items()},
              {v: cfg.sweep(v) for v in variants})
 
+    evaluated = [(split, u, q) for split, key in (("trained", "train"), ("heldout", "heldout"), ("transfer", "transfer"))
+                 for u, q in split_queries[key]] + [("old", None, q) for q in old_q]
+    unedited: list[bool] = []  # the caller's model's answers, decoded once for every run that trains nothing
+
     def score(variant: str, lr: float | None, work: ModelAdapter) -> list[InjectionRecord]:
-        records = []
-        for split, pairs in (("trained", split_queries["train"]), ("heldout", split_queries["heldout"]),
-                             ("transfer", split_queries["transfer"])):
-            ok = _decode_correct(work, [q for _, q in pairs], encs, cfg.eval_batch_size)
-            records += [InjectionRecord(variant, lr, split, u.fact_id, q.lang, q.query_id, c) for (u, q), c in zip(pairs, ok)]
-        ok = _decode_correct(work, old_q, encs, cfg.eval_batch_size)
-        return records + [InjectionRecord(variant, lr, "old", q.fact_id, q.lang, q.query_id, c) for q, c in zip(old_q, ok)]
+        """Every split in one decoding call (full batches), each query once."""
+        if work is adapter and unedited:
+            ok = unedited
+        else:
+            ok = _decode_correct(work, [q for _, _, q in evaluated], encs, cfg.eval_batch_size)
+            if work is adapter:
+                unedited.extend(ok)
+        return [InjectionRecord(variant, lr, split, q.fact_id if u is None else u.fact_id, q.lang, q.query_id, c)
+                for (split, u, q), c in zip(evaluated, ok)]
 
     todo = [("base", None)] if cfg.include_base else []
     todo += [(v, lr) for v in variants for lr in cfg.sweep(v)]

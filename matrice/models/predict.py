@@ -30,6 +30,22 @@ def pad_batch(sequences: Sequence[Sequence[int]], positions: Sequence[int], pad_
     return Batch(ids.to(device), mask.to(device), torch.tensor(list(positions), dtype=torch.long, device=device))
 
 
+def length_buckets(encs: Sequence[Encoded], batch_size: int) -> list[list[int]]:
+    """Indices of `encs` in batches of similar length (prompt, then answer): padding is computed and
+    thrown away, and dataset order mixes languages whose prompts differ by 2x. Stable, so equal
+    lengths keep their order; callers put each result back at its index."""
+    order = sorted(range(len(encs)), key=lambda i: (len(encs[i].input_ids), len(encs[i].answer_ids)))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _in_input_order(n: int, batches: Sequence[Sequence[int]], results: Sequence[Sequence]) -> list:
+    out: list = [None] * n
+    for idx, res in zip(batches, results):
+        for i, r in zip(idx, res):
+            out[i] = r
+    return out
+
+
 def target_logits(adapter: ModelAdapter, batch: Batch, edits: Mapping[int, Edit] | None = None) -> torch.Tensor:
     """Logits [B, V] at each row's target position (float32), with `edits` applied there."""
     with neuron_hooks(adapter, batch.positions, edits):
@@ -56,12 +72,13 @@ def _scores_from_logits(logits: torch.Tensor, chunk: Sequence[Encoded]) -> list[
 def score_answers(
     adapter: ModelAdapter, encs: Sequence[Encoded], edits: Mapping[int, Edit] | None = None, batch_size: int = 32
 ) -> list[AnswerScore]:
-    scores: list[AnswerScore] = []
-    for start in range(0, len(encs), batch_size):
-        chunk = encs[start : start + batch_size]
+    batches = length_buckets(encs, batch_size)
+    results = []
+    for idx in batches:
+        chunk = [encs[i] for i in idx]
         batch = pad_batch([e.input_ids for e in chunk], [e.target_pos for e in chunk], adapter.pad_token_id, adapter.device)
-        scores += _scores_from_logits(target_logits(adapter, batch, edits), chunk)
-    return scores
+        results.append(_scores_from_logits(target_logits(adapter, batch, edits), chunk))
+    return _in_input_order(len(encs), batches, results)
 
 
 @torch.no_grad()
@@ -73,12 +90,12 @@ def score_answers_many(
     per batch into a KV cache and each edit set runs the target token alone on a copy of that cache."""
     if not adapter.causal or any(len(e.input_ids) < 2 or e.target_pos != len(e.input_ids) - 1 for e in encs):
         return [score_answers(adapter, encs, edits, batch_size) for edits in edit_sets]
-    out: list[list[AnswerScore]] = [[] for _ in edit_sets]
-    for start in range(0, len(encs), batch_size):
-        chunk = encs[start : start + batch_size]
-        for scores, logits in zip(out, _target_logits_after_prefix(adapter, chunk, edit_sets)):
-            scores += _scores_from_logits(logits, chunk)
-    return out
+    batches = length_buckets(encs, batch_size)
+    per_batch = []  # [batch][edit set] -> scores
+    for idx in batches:
+        chunk = [encs[i] for i in idx]
+        per_batch.append([_scores_from_logits(logits, chunk) for logits in _target_logits_after_prefix(adapter, chunk, edit_sets)])
+    return [_in_input_order(len(encs), batches, [b[k] for b in per_batch]) for k in range(len(edit_sets))]
 
 
 def _target_logits_after_prefix(adapter: ModelAdapter, chunk: Sequence[Encoded], edit_sets) -> list[torch.Tensor]:
@@ -120,12 +137,13 @@ def decode_and_score(
 ) -> list[tuple[list[int], AnswerScore]]:
     """Greedy tokens (as many as each gold answer has) and the gold answer's score, from one pass;
     edits stay at the original target position."""
-    outputs: list[tuple[list[int], AnswerScore]] = []
-    for start in range(0, len(encs), batch_size):
-        chunk = encs[start : start + batch_size]
+    batches = length_buckets(encs, batch_size)
+    results = []
+    for idx in batches:
+        chunk = [encs[i] for i in idx]
         generated, logits = (_decode_causal if adapter.causal else _decode_masked)(adapter, chunk, edits)
-        outputs += list(zip(generated, _scores_from_logits(logits, chunk)))
-    return outputs
+        results.append(list(zip(generated, _scores_from_logits(logits, chunk))))
+    return _in_input_order(len(encs), batches, results)
 
 
 def greedy_decode(
@@ -161,20 +179,27 @@ def _decode_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits) -> tu
     logits = adapter.head_logits(out.last_hidden_state[:, -1])  # 2-D: one plain matmul for the head
     generated: list[list[int]] = [[] for _ in chunk]
     target_logits_ = logits.float()
+    tokens = logits.argmax(dim=-1)
     next_pos = positions[:, -1:]
-    for step in range(max(len(e.answer_ids) for e in chunk)):
-        tokens = logits.argmax(dim=-1)
+    lengths = torch.tensor([len(e.answer_ids) for e in chunk], device=tokens.device)
+    steps = int(lengths.max())
+    for step in range(steps):
         for g, e, tok in zip(generated, chunk, tokens.tolist()):
             if step < len(e.answer_ids):
                 g.append(int(tok))
-        if step + 1 == max(len(e.answer_ids) for e in chunk):
+        if step + 1 == steps:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         next_pos = next_pos + 1
         extra = {"position_ids": next_pos} if pass_positions else {}
         out = base(input_ids=tokens[:, None], attention_mask=mask, past_key_values=out.past_key_values,
                    use_cache=True, **extra)
-        logits = adapter.head_logits(out.last_hidden_state[:, -1])
+        # the head (the costliest matmul per token of a small model) only for rows still decoding;
+        # finished rows keep feeding their last token so the cache stays one rectangle
+        live = lengths > step + 1
+        tokens = tokens.clone()
+        hidden = out.last_hidden_state[:, -1]
+        tokens[live] = adapter.head_logits(hidden[live.to(hidden.device)]).argmax(dim=-1).to(tokens.device)
     return generated, target_logits_
 
 
