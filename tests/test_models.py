@@ -701,10 +701,63 @@ def test_cached_prefix_scoring_equals_full_passes(family):
     assert [s.prob for s in fast[1]] != pytest.approx([s.prob for s in fast[0]], rel=1e-3)  # the edits do act
 
 
-def _queries_for_scoring():
+def _wide_window(adapter: ModelAdapter) -> ModelAdapter:
+    """The tiny Gemma 3's sliding window (4) is shorter than a few-shot prompt, which keeps scoring
+    on whole prompts; widened, its queries take the shared-prefix path too."""
+    if getattr(adapter.model.config, "sliding_window", None):
+        adapter.model.config.sliding_window = 512
+        for module in adapter.model.modules():
+            if getattr(module, "sliding_window", None):
+                module.sliding_window = 512
+    return adapter
+
+
+@pytest.mark.parametrize("family", TINY_CAUSAL_FAMILIES)
+def test_shared_prefix_scoring_and_decoding_equal_whole_prompts(family, monkeypatch):
+    """Each demonstration prefix runs once and its cache is gathered to its queries; scores, ranks and
+    greedy tokens equal every query run alone on its whole prompt, with edits at the target and
+    with edited weights."""
+    from conftest import tiny_on_device
+    from matrice.interventions import edited_output_weights, erasure_vectors
+    from matrice.models import predict
+    from matrice.models.encoding import encode_query
+    import numpy as np
+
+    adapter = _wide_window(tiny_on_device(family))
+    encs = [encode_query(adapter, q, few_shot=True) for q in _queries_for_scoring(demos=2)]
+    cuts = [predict.shared_prefix_length(e) for e in encs]
+    assert len({tuple(e.input_ids[:c]) for e, c in zip(encs, cuts)}) == 2 and min(cuts) > 1
+    gathered = []
+    real_gather = predict.gather_cache_rows
+    monkeypatch.setattr(predict, "gather_cache_rows", lambda cache, rows: (gathered.append(len(rows)), real_gather(cache, rows)))
+    hook_edits = {1: scale_neurons(torch.arange(0, adapter.n_neurons, 3), 0.0)}
+    vectors = erasure_vectors(adapter, np.array([[0, 1], [adapter.n_layers - 1, 2]]))
+    for edits, weights in ((None, None), (hook_edits, None), (None, vectors)):
+        with edited_output_weights(adapter, weights) if weights is not None else _nothing():
+            single = [(manual_greedy(adapter, e, edits), score_answers(adapter, [e], edits, batch_size=1)[0]) for e in encs]
+            gathered.clear()
+            joint = decode_and_score(adapter, encs, edits, batch_size=5)
+            scored = score_answers(adapter, encs, edits, batch_size=5)
+        assert gathered, "the shared-prefix path was not taken"
+        assert [g for g, _ in joint] == [g for g, _ in single]
+        for got in ([s for _, s in joint], scored):
+            assert [s.prob for s in got] == pytest.approx([s.prob for _, s in single], rel=1e-4, abs=1e-8)
+            assert [(s.rank, s.top_token) for s in got] == [(s.rank, s.top_token) for _, s in single]
+
+
+def _nothing():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def _queries_for_scoring(demos: int = 1):
     from matrice.data.schema import Fact, make_query
 
-    facts = [Fact("a", "P36", {"en": "France"}, {"en": "Paris"}), Fact("b", "P36", {"en": "the Kingdom of Spain"}, {"en": "Madrid"})]
-    demo = Fact("d", "P36", {"en": "Japan"}, {"en": "Tokyo"})
+    facts = [Fact("a", "P36", {"en": "France"}, {"en": "Paris"}), Fact("b", "P36", {"en": "the Kingdom of Spain"}, {"en": "Madrid"}),
+             Fact("c", "P36", {"en": "Italy"}, {"en": "Rome"})]
+    demo = [Fact("d", "P36", {"en": "Japan"}, {"en": "Tokyo"}), Fact("e", "P36", {"en": "Peru"}, {"en": "Lima"})]
     tpls = ["The capital of [X] is [Y].", "[X]'s capital city, as everyone knows, is [Y]."]
-    return [make_query(f, "en", t, tpl, demo) for f in facts for t, tpl in enumerate(tpls)]
+    if demos == 1:
+        return [make_query(f, "en", t, tpl, demo[0]) for f in facts[:2] for t, tpl in enumerate(tpls)]
+    return [make_query(f, "en", 0, tpls[0], demo[i % demos]) for i, f in enumerate(facts + facts)]

@@ -30,12 +30,28 @@ def pad_batch(sequences: Sequence[Sequence[int]], positions: Sequence[int], pad_
     return Batch(ids.to(device), mask.to(device), torch.tensor(list(positions), dtype=torch.long, device=device))
 
 
-def length_buckets(encs: Sequence[Encoded], batch_size: int) -> list[list[int]]:
+def length_buckets(encs: Sequence[Encoded], batch_size: int, shared_prefixes: bool = False) -> list[list[int]]:
     """Indices of `encs` in batches of similar length (prompt, then answer): padding is computed and
-    thrown away, and dataset order mixes languages whose prompts differ by 2x. Stable, so equal
-    lengths keep their order; callers put each result back at its index."""
-    order = sorted(range(len(encs)), key=lambda i: (len(encs[i].input_ids), len(encs[i].answer_ids)))
+    thrown away, and dataset order mixes languages whose prompts differ by 2x. With
+    ``shared_prefixes`` the queries of one demonstration prefix come together first, so a batch holds
+    few distinct prefixes (:func:`_prefill_causal` computes each once). Stable, so equal keys keep
+    their order; callers put each result back at its index."""
+    def key(i: int) -> tuple:
+        e = encs[i]
+        if shared_prefixes:
+            cut = shared_prefix_length(e)
+            return (cut, tuple(e.input_ids[:cut]), len(e.input_ids) - cut, len(e.answer_ids))
+        return (len(e.input_ids), len(e.answer_ids))
+
+    order = sorted(range(len(encs)), key=key)
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def shared_prefix_length(enc: Encoded) -> int:
+    """Tokens before the query's own words: the start token and the one-shot demonstration, the same
+    for every query of a (relation, language, template). Any cut of a causal prompt is exact; this one
+    is where queries share the most."""
+    return max(0, min(min(enc.baseline_positions, default=0), len(enc.input_ids) - 1))
 
 
 def _in_input_order(n: int, batches: Sequence[Sequence[int]], results: Sequence[Sequence]) -> list:
@@ -72,12 +88,18 @@ def _scores_from_logits(logits: torch.Tensor, chunk: Sequence[Encoded]) -> list[
 def score_answers(
     adapter: ModelAdapter, encs: Sequence[Encoded], edits: Mapping[int, Edit] | None = None, batch_size: int = 32
 ) -> list[AnswerScore]:
-    batches = length_buckets(encs, batch_size)
+    prefill = adapter.causal and all(e.target_pos == len(e.input_ids) - 1 for e in encs)
+    batches = length_buckets(encs, batch_size, shared_prefixes=prefill)
     results = []
     for idx in batches:
         chunk = [encs[i] for i in idx]
-        batch = pad_batch([e.input_ids for e in chunk], [e.target_pos for e in chunk], adapter.pad_token_id, adapter.device)
-        results.append(_scores_from_logits(target_logits(adapter, batch, edits), chunk))
+        if prefill:
+            out, _, _ = _prefill_causal(adapter, chunk, edits, use_cache=False)
+            logits = adapter.head_logits(out.last_hidden_state[:, -1]).float()
+        else:
+            batch = pad_batch([e.input_ids for e in chunk], [e.target_pos for e in chunk], adapter.pad_token_id, adapter.device)
+            logits = target_logits(adapter, batch, edits)
+        results.append(_scores_from_logits(logits, chunk))
     return _in_input_order(len(encs), batches, results)
 
 
@@ -137,7 +159,7 @@ def decode_and_score(
 ) -> list[tuple[list[int], AnswerScore]]:
     """Greedy tokens (as many as each gold answer has) and the gold answer's score, from one pass;
     edits stay at the original target position."""
-    batches = length_buckets(encs, batch_size)
+    batches = length_buckets(encs, batch_size, shared_prefixes=adapter.causal)
     results = []
     for idx in batches:
         chunk = [encs[i] for i in idx]
@@ -159,23 +181,75 @@ def _accepts_position_ids(model) -> bool:
     return "position_ids" in inspect.signature(model.forward).parameters
 
 
-def _decode_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits) -> tuple[list[list[int]], torch.Tensor]:
-    """Left-padded prefill with the edits at the target (last) position, then one cached token per
-    step: the edited target's keys/values stay in the cache, as in a full recomputation."""
-    width = max(len(e.input_ids) for e in chunk)
-    ids = torch.full((len(chunk), width), adapter.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(chunk), width), dtype=torch.long)
-    for row, e in enumerate(chunk):
-        ids[row, width - len(e.input_ids):] = torch.tensor(e.input_ids)
-        mask[row, width - len(e.input_ids):] = 1
-    ids, mask = ids.to(adapter.device), mask.to(adapter.device)
+def _left_padded(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, width - len(seq):] = torch.tensor(list(seq))
+            mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _prefill_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits, use_cache: bool = True):
+    """The prompts' forward pass, every row ending at the last column (its target), with `edits`
+    there. Each distinct demonstration prefix (:func:`shared_prefix_length`) runs once and its keys
+    and values are gathered to its rows; the rows' own tokens follow, left-padded behind the
+    prefixes, so the mask has a hole between the two and positions come from the mask. Returns the
+    body output (its cache continues decoding), the full attention mask and the positions."""
     pass_positions = _accepts_position_ids(adapter.model)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {"position_ids": positions} if pass_positions else {}
-    last = torch.full((len(chunk),), width - 1, dtype=torch.long)
     base = adapter.model.base_model
-    with neuron_hooks(adapter, last, edits):
-        out = base(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
+    cuts = [shared_prefix_length(e) for e in chunk]
+    prefixes = [tuple(e.input_ids[:c]) for e, c in zip(chunk, cuts)]
+    distinct = list(dict.fromkeys(prefixes))
+    longest = max(len(e.input_ids) + len(e.answer_ids) for e in chunk) + max(cuts)  # columns, padding included
+    if min(cuts) == 0 or len(distinct) == len(chunk) or not _window_holds(adapter, longest):
+        # nothing shared, or a sliding window the hole between prefix and query would shift: one pass
+        ids, mask = _left_padded([e.input_ids for e in chunk], adapter.pad_token_id, adapter.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with neuron_hooks(adapter, torch.full((len(chunk),), ids.shape[1] - 1, dtype=torch.long), edits):
+            out = base(input_ids=ids, attention_mask=mask, use_cache=use_cache,
+                       **({"position_ids": positions} if pass_positions else {}))
+        return out, mask, positions
+    ids_p, mask_p = _left_padded(distinct, adapter.pad_token_id, adapter.device)
+    positions_p = (mask_p.cumsum(-1) - 1).clamp(min=0)
+    # the edits act at the targets, which no prefix contains
+    cache = base(input_ids=ids_p, attention_mask=mask_p, use_cache=True,
+                 **({"position_ids": positions_p} if pass_positions else {})).past_key_values
+    where = {p: i for i, p in enumerate(distinct)}
+    rows = torch.tensor([where[p] for p in prefixes], device=mask_p.device)
+    gather_cache_rows(cache, rows)
+    ids_s, mask_s = _left_padded([e.input_ids[c:] for e, c in zip(chunk, cuts)], adapter.pad_token_id, adapter.device)
+    mask = torch.cat([mask_p[rows], mask_s], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with neuron_hooks(adapter, torch.full((len(chunk),), ids_s.shape[1] - 1, dtype=torch.long), edits):
+        out = base(input_ids=ids_s, attention_mask=mask, past_key_values=cache, use_cache=True,
+                   **({"position_ids": positions[:, -ids_s.shape[1]:]} if pass_positions else {}))
+    return out, mask, positions
+
+
+def _window_holds(adapter: ModelAdapter, columns: int) -> bool:
+    """A sliding-window layer attends to the last W columns, padding included, and caches W - 1 of
+    them: a hole in the mask changes what it sees unless every column fits in the window."""
+    window = getattr(adapter.model.config, "sliding_window", None)
+    return window is None or columns < int(window) - 1
+
+
+def gather_cache_rows(cache, rows: torch.Tensor) -> None:
+    """Row r of every layer's keys and values becomes the old row rows[r] (in place)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
+        layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+
+
+def _decode_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits) -> tuple[list[list[int]], torch.Tensor]:
+    """Prefill (:func:`_prefill_causal`) with the edits at the target (last) position, then one
+    cached token per step: the edited target's keys/values stay in the cache, as in a full
+    recomputation."""
+    pass_positions = _accepts_position_ids(adapter.model)
+    base = adapter.model.base_model
+    out, mask, positions = _prefill_causal(adapter, chunk, edits)
     logits = adapter.head_logits(out.last_hidden_state[:, -1])  # 2-D: one plain matmul for the head
     generated: list[list[int]] = [[] for _ in chunk]
     target_logits_ = logits.float()
