@@ -761,3 +761,40 @@ def _queries_for_scoring(demos: int = 1):
     if demos == 1:
         return [make_query(f, "en", t, tpl, demo[0]) for f in facts[:2] for t, tpl in enumerate(tpls)]
     return [make_query(f, "en", 0, tpls[0], demo[i % demos]) for i, f in enumerate(facts + facts)]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_scaled_rows_equal_one_scoring_pass_per_edit_set(family):
+    """Rows of different queries and neuron scalings share forwards over cached prompts; each equals
+    the plain scorer run with that row's edits alone."""
+    from conftest import tiny_on_device
+    from matrice.models.encoding import encode_query
+    from matrice.models.scaled_rows import scaling_set, score_scaled_rows
+    import numpy as np
+
+    adapter = _wide_window(tiny_on_device(family)) if family == "gemma3" else tiny_on_device(family)
+    encs = [encode_query(adapter, q, few_shot=adapter.causal) for q in _queries_for_scoring(demos=2)]
+    rng = np.random.default_rng(1)
+    pairs = [np.stack([rng.integers(0, adapter.n_layers, 5), rng.integers(0, adapter.n_neurons, 5)], 1) for _ in range(3)]
+    scalings = [[], scaling_set(pairs[0], 0.0), scaling_set(pairs[1], 2.0), scaling_set(pairs[2], 0.0) + scaling_set(pairs[0][:1], 3.0)]
+    rows = [(q, k) for q in range(len(encs)) for k in range(len(scalings)) if (q + k) % 3 != 1]
+    got = score_scaled_rows(adapter, encs, scalings, rows, batch_size=2, rows_per_pass=3)
+    for (q, k), s in zip(rows, got):
+        layers: dict[int, list] = {}
+        for layer, neuron, factor in scalings[k]:
+            layers.setdefault(layer, []).append((neuron, factor))
+        edits = {layer: _scale_each(cells) for layer, cells in layers.items()}
+        want = score_answers(adapter, [encs[q]], edits or None)[0]
+        assert s.prob == pytest.approx(want.prob, rel=1e-4, abs=1e-8), (q, k)
+        assert (s.rank, s.top_token) == (want.rank, want.top_token)
+    assert len({round(s.prob, 9) for s in got}) > len(encs)  # the scalings do act
+
+
+def _scale_each(cells):
+    def edit(act):
+        out = act.clone()
+        for neuron, factor in cells:
+            out[:, neuron] = act[:, neuron] * factor
+        return out
+
+    return edit

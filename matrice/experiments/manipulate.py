@@ -26,15 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from matrice.data.schema import Query
 from matrice.experiments import (
     NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, group_by_fact, mean_or_none,
 )
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.hooks import neuron_edits
-from matrice.models.predict import score_answers_many
+from matrice.models.scaled_rows import Scaling, scaling_set, score_scaled_rows
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +107,31 @@ def _summarise(records: Sequence[ManipulationRecord], keys: tuple[str, ...]) -> 
     return rows
 
 
+def _score_all(adapter: ModelAdapter, encs: Mapping[str, Encoded], by_fact: Mapping[str, Sequence[Query]],
+               neurons: Mapping[tuple[str, str], Any], methods: Sequence[str], modes: Mapping[str, float],
+               batch_size: int, progress: bool) -> dict[tuple[str, Any], list[float]]:
+    """P(gold) of every fact's queries unedited (key (fact, None)) and under each non-empty
+    (method, mode) scaling (key (fact, (method, mode))): all facts' rows in shared batches."""
+    keys: list[tuple[str, Any]] = []
+    scalings: list[list[Scaling]] = []
+    for fid in by_fact:
+        keys.append((fid, None)), scalings.append([])
+        for method in methods:
+            if len(neurons[(fid, method)]):
+                for mode, factor in modes.items():
+                    keys.append((fid, (method, mode))), scalings.append(scaling_set(neurons[(fid, method)], factor))
+    qids = [q.query_id for fqs in by_fact.values() for q in fqs]
+    where = {qid: i for i, qid in enumerate(qids)}
+    rows = [(where[q.query_id], k) for k, (fid, _) in enumerate(keys) for q in by_fact[fid]]
+    log.info("manipulation: %d facts, %d (query, edit) rows", len(by_fact), len(rows))
+    scores = score_scaled_rows(adapter, [encs[q] for q in qids], scalings, rows, batch_size,
+                               progress="manipulation" if progress else None)
+    out: dict[tuple[str, Any], list[float]] = defaultdict(list)
+    for (_, k), s in zip(rows, scores):
+        out[keys[k]].append(s.prob)
+    return out
+
+
 def manipulate(
     adapter: ModelAdapter,
     queries: Sequence[Query],
@@ -132,21 +155,15 @@ def manipulate(
     neurons = {(fid, m): fact_neurons(sets, fid, m, adapter) for fid in by_fact for m in methods}
     result = ManipulationResult(modes=modes, unencodable=failed, empty_facts={m: [] for m in methods})
 
-    for fid, fqs in tqdm(by_fact.items(), desc="manipulation", unit="fact", disable=not progress):
-        fencs = [encs[q.query_id] for q in fqs]
-        runs = [(method, mode, factor) for method in methods for mode, factor in modes.items()
-                if len(neurons[(fid, method)])]
-        # P before and after every (method, mode) from one shared prefix pass per batch
-        scored = score_answers_many(adapter, fencs, [None, *(neuron_edits(neurons[(fid, m)], f) for m, _, f in runs)],
-                                    batch_size)
-        before = [s.prob for s in scored[0]]
-        after_of = {(m, mode): [s.prob for s in sc] for (m, mode, _), sc in zip(runs, scored[1:])}
+    scored = _score_all(adapter, encs, by_fact, neurons, methods, modes, batch_size, progress)
+    for fid, fqs in by_fact.items():
+        before = scored[(fid, None)]
         for method in methods:
             pairs = neurons[(fid, method)]
             if len(pairs) == 0:
                 result.empty_facts[method].append(fid)
             for mode in modes:
-                after = after_of.get((method, mode), before)  # an empty set changes nothing
+                after = scored.get((fid, (method, mode)), before)  # an empty set changes nothing
                 for q, pb, pa in zip(fqs, before, after):
                     dp = (pa - pb) / pb if pb > 0 else None
                     if dp is not None and not math.isfinite(dp):
