@@ -764,22 +764,24 @@ def _queries_for_scoring(demos: int = 1):
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_scaled_rows_equal_one_scoring_pass_per_edit_set(family):
+def test_scaled_rows_equal_one_pass_per_edit_set(family):
     """Rows of different queries and neuron scalings share forwards over cached prompts; each equals
     the plain scorer run with that row's edits alone."""
     from conftest import tiny_on_device
     from matrice.models.encoding import encode_query
-    from matrice.models.scaled_rows import scaling_set, score_scaled_rows
+    from matrice.models.scaled_rows import decode_scaled_rows, scaling_set, score_scaled_rows
     import numpy as np
 
-    adapter = _wide_window(tiny_on_device(family)) if family == "gemma3" else tiny_on_device(family)
+    adapter = tiny_on_device(family)  # Gemma 3 with its 4-token window: the prompts' cache is left-padded only
     encs = [encode_query(adapter, q, few_shot=adapter.causal) for q in _queries_for_scoring(demos=2)]
     rng = np.random.default_rng(1)
     pairs = [np.stack([rng.integers(0, adapter.n_layers, 5), rng.integers(0, adapter.n_neurons, 5)], 1) for _ in range(3)]
     scalings = [[], scaling_set(pairs[0], 0.0), scaling_set(pairs[1], 2.0), scaling_set(pairs[2], 0.0) + scaling_set(pairs[0][:1], 3.0)]
     rows = [(q, k) for q in range(len(encs)) for k in range(len(scalings)) if (q + k) % 3 != 1]
     got = score_scaled_rows(adapter, encs, scalings, rows, batch_size=2, rows_per_pass=3)
-    for (q, k), s in zip(rows, got):
+    decoded = decode_scaled_rows(adapter, encs, scalings, rows, batch_size=2, rows_per_pass=3)
+    assert max(len(encs[q].answer_ids) for q, _ in rows) > 1
+    for (q, k), s, tokens in zip(rows, got, decoded):
         layers: dict[int, list] = {}
         for layer, neuron, factor in scalings[k]:
             layers.setdefault(layer, []).append((neuron, factor))
@@ -787,6 +789,7 @@ def test_scaled_rows_equal_one_scoring_pass_per_edit_set(family):
         want = score_answers(adapter, [encs[q]], edits or None)[0]
         assert s.prob == pytest.approx(want.prob, rel=1e-4, abs=1e-8), (q, k)
         assert (s.rank, s.top_token) == (want.rank, want.top_token)
+        assert tokens == manual_greedy(adapter, encs[q], edits or None), (q, k)
     assert len({round(s.prob, 9) for s in got}) > len(encs)  # the scalings do act
 
 

@@ -2,9 +2,11 @@
 
 Q_error = the queries in the low-resource languages (default fi, hu, ja, ko) that the probe marked
 incorrect, so the accuracy on Q_error before enhancement is 0 by construction. For each fact and
-method, the fact's neurons are doubled at the target position (``hooks.neuron_edits(pairs, 2)``,
+method, the fact's neurons are doubled at the target position (``scaled_rows.scaling_set(pairs, 2)``,
 kept at the original target position while the answer is decoded) and the queries are re-decoded
-greedily; the accuracy gained is the share now answered correctly.
+greedily; the accuracy gained is the share now answered correctly. Every (query, method) row of
+all facts is decoded in shared batches over the prompts' cached prefixes
+(:func:`matrice.models.scaled_rows.decode_scaled_rows`).
 
 Choices where the paper is silent:
 - A fact with an empty neuron set is a no-op: its Q_error queries stay wrong (gain 0, no forward
@@ -22,15 +24,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from tqdm.auto import tqdm
-
 from matrice.data.schema import Query
 from matrice.experiments import (
     NeuronSetsLike, ProbesLike, as_probe_map, dataclass_dict, encode_all, fact_neurons, group_by_fact,
 )
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.hooks import neuron_edits
-from matrice.models.predict import greedy_decode, is_correct
+from matrice.models.predict import is_correct
+from matrice.models.scaled_rows import Scaling, decode_scaled_rows, scaling_set
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,30 @@ def q_error(queries: Sequence[Query], probes: ProbesLike, languages: Sequence[st
     return chosen, unprobed
 
 
+def _decode_all(adapter: ModelAdapter, encs: Mapping[str, Encoded], by_fact: Mapping[str, Sequence[Query]],
+                neurons: Mapping[tuple[str, str], Any], methods: Sequence[str], factor: float, batch_size: int,
+                progress: bool) -> dict[tuple[str, str | None], list[list[int]]]:
+    """Greedy answers of every fact's queries unedited (key (fact, None)) and with each non-empty
+    method's neurons scaled (key (fact, method)): all facts' rows in shared batches."""
+    keys: list[tuple[str, str | None]] = []
+    scalings: list[list[Scaling]] = []
+    for fid in by_fact:
+        keys.append((fid, None)), scalings.append([])
+        for method in methods:
+            if len(neurons[(fid, method)]):
+                keys.append((fid, method)), scalings.append(scaling_set(neurons[(fid, method)], factor))
+    qids = [q.query_id for fqs in by_fact.values() for q in fqs]
+    where = {qid: i for i, qid in enumerate(qids)}
+    rows = [(where[q.query_id], k) for k, (fid, _) in enumerate(keys) for q in by_fact[fid]]
+    log.info("enhancement: %d facts, %d (query, edit) rows", len(by_fact), len(rows))
+    tokens = decode_scaled_rows(adapter, [encs[q] for q in qids], scalings, rows, batch_size,
+                                progress="enhancement" if progress else None)
+    out: dict[tuple[str, str | None], list[list[int]]] = defaultdict(list)
+    for (_, k), generated in zip(rows, tokens):
+        out[keys[k]].append(generated)
+    return out
+
+
 def enhance_low_resource(
     adapter: ModelAdapter,
     queries: Sequence[Query],
@@ -132,9 +156,9 @@ def enhance_low_resource(
         log.warning("%d queries in %s have no probe record and are not in Q_error", unprobed, list(languages))
 
     tok = adapter.tokenizer
-    for fid, fqs in tqdm(by_fact.items(), desc="enhancement", unit="fact", disable=not progress):
-        fencs = [encs[q.query_id] for q in fqs]
-        base = greedy_decode(adapter, fencs, batch_size=batch_size)
+    decoded = _decode_all(adapter, encs, by_fact, neurons, methods, factor, batch_size, progress)
+    for fid, fqs in by_fact.items():
+        base = decoded[(fid, None)]
         result.n_probe_mismatch += sum(is_correct(adapter, g, q.answer) for g, q in zip(base, fqs))
         for method in methods:
             pairs = neurons[(fid, method)]
@@ -142,7 +166,7 @@ def enhance_low_resource(
                 result.empty_facts[method].append(fid)
                 outs, oks = base, [False] * len(fqs)  # no-op: as wrong as the probe says
             else:
-                outs = greedy_decode(adapter, fencs, neuron_edits(pairs, factor), batch_size)
+                outs = decoded[(fid, method)]
                 oks = [is_correct(adapter, g, q.answer) for g, q in zip(outs, fqs)]
             for q, g, ok in zip(fqs, outs, oks):
                 result.records.append(EnhancementRecord(
