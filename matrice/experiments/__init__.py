@@ -22,7 +22,7 @@ import math
 import zlib
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -155,6 +155,41 @@ def original_queries(fact_queries: Iterable[Query]) -> dict[str, Query]:
         if q.lang not in out or q.template_id < out[q.lang].template_id:
             out[q.lang] = q
     return out
+
+
+@dataclass
+class FactRows:
+    """Every fact's queries unedited (key ``(fact, None)``) and under each of its scaling sets (key
+    ``(fact, name)``), as (query, scaling set) rows for :mod:`matrice.models.scaled_rows`."""
+
+    query_ids: list[str]
+    scalings: list[list[tuple[int, int, float]]]
+    rows: list[tuple[int, int]]
+    keys: list[tuple[str, Any]]
+
+    def per_key(self, values: Sequence[Any]) -> dict[tuple[str, Any], list[Any]]:
+        """One value per row (in row order) -> each key's values in its fact's query order."""
+        out: dict[tuple[str, Any], list[Any]] = defaultdict(list)
+        for (_, k), value in zip(self.rows, values):
+            out[self.keys[k]].append(value)
+        return out
+
+
+def fact_rows(by_fact: Mapping[str, Sequence[Query]],
+              scalings_of: Callable[[str], Iterable[tuple[Any, Sequence[tuple[int, int, float]]]]]) -> FactRows:
+    """``scalings_of(fact)`` yields (name, scaling set) for the fact's edits (empty sets are skipped:
+    they change nothing, so callers read the unedited key)."""
+    keys: list[tuple[str, Any]] = []
+    scalings: list[list[tuple[int, int, float]]] = []
+    for fid in by_fact:
+        keys.append((fid, None)), scalings.append([])
+        for name, scaling in scalings_of(fid):
+            if scaling:
+                keys.append((fid, name)), scalings.append(list(scaling))
+    qids = [q.query_id for fqs in by_fact.values() for q in fqs]
+    where = {qid: i for i, qid in enumerate(qids)}
+    rows = [(where[q.query_id], k) for k, (fid, _) in enumerate(keys) for q in by_fact[fid]]
+    return FactRows(qids, scalings, rows, keys)
 
 
 def experiment_rng(seed: int, *keys: str | int) -> np.random.Generator:

@@ -26,11 +26,11 @@ from typing import Any, Mapping, Sequence
 
 from matrice.data.schema import Query
 from matrice.experiments import (
-    NeuronSetsLike, ProbesLike, as_probe_map, dataclass_dict, encode_all, fact_neurons, group_by_fact,
+    NeuronSetsLike, ProbesLike, as_probe_map, dataclass_dict, encode_all, fact_neurons, fact_rows, group_by_fact,
 )
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.predict import is_correct
-from matrice.models.scaled_rows import Scaling, decode_scaled_rows, scaling_set
+from matrice.models.scaled_rows import decode_scaled_rows, scaling_set
 
 log = logging.getLogger(__name__)
 
@@ -112,23 +112,10 @@ def _decode_all(adapter: ModelAdapter, encs: Mapping[str, Encoded], by_fact: Map
                 progress: bool) -> dict[tuple[str, str | None], list[list[int]]]:
     """Greedy answers of every fact's queries unedited (key (fact, None)) and with each non-empty
     method's neurons scaled (key (fact, method)): all facts' rows in shared batches."""
-    keys: list[tuple[str, str | None]] = []
-    scalings: list[list[Scaling]] = []
-    for fid in by_fact:
-        keys.append((fid, None)), scalings.append([])
-        for method in methods:
-            if len(neurons[(fid, method)]):
-                keys.append((fid, method)), scalings.append(scaling_set(neurons[(fid, method)], factor))
-    qids = [q.query_id for fqs in by_fact.values() for q in fqs]
-    where = {qid: i for i, qid in enumerate(qids)}
-    rows = [(where[q.query_id], k) for k, (fid, _) in enumerate(keys) for q in by_fact[fid]]
-    log.info("enhancement: %d facts, %d (query, edit) rows", len(by_fact), len(rows))
-    tokens = decode_scaled_rows(adapter, [encs[q] for q in qids], scalings, rows, batch_size,
-                                progress="enhancement" if progress else None)
-    out: dict[tuple[str, str | None], list[list[int]]] = defaultdict(list)
-    for (_, k), generated in zip(rows, tokens):
-        out[keys[k]].append(generated)
-    return out
+    plan = fact_rows(by_fact, lambda fid: [(m, scaling_set(neurons[(fid, m)], factor)) for m in methods])
+    log.info("enhancement: %d facts, %d (query, edit) rows", len(by_fact), len(plan.rows))
+    return plan.per_key(decode_scaled_rows(adapter, [encs[q] for q in plan.query_ids], plan.scalings, plan.rows,
+                                           batch_size, progress="enhancement" if progress else None))
 
 
 def enhance_low_resource(

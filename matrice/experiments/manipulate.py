@@ -29,10 +29,10 @@ import numpy as np
 
 from matrice.data.schema import Query
 from matrice.experiments import (
-    NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, group_by_fact, mean_or_none,
+    NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, fact_rows, group_by_fact, mean_or_none,
 )
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.scaled_rows import Scaling, scaling_set, score_scaled_rows
+from matrice.models.scaled_rows import scaling_set, score_scaled_rows
 
 log = logging.getLogger(__name__)
 
@@ -112,24 +112,12 @@ def _score_all(adapter: ModelAdapter, encs: Mapping[str, Encoded], by_fact: Mapp
                batch_size: int, progress: bool) -> dict[tuple[str, Any], list[float]]:
     """P(gold) of every fact's queries unedited (key (fact, None)) and under each non-empty
     (method, mode) scaling (key (fact, (method, mode))): all facts' rows in shared batches."""
-    keys: list[tuple[str, Any]] = []
-    scalings: list[list[Scaling]] = []
-    for fid in by_fact:
-        keys.append((fid, None)), scalings.append([])
-        for method in methods:
-            if len(neurons[(fid, method)]):
-                for mode, factor in modes.items():
-                    keys.append((fid, (method, mode))), scalings.append(scaling_set(neurons[(fid, method)], factor))
-    qids = [q.query_id for fqs in by_fact.values() for q in fqs]
-    where = {qid: i for i, qid in enumerate(qids)}
-    rows = [(where[q.query_id], k) for k, (fid, _) in enumerate(keys) for q in by_fact[fid]]
-    log.info("manipulation: %d facts, %d (query, edit) rows", len(by_fact), len(rows))
-    scores = score_scaled_rows(adapter, [encs[q] for q in qids], scalings, rows, batch_size,
+    plan = fact_rows(by_fact, lambda fid: [((m, mode), scaling_set(neurons[(fid, m)], f))
+                                           for m in methods for mode, f in modes.items()])
+    log.info("manipulation: %d facts, %d (query, edit) rows", len(by_fact), len(plan.rows))
+    scores = score_scaled_rows(adapter, [encs[q] for q in plan.query_ids], plan.scalings, plan.rows, batch_size,
                                progress="manipulation" if progress else None)
-    out: dict[tuple[str, Any], list[float]] = defaultdict(list)
-    for (_, k), s in zip(rows, scores):
-        out[keys[k]].append(s.prob)
-    return out
+    return plan.per_key([s.prob for s in scores])
 
 
 def manipulate(
