@@ -801,3 +801,29 @@ def _scale_each(cells):
         return out
 
     return edit
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_replayed_blocks_below_an_output_weight_edit_equal_computing_them(family):
+    """Under an edit of layer-2 neurons, blocks 0 and 1 replayed from an unedited pass over the same
+    batches give the same scores as computing every block; a different pass is refused."""
+    from conftest import tiny_on_device
+    from matrice.interventions import edited_output_weights, erasure_vectors
+    from matrice.models.replay import recorded_blocks, replayed_below
+    import numpy as np
+
+    adapter = tiny_on_device(family)
+    encs = [encode_text(adapter, t, a) for t in texts_for(adapter) for a in (" Paris", " Pariisi")]
+    with recorded_blocks(adapter) as record:
+        before = score_answers(adapter, encs, batch_size=4, shared_prefixes=False)
+    assert all(len(calls) == 2 for calls in record)  # two batches, one forward each
+    pairs = np.array([[2, 1], [2, 5], [adapter.n_layers - 1, 3]])
+    with edited_output_weights(adapter, erasure_vectors(adapter, pairs)):
+        full = score_answers(adapter, encs, batch_size=4, shared_prefixes=False)
+        with replayed_below(adapter, record, int(pairs[:, 0].min())):
+            replayed = score_answers(adapter, encs, batch_size=4, shared_prefixes=False)
+        with pytest.raises(RuntimeError, match="not the recorded one|more forward calls"), \
+                replayed_below(adapter, record, 2):
+            score_answers(adapter, encs[:3], batch_size=4, shared_prefixes=False)
+    assert [s.prob for s in replayed] == [s.prob for s in full]  # the same kernels on the same inputs
+    assert [s.prob for s in full] != pytest.approx([s.prob for s in before], rel=1e-6)  # the edit acts

@@ -56,6 +56,7 @@ from matrice.interventions import UPDATE_SCALINGS, edited_output_weights, erasur
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.predict import AnswerScore, normalize_answer, score_answers
+from matrice.models.replay import recorded_blocks, replayed_below
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +286,8 @@ def edit_facts(
     lang_of = {q.query_id: q.lang for fqs in by_fact.values() for q in fqs}
 
     def score(encodings: list[Encoded]) -> list[AnswerScore]:
-        return score_answers(adapter, encodings, batch_size=cfg.batch_size)
+        # one plain forward per batch, so an edited pass can replay the unedited blocks below its edit
+        return score_answers(adapter, encodings, batch_size=cfg.batch_size, shared_prefixes=False)
 
     for fid in tqdm(targets, desc="editing", unit="fact", disable=not progress):
         fqs = by_fact[fid]
@@ -326,10 +328,12 @@ def edit_facts(
         probes_of = {"erasure": (fact_ids, [encs[q] for q in fact_ids]),
                      "update": (list(upd_encs), list(upd_encs.values()))}
         base: dict[str, list[AnswerScore]] = {}
+        unedited_blocks: dict[str, list] = {}
         for op in operations:
             if op == "update" and new is None:
                 continue
-            base[op] = score(probes_of[op][1] + loc_encs)
+            with recorded_blocks(adapter) as unedited_blocks[op]:
+                base[op] = score(probes_of[op][1] + loc_encs)
         before = dict(zip(fact_ids, base["erasure"])) if "erasure" in base else {}  # erasure only
 
         for method in methods:
@@ -345,7 +349,8 @@ def edit_facts(
                     vectors = (erasure_vectors(adapter, pairs) if op == "erasure" else
                                update_vectors(adapter, pairs, gold_token, new.token, cfg.lambda1, cfg.lambda2,
                                               cfg.scaling))
-                    with edited_output_weights(adapter, vectors):
+                    with edited_output_weights(adapter, vectors), \
+                            replayed_below(adapter, unedited_blocks[op], int(pairs[:, 0].min())):
                         scores = score(probe_encs + loc_encs)
                 fact_after, loc_after = scores[: len(probe_ids)], scores[len(probe_ids):]
 

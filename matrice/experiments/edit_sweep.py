@@ -32,6 +32,7 @@ from matrice.interventions import edited_output_weights, update_vectors
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.predict import score_answers
+from matrice.models.replay import recorded_blocks, replayed_below
 from matrice.stats import Estimate, bootstrap_mean, pooled_ratio
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ def sweep_update(
                          empty_facts={m: [] for m in methods}, skipped={"no_source_query": [], "no_new_object": []})
 
     def score(encodings: list[Encoded]):
-        return score_answers(adapter, encodings, batch_size=cfg.batch_size)
+        # one plain forward per batch, so an edited pass can replay the unedited blocks below its edit
+        return score_answers(adapter, encodings, batch_size=cfg.batch_size, shared_prefixes=False)
 
     for fid in tqdm(targets, desc="λ sweep", unit="fact", disable=not progress):
         src = originals[fid].get(cfg.source_lang)
@@ -116,7 +118,9 @@ def sweep_update(
         rel = _relabelled_originals(adapter, originals[fid], new.labels, few_shot)
         loc = [(q.lang, encs[q.query_id]) for f in locality_facts(fid, list(by_fact), cfg.locality_k, cfg.seed)
                for q in originals[f].values()]
-        loc_before = score([e for _, e in loc])
+        scored = [e for _, e in rel] + [e for _, e in loc]  # the unedited model on the batches the edits see
+        with recorded_blocks(adapter) as unedited_blocks:
+            loc_before = score(scored)[len(rel):]
         for method in methods:
             pairs = fact_neurons(sets, fid, method, adapter)
             if len(pairs) == 0:
@@ -124,8 +128,9 @@ def sweep_update(
                 continue
             for lam in grid:
                 vectors = update_vectors(adapter, pairs, gold_token, new.token, lam, lam, cfg.scaling)
-                with edited_output_weights(adapter, vectors):
-                    after = score([e for _, e in rel] + [e for _, e in loc])
+                with edited_output_weights(adapter, vectors), \
+                        replayed_below(adapter, unedited_blocks, int(pairs[:, 0].min())):
+                    after = score(scored)
                 result.records += _records(fid, relation, method, lam, len(pairs), rel, loc, after, loc_before)
     return result
 

@@ -86,9 +86,12 @@ def _scores_from_logits(logits: torch.Tensor, chunk: Sequence[Encoded]) -> list[
 
 @torch.no_grad()
 def score_answers(
-    adapter: ModelAdapter, encs: Sequence[Encoded], edits: Mapping[int, Edit] | None = None, batch_size: int = 32
+    adapter: ModelAdapter, encs: Sequence[Encoded], edits: Mapping[int, Edit] | None = None, batch_size: int = 32,
+    shared_prefixes: bool = True,
 ) -> list[AnswerScore]:
-    prefill = adapter.causal and all(e.target_pos == len(e.input_ids) - 1 for e in encs)
+    """P(first gold token), its rank and the top token at each query's target. ``shared_prefixes``
+    False: one forward per batch and no cache (what :mod:`matrice.models.replay` needs)."""
+    prefill = shared_prefixes and adapter.causal and all(e.target_pos == len(e.input_ids) - 1 for e in encs)
     batches = length_buckets(encs, batch_size, shared_prefixes=prefill)
     results = []
     for idx in batches:
