@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Any, Sequence
+from typing import Any, Generator, Sequence
 
 import numpy as np
 import torch
@@ -77,6 +77,45 @@ class Suppressor:
         self.batch_size = batch_size
         self.rows = rows
         self._prefix: dict[tuple[int, ...], Any] = {}
+        self._prompts: Any = None  # scaled_rows._Prefix over the prepared queries
+        self._where: dict[tuple[int, ...], int] = {}
+
+    def prepare(self, encs: Sequence[Encoded]) -> None:
+        """Causal models: every prompt a search will ask about, run once (one left-padded batch), so
+        :meth:`ratios_many` can put the rows of several queries into one forward."""
+        distinct = list({tuple(e.input_ids): e for e in encs}.values())
+        if not distinct or not (self.adapter.causal and all(len(e.input_ids) > 1 and e.target_pos == len(e.input_ids) - 1
+                                                            for e in distinct)):
+            return
+        from matrice.models.scaled_rows import _Prefix
+
+        with torch.no_grad():
+            self._prompts = _Prefix(self.adapter, distinct)
+        self._where = {tuple(e.input_ids): i for i, e in enumerate(distinct)}
+
+    def ratios_many(self, requests: Sequence[tuple[Encoded, Sequence[Sequence[Neuron]]]]) -> list[tuple[float, np.ndarray]]:
+        """:meth:`ratios` of every (query, groups) request, the rows of all of them in shared forwards
+        over the prepared prompts (one query at a time for prompts not prepared)."""
+        if self._prompts is None or any(tuple(enc.input_ids) not in self._where for enc, _ in requests):
+            return [self.ratios(enc, groups) for enc, groups in requests]
+        members, scalings, golds = [], [], []
+        for enc, groups in requests:
+            for group in [[], *groups]:
+                members.append(self._where[tuple(enc.input_ids)])
+                scalings.append([(int(l), int(n), 0.0) for l, n in group])
+                golds.append(enc.answer_ids[0])
+        probs: list[float] = []
+        with torch.no_grad():
+            for start in range(0, len(members), self.rows):
+                logits = self._prompts.last_token_logits(members[start : start + self.rows], scalings[start : start + self.rows])
+                gold = torch.tensor(golds[start : start + self.rows], device=logits.device)
+                probs += torch.softmax(logits.double(), dim=-1).gather(1, gold[:, None])[:, 0].tolist()
+        out, at = [], 0
+        for _, groups in requests:
+            p = np.array(probs[at : at + len(groups) + 1], dtype=np.float64)
+            at += len(groups) + 1
+            out.append((float(p[0]), p[1:] / p[0] if p[0] > 0 else np.full(len(groups), np.nan)))
+        return out
 
     def ratios(self, enc: Encoded, groups: Sequence[Sequence[Neuron]]) -> tuple[float, np.ndarray]:
         """P₀ and P(answer | group suppressed)/P₀ for every group."""
@@ -130,20 +169,53 @@ def _row_masks(groups: Sequence[Sequence[Neuron]]) -> dict[int, Edit]:
     return {layer: zero(cells) for layer, cells in by_layer.items()}
 
 
+Request = tuple[Encoded, Sequence[Sequence[Neuron]]]  # a query and candidate groups to suppress on it
+
+
+def run_lockstep(scorer: Suppressor, searches: Sequence[Generator[Request, tuple[float, np.ndarray], Any]]) -> list[Any]:
+    """Drive independent searches together: each round, every search's next request goes into one
+    :meth:`Suppressor.ratios_many` call (full batches instead of a few rows per forward); returns
+    each search's result. A search is a generator that yields requests, receives (P₀, ratios)."""
+    results: list[Any] = [None] * len(searches)
+    pending: dict[int, Request] = {}
+
+    def advance(i: int, answer: Any) -> None:
+        try:
+            pending[i] = searches[i].send(answer)
+        except StopIteration as stop:
+            results[i] = stop.value
+            pending.pop(i, None)
+
+    for i in range(len(searches)):
+        advance(i, None)
+    while pending:
+        order = sorted(pending)
+        answers = scorer.ratios_many([pending[i] for i in order])
+        for i, answer in zip(order, answers):
+            advance(i, answer)
+    return results
+
+
 def find_degenerate(scorer: Suppressor, enc: Encoded, candidates: Sequence[Neuron], cfg: DegenerateConfig
                     ) -> GroupSearch:
     """Degenerate groups among ``candidates`` (ordered by score, best first) on one query."""
+    return run_lockstep(scorer, [search_steps(enc, candidates, cfg)])[0]
+
+
+def search_steps(enc: Encoded, candidates: Sequence[Neuron], cfg: DegenerateConfig
+                 ) -> Generator[Request, tuple[float, np.ndarray], GroupSearch]:
+    """:func:`find_degenerate` as a search that yields its requests (see :func:`run_lockstep`)."""
     members = [tuple(map(int, n)) for n in candidates[: cfg.max_candidates]]
     if not members:
         return GroupSearch(p0=float("nan"), n_candidates=0)
-    p0, single = scorer.ratios(enc, [[m] for m in members])
+    p0, single = yield enc, [[m] for m in members]
     out = GroupSearch(p0=p0, n_candidates=len(members), n_evaluated=len(members))
     if not p0 > 0:
         return out
     out.harmless = [m for m, r in zip(members, single) if r >= cfg.t_high]
     pairs = list(combinations(out.harmless, 2))
     if pairs:
-        _, ratios = scorer.ratios(enc, pairs)
+        _, ratios = yield enc, pairs
         out.n_evaluated += len(pairs)
         for pair, r in zip(pairs, ratios):
             if r < cfg.t_low:
@@ -152,7 +224,7 @@ def find_degenerate(scorer: Suppressor, enc: Encoded, candidates: Sequence[Neuro
     in_pair = {m for g in out.groups for m in g}
     rest = [m for m in out.harmless if m not in in_pair]
     if len(rest) >= 3 and cfg.max_group >= 3:
-        group, ratio, n = _grow(scorer, enc, rest, cfg)
+        group, ratio, n = yield from _grow(enc, rest, cfg)
         out.n_evaluated += n
         if group is not None:
             out.groups.append(group)
@@ -160,8 +232,8 @@ def find_degenerate(scorer: Suppressor, enc: Encoded, candidates: Sequence[Neuro
     return out
 
 
-def _grow(scorer: Suppressor, enc: Encoded, pool: list[Neuron], cfg: DegenerateConfig
-          ) -> tuple[list[Neuron] | None, float, int]:
+def _grow(enc: Encoded, pool: list[Neuron], cfg: DegenerateConfig
+          ) -> Generator[Request, tuple[float, np.ndarray], tuple[list[Neuron] | None, float, int]]:
     """Greedy growth: add the member that lowers P most until it drops below t_low (then check that
     the group is minimal). O(pool × max_group) evaluations."""
     group: list[Neuron] = []
@@ -170,14 +242,14 @@ def _grow(scorer: Suppressor, enc: Encoded, pool: list[Neuron], cfg: DegenerateC
         options = [m for m in pool if m not in group]
         if not options:
             break
-        _, ratios = scorer.ratios(enc, [group + [m] for m in options])
+        _, ratios = yield enc, [group + [m] for m in options]
         evaluated += len(options)
         best = int(np.nanargmin(ratios))
         group = group + [options[best]]
         if ratios[best] < cfg.t_low:
             if len(group) < 3:
                 return None, float("nan"), evaluated  # pairs are the pair search's job
-            _, without = scorer.ratios(enc, [[m for m in group if m != x] for x in group])
+            _, without = yield enc, [[m for m in group if m != x] for x in group]
             evaluated += len(group)
             minimal = bool(np.all(without >= cfg.t_low))
             return (group if minimal else None), float(ratios[best]), evaluated
@@ -186,7 +258,12 @@ def _grow(scorer: Suppressor, enc: Encoded, pool: list[Neuron], cfg: DegenerateC
 
 def verify(scorer: Suppressor, enc: Encoded, group: Sequence[Neuron], cfg: DegenerateConfig) -> dict[str, float | bool]:
     """The definition re-checked on another query: every member alone harmless, the group harmful."""
-    _, ratios = scorer.ratios(enc, [[m] for m in group] + [list(group)])
+    return run_lockstep(scorer, [verify_steps(enc, group, cfg)])[0]
+
+
+def verify_steps(enc: Encoded, group: Sequence[Neuron], cfg: DegenerateConfig
+                 ) -> Generator[Request, tuple[float, np.ndarray], dict[str, float | bool]]:
+    _, ratios = yield enc, [[m] for m in group] + [list(group)]
     singles, together = ratios[:-1], float(ratios[-1])
     return {"min_single_ratio": float(np.min(singles)), "group_ratio": together,
             "holds": bool(np.all(singles >= cfg.t_high) and together < cfg.t_low)}
@@ -217,19 +294,34 @@ def search_fact(adapter: ModelAdapter, fact_id: str, relation: str, search: dict
                 cfg: DegenerateConfig) -> list[DegenerateRecord]:
     """Every search of one fact: its LAKNs on each language's search query (groups then re-checked on
     the other languages' queries: is the degeneracy shared?), and each language's own set there;
-    every group re-checked on the language's held-out paraphrase."""
+    every group re-checked on the language's held-out paraphrase. The searches run together
+    (:func:`run_lockstep`), then all the checks."""
+    scorer = Suppressor(adapter, cfg.batch_size, rows=256)  # one per fact: it keeps the fact's prompts
+    scorer.prepare([*search.values(), *held_out.values()])
+    runs = [(kind, lang, enc, list(sets.get(lang, [])))
+            for kind, sets in (("lakn", {lang: lakns for lang in search}), ("language", own_sets))
+            for lang, enc in search.items()]
+    found = run_lockstep(scorer, [search_steps(enc, candidates, cfg) for _, _, enc, candidates in runs])
+    checks: list[tuple[int, int, str | None]] = []  # (run, group, other language or None: held-out)
+    steps = []
+    for r, ((kind, lang, _, _), result) in enumerate(zip(runs, found)):
+        for g, group in enumerate(result.groups):
+            if lang in held_out:
+                checks.append((r, g, None)), steps.append(verify_steps(held_out[lang], group, cfg))
+            if kind == "lakn":
+                for other, e in search.items():
+                    if other != lang:
+                        checks.append((r, g, other)), steps.append(verify_steps(e, group, cfg))
+    outcome = dict(zip(checks, run_lockstep(scorer, steps)))
     records = []
-    scorer = Suppressor(adapter, cfg.batch_size)  # one per fact: it keeps the fact's prompt caches
-    for kind, sets in (("lakn", {lang: lakns for lang in search}), ("language", own_sets)):
-        for lang, enc in search.items():
-            found = find_degenerate(scorer, enc, list(sets.get(lang, [])), cfg)
-            checks = [verify(scorer, held_out[lang], g, cfg) if lang in held_out else None for g in found.groups]
-            shared = [[other for other, e in search.items() if other != lang and verify(scorer, e, g, cfg)["holds"]]
-                      if kind == "lakn" else [] for g in found.groups]
-            records.append(DegenerateRecord(
-                fact_id, relation, kind, lang, found.n_candidates, len(found.harmless), found.n_evaluated, found.p0,
-                [[list(n) for n in g] for g in found.groups], found.group_ratio,
-                [len({l for l, _ in g}) for g in found.groups], checks, shared))
+    for r, ((kind, lang, _, _), result) in enumerate(zip(runs, found)):
+        groups = range(len(result.groups))
+        records.append(DegenerateRecord(
+            fact_id, relation, kind, lang, result.n_candidates, len(result.harmless), result.n_evaluated, result.p0,
+            [[list(n) for n in g] for g in result.groups], result.group_ratio,
+            [len({l for l, _ in g}) for g in result.groups],
+            [outcome[(r, g, None)] if lang in held_out else None for g in groups],
+            [[o for o in search if o != lang and outcome[(r, g, o)]["holds"]] if kind == "lakn" else [] for g in groups]))
     return records
 
 

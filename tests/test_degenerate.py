@@ -12,6 +12,8 @@ from matrice.models.encoding import encode_query
 from matrice.models.tiny import TINY_CAUSAL_FAMILIES, tiny_adapter
 from test_experiments import QUERIES
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: threads only spin-wait
+
 CFG = DegenerateConfig(t_high=0.8, t_low=0.5)
 
 
@@ -105,3 +107,30 @@ def test_batched_suppression_rows_equal_one_edit_set_per_group(family):
     np.testing.assert_allclose(p0, slow[0], rtol=2e-5)
     np.testing.assert_allclose(fast * p0, slow[1:], rtol=2e-5, atol=1e-7)
     np.testing.assert_allclose(again, fast[::-1], rtol=1e-5)  # rows batched differently: float rounding only
+
+
+@pytest.mark.parametrize("family", TINY_CAUSAL_FAMILIES)
+def test_requests_of_several_queries_in_shared_forwards_equal_one_query_at_a_time(family):
+    """ratios_many over prepared prompts (rows of different queries in one forward) gives each
+    request's ratios as Suppressor.ratios does alone; the lockstep driver returns each search's result."""
+    from conftest import tiny_on_device
+    from matrice.degenerate import run_lockstep, search_steps
+
+    a = tiny_on_device(family)
+    encs = [encode_query(a, q, few_shot=True) for q in QUERIES if q.fact_id == "f1"][:4]
+    n = a.n_neurons
+    requests = [(encs[0], [[(0, 1)], [(1, 2), (0, 3)]]), (encs[1], [[(a.n_layers - 1, n - 1)]]),
+                (encs[2], [[(1, 2)], [(0, 1), (1, 5)], [(2, 3)]]), (encs[0], [[(2, 2)]])]
+    alone = Suppressor(a)
+    want = [alone.ratios(enc, groups) for enc, groups in requests]
+    shared = Suppressor(a, rows=4)  # a forward boundary inside the requests
+    shared.prepare(encs)
+    assert shared._prompts is not None or not a.causal
+    got = shared.ratios_many(requests)
+    for (p0, ratios), (q0, expected) in zip(got, want):
+        np.testing.assert_allclose(p0, q0, rtol=1e-5)
+        np.testing.assert_allclose(ratios, expected, rtol=1e-4, atol=1e-7)
+    candidates = [(0, 1), (1, 2), (2, 3), (0, 4)]
+    together = run_lockstep(shared, [search_steps(e, candidates, CFG) for e in encs[:3]])
+    one_by_one = [find_degenerate(alone, e, candidates, CFG) for e in encs[:3]]
+    assert [(r.harmless, r.groups, r.n_evaluated) for r in together] == [(r.harmless, r.groups, r.n_evaluated) for r in one_by_one]

@@ -32,6 +32,8 @@ from matrice.models.encoding import encode_query
 from matrice.models.tiny import TINY_FAMILIES
 from matrice.models.predict import greedy_decode, is_correct, score_answers
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: threads only spin-wait
+
 TEMPLATES = {
     "en": ["The capital of [X] is [Y].", "[X] has its capital in [Y]."],
     "fr": ["La capitale de [X] est [Y].", "[X] a pour capitale [Y]."],

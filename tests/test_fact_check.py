@@ -16,6 +16,8 @@ from matrice.models.encoding import encode_query
 from matrice.models.tiny import TINY_FAMILIES
 from test_experiments import QUERIES
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: threads only spin-wait
+
 
 def _rows(true_scores: dict[str, float], false_scores: dict[str, float], langs=("en", "fr")) -> list[dict]:
     """Statements of facts f0..fk: the same score for every detector, flagged leave-one-fact-out."""
