@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # never pulls the multi-GB CUDA wheels on a CPU machine. On a GPU machine: make TORCH_SPEC=torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup pipeline test gpu-check gpu-carry clean-venv
+.PHONY: setup pipeline test smoke gpu-check gpu-carry clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ pipeline: setup
 
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
+
+# Every stage on the packaged model, small config, in a throwaway copy (benchmarks/README.md); under 10 min on 2 cores.
+smoke: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/pipeline.py --config smoke $(SMOKE_ARGS)
 
 # Everything GPU-side measured in one time-boxed command (benchmarks/gpu_check.py; README "GPU check").
 # A GPU machine has no venv and no network: it uses its own python3 and what `make gpu-carry` packed.

@@ -13,11 +13,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+EMBEDDED_SOURCE = "embedded:gemma3-270m"  # the packaged default (matrice.models.loading.EMBEDDED_GEMMA)
+DEFAULT_KEY = "gemma3_270m"
 
 
 @dataclass
@@ -64,13 +66,36 @@ def reduced_params(params: dict[str, Any], key: str, source: str, device: str) -
     return params
 
 
+def smoke_params(params: dict[str, Any], key: str = DEFAULT_KEY) -> dict[str, Any]:
+    """`reduced_params` on the real packaged model (on the CPU): the run `make smoke` makes, small
+    enough for ten minutes on two busy cores, real enough that the model's own wiring is exercised.
+    Beyond `reduced_params`, each experiment keeps every method but does less of it: three paraphrases
+    per language (two localise, one is held out), two unrelated facts for locality, two λ in the
+    sweep, one learning rate per injection variant, six degenerate-neuron candidates. The attribution
+    batch stays the default's (a real model's rows run faster in large batches)."""
+    smoke = reduced_params(params, key, EMBEDDED_SOURCE, "cpu")
+    smoke["dataset"]["max_templates_per_language"] = 3
+    smoke["attribute"].update(templates_per_language=2, batch_size=params["attribute"]["batch_size"])
+    smoke["edit"]["locality_k"] = 2
+    smoke["edit_sweep"]["lambdas"] = [1.0, 4.0]
+    smoke["inject"]["lrs"] = {variant: rates[:1] for variant, rates in params["inject"]["lrs"].items()}
+    smoke["degenerate"]["max_candidates"] = 6
+    return smoke
+
+
 def run_stages(root: Path, model_keys: list[str],
-               on_stage: Callable[[StageRun], None] | None = None) -> list[StageRun]:
-    """Every stage in `root` (a `project_copy`), in order, stopping at the first failure."""
+               on_stage: Callable[[StageRun], None] | None = None, *,
+               on_start: Callable[[str], None] | None = None, skip: Collection[str] = ()) -> list[StageRun]:
+    """Every stage in `root` (a `project_copy`), in order, stopping at the first failure. `skip`: stage
+    names (as `stage_commands` spells them) whose outputs the caller already put in place."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "TQDM_DISABLE": "1"}
     runs = []
     for name, cmd in stage_commands(model_keys):
+        if name in skip:
+            continue
+        if on_start is not None:
+            on_start(name)
         start = time.perf_counter()
         done = subprocess.run([sys.executable, *cmd.split()[1:]], cwd=root, env=env, capture_output=True, text=True)
         run = StageRun(name, cmd, round(time.perf_counter() - start, 2), done.returncode,
