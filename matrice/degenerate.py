@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.cache import broadcast_cache
-from matrice.models.hooks import Edit, neuron_edits, neuron_hooks
-from matrice.models.predict import score_answers_many
+from matrice.models.hooks import neuron_edits
+from matrice.models.predict import PromptCache, score_answers_many
+from matrice.models.scaled_rows import per_row_scalings
 from matrice.stats import Estimate, bootstrap_mean, per_fact_mean
 
 Neuron = tuple[int, int]
@@ -67,106 +67,73 @@ class GroupSearch:
 
 
 class Suppressor:
-    """P(answer) under many candidate suppressions of a query. Causal models: the prompt's KV cache is
-    computed once per query and kept (the search asks about the same few queries again and again);
-    each forward then runs only the answer token, one candidate group per row, the cache broadcast to
-    the rows, not copied. Masked models: one edit set per group (slower, same numbers)."""
+    """P(answer) under many candidate suppressions of queries. Causal models: a query's prompt minus
+    its target runs once and is kept (:class:`matrice.models.predict.PromptCache`; the search asks
+    about the same few queries again and again, and :meth:`prepare` runs a fact's prompts together);
+    each forward then runs only the target token, one candidate group per row, rows of several
+    queries together. Masked models: one edit set per group (slower, same numbers)."""
 
     def __init__(self, adapter: ModelAdapter, batch_size: int = 32, rows: int = 64):
         self.adapter = adapter
         self.batch_size = batch_size
         self.rows = rows
-        self._prefix: dict[tuple[int, ...], Any] = {}
-        self._prompts: Any = None  # scaled_rows._Prefix over the prepared queries
-        self._where: dict[tuple[int, ...], int] = {}
+        self._prompts: list[PromptCache] = []
+        self._where: dict[tuple[int, ...], tuple[int, int]] = {}  # prompt -> (cache, its row there)
 
     def prepare(self, encs: Sequence[Encoded]) -> None:
-        """Causal models: every prompt a search will ask about, run once (one left-padded batch), so
-        :meth:`ratios_many` can put the rows of several queries into one forward."""
-        distinct = list({tuple(e.input_ids): e for e in encs}.values())
-        if not distinct or not (self.adapter.causal and all(len(e.input_ids) > 1 and e.target_pos == len(e.input_ids) - 1
-                                                            for e in distinct)):
+        """Run the prompts not yet kept, together (one left-padded batch)."""
+        new = list({tuple(e.input_ids): e for e in encs if tuple(e.input_ids) not in self._where}.values())
+        if not new:
             return
-        from matrice.models.scaled_rows import _Prefix
-
         with torch.no_grad():
-            self._prompts = _Prefix(self.adapter, distinct)
-        self._where = {tuple(e.input_ids): i for i, e in enumerate(distinct)}
-
-    def ratios_many(self, requests: Sequence[tuple[Encoded, Sequence[Sequence[Neuron]]]]) -> list[tuple[float, np.ndarray]]:
-        """:meth:`ratios` of every (query, groups) request, the rows of all of them in shared forwards
-        over the prepared prompts (one query at a time for prompts not prepared)."""
-        if self._prompts is None or any(tuple(enc.input_ids) not in self._where for enc, _ in requests):
-            return [self.ratios(enc, groups) for enc, groups in requests]
-        members, scalings, golds = [], [], []
-        for enc, groups in requests:
-            for group in [[], *groups]:
-                members.append(self._where[tuple(enc.input_ids)])
-                scalings.append([(int(l), int(n), 0.0) for l, n in group])
-                golds.append(enc.answer_ids[0])
-        probs: list[float] = []
-        with torch.no_grad():
-            for start in range(0, len(members), self.rows):
-                logits = self._prompts.last_token_logits(members[start : start + self.rows], scalings[start : start + self.rows])
-                gold = torch.tensor(golds[start : start + self.rows], device=logits.device)
-                probs += torch.softmax(logits.double(), dim=-1).gather(1, gold[:, None])[:, 0].tolist()
-        out, at = [], 0
-        for _, groups in requests:
-            p = np.array(probs[at : at + len(groups) + 1], dtype=np.float64)
-            at += len(groups) + 1
-            out.append((float(p[0]), p[1:] / p[0] if p[0] > 0 else np.full(len(groups), np.nan)))
-        return out
+            self._prompts.append(PromptCache(self.adapter, new))
+        self._where.update({tuple(e.input_ids): (len(self._prompts) - 1, i) for i, e in enumerate(new)})
 
     def ratios(self, enc: Encoded, groups: Sequence[Sequence[Neuron]]) -> tuple[float, np.ndarray]:
         """P₀ and P(answer | group suppressed)/P₀ for every group."""
-        a = self.adapter
-        if a.causal and len(enc.input_ids) > 1 and enc.target_pos == len(enc.input_ids) - 1:
-            probs = self._rows(enc, [[], *groups])
+        return self.ratios_many([(enc, groups)])[0]
+
+    def ratios_many(self, requests: Sequence[tuple[Encoded, Sequence[Sequence[Neuron]]]]) -> list[tuple[float, np.ndarray]]:
+        """:meth:`ratios` of every (query, groups) request, the rows of all of them in shared forwards."""
+        if not (self.adapter.causal and all(len(e.input_ids) > 1 and e.target_pos == len(e.input_ids) - 1
+                                            for e, _ in requests)):
+            probs = [self._masked(enc, groups) for enc, groups in requests]
         else:
-            scored = score_answers_many(a, [enc], [None, *(neuron_edits(list(g), 0.0) for g in groups)], self.batch_size)
-            probs = np.array([s[0].prob for s in scored], dtype=np.float64)
-        p0 = float(probs[0])
-        return p0, (probs[1:] / p0 if p0 > 0 else np.full(len(groups), np.nan))
+            self.prepare([enc for enc, _ in requests])
+            probs = self._split(self._row_probs(requests), requests)
+        return [(float(p[0]), p[1:] / p[0] if p[0] > 0 else np.full(len(p) - 1, np.nan)) for p in probs]
 
     @torch.no_grad()
-    def _rows(self, enc: Encoded, groups: Sequence[Sequence[Neuron]]) -> np.ndarray:
-        a = self.adapter
-        base = a.model.base_model
-        ids = torch.tensor([enc.input_ids], dtype=torch.long, device=a.device)
-        key = tuple(enc.input_ids)
-        if key not in self._prefix:
-            self._prefix[key] = base(input_ids=ids[:, :-1], use_cache=True).past_key_values
-        gold = enc.answer_ids[0]
-        out: list[float] = []
-        for start in range(0, len(groups), self.rows):
-            chunk = groups[start : start + self.rows]
-            cache = broadcast_cache(self._prefix[key], len(chunk))
-            with neuron_hooks(a, torch.zeros(1, dtype=torch.long), _row_masks(chunk)):
-                step = base(input_ids=ids[:, -1:].expand(len(chunk), 1), past_key_values=cache, use_cache=True)
-            probs = torch.softmax(a.head_logits(step.last_hidden_state[:, -1]).double(), dim=-1)[:, gold]
-            out += probs.tolist()
-        return np.array(out, dtype=np.float64)
+    def _row_probs(self, requests: Sequence[tuple[Encoded, Sequence[Sequence[Neuron]]]]) -> list[float]:
+        """P(gold) of every row (each request's unedited row, then its groups), in request order."""
+        rows = [(self._where[tuple(enc.input_ids)], [(int(l), int(n), 0.0) for l, n in group], enc.answer_ids[0])
+                for enc, groups in requests for group in [[], *groups]]
+        by_cache: dict[int, list[int]] = {}
+        for r, ((cache, _), _, _) in enumerate(rows):
+            by_cache.setdefault(cache, []).append(r)
+        probs = [0.0] * len(rows)
+        for cache, members in by_cache.items():
+            for start in range(0, len(members), self.rows):
+                part = members[start : start + self.rows]
+                logits = self._prompts[cache].target_logits([rows[r][0][1] for r in part],
+                                                            per_row_scalings([rows[r][1] for r in part]))
+                gold = torch.tensor([rows[r][2] for r in part], device=logits.device)
+                for r, p in zip(part, torch.softmax(logits.double(), dim=-1).gather(1, gold[:, None])[:, 0].tolist()):
+                    probs[r] = p
+        return probs
 
+    @staticmethod
+    def _split(probs: list[float], requests) -> list[np.ndarray]:
+        out, at = [], 0
+        for _, groups in requests:
+            out.append(np.array(probs[at : at + len(groups) + 1], dtype=np.float64))
+            at += len(groups) + 1
+        return out
 
-def _row_masks(groups: Sequence[Sequence[Neuron]]) -> dict[int, Edit]:
-    """Per layer, an edit that zeroes row r's neurons of group r (rows without one there untouched)."""
-    by_layer: dict[int, list[tuple[int, int]]] = {}
-    for row, group in enumerate(groups):
-        for layer, neuron in group:
-            by_layer.setdefault(int(layer), []).append((row, int(neuron)))
-
-    def zero(cells: list[tuple[int, int]]) -> Edit:
-        rows_idx = torch.tensor([r for r, _ in cells])
-        neuron_idx = torch.tensor([n for _, n in cells])
-
-        def edit(act: torch.Tensor) -> torch.Tensor:
-            out = act.clone()
-            out[rows_idx.to(act.device), neuron_idx.to(act.device)] = 0
-            return out
-
-        return edit
-
-    return {layer: zero(cells) for layer, cells in by_layer.items()}
+    def _masked(self, enc: Encoded, groups: Sequence[Sequence[Neuron]]) -> np.ndarray:
+        scored = score_answers_many(self.adapter, [enc], [None, *(neuron_edits(list(g), 0.0) for g in groups)],
+                                    self.batch_size)
+        return np.array([s[0].prob for s in scored], dtype=np.float64)
 
 
 Request = tuple[Encoded, Sequence[Sequence[Neuron]]]  # a query and candidate groups to suppress on it

@@ -728,8 +728,8 @@ def test_shared_prefix_scoring_and_decoding_equal_whole_prompts(family, monkeypa
     cuts = [predict.shared_prefix_length(e) for e in encs]
     assert len({tuple(e.input_ids[:c]) for e, c in zip(encs, cuts)}) == 2 and min(cuts) > 1
     gathered = []
-    real_gather = predict.gather_cache_rows
-    monkeypatch.setattr(predict, "gather_cache_rows", lambda cache, rows: (gathered.append(len(rows)), real_gather(cache, rows)))
+    real_gather = predict.cache_rows
+    monkeypatch.setattr(predict, "cache_rows", lambda cache, rows: (gathered.append(len(rows)), real_gather(cache, rows))[1])
     hook_edits = {1: scale_neurons(torch.arange(0, adapter.n_neurons, 3), 0.0)}
     vectors = erasure_vectors(adapter, np.array([[0, 1], [adapter.n_layers - 1, 2]]))
     for edits, weights in ((None, None), (hook_edits, None), (None, vectors)):

@@ -25,3 +25,14 @@ def broadcast_cache(cache: Any, rows: int | Sequence[int]) -> Any:
             layer.keys = layer.keys.expand(n, *layer.keys.shape[1:])
             layer.values = layer.values.expand(n, *layer.values.shape[1:])
     return fresh
+
+
+def cache_rows(cache: Any, rows: Any) -> Any:
+    """A new cache whose row r is ``cache``'s row rows[r] (a tensor of indices); ``cache`` itself is
+    left as it was (the forward appends to the new one)."""
+    memo = {id(t): t for layer in cache.layers for t in (layer.keys, layer.values)}
+    fresh = copy.deepcopy(cache, memo)  # the structure, not the tensors
+    for layer in fresh.layers:
+        layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
+        layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+    return fresh

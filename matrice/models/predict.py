@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 import torch
 
 from matrice.models.adapter import Encoded, ModelAdapter
+from matrice.models.cache import cache_rows
 from matrice.models.hooks import Edit, neuron_hooks
 
 
@@ -119,34 +120,64 @@ def score_answers_many(
     per_batch = []  # [batch][edit set] -> scores
     for idx in batches:
         chunk = [encs[i] for i in idx]
-        per_batch.append([_scores_from_logits(logits, chunk) for logits in _target_logits_after_prefix(adapter, chunk, edit_sets)])
+        prompts = PromptCache(adapter, chunk)
+        every = range(len(chunk))
+        per_batch.append([_scores_from_logits(prompts.target_logits(every, edits), chunk) for edits in edit_sets])
     return [_in_input_order(len(encs), batches, [b[k] for b in per_batch]) for k in range(len(edit_sets))]
 
 
-def _target_logits_after_prefix(adapter: ModelAdapter, chunk: Sequence[Encoded], edit_sets) -> list[torch.Tensor]:
-    import copy
+class PromptCache:
+    """A chunk of causal prompts minus their last token (the target), run once, left-padded and
+    unedited; each call then runs the target token of chosen prompts on a copy of their keys and
+    values, with edits there (edits at the target cannot change the positions before it)."""
 
-    prefixes = [e.input_ids[:-1] for e in chunk]
-    width = max(len(p) for p in prefixes)
-    ids = torch.full((len(chunk), width), adapter.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(chunk), width + 1), dtype=torch.long)
-    for row, p in enumerate(prefixes):  # left padding: every row's target is the one new token
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
-    ids, mask = ids.to(adapter.device), mask.to(adapter.device)
-    extra = _accepts_position_ids(adapter.model)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    base = adapter.model.base_model
-    prefix = base(input_ids=ids, attention_mask=mask[:, :-1], use_cache=True,
-                  **({"position_ids": positions[:, :-1]} if extra else {}))
-    last = torch.tensor([[e.input_ids[-1]] for e in chunk], device=adapter.device)
-    logits = []
-    for edits in edit_sets:
-        with neuron_hooks(adapter, torch.zeros(1, dtype=torch.long), edits):
-            step = base(input_ids=last, attention_mask=mask, past_key_values=copy.deepcopy(prefix.past_key_values),
-                        use_cache=True, **({"position_ids": positions[:, -1:]} if extra else {}))
-        logits.append(adapter.head_logits(step.last_hidden_state[:, -1]).float())
-    return logits
+    def __init__(self, adapter: ModelAdapter, chunk: Sequence[Encoded]) -> None:
+        self.adapter = adapter
+        self.pass_positions = _accepts_position_ids(adapter.model)
+        ids, mask = _left_padded([e.input_ids[:-1] for e in chunk], adapter.pad_token_id, adapter.device)
+        self.mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.last = torch.tensor([[e.input_ids[-1]] for e in chunk], device=adapter.device)
+        self.cache = adapter.model.base_model(
+            input_ids=ids, attention_mask=mask, use_cache=True,
+            **({"position_ids": self.positions[:, :-1]} if self.pass_positions else {})).past_key_values
+
+    def target_logits(self, members: Sequence[int], edits: Mapping[int, Edit] | None) -> torch.Tensor:
+        """Logits [R, V] (float32) at the target of prompt ``members[r]``."""
+        step, _ = self.target_step(members, edits)
+        return self.adapter.head_logits(step.last_hidden_state[:, -1]).float()
+
+    def greedy(self, members: Sequence[int], edits: Mapping[int, Edit] | None, lengths: Sequence[int]) -> list[list[int]]:
+        """``lengths[r]`` greedy tokens of prompt ``members[r]``, edited at the target only; the LM
+        head runs only for rows still decoding."""
+        step, sel = self.target_step(members, edits)
+        tokens = self.adapter.head_logits(step.last_hidden_state[:, -1]).argmax(dim=-1)
+        mask, position = self.mask[sel], self.positions[sel, -1:]
+        need = torch.tensor(list(lengths), device=tokens.device)
+        generated = [[int(t)] for t in tokens.tolist()]
+        for k in range(1, int(need.max())):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            position = position + 1
+            step = self.adapter.model.base_model(
+                input_ids=tokens[:, None], attention_mask=mask, past_key_values=step.past_key_values, use_cache=True,
+                **({"position_ids": position} if self.pass_positions else {}))
+            live = need > k
+            hidden = step.last_hidden_state[:, -1]
+            tokens = tokens.clone()
+            tokens[live] = self.adapter.head_logits(hidden[live.to(hidden.device)]).argmax(dim=-1).to(tokens.device)
+            for r in torch.nonzero(live).flatten().tolist():
+                generated[r].append(int(tokens[r]))
+        return generated
+
+    def target_step(self, members: Sequence[int], edits: Mapping[int, Edit] | None):
+        """The body's output for the target token of prompt ``members[r]`` (its cache continues
+        decoding), and the members as an index tensor."""
+        sel = torch.tensor(list(members), device=self.mask.device)
+        with neuron_hooks(self.adapter, torch.zeros(1, dtype=torch.long), edits):
+            step = self.adapter.model.base_model(
+                input_ids=self.last[sel], attention_mask=self.mask[sel], past_key_values=cache_rows(self.cache, sel),
+                use_cache=True, **({"position_ids": self.positions[sel, -1:]} if self.pass_positions else {}))
+        return step, sel
 
 
 def normalize_answer(text: str) -> str:
@@ -222,7 +253,7 @@ def _prefill_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits, use_
                  **({"position_ids": positions_p} if pass_positions else {})).past_key_values
     where = {p: i for i, p in enumerate(distinct)}
     rows = torch.tensor([where[p] for p in prefixes], device=mask_p.device)
-    gather_cache_rows(cache, rows)
+    cache = cache_rows(cache, rows)
     ids_s, mask_s = _left_padded([e.input_ids[c:] for e, c in zip(chunk, cuts)], adapter.pad_token_id, adapter.device)
     mask = torch.cat([mask_p[rows], mask_s], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -237,13 +268,6 @@ def _window_holds(adapter: ModelAdapter, columns: int) -> bool:
     them: a hole in the mask changes what it sees unless every column fits in the window."""
     window = getattr(adapter.model.config, "sliding_window", None)
     return window is None or columns < int(window) - 1
-
-
-def gather_cache_rows(cache, rows: torch.Tensor) -> None:
-    """Row r of every layer's keys and values becomes the old row rows[r] (in place)."""
-    for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
-        layer.values = layer.values.index_select(0, rows.to(layer.values.device))
 
 
 def _decode_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits) -> tuple[list[list[int]], torch.Tensor]:
