@@ -793,6 +793,40 @@ def test_scaled_rows_equal_one_pass_per_edit_set(family):
     assert len({round(s.prob, 9) for s in got}) > len(encs)  # the scalings do act
 
 
+@pytest.mark.parametrize("family", TINY_CAUSAL_FAMILIES)
+def test_replay_fills_the_cache_of_a_shared_prefix_pass(family, monkeypatch):
+    """With demonstration prefixes computed once and gathered to their queries, replayed blocks also
+    write their recorded keys and values into the edited pass's cache: the scores equal computing
+    every block, bit for bit, and the shared-prefix path is the one taken."""
+    from conftest import tiny_on_device
+    from matrice.interventions import edited_output_weights, update_vectors
+    from matrice.models import predict
+    from matrice.models.encoding import encode_query
+    from matrice.models.replay import recorded_blocks, replayed_below
+    import numpy as np
+
+    adapter = _wide_window(tiny_on_device(family))
+    encs = [encode_query(adapter, q, few_shot=True) for q in _queries_for_scoring(demos=2)]
+    gathered = []
+    real_gather = predict.cache_rows
+    monkeypatch.setattr(predict, "cache_rows", lambda cache, rows: (gathered.append(len(rows)), real_gather(cache, rows))[1])
+    with recorded_blocks(adapter) as record:
+        before = score_answers(adapter, encs, batch_size=5)
+    assert gathered and len({len(calls) for calls in record}) == 1 and len(record[0]) > len(gathered)
+    assert all(any(call.cache_writes for call in calls) for calls in record)  # a prefix pass wrote the cache
+    pairs = np.array([[2, 1], [2, 5], [adapter.n_layers - 1, 3]])
+    vectors = update_vectors(adapter, pairs, int(encs[0].answer_ids[0]), int(encs[1].answer_ids[0]), 4.0, 4.0)
+    with edited_output_weights(adapter, vectors):
+        full = score_answers(adapter, encs, batch_size=5)
+        with replayed_below(adapter, record, int(pairs[:, 0].min())):
+            replayed = score_answers(adapter, encs, batch_size=5)
+        with pytest.raises(RuntimeError, match="not the recorded one"), replayed_below(adapter, record, 2):
+            score_answers(adapter, encs, batch_size=5, shared_prefixes=False)  # no cache where the record has one
+    assert [s.prob for s in replayed] == [s.prob for s in full]
+    assert [(s.rank, s.top_token) for s in replayed] == [(s.rank, s.top_token) for s in full]
+    assert [s.prob for s in full] != pytest.approx([s.prob for s in before], rel=1e-6)  # the edit acts
+
+
 def _scale_each(cells):
     def edit(act):
         out = act.clone()

@@ -286,8 +286,9 @@ def edit_facts(
     lang_of = {q.query_id: q.lang for fqs in by_fact.values() for q in fqs}
 
     def score(encodings: list[Encoded]) -> list[AnswerScore]:
-        # one plain forward per batch, so an edited pass can replay the unedited blocks below its edit
-        return score_answers(adapter, encodings, batch_size=cfg.batch_size, shared_prefixes=False)
+        # the same batches and forward calls for every pass, so an edited pass can replay the unedited
+        # blocks below its edit (their cache entries for a shared demonstration prefix included)
+        return score_answers(adapter, encodings, batch_size=cfg.batch_size)
 
     for fid in tqdm(targets, desc="editing", unit="fact", disable=not progress):
         fqs = by_fact[fid]

@@ -100,8 +100,9 @@ def sweep_update(
                          empty_facts={m: [] for m in methods}, skipped={"no_source_query": [], "no_new_object": []})
 
     def score(encodings: list[Encoded]):
-        # one plain forward per batch, so an edited pass can replay the unedited blocks below its edit
-        return score_answers(adapter, encodings, batch_size=cfg.batch_size, shared_prefixes=False)
+        # the same batches and forward calls for every pass, so an edited pass can replay the unedited
+        # blocks below its edit (their cache entries for a shared demonstration prefix included)
+        return score_answers(adapter, encodings, batch_size=cfg.batch_size)
 
     for fid in tqdm(targets, desc="λ sweep", unit="fact", disable=not progress):
         src = originals[fid].get(cfg.source_lang)

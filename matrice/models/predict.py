@@ -91,7 +91,7 @@ def score_answers(
     shared_prefixes: bool = True,
 ) -> list[AnswerScore]:
     """P(first gold token), its rank and the top token at each query's target. ``shared_prefixes``
-    False: one forward per batch and no cache (what :mod:`matrice.models.replay` needs)."""
+    False: one forward per batch over whole prompts, no cache."""
     prefill = shared_prefixes and adapter.causal and all(e.target_pos == len(e.input_ids) - 1 for e in encs)
     batches = length_buckets(encs, batch_size, shared_prefixes=prefill)
     results = []
