@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import time
 import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -40,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stages.sequence import (DEFAULT_KEY, EMBEDDED_SOURCE, StageRun, project_copy, run_stages,  # noqa: E402
-                             smoke_params, stage_commands)
+                             smoke_params, stage_commands, stage_env)
 
 CLAIMED = ("replicates", "contradicts")  # the verdicts that assert a direction (stages/report.py)
 
@@ -164,6 +166,94 @@ def check_report(report: str, n_relations: int | None, alpha: float = 0.05) -> l
     return problems
 
 
+# ---- the work each stage did (--work) ------------------------------------------------------------
+COUNTER = REPO / "benchmarks" / "count_flops.py"
+# attribute resumes from its shards, so a rerun computes nothing: benchmarks/attribution.py measures it
+NOT_COUNTED = ("attribute",)
+STARTUP = ("import sys\nfrom stages.common import load_params, load_prepared\n"
+           "load_prepared(sys.argv[1], load_params())")
+
+
+@dataclass(frozen=True)
+class StageWork:
+    """A stage's timed seconds beside the FLOPs a counted rerun executed and what they need at the
+    machine's matmul rate (`floor_seconds`); `floor_share` = floor / seconds (1 is the ceiling), and
+    the same after taking the start-up (imports, tokenizer and weights) off the seconds."""
+
+    stage: str
+    seconds: float
+    gflop_blocks: float
+    gflop_outside: float
+    floor_seconds: float
+    floor_share: float
+    floor_share_after_startup: float
+    counted_returncode: int
+
+
+def counted_stages(runs: list[StageRun]) -> list[StageRun]:
+    """The model stages that ran and succeeded, minus those a rerun would not recompute."""
+    return [r for r in runs if "@" in r.stage and not r.returncode and r.stage.split("@")[0] not in NOT_COUNTED]
+
+
+def matmul_rate(threads: int) -> float:
+    """FLOP/s of a large fp32 matmul on this CPU with the stages' thread count (the floor's ceiling)."""
+    import torch
+
+    from benchmarks.attribution import matmul_peak
+
+    torch.set_num_threads(threads)
+    return matmul_peak(torch.device("cpu"), torch.float32)
+
+
+def startup_seconds(root: Path, key: str, repeats: int = 2) -> float:
+    """What every model stage pays before it computes: Python, torch, transformers, the tokenizer and
+    the weights (the quicker of `repeats` fresh processes)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", STARTUP, key], cwd=root, env=stage_env(root), check=True,
+                       capture_output=True)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def stage_work(run: StageRun, counted: dict[str, Any], rate: float, startup: float) -> StageWork:
+    flops = counted["flops"]
+    floor = flops["total"] / rate
+    return StageWork(run.stage, run.seconds, round(flops["blocks"] / 1e9, 1), round(flops["outside"] / 1e9, 1),
+                     round(floor, 2), round(floor / run.seconds, 3),
+                     round(floor / max(run.seconds - startup, 1e-9), 3), counted["returncode"])
+
+
+def count_work(root: Path, runs: list[StageRun], rate: float, startup: float) -> list[StageWork]:
+    """Each counted stage rerun in the copy under benchmarks/count_flops.py (outputs are deterministic,
+    so the rerun rewrites the same files)."""
+    work = []
+    for run in counted_stages(runs):
+        _, _, module, *args = run.cmd.split()  # python -m stages.<name> <key>
+        out = root / "work" / f"{run.stage}.json"
+        log(f"{run.stage}: counting its FLOPs")
+        subprocess.run([sys.executable, str(COUNTER), str(out), "-m", module, *args], cwd=root, env=stage_env(root),
+                       capture_output=True, text=True)
+        if not out.exists():
+            log(f"{run.stage}: the counted rerun wrote nothing")
+            continue
+        work.append(stage_work(run, json.loads(out.read_text()), rate, startup))
+    return work
+
+
+def work_table(work: list[StageWork], rate: float, startup: float) -> str:
+    """The floor beside each stage's time; the ceiling and the start-up named in the header."""
+    width = max([len(w.stage) for w in work] + [len("stage")])
+    lines = [f"matmul ceiling {rate / 1e9:.1f} GFLOP/s; start-up {startup:.1f} s per model stage",
+             f"{'stage':<{width}}  {'seconds':>8}  {'GFLOP blocks':>12}  {'GFLOP outside':>13}  {'floor s':>8}  "
+             f"{'floor/time':>10}  {'after start-up':>14}"]
+    lines += [f"{w.stage:<{width}}  {w.seconds:>8.1f}  {w.gflop_blocks:>12.1f}  {w.gflop_outside:>13.1f}  "
+              f"{w.floor_seconds:>8.1f}  {w.floor_share:>10.2f}  {w.floor_share_after_startup:>14.2f}"
+              + ("  (counted rerun FAILED)" if w.counted_returncode else "") for w in work]
+    return "\n".join(lines)
+
+
 # ---- the run ------------------------------------------------------------------------------------
 
 @dataclass
@@ -184,6 +274,9 @@ class Benchmark:
     failed_stderr_tail: str = ""
     report_problems: list[str] = field(default_factory=list)
     ok: bool = False
+    matmul_gflops: float | None = None  # --work: the ceiling the floors use
+    startup_seconds: float | None = None  # --work: a model stage's start-up
+    work: list[dict[str, Any]] = field(default_factory=list)  # --work: StageWork per counted stage
 
 
 def log(message: str) -> None:
@@ -288,6 +381,16 @@ def judge(runs: list[StageRun], root: Path, record: Benchmark) -> None:
     record.ok = failed is None and not record.report_problems
 
 
+def measure_work(root: Path, runs: list[StageRun], threads: int, record: Benchmark) -> None:
+    """--work: the machine's matmul rate, a model stage's start-up and every counted stage's FLOPs into `record`."""
+    rate = matmul_rate(threads)
+    startup = startup_seconds(root, next(r.stage for r in runs if "@" in r.stage).split("@")[1])
+    work = count_work(root, runs, rate, startup)
+    record.matmul_gflops, record.startup_seconds = round(rate / 1e9, 1), round(startup, 2)
+    record.work = [asdict(w) for w in work]
+    print("\n" + work_table(work, rate, startup) + "\n", flush=True)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="smoke")
@@ -297,6 +400,9 @@ def parse_args() -> argparse.Namespace:
                         help="link the prepared models/<key> and skip prepare_model (not an honest total)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per stage (OMP_NUM_THREADS); default: the cores the load average leaves free")
+    parser.add_argument("--work", action="store_true",
+                        help="afterwards rerun each model stage under torch's FLOP counter and set its floor "
+                             "(FLOPs at the measured matmul rate) beside its time")
     return parser.parse_args()
 
 
@@ -319,6 +425,8 @@ def main() -> int:
         record.load_after = [round(x, 2) for x in os.getloadavg()]
         print("\n" + stage_table(runs) + "\n", flush=True)
         judge(runs, root, record)
+        if args.work and runs:
+            measure_work(root, runs, threads, record)
         log(f"total {record.total_seconds:.1f} s; load average after: {record.load_after}"
             + (f"; kept in {root}" if args.keep else ""))
         save()

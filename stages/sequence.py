@@ -83,13 +83,18 @@ def smoke_params(params: dict[str, Any], key: str = DEFAULT_KEY) -> dict[str, An
     return smoke
 
 
+def stage_env(root: Path) -> dict[str, str]:
+    """The environment a stage command runs in inside the copy: its code first on the path, no progress bars."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            "TQDM_DISABLE": "1"}
+
+
 def run_stages(root: Path, model_keys: list[str],
                on_stage: Callable[[StageRun], None] | None = None, *,
                on_start: Callable[[str], None] | None = None, skip: Collection[str] = ()) -> list[StageRun]:
     """Every stage in `root` (a `project_copy`), in order, stopping at the first failure. `skip`: stage
     names (as `stage_commands` spells them) whose outputs the caller already put in place."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "TQDM_DISABLE": "1"}
+    env = stage_env(root)
     runs = []
     for name, cmd in stage_commands(model_keys):
         if name in skip:

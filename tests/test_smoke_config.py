@@ -98,3 +98,68 @@ def test_a_failed_stage_fails_the_run_with_its_stderr(tmp_path, capsys):
 def test_threads_follow_the_free_cores():
     assert auto_threads(2, 0.2) == 2 and auto_threads(2, 1.0) == 1 and auto_threads(2, 4.7) == 1
     assert auto_threads(16, 3.2) == 13
+
+
+# ---- --work: the FLOP counter and the floor -------------------------------------------------------
+
+STAGE_MODULE = '''
+import sys
+import torch
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(8, 16, bias=False)
+    def forward(self, x):
+        return self.up(x)
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([Block(), Block()])
+    def forward(self, x):
+        return [layer(x) for layer in self.layers]
+
+if __name__ == "__main__":
+    x = torch.randn(4, 8)
+    Net()(x)                                  # blocks: 2 x (2*4*8*16)
+    x @ torch.randn(8, 3)                     # outside: 2*4*8*3
+    if sys.argv[1:] == ["fail"]:
+        raise SystemExit("a stage's clear error")
+'''
+
+
+def test_the_counter_splits_a_stage_flops_into_its_blocks_and_the_rest(tmp_path, monkeypatch):
+    from count_flops import run_counted
+
+    (tmp_path / "fake_stage.py").write_text(STAGE_MODULE)
+    monkeypatch.chdir(tmp_path)
+    record = run_counted("fake_stage", [])
+    assert record["returncode"] == 0
+    assert record["flops"] == {"blocks": 2 * 2 * 4 * 8 * 16, "outside": 2 * 4 * 8 * 3, "total": 2 * 4 * 8 * (32 + 3)}
+    assert sum(record["by_operator"].values()) == record["flops"]["total"]
+    assert run_counted("fake_stage", ["fail"])["returncode"] == 1  # the stage's error is kept, not swallowed
+
+
+def test_block_names_of_every_family_layout_count_as_blocks():
+    from count_flops import BLOCK
+
+    for name in ("Gemma3TextModel.layers.0", "Gemma3ForCausalLM.model.layers.17", "GPT2LMHeadModel.transformer.h.3",
+                 "BertForMaskedLM.bert.encoder.layer.11"):
+        assert BLOCK.match(name), name
+    for name in ("Global", "Gemma3TextModel", "Gemma3TextModel.layers.0.mlp", "Gemma3ForCausalLM.lm_head"):
+        assert not BLOCK.match(name), name
+
+
+def test_the_floor_is_the_counted_work_at_the_measured_rate():
+    from pipeline import counted_stages, stage_work
+
+    runs = [StageRun("attribute@m", "python -m stages.attribute m", 100.0, 0),
+            StageRun("edit@m", "python -m stages.edit m", 20.0, 0),
+            StageRun("report", "python -m stages.report", 2.0, 0),
+            StageRun("inject@m", "python -m stages.inject m", 5.0, 1)]
+    assert [r.stage for r in counted_stages(runs)] == ["edit@m"]  # attribute resumes; report has no model; failed
+    counted = {"flops": {"blocks": 6e9, "outside": 4e9, "total": 10e9}, "returncode": 0}
+    work = stage_work(runs[1], counted, rate=1e9, startup=10.0)
+    assert (work.floor_seconds, work.floor_share, work.floor_share_after_startup) == (10.0, 0.5, 1.0)
+    assert (work.gflop_blocks, work.gflop_outside) == (6.0, 4.0)

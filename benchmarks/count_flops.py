@@ -1,0 +1,81 @@
+"""Run one stage command under torch's FLOP counter and write the work it did to a JSON file.
+
+    cd <project copy> && python /path/to/benchmarks/count_flops.py OUT.json -m stages.edit gemma3_270m
+
+Why: a stage's wall time says how long it took, not how long it had to take. The FLOPs it executed
+(every matmul, forward and backward, as `torch.utils.flop_counter.FlopCounterMode` counts them at the
+aten level), divided by the machine's measured matmul rate, is the time the same work needs at the
+matmul ceiling: the floor `benchmarks/pipeline.py --work` sets beside each stage's time. The counter
+costs time per operator, so the timed run is a separate, uncounted one.
+
+The split: **blocks** is what the transformer blocks computed (FFN and attention projections, and
+attention itself where torch has a formula for its kernel); **outside** is everything else: the LM
+head, the attribution engine's own head, embeddings and the experiments' extra matmuls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import runpy
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+# a module path that ends in a numbered child of a block list: Gemma/LLaMA/Qwen `layers.N`,
+# GPT-2/BLOOM `h.N`, BERT/XLM-R `layer.N`
+BLOCK = re.compile(r"^[^.]+(\.[^.]+)*?\.(layers|h|layer|blocks)\.\d+$")
+
+
+def split_counts(counts: Mapping[str, Mapping[Any, int]], total: int) -> dict[str, int]:
+    """{blocks, outside, total} FLOPs from FlopCounterMode's per-module counts (module paths as keys,
+    every ancestor holding its children's counts too): the blocks are the numbered children of the
+    model's block list; the rest of the total is outside them."""
+    blocks = sum(sum(ops.values()) for name, ops in counts.items() if BLOCK.match(name))
+    return {"blocks": int(blocks), "outside": int(total - blocks), "total": int(total)}
+
+
+def by_operator(counts: Mapping[str, Mapping[Any, int]]) -> dict[str, int]:
+    """FLOPs per aten operator over the whole run (the counter's `Global` entry)."""
+    return {str(op): int(n) for op, n in counts.get("Global", {}).items()}
+
+
+def run_counted(module: str, args: list[str]) -> dict[str, Any]:
+    """`python -m module *args` in this process under the counter; the stage's exit code is kept."""
+    import torch  # noqa: F401  (imported before the counter so its own start-up is not counted as work)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.argv = [module, *args]
+    sys.path.insert(0, os.getcwd())
+    counter = FlopCounterMode(display=False)
+    returncode = 0
+    start = time.perf_counter()
+    with counter:
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as exc:  # a stage's clear error, or sys.exit(0)
+            returncode = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    counts = counter.get_flop_counts()
+    total = counter.get_total_flops()
+    return {"module": module, "args": args, "returncode": returncode,
+            "counted_seconds": round(time.perf_counter() - start, 2),
+            "flops": split_counts(counts, total), "by_operator": by_operator(counts)}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3 or argv[1] != "-m":
+        print(__doc__, file=sys.stderr)
+        return 2
+    out = Path(argv[0])
+    record = run_counted(argv[2], argv[3:])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(out)
+    return record["returncode"]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
