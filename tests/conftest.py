@@ -7,6 +7,7 @@ tested (no global default device hides a CPU tensor in library code)."""
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Callable
 
 import pytest
@@ -16,6 +17,8 @@ from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.tiny import tiny_adapter
 
 TEST_DEVICE = torch.device(os.environ.get("MATRICE_TEST_DEVICE", "cpu"))
+# tokenizers the tests load from directories are cached here, not in the user's ~/.cache/matrice
+os.environ.setdefault("MATRICE_CACHE", tempfile.mkdtemp(prefix="matrice-test-cache-"))
 # GPU GEMMs pick their kernel (tile, split-K, reduction order) by shape, so float32 results of one
 # computation batched differently agree to ~1e-5 relative there against ~1e-6 on the CPU.
 SHAPE_TOLERANCE = 10.0 if TEST_DEVICE.type == "cuda" else 1.0

@@ -12,6 +12,7 @@ import torch
 
 from matrice.models.adapter import ModelAdapter
 from matrice.models.families import family_for
+from matrice.models.tokenizer_cache import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def load_adapter(path_or_id: str, device: str = "auto", dtype: str = "float32", 
 
     With `device_map`, accelerate places the blocks on several devices and moves each block's inputs
     to it (its hooks); the engine, the neuron hooks and the edits follow each block's device."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -108,7 +109,7 @@ def load_adapter(path_or_id: str, device: str = "auto", dtype: str = "float32", 
     config = AutoConfig.from_pretrained(path_or_id)
     family = family_for(config.model_type)
     auto = _auto_class(family.causal)
-    tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+    tokenizer = load_tokenizer(path_or_id)
     if device_map is None:
         log.info("loading %s (%s, %s) on %s", path_or_id, family.name, dtype, device)
         model = auto.from_pretrained(path_or_id, dtype=DTYPES[dtype]).to(resolve_device(device))
@@ -123,13 +124,13 @@ def load_adapter(path_or_id: str, device: str = "auto", dtype: str = "float32", 
 def load_skeleton(path_or_id: str, dtype: str = "float32") -> ModelAdapter:
     """Tokenizer, family and shapes without weights (parameters on the meta device): what a driver
     that only encodes queries and dispatches them needs, in seconds and no memory, whatever the size."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path_or_id)
     family = family_for(config.model_type)
     with torch.device("meta"):
         model = _auto_class(family.causal).from_config(config, dtype=DTYPES[dtype])
-    return ModelAdapter(model, AutoTokenizer.from_pretrained(path_or_id), family)
+    return ModelAdapter(model, load_tokenizer(path_or_id), family)
 
 
 def _auto_class(causal: bool):
