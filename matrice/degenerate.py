@@ -43,7 +43,7 @@ Neuron = tuple[int, int]
 class DegenerateConfig:
     t_high: float = 0.8
     t_low: float = 0.5
-    max_candidates: int = 20
+    max_candidates: int = 12
     max_group: int = 4
     batch_size: int = 32
 

@@ -161,7 +161,7 @@ class TrainConfig:
     is always zero (masked out) cannot move. ``dropout`` False trains in eval mode (deterministic)."""
 
     lr: float = 1e-3
-    epochs: int = 10
+    epochs: int = 5
     batch_size: int = 8
     seed: int = 0
     dropout: bool = False

@@ -38,7 +38,7 @@ def main() -> None:
     # a Ray driver only encodes queries and writes shards: the workers hold the weights
     adapter = load_prepared(key, params, dtype=section["dtype"], weights=executor_kind == "local" or args.plan)
     queries = load_queries(DATASET_DIR / "queries.jsonl")
-    policy = section.get("fact_policy", "any")
+    policy = section["fact_policy"]
     try:
         facts = choose_facts(queries, section["facts_per_relation"], params["seed"], policy,
                              load_probes(key) if policy == "known" else None, section.get("fact_language", "en"))

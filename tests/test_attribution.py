@@ -406,7 +406,7 @@ def test_bfloat16_fast_engine_close_to_float32(tiny, family):
 
 
 def test_attribution_config_validation():
-    assert AttributionConfig().steps == 10 and AttributionConfig().baseline == "saig"
+    assert AttributionConfig().steps == 4 and AttributionConfig().baseline == "saig"
     for bad in (0, -1, 2.5, "10"):
         with pytest.raises(ValueError, match="steps"):
             AttributionConfig(steps=bad)

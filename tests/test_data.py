@@ -435,7 +435,7 @@ def real():
     if not (MLAMA / "en" / "P36.jsonl").is_file() or not MPARAREL.is_dir():
         pytest.skip(f"reference data not found at {SHARED}")
     cfg = DatasetConfig(source="mlama", mlama_dir=str(MLAMA), mpararel_dir=str(MPARAREL),
-                        relations=["P36", "P1376", "P37"])
+                        relations=["P36", "P1376", "P37"], max_templates_per_language=None)  # every template
     return build_dataset(cfg)
 
 

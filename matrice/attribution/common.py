@@ -22,7 +22,7 @@ class AttributionConfig:
     """`saig`: one baseline per query token (that token -> PAD; MATRICE Eq. 3); `amig`: one baseline
     with every query token -> PAD; `zero`: one all-zero baseline (Dai et al., EleutherAI)."""
 
-    steps: int = 10
+    steps: int = 4
     baseline: BaselineKind = "saig"
     batch_size: int = 512  # rows (layer, baseline, step) per forward/backward, across queries, in the fast engine
     integration: Integration = "riemann_right"  # the paper's Eq. 4; gauss_legendre: same rows, smaller error

@@ -1,4 +1,4 @@
-"""`python -m matrice.data --params params.yaml --out DIR`: build the dataset from the `data` section."""
+"""`python -m matrice.data --params params.yaml --out DIR`: build the dataset from the `dataset` section."""
 
 from matrice.data.build import main
 

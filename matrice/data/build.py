@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from matrice.data.schema import DatasetError, Fact, Query, fact_to_dict, make_query, query_to_dict, x_after_y
 from matrice.data.sources import DatasetConfig, SourceData, Tally, load_source
@@ -217,24 +217,22 @@ def write_dataset(ds: BuiltDataset, out_dir: str | Path) -> None:
     atomic_write_text(out / "stats.md", markdown)
 
 
-def config_to_dict(cfg: DatasetConfig) -> dict[str, Any]:
-    return asdict(cfg)
-
-
 def main(argv: list[str] | None = None) -> None:
-    """`python -m matrice.data --params params.yaml --out DIR`: build from the `data` section."""
+    """`python -m matrice.data --params params.yaml --out DIR`: build from the `dataset` section (the
+    seed is params.yaml's top-level `seed`, as the build_dataset stage uses it)."""
     import yaml
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--section", default="data")
+    parser.add_argument("--section", default="dataset")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     with open(args.params, encoding="utf-8") as f:
-        section = (yaml.safe_load(f) or {}).get(args.section)
+        params = yaml.safe_load(f) or {}
+    section = params.get(args.section)
     if not isinstance(section, dict):
         raise SystemExit(f"{args.params}: no '{args.section}' section")
-    ds = build_dataset(DatasetConfig.from_dict(section))
+    ds = build_dataset(DatasetConfig.from_dict({**section, "seed": params.get("seed", 0)}))
     write_dataset(ds, args.out)
     print(f"{len(ds.facts)} facts, {len(ds.queries)} queries -> {args.out}")
 

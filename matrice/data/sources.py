@@ -30,7 +30,7 @@ class DatasetConfig:
     languages: list[str] = field(default_factory=lambda: list(ALL_LANGUAGES))
     relations: list[str] | None = None
     max_facts_per_relation: int | None = None
-    max_templates_per_language: int | None = None
+    max_templates_per_language: int | None = 4
     seed: int = 0
     causal: bool = True
     zh_simplified: bool = True

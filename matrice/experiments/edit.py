@@ -73,7 +73,7 @@ class EditConfig:
     lambda2: float = 1.0
     scaling: str = "raw"  # raw: Eq. 15 as written | column_norm: λ relative to the column's norm
     source_lang: str = "en"
-    locality_k: int = 10
+    locality_k: int = 4
     seed: int = 0
     erasure_known_only: bool = True
     batch_size: int = 32

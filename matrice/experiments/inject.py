@@ -69,16 +69,16 @@ class InjectConfig:
     """Fine-tuning parameters shared by all variants; ``lrs[variant]`` (else ``lrs["default"]``) is the
     variant's learning-rate sweep."""
 
-    lrs: dict[str, list[float]] = field(default_factory=lambda: {"default": [1e-3]})
-    epochs: int = 10
+    lrs: dict[str, list[float]] = field(default_factory=lambda: {"default": [1e-3, 3e-3], "direct_ft": [3e-5, 1e-4]})
+    epochs: int = 5
     batch_size: int = 8
     seed: int = 0
     lora_r: int = 8
     lora_alpha: int = 16
     dropout: bool = False
     max_grad_norm: float | None = None
-    max_old: int | None = None
-    max_new: int | None = None  # units (facts) to inject; fine-tuning cost grows with it
+    max_old: int | None = 32
+    max_new: int | None = 8  # units (facts) to inject; fine-tuning cost grows with it
     eval_batch_size: int = 32
     verify: bool = True
     include_base: bool = True
