@@ -2,16 +2,20 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU build of torch is pinned first so that the `torch>=2.1` requirement is already met and pip
-# never pulls the multi-GB CUDA wheels on a CPU machine. On a GPU machine: make TORCH_SPEC=torch.
+# torch is installed first, so that the package's `torch>=2.1` requirement is already met. On Linux,
+# PyPI's torch==2.13.0 is the CUDA build (multi-GB). A CPU-only machine can take the CPU build from
+# PyTorch's index: make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu. TORCH_INDEX is empty
+# by default (plain PyPI, which CI can reach); it applies to the torch install only.
+# Another torch: make TORCH_SPEC=torch.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: setup pipeline test smoke gpu-check gpu-carry clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),) "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
@@ -28,7 +32,7 @@ test: setup
 smoke: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/pipeline.py --config smoke $(SMOKE_ARGS)
 
-# Everything GPU-side measured in one time-boxed command (benchmarks/gpu_check.py; README "GPU check").
+# Everything GPU-side measured in one time-boxed command (benchmarks/gpu_check.py; docs/scale.md "The GPU check").
 # A GPU machine has no venv and no network: it uses its own python3 and what `make gpu-carry` packed.
 # The dry run, `make gpu-check DEVICE=cpu`, writes the same files with tiny shapes (CI runs it).
 DEVICE ?= cuda

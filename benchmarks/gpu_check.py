@@ -14,7 +14,7 @@ the same facts), pipeline (every dvc.yaml stage with `device: <device>` on a ran
 model of the default's exact config and real tokenizer, which costs what the real weights cost).
 
 Writes OUT/environment.json, engine.json, tests.json, ray.json, pipeline.json, summary.md (the table
-the README quotes) and gpu_check.log. Needs nothing from the internet: what the machine lacks is
+docs/scale.md quotes) and gpu_check.log. Needs nothing from the internet: what the machine lacks is
 named in environment.json (carry it as wheels; the tokenizer folder comes from `prepare_model`)."""
 
 from __future__ import annotations
@@ -350,7 +350,7 @@ def _atomic_json(path: Path, data: Any) -> None:
 
 
 def summary_markdown(results: dict[str, Any], device: str) -> str:
-    """The table the README's GPU section quotes: per part status and time, engine, tests, pipeline, goals."""
+    """The table docs/scale.md "On a GPU" quotes: per part status and time, engine, tests, pipeline, goals."""
     env = results.get("environment", {})
     gpu = ", ".join(g["name"] for g in env.get("gpus", [])) or f"CPU ({env.get('cpu_count')} cores)"
     lines = [f"# GPU check — {gpu}", "",

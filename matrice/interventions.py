@@ -1,6 +1,6 @@
 """Weight-level interventions on knowledge neurons: output-weight edits and neuron-masked fine-tuning.
 
-A neuron n_i^l is unit i of the input of layer l's FFN output projection (METHOD.md, "Objects").
+A neuron n_i^l is unit i of the input of layer l's FFN output projection (docs/method.md §Objects).
 Its parameters are
 
 - its *output vector*: column i of the output projection (``down_proj.weight[:, i]``); row i for

@@ -1,4 +1,4 @@
-"""Uncertainty quantification of MATRICE (paper Eq. 5-11; METHOD.md sections 1-3).
+"""Uncertainty quantification of MATRICE (paper Eq. 5-11; docs/method.md §Per-layer normalisation to §Selection).
 
 Everything here is pure numpy and works on *raw* attributions (Σ_i Attr_i, not normalised), so the
 normalisation choices are cheap downstream parameters instead of reasons to recompute attributions.
@@ -42,7 +42,7 @@ def normalize_layers(raw: np.ndarray, mode: LayerNorm = "abs") -> np.ndarray:
     - ``"abs"`` (default): divide layer l by Σ_j |raw_lj|. Sign and order within the layer are kept,
       and a layer whose signed sum is near zero or negative cannot blow up or flip its scores.
     - ``"signed"``: the literal Eq. 5, divide by the signed Σ_j raw_lj (a negative sum flips signs,
-      a near-zero sum inflates the layer; see METHOD.md section 1).
+      a near-zero sum inflates the layer; see docs/method.md §Per-layer normalisation).
     - ``"none"``: raw scores (as float64 copy).
 
     A layer whose denominator is exactly 0 (all zeros for ``"abs"``; a signed sum of exactly 0 for
@@ -67,7 +67,7 @@ def _mean_minus_std(x: np.ndarray, w_mean: float, w_std: float, axis: int) -> np
     if x.shape[axis] == 0:
         raise ValueError("cannot aggregate over an empty axis")
     mean = x.mean(axis=axis)
-    std = np.sqrt(x.var(axis=axis, ddof=0))  # population variance (1/T), per METHOD.md
+    std = np.sqrt(x.var(axis=axis, ddof=0))  # population variance: docs/method.md §Uncertainty across queries (UaQ)
     return w_mean * mean - w_std * std
 
 

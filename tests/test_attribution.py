@@ -338,7 +338,8 @@ def test_reference_matches_captum_integrated_gradients(tiny, family):
 def test_completeness_improves_with_steps(tiny, family, baseline):
     """sum_j Attr_i(n_j^l) -> P(w̄) - P(w'_i patched at layer l) as the number of steps grows.
 
-    (Not for Gemma from a zero baseline: its post-FFN RMSNorm makes P jump at 0; see METHOD.md §1.)"""
+    (Not for Gemma from a zero baseline: its post-FFN RMSNorm makes P jump at 0; see docs/method.md
+    §Knowledge attribution (SAIG).)"""
     adapter = tiny(family)
     enc = encode_text(adapter, default_text(adapter))
     delta = completeness_delta(adapter, enc, baseline)

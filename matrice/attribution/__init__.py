@@ -1,4 +1,5 @@
-"""SAIG knowledge attribution (METHOD.md §1): a slow reference, a fast exact engine, a sharded runner."""
+"""SAIG knowledge attribution (docs/method.md §Knowledge attribution (SAIG)): a slow reference, a fast exact
+engine, a sharded runner."""
 
 from matrice.attribution.common import BASELINE_KINDS, AttributionConfig
 from matrice.attribution.fast import fast_attribution

@@ -1,6 +1,6 @@
 """Fast exact SAIG: same numbers as `reference.py`, a small fraction of the work.
 
-What it saves (METHOD.md §1 costs m × L × M forward+backward passes per query):
+What it saves (docs/method.md §Knowledge attribution (SAIG) costs m × L × M forward+backward passes per query):
 - the (layer, baseline, step) rows of all queries of a shard form one stream cut into batches, so a
   batch may hold several queries;
 - the blocks below a row's patched layer are unaffected by the patch: their output is recorded once;

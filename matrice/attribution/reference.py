@@ -1,4 +1,5 @@
-"""The obviously faithful SAIG (METHOD.md §1): one full forward+backward per (baseline, layer, step).
+"""The obviously faithful SAIG (docs/method.md §Knowledge attribution (SAIG)): one full forward+backward per
+(baseline, layer, step).
 
 Slow by design. It is the oracle for the fast engine's tests and the benchmark's baseline.
 """

@@ -1,4 +1,4 @@
-"""The experiments of paper section IV on top of the selected neurons (METHOD.md, "Experiments").
+"""The experiments of paper section IV on top of the selected neurons (docs/method.md §Experiments).
 
 Every experiment is a pure function: an adapter, the dataset's queries (or pre-encoded ones), the
 probe results and the neuron sets in; JSON-ready dataclass records out (``.to_dict()``). Stages do

@@ -5,7 +5,7 @@ fact (all languages and paraphrases, in one batch): ×0 suppresses, ×2 enhances
 
     ΔP = (P_after − P_before) / P_before
 
-with P the probability of the gold answer's first token (METHOD.md, "Objects"). P_before is
+with P the probability of the gold answer's first token (docs/method.md §Objects). P_before is
 recomputed here with the same batching, so ΔP = 0 exactly when nothing changes.
 
 Choices where the paper is silent (all visible in the result):

@@ -1,6 +1,6 @@
 """Per-architecture knowledge: where the FFN neurons live and how the model predicts.
 
-A *neuron* is one unit of the input of the FFN output projection (METHOD.md, "Objects"): the
+A *neuron* is one unit of the input of the FFN output projection (docs/method.md §Objects): the
 post-activation intermediate vector, i.e. act(gate)*up for gated MLPs. Peers hook the wrong module
 for gated MLPs (gate_proj) or GPT-2 (pre-GELU c_fc); everything here hooks the output projection's
 *input*, which is exactly what the next matmul sees.

@@ -75,7 +75,8 @@ def restore_forward(module: torch.nn.Module, forward: Callable[..., Any] | None)
 
 
 def scale_neurons(neurons: torch.Tensor, factor: float) -> Edit:
-    """Multiply the given neuron indices by `factor` (0 suppresses, 2 enhances; METHOD.md Fig. 5)."""
+    """Multiply the given neuron indices by `factor` (0 suppresses, 2 enhances; docs/method.md
+    §Manipulation (Fig. 5))."""
 
     def edit(act: torch.Tensor) -> torch.Tensor:
         out = act.clone()
