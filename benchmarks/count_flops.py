@@ -15,7 +15,6 @@ head, the attribution engine's own head, embeddings and the experiments' extra m
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import runpy
@@ -68,12 +67,10 @@ def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "-m":
         print(__doc__, file=sys.stderr)
         return 2
-    out = Path(argv[0])
     record = run_counted(argv[2], argv[3:])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out)
+    from matrice.io import atomic_write_json  # the project copy is on the path now (run_counted)
+
+    atomic_write_json(Path(argv[0]), record)
     return record["returncode"]
 
 

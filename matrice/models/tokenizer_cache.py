@@ -15,9 +15,10 @@ import hashlib
 import logging
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from matrice.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,7 @@ def load_tokenizer(path_or_id: str) -> Any:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
     except OSError as exc:
         log.warning("could not cache the tokenizer in %s (%s); it is built each time", path.parent, exc)
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
