@@ -8,6 +8,7 @@ from __future__ import annotations
 from matrice.data.schema import load_queries
 from matrice.experiments.inject import InjectConfig, inject_knowledge
 from matrice.io import atomic_write_json, atomic_write_text
+from matrice.memo import Memo
 from matrice.report import markdown_table
 from stages.common import (
     DATASET_DIR, evaluation_rule, load_neuron_sets, load_params, load_prepared, load_probes, model_arg,
@@ -30,9 +31,10 @@ def main() -> None:
     sets = load_neuron_sets(key)
     queries = load_queries(DATASET_DIR / "queries.jsonl")  # units: attributed facts; Q_old: any other fact
     rule = evaluation_rule(params)
-    result = inject_knowledge(adapter, queries, probes, sets, s["variants"], cfg, lambda q: rule(q.query_id),
-                              few_shot=params["few_shot"])
     out = results_dir(key)
+    memo = Memo.for_model(out / "inject_runs", adapter.model)  # runs a sweep did not change are read back
+    result = inject_knowledge(adapter, queries, probes, sets, s["variants"], cfg, lambda q: rule(q.query_id),
+                              few_shot=params["few_shot"], memo=memo)
     atomic_write_json(out / "injection.json", result.to_dict())
     splits = ("heldout", "transfer", "trained", "old")
     atomic_write_json(out / "injection_metrics.json", {"injection": {

@@ -56,6 +56,7 @@ from matrice.experiments import (
 from matrice.interventions import (
     TrainConfig, check_masked_update, enable_masked_training, ffn_module_names, neuron_param_masks, train_on_answers,
 )
+from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.predict import greedy_decode, is_correct
 
@@ -200,6 +201,7 @@ def train_variant(adapter: ModelAdapter, variant: str, pairs: np.ndarray | None,
 
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
                           target_modules=ffn_module_names(work), fan_in_fan_out=adapter.family.conv1d)
+        torch.manual_seed(cfg.seed)  # LoRA's A matrices: a seeded start, whatever ran before
         peft_model = get_peft_model(model, lcfg)  # injects LoRA layers into `model` in place
         params = [p for p in peft_model.parameters() if p.requires_grad]
         info["n_trainable"] = int(sum(p.numel() for p in params))
@@ -228,6 +230,23 @@ def _decode_correct(adapter: ModelAdapter, qs: Sequence[Query], encs: Mapping[st
     return [bool(is_correct(adapter, g, q.answer)) for q, g in zip(qs, gen)]
 
 
+_RUN_FIELDS = ("epochs", "batch_size", "seed", "lora_r", "lora_alpha", "dropout", "max_grad_norm", "eval_batch_size",
+               "verify")  # what a run's result depends on besides its inputs (the sweep and sample sizes are in those)
+
+
+def _memoized(memo: Memo | None, key_parts: Mapping[str, Any], compute: Callable[[], Any]) -> Any:
+    if memo is None:
+        return compute()
+    key = memo.key(kind="inject_run", **key_parts)
+    value = memo.load(key)
+    if value is None:
+        value = compute()
+        memo.store(key, value)
+    else:
+        log.info("injection: %s at lr %s read back from %s", key_parts["variant"], key_parts.get("lr"), memo.directory)
+    return value
+
+
 def _accuracies(records: Sequence[InjectionRecord]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for split in SPLITS:
@@ -248,10 +267,13 @@ def inject_knowledge(
     few_shot: bool = False,
     encoded: Mapping[str, Encoded] | None = None,
     progress: bool = True,
+    memo: Memo | None = None,
 ) -> InjectionResult:
     """Fine-tune every (variant, lr) on the units' localisation paraphrases and score the four splits
     (module doc). Units come from the facts that have neuron sets; Q_old from every other fact in
-    ``queries``. ``is_evaluation(query)`` marks held-out paraphrases (default: template id ≥ 1)."""
+    ``queries``. ``is_evaluation(query)`` marks held-out paraphrases (default: template id ≥ 1).
+    With ``memo``, a (variant, lr) run whose inputs (training and evaluation encodings, neurons,
+    training config, model, code) were seen before is read back instead of retrained."""
     cfg = cfg or InjectConfig()
     is_evaluation = is_evaluation or (lambda q: q.template_id >= 1)
     by_id = {q.query_id: q for q in queries}
@@ -282,36 +304,48 @@ def inject_knowledge(
     evaluated = [(split, u, q) for split, key in (("trained", "train"), ("heldout", "heldout"), ("transfer", "transfer"))
                  for u, q in split_queries[key]] + [("old", None, q) for q in old_q]
     unedited: list[bool] = []  # the caller's model's answers, decoded once for every run that trains nothing
+    shared_key = {"train": encs_train, "evaluated": [(split, None if u is None else u.fact_id, q.query_id, q.answer,
+                                                      encs[q.query_id]) for split, u, q in evaluated],
+                  "config": {k: getattr(cfg, k) for k in _RUN_FIELDS}}
 
-    def score(variant: str, lr: float | None, work: ModelAdapter) -> list[InjectionRecord]:
-        """Every split in one decoding call (full batches), each query once."""
-        if work is adapter and unedited:
-            ok = unedited
-        else:
-            ok = _decode_correct(work, [q for _, _, q in evaluated], encs, cfg.eval_batch_size)
-            if work is adapter:
-                unedited.extend(ok)
-        return [InjectionRecord(variant, lr, split, q.fact_id if u is None else u.fact_id, q.lang, q.query_id, c)
+    def records_of(variant: str, lr: float | None, ok: Sequence[bool]) -> list[InjectionRecord]:
+        return [InjectionRecord(variant, lr, split, q.fact_id if u is None else u.fact_id, q.lang, q.query_id, bool(c))
                 for (split, u, q), c in zip(evaluated, ok)]
+
+    def decode_all(work: ModelAdapter) -> list[bool]:
+        """Every split in one decoding call (full batches), each query once."""
+        return _decode_correct(work, [q for _, _, q in evaluated], encs, cfg.eval_batch_size)
+
+    def unedited_answers() -> list[bool]:
+        if not unedited:
+            unedited.extend(_memoized(memo, {**shared_key, "variant": "base"}, lambda: decode_all(adapter)))
+        return unedited
+
+    def trained_run(variant: str, lr: float) -> dict[str, Any]:
+        """{info, correct} of one fine-tuning run and its decoding."""
+        work, info = train_variant(adapter, variant, unions.get(variant), encs_train, cfg, lr, progress)
+        ok = decode_all(work)
+        del work
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {"info": info, "correct": ok}
 
     todo = [("base", None)] if cfg.include_base else []
     todo += [(v, lr) for v in variants for lr in cfg.sweep(v)]
     for variant, lr in todo:
         if variant == "base":
-            work, info = adapter, {"n_trainable": 0, "n_neurons": None, "losses": [], "lr": None}
+            info, ok = {"n_trainable": 0, "n_neurons": None, "losses": [], "lr": None}, unedited_answers()
         elif variant in unions and len(unions[variant]) == 0:
             log.warning("variant %s: no neurons for the units' facts; nothing is trained", variant)
-            work, info = adapter, {"n_trainable": 0, "n_neurons": 0, "losses": [], "lr": lr}
+            info, ok = {"n_trainable": 0, "n_neurons": 0, "losses": [], "lr": lr}, unedited_answers()
         else:
-            work, info = train_variant(adapter, variant, unions.get(variant), encs_train, cfg, lr, progress)
-        records = score(variant, lr, work)
+            run = _memoized(memo, {**shared_key, "variant": variant, "lr": lr, "neurons": unions.get(variant)},
+                            lambda: trained_run(variant, lr))
+            info, ok = run["info"], run["correct"]
+        records = records_of(variant, lr, ok)
         result.records += records
         result.runs.setdefault(variant, {})[str(lr)] = {**info, **_accuracies(records)}
-        if work is not adapter:
-            del work
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
     for variant, runs in result.runs.items():
         def fit(run: Mapping[str, Any]) -> float:
             vals = [run[s] for s in ("trained", "old") if run[s] is not None]
