@@ -6,11 +6,12 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
-from matrice.models.adapter import ModelAdapter
+if TYPE_CHECKING:  # torch and transformers cost seconds to import: only stages that load a model pay
+    from matrice.models.adapter import ModelAdapter
 
 PARAMS = Path("params.yaml")
 DATASET_DIR = Path("data/dataset")
