@@ -46,6 +46,7 @@ import torch
 from matrice.attribution.common import AttributionConfig, target_activations
 from matrice.attribution.fast import fast_attribution_many
 from matrice.data.schema import Query
+from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.predict import normalize_answer, score_answers
@@ -131,15 +132,46 @@ def detector_neurons(relation_of: Mapping[str, str], dkns: Mapping[str, frozense
 
 
 def attribution_scores(adapter: ModelAdapter, encs: Sequence[Encoded], neurons: frozenset[Neuron],
-                       cfg: AttributionConfig) -> list[float | None]:
+                       cfg: AttributionConfig, memo: Memo | None = None) -> list[float | None]:
     """Mean over `neurons` of each statement's attribution of P(object) (mean over baselines), only the
     neurons' layers integrated; None for every statement when there are no neurons."""
     if not neurons or not encs:
         return [None] * len(encs)
     cells = sorted(neurons)
-    layers = sorted({l for l, _ in cells})
-    idx_l, idx_n = torch.tensor([l for l, _ in cells]), torch.tensor([n for _, n in cells])
-    return [float(attr.mean(dim=0)[idx_l, idx_n].mean()) for attr in fast_attribution_many(adapter, encs, cfg, layers)]
+    maps = layer_attributions(adapter, encs, cfg, sorted({l for l, _ in cells}), memo)
+    return [float(torch.stack([per_layer[l][n] for l, n in cells]).mean()) for per_layer in maps]
+
+
+def layer_attributions(adapter: ModelAdapter, encs: Sequence[Encoded], cfg: AttributionConfig, layers: Sequence[int],
+                       memo: Memo | None = None) -> list[dict[int, torch.Tensor]]:
+    """Per statement and layer, every neuron's attribution of P(object), averaged over baselines [N].
+
+    With ``memo``, each (statement, layer) is stored, so it serves any later neuron set: a sweep that
+    moves the degenerate neurons integrates only the layers it has not seen, all of them in one call
+    (rows of several layers share batches; a layer's numbers measured bit-equal whichever layers come
+    with it on CPU, and equal to float rounding wherever the batch shape changes the kernels)."""
+    out: list[dict[int, torch.Tensor]] = [{} for _ in encs]
+    keys = {(i, l): memo.key(kind="fact_check_attribution", statement=enc, layer=l, config=cfg)
+            for i, enc in enumerate(encs) for l in layers} if memo else {}
+    missing: dict[tuple[int, ...], list[int]] = defaultdict(list)  # layers to integrate -> statements
+    for i in range(len(encs)):
+        todo = []
+        for layer in layers:
+            stored = memo.load_array(keys[i, layer]) if memo else None
+            if stored is None:
+                todo.append(layer)
+            else:
+                out[i][layer] = torch.from_numpy(stored)
+        if todo:
+            missing[tuple(todo)].append(i)
+    for todo, rows in missing.items():
+        for i, attr in zip(rows, fast_attribution_many(adapter, [encs[i] for i in rows], cfg, list(todo))):
+            mean = attr.mean(dim=0)
+            for layer in todo:
+                out[i][layer] = mean[layer].clone()
+                if memo:
+                    memo.store_array(keys[i, layer], out[i][layer].numpy())
+    return out
 
 
 def statement_input(adapter: ModelAdapter, enc: Encoded) -> tuple[list[int], int]:

@@ -6,12 +6,13 @@ A key covers the inputs the caller names, the model's weights (:func:`model_dige
 (:func:`code_fingerprint`: every source file of the package and the versions of the numerical
 libraries), so an entry can only be reused by a run that would compute the same thing; a changed
 file anywhere in the package invalidates every entry. Entries are JSON files written atomically; a
-killed run leaves whole entries or none.
+killed run leaves whole entries or none. Arrays are stored as ``.npy`` (exact, compact).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -19,10 +20,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from matrice.io import atomic_write_json
+from matrice.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +108,18 @@ class Memo:
 
     def store(self, key: str, value: Any) -> None:
         atomic_write_json(self._path(key), {"value": value})
+
+    def load_array(self, key: str) -> np.ndarray | None:
+        path = self.directory / f"{key}.npy"
+        if not path.exists():
+            return None
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            log.warning("memo entry %s unreadable (%s); recomputing", path, exc)
+            return None
+
+    def store_array(self, key: str, array: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+        atomic_write_bytes(self.directory / f"{key}.npy", buffer.getvalue())

@@ -16,6 +16,7 @@ from matrice.fact_check import (DETECTORS, NEURON_SOURCES, activation_scores, at
                                 build_statements, degenerate_neurons, detection_scores, detector_neurons,
                                 f1_difference, leave_one_fact_out, pair_accuracy, probability_scores)
 from matrice.io import atomic_write_json, atomic_write_text
+from matrice.memo import Memo
 from matrice.report import ordered_langs, plot_fact_check
 from stages.common import (DATASET_DIR, figure_path, load_neuron_sets, load_params, load_prepared, model_arg,
                            results_dir, setup_logging)
@@ -50,13 +51,14 @@ def main() -> None:
     neurons = detector_neurons(
         relation_of, degenerate_neurons(json.loads(degenerate_path.read_text(encoding="utf-8"))["records"]),
         {f: frozenset(map(tuple, per["matrice"].tolist())) for f, per in sets.facts.items()}, source)
+    memo = Memo.for_model(out / "fact_check_attributions", adapter.model)  # layers a sweep did not move: read back
     by_fact = defaultdict(list)
     for stmt, enc in statements:
         by_fact[stmt.fact_id].append((stmt, enc))
     rows = []
     for fact in tqdm(sorted(by_fact), desc="fact_check", unit="fact"):
         stmts, encs = zip(*by_fact[fact])
-        scores = {"dkn_attribution": attribution_scores(adapter, encs, neurons[fact].dkn, cfg),
+        scores = {"dkn_attribution": attribution_scores(adapter, encs, neurons[fact].dkn, cfg, memo),
                   "kn_activation": activation_scores(adapter, encs, neurons[fact].kn),
                   "probability": probability_scores(adapter, encs, params["manipulate"]["batch_size"])}
         rows += [{**asdict(s), "scores": {d: scores[d][i] for d in DETECTORS}} for i, s in enumerate(stmts)]

@@ -122,6 +122,33 @@ def test_dkn_attribution_equals_the_reference_cells(tiny, family):
     assert attribution_scores(a, encs, frozenset(), cfg) == [None, None]
 
 
+def test_memoized_layers_equal_fresh_ones_and_only_new_layers_are_integrated(tiny, tmp_path, monkeypatch):
+    import matrice.fact_check as fc
+    from matrice.memo import Memo
+
+    a = tiny("llama")
+    encs = [encode_query(a, q) for q in QUERIES if q.lang == "en" and q.template_id == 0][:2]
+    cfg = AttributionConfig(steps=2, baseline="saig", batch_size=16)
+    first = frozenset({(0, 1), (1, 3)})
+    moved = frozenset({(1, 2), (a.n_layers - 1, 0)})  # a sweep moved the neurons: layer 1 seen, the last not
+    fresh = [attribution_scores(a, encs, n, cfg) for n in (first, moved)]
+    integrated: list[list[int]] = []
+    real = fc.fast_attribution_many
+    monkeypatch.setattr(fc, "fast_attribution_many", lambda ad, es, c, layers: (integrated.append(list(layers)),
+                                                                                real(ad, es, c, layers))[1])
+    memo = Memo.for_model(tmp_path, a.model)
+    assert attribution_scores(a, encs, first, cfg, memo) == fresh[0]
+    assert integrated == [[0, 1]]
+    integrated.clear()
+    # layer 1 read back, the last layer integrated alone: equal to integrating both together
+    assert attribution_scores(a, encs, moved, cfg, memo) == pytest.approx(fresh[1], rel=1e-6, abs=1e-9)
+    assert integrated == [[a.n_layers - 1]]
+    integrated.clear()
+    both = attribution_scores(a, encs, first | moved, cfg)
+    assert attribution_scores(a, encs, first | moved, cfg, memo) == pytest.approx(both, rel=1e-6, abs=1e-9)
+    assert integrated == [[0, 1, a.n_layers - 1]]  # the fresh call's: the memoized one integrated nothing
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
 def test_kn_activation_reads_the_object_in_the_filled_statement(tiny, family):
     a = tiny(family)
