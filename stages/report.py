@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 
 import yaml
 
-from matrice.io import atomic_write_text
+from matrice.io import atomic_write_json, atomic_write_text
 from matrice.report import markdown_table
 from stages.common import (DATASET_DIR, REPORTS_DIR, evaluation_rule, load_params, relation_of, results_dir,
                            setup_logging)
 
 REPORT = REPORTS_DIR / "report.md"
+VERDICTS = REPORTS_DIR / "verdicts.json"
 
 
 def _read(path: Path) -> str:
@@ -332,6 +334,7 @@ def main() -> None:
         "## Parameters of this run\n```yaml\n" + yaml.safe_dump(params, sort_keys=False, allow_unicode=True) + "```\n",
     ]
     atomic_write_text(REPORT, "\n".join(sections))
+    atomic_write_json(VERDICTS, {key: [asdict(c) for c in _claims(key, params)] for key in params["models"]})
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ def test_every_stage_runs_and_the_report_judges(tiny_run):
                     "Fact checking with degenerate knowledge neurons (AMIG)", "AMIG (fact checking)"):
         assert section in report
     assert "| LOLO |" in report and "| Specificity |" in report
+    verdicts = json.loads((tiny_run / "reports" / "verdicts.json").read_text())["tiny"]
+    assert verdicts and {r["key"] for r in verdicts} >= {"fig4_top_layer_share", "amig_fact_check"}
+    for row in verdicts:  # the machine-readable rows are the report's rows
+        assert row["comparison"] in report and row["verdict"] in report
 
 
 def test_held_out_queries_never_reach_attribution(tiny_run):
