@@ -12,6 +12,7 @@ from matrice.attribution.executors import EXECUTORS, LocalExecutor, RayExecutor
 from matrice.attribution.plan import plan_run
 from matrice.attribution.runner import choose_facts, plan_shards, run_attribution
 from matrice.data.schema import load_queries
+from matrice.data.split import HeldOutSplit
 from matrice.probing import encode_all
 from stages.common import (DATASET_DIR, load_params, load_prepared, load_probes, model_params, results_dir,
                            setup_logging)
@@ -47,8 +48,8 @@ def main() -> None:
     if not facts:
         raise SystemExit(f"attribute: no fact satisfies fact_policy={policy!r}; set attribute.fact_policy: any")
     chosen = set(facts)
-    per_lang = section["templates_per_language"]
-    queries = [q for q in queries if q.fact_id in chosen and (per_lang is None or q.template_id < per_lang)]
+    split = HeldOutSplit.from_params(params)
+    queries = [q for q in queries if q.fact_id in chosen and split.localises(q)]
     encs = encode_all(adapter, queries, params["few_shot"])
     settings = {
         "model": key, "source": model_params(params, key)["source"], "dtype": section["dtype"],

@@ -108,10 +108,11 @@ def evaluation_rule(params: dict[str, Any]):
     """is_evaluation(query_id): the query's paraphrase (template ≥ attribute.templates_per_language)
     was never attributed, so every experiment can score on queries selection never saw."""
     from matrice.data.schema import load_queries
+    from matrice.data.split import HeldOutSplit
 
-    localisation = params["attribute"]["templates_per_language"]
-    template_of = {q.query_id: q.template_id for q in load_queries(DATASET_DIR / "queries.jsonl")}
-    return lambda query_id: localisation is not None and template_of[query_id] >= localisation
+    split = HeldOutSplit.from_params(params)
+    held_out = {q.query_id: split.is_held_out(q) for q in load_queries(DATASET_DIR / "queries.jsonl")}
+    return held_out.__getitem__
 
 
 def split_empty(sets, methods) -> tuple[list[str], list[str]]:

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from tqdm import tqdm
 
 from matrice.data.schema import load_queries
+from matrice.data.split import HeldOutSplit
 from matrice.degenerate import DegenerateConfig, search_fact, summarise
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.models.encoding import encode_query
@@ -37,14 +38,14 @@ def main() -> None:
     adapter = load_prepared(key, params)
     sets = load_neuron_sets(key)
     scores = ScoreStore(results_dir(key) / "scores")
-    localisation = params["attribute"]["templates_per_language"]
+    split = HeldOutSplit.from_params(params)
     by_fact = defaultdict(list)
     for q in load_queries(DATASET_DIR / "queries.jsonl"):
         if q.fact_id in scores:
             by_fact[q.fact_id].append(q)
     records = []
     for fact in tqdm(sorted(scores.facts), desc="degenerate", unit="fact"):
-        search, held_out = _queries(adapter, by_fact[fact], localisation, params["few_shot"])
+        search, held_out = _queries(adapter, by_fact[fact], split, params["few_shot"])
         fs = scores[fact]
         own = {lang: [tuple(n) for n in select_by_threshold(fs.s_per_lang[k], params["tau"]).tolist()]
                for k, lang in enumerate(fs.languages)}
@@ -61,9 +62,9 @@ def main() -> None:
     atomic_write_json(out / "degenerate_plot.json", _plot_rows(rows))
 
 
-def _queries(adapter, queries, localisation, few_shot):
+def _queries(adapter, queries, split: HeldOutSplit, few_shot):
     """Per language: the search query (the original, lowest template) and a held-out paraphrase
-    (the first template ≥ attribute.templates_per_language), both encoded."""
+    (the first held-out template), both encoded."""
     search, held_out = {}, {}
     for q in sorted(queries, key=lambda q: q.template_id):
         try:
@@ -72,7 +73,7 @@ def _queries(adapter, queries, localisation, few_shot):
             continue
         if q.lang not in search:
             search[q.lang] = enc
-        elif localisation is not None and q.template_id >= localisation and q.lang not in held_out:
+        elif split.is_held_out(q) and q.lang not in held_out:
             held_out[q.lang] = enc
     return search, held_out
 

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from matrice.attribution.common import AttributionConfig
 from matrice.data.schema import Query, load_queries
+from matrice.data.split import HeldOutSplit
 from matrice.fact_check import (DETECTORS, NEURON_SOURCES, activation_scores, attribution_scores,
                                 build_statements, degenerate_neurons, detection_scores, detector_neurons,
                                 f1_difference, leave_one_fact_out, pair_accuracy, probability_scores)
@@ -45,7 +46,7 @@ def main() -> None:
     adapter = load_prepared(key, params)
     sets = load_neuron_sets(key)
     queries = load_queries(DATASET_DIR / "queries.jsonl")
-    checked = held_out_queries(queries, set(sets.facts), params["attribute"]["templates_per_language"])
+    checked = held_out_queries(queries, set(sets.facts), HeldOutSplit.from_params(params))
     statements = build_statements(adapter, checked, queries, params["seed"], params["few_shot"])
     relation_of = {q.fact_id: q.relation for q in checked}
     neurons = detector_neurons(
@@ -83,13 +84,14 @@ def main() -> None:
                     f"{key}: flagging false statements (F1, held-out paraphrases, statements every detector scores)")
 
 
-def held_out_queries(queries: list[Query], facts: set[str], localisation: int | None) -> list[Query]:
-    """Per attributed fact and language, its first paraphrase selection never attributed (template ≥
-    attribute.templates_per_language); with every template attributed (null), the original query."""
-    chosen: dict[tuple[str, str], Query] = {}
-    for q in sorted(queries, key=lambda q: q.template_id):
-        if q.fact_id in facts and (localisation is None or q.template_id >= localisation):
-            chosen.setdefault((q.fact_id, q.lang), q)
+def held_out_queries(queries: list[Query], facts: set[str], split: HeldOutSplit) -> list[Query]:
+    """Per attributed fact and language, its first paraphrase selection never attributed; with every
+    template attributed (null), the original query."""
+    mine = [q for q in queries if q.fact_id in facts]
+    if split.localisation is None:  # nothing held out: the lowest template, written last, wins
+        chosen = {(q.fact_id, q.lang): q for q in sorted(mine, key=lambda q: q.template_id, reverse=True)}
+    else:
+        chosen = split.first_held_out(mine)
     return [chosen[k] for k in sorted(chosen)]
 
 

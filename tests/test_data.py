@@ -504,3 +504,29 @@ def test_real_all_relations_cover_sources_md():
                   "P138": 228, "P140": 204, "P463": 78, "P1376": 217, "P1412": 230}
     assert {r: ds.available_facts[r] for r in sources_md} == sources_md
     assert all(n == 3 for n in Counter(f.relation for f in ds.facts).values())
+
+
+# ---- the held-out split -----------------------------------------------------------------------
+
+def _templates(fact: str, lang: str, ids) -> list:
+    from matrice.data.schema import Fact, make_query
+
+    f = Fact(fact, "P36", {lang: "France"}, {lang: "Paris"})
+    return [make_query(f, lang, t, f"[X] capital {t} [Y].", None) for t in ids]
+
+
+def test_the_held_out_split_attributes_the_first_templates_and_holds_out_the_rest():
+    from matrice.data.split import HeldOutSplit
+
+    queries = _templates("f1", "en", [0, 1, 2, 3, 4]) + _templates("f1", "fr", [0, 3]) + _templates("f2", "en", [0, 1])
+    split = HeldOutSplit(3)
+    assert [q.template_id for q in queries if split.localises(q)] == [0, 1, 2, 0, 0, 1]
+    assert [q.template_id for q in queries if split.is_held_out(q)] == [3, 4, 3]
+    first = split.first_held_out(reversed(queries))  # the lowest held-out template, whatever the order
+    assert {k: q.template_id for k, q in first.items()} == {("f1", "en"): 3, ("f1", "fr"): 3}  # f2: none held out
+    everything = HeldOutSplit(None)
+    assert all(everything.localises(q) for q in queries) and not everything.first_held_out(queries)
+    assert HeldOutSplit.from_params({"attribute": {"templates_per_language": 2}}) == HeldOutSplit(2)
+    for bad in (0, -1, 2.5, "3"):
+        with pytest.raises(ValueError, match="attribute.templates_per_language"):
+            HeldOutSplit(bad)

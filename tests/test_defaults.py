@@ -12,6 +12,7 @@ import yaml
 
 from matrice.attribution.common import AttributionConfig
 from matrice.data.sources import DatasetConfig
+from matrice.data.split import HeldOutSplit
 from matrice.degenerate import DegenerateConfig
 from matrice.experiments.edit import EditConfig
 from matrice.experiments.inject import InjectConfig
@@ -33,6 +34,7 @@ PARAMETERS: dict[type, dict[str, str]] = {
     InjectConfig: {"lrs": "inject.lrs", "epochs": "inject.epochs", "batch_size": "inject.batch_size",
                    "lora_r": "inject.lora_r", "max_new": "inject.max_new", "max_old": "inject.max_old", "seed": "seed"},
     TrainConfig: {"epochs": "inject.epochs", "batch_size": "inject.batch_size", "seed": "seed"},
+    HeldOutSplit: {"localisation": "attribute.templates_per_language"},
     DegenerateConfig: {"t_high": "degenerate.t_high", "t_low": "degenerate.t_low",
                        "max_candidates": "degenerate.max_candidates", "max_group": "degenerate.max_group"},
     DatasetConfig: {name: f"dataset.{name}" for name in (

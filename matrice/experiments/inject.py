@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from matrice.data.schema import Query
+from matrice.data.split import HeldOutSplit
 from matrice.experiments import (
     NeuronSetsLike, ProbesLike, _facts_of, as_probe_map, dataclass_dict, encode_all, experiment_rng, fact_neurons,
     original_queries,
@@ -271,11 +272,11 @@ def inject_knowledge(
 ) -> InjectionResult:
     """Fine-tune every (variant, lr) on the units' localisation paraphrases and score the four splits
     (module doc). Units come from the facts that have neuron sets; Q_old from every other fact in
-    ``queries``. ``is_evaluation(query)`` marks held-out paraphrases (default: template id ≥ 1).
+    ``queries``. ``is_evaluation(query)`` marks held-out paraphrases (default: :class:`HeldOutSplit`'s).
     With ``memo``, a (variant, lr) run whose inputs (training and evaluation encodings, neurons,
     training config, model, code) were seen before is read back instead of retrained."""
     cfg = cfg or InjectConfig()
-    is_evaluation = is_evaluation or (lambda q: q.template_id >= 1)
+    is_evaluation = is_evaluation or HeldOutSplit().is_held_out
     by_id = {q.query_id: q for q in queries}
     with_sets = set(_facts_of(sets))
     units = choose_units([q for q in queries if q.fact_id in with_sets], probes, is_evaluation, cfg.max_new, cfg.seed)
