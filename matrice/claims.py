@@ -1,4 +1,6 @@
-"""The paper's claims as computed comparisons: one row per claim, our estimate, the verdict.
+"""The paper's claims as computed comparisons: one row per claim, our estimate, the verdict. This
+module is the machinery (a claim, how it is judged, the verdict and power tables); each experiment
+states its own claims in its module, and `matrice.experiments.registry` gathers them.
 
 Each claim is a paired per-fact difference (MATRICE − X, or a share − its uniform value) whose sign
 the paper asserts, tested over relation clusters (`matrice.stats.clustered_difference`: each
@@ -14,12 +16,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from matrice.stats import (Comparison, Direction, Estimate, Verdict, clustered_difference, flag_counts, holm,
-                           paired_ratio_difference, per_fact_mean, pooled_ratio, power, prf, relation_mean, verdict)
+from matrice.stats import (Comparison, Direction, Estimate, Verdict, clustered_difference, holm, per_fact_mean,
+                           pooled_ratio, power, relation_mean, verdict)
 
 RelationOf = Callable[[str], str]
 
@@ -80,7 +82,7 @@ def _untestable(a: Mapping[str, float | None], b: Mapping[str, float | None], em
     return ""
 
 
-def _claim(source: str, text: str, comparison: str, direction: Direction, queries: str,
+def make_claim(source: str, text: str, comparison: str, direction: Direction, queries: str,
            a: Mapping[str, float | None], b: Mapping[str, float | None], note: str = "", *, key: str, metric: str,
            relation_of: RelationOf = relation_prefix, empty: Mapping[str, int] | None = None, n_facts: int = 0) -> Claim:
     comp: Comparison = clustered_difference(a, b, relation_of)
@@ -116,7 +118,7 @@ def scored_queries(records: Sequence[Mapping[str, Any]], is_evaluation: Callable
     return (lambda r: is_evaluation(r["query_id"])) if have_eval else (lambda r: True), have_eval
 
 
-def _empty_note(empty: Mapping[str, Sequence[str]], method: str, n_facts: int) -> str:
+def empty_note(empty: Mapping[str, Sequence[str]], method: str, n_facts: int) -> str:
     k = len(empty.get(method, []))
     if not k:
         return ""
@@ -124,7 +126,7 @@ def _empty_note(empty: Mapping[str, Sequence[str]], method: str, n_facts: int) -
             "doing nothing")
 
 
-def _empty_counts(empty: Mapping[str, Sequence[str]], *methods: str) -> dict[str, int]:
+def empty_counts(empty: Mapping[str, Sequence[str]], *methods: str) -> dict[str, int]:
     """{display name: facts where the method selected nothing} for the methods of one row."""
     return {method_name(m): len(empty.get(m, [])) for m in methods if empty.get(m)}
 
@@ -136,62 +138,10 @@ def layer_claims(sets: Mapping[str, Mapping[str, Sequence[Sequence[int]]]], n_la
     top = n_layers - n_layers // 3
     uniform = (n_layers - top) / n_layers
     shares = {f: float(np.mean([l >= top for l, _ in per["matrice"]])) for f, per in sets.items() if len(per["matrice"])}
-    return [_claim("Fig. 4", "the last few layers hold a higher share of LAKNs",
+    return [make_claim("Fig. 4", "the last few layers hold a higher share of LAKNs",
                    f"share of MATRICE neurons in layers {top}-{n_layers - 1} − uniform ({uniform:.2f})", "greater",
                    "all selected neurons", shares, {f: uniform for f in shares}, key="fig4_top_layer_share",
                    metric="share", relation_of=relation_of)]
-
-
-def manipulation_effect(records: Sequence[Mapping[str, Any]], method: str, mode: str | None,
-                        keep: Callable[[Mapping[str, Any]], bool]) -> dict[str, float]:
-    """Per fact: mean ΔP/P over its kept queries for one mode; for mode None the effect in the intended
-    direction (−ΔP for suppress, +ΔP for enhance) averaged over both modes, so a wrong-direction change
-    counts against (Table II)."""
-    sign = {"suppress": -1.0, "enhance": 1.0}
-    return per_fact_mean(
-        records,
-        lambda r: None if r["delta_p"] is None else (r["delta_p"] if mode else sign[r["mode"]] * r["delta_p"]),
-        lambda r: r["method"] == method and (mode is None or r["mode"] == mode) and keep(r),
-    )
-
-
-def manipulation_claims(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool],
-                        relation_of: RelationOf = relation_prefix) -> list[Claim]:
-    """Fig. 5 and Table II from per-query ΔP/P, averaged per fact over evaluation queries."""
-    records = manip["records"]
-    scored, have_eval = scored_queries(records, is_evaluation)
-    split = "evaluation queries (never attributed)" if have_eval else "localisation queries (no held-out ones in this run)"
-    n_facts = len({r["fact_id"] for r in records})
-
-    def effect(method: str, mode: str | None) -> dict[str, float]:
-        return manipulation_effect(records, method, mode, scored)
-
-    empty = manip.get("empty_facts", {})
-    methods = {r["method"] for r in records}
-    common = dict(metric="delta_p", relation_of=relation_of, n_facts=n_facts)
-    out = []
-    for other in (m for m in BASELINES if m in methods):
-        for mode, direction in (("suppress", "less"), ("enhance", "greater")):
-            out.append(_claim(
-                "Fig. 5", f"{ {'suppress': 'suppressing', 'enhance': 'enhancing'}[mode]} MATRICE's neurons moves "
-                f"P(answer) more than {method_name(other)}'s",
-                f"ΔP/P MATRICE − {method_name(other)} ({mode})", direction, split,
-                effect("matrice", mode), effect(other, mode), _empty_note(empty, other, n_facts),
-                key=f"fig5_{mode}_vs_{other}", empty=_empty_counts(empty, "matrice", other), **common))
-    for ablation in (m for m in ("wo_uaq", "wo_uaq_k", "wo_ual", "wo_ual_k") if m in methods):
-        text = f"removing {'UaQ' if 'uaq' in ablation else 'UaL'} weakens the neurons"
-        out.append(_claim("Table II", text, f"effect MATRICE − {method_name(ablation)} (−ΔP suppress, +ΔP enhance, mean)",
-                          "greater", split, effect("matrice", None), effect(ablation, None),
-                          _empty_note(empty, ablation, n_facts), key=f"table2_vs_{ablation}",
-                          empty=_empty_counts(empty, "matrice", ablation), **common))
-    for suffix in ("", "_k"):
-        if {f"wo_uaq{suffix}", f"wo_ual{suffix}"} <= methods:
-            out.append(_claim("Table II", "UaQ matters more than UaL",
-                              f"effect {method_name('wo_ual' + suffix)} − effect {method_name('wo_uaq' + suffix)}", "greater", split,
-                              effect(f"wo_ual{suffix}", None), effect(f"wo_uaq{suffix}", None),
-                              key=f"table2_uaq_over_ual{suffix}",
-                              empty=_empty_counts(empty, f"wo_ual{suffix}", f"wo_uaq{suffix}"), **common))
-    return out
 
 
 def editing_claims(editing: Mapping[str, Any], relation_of: RelationOf = relation_prefix) -> list[Claim]:
@@ -209,40 +159,14 @@ def editing_claims(editing: Mapping[str, Any], relation_of: RelationOf = relatio
         pairs = [*(("matrice", m) for m in BASELINES), ("amig", "random")]
         for a, b in pairs:
             if a in methods and b in methods:
-                out.append(_claim(
+                out.append(make_claim(
                     table, f"{method_name(a)}'s {operation} is more reliable than {method_name(b)}'s",
                     f"{operation} reliability {method_name(a)} − {method_name(b)}", "greater", "edited query, every language (attributed)",
                     reliability(a, operation), reliability(b, operation),
-                    _empty_note(empty, "amig", n_facts) if "amig" in (a, b) else "",
+                    empty_note(empty, "amig", n_facts) if "amig" in (a, b) else "",
                     key=f"{'table3' if operation == 'erasure' else 'table4'}_{operation}_{a}_vs_{b}", metric="rate",
-                    relation_of=relation_of, empty=_empty_counts(empty, a, b), n_facts=n_facts))
+                    relation_of=relation_of, empty=empty_counts(empty, a, b), n_facts=n_facts))
     return out
-
-
-def enhancement_claims(enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool],
-                       relation_of: RelationOf = relation_prefix,
-                       empty: Mapping[str, Sequence[str]] | None = None) -> list[Claim]:
-    """Fig. 6: accuracy gained on Q_error (low-resource languages) per fact. `empty`: method -> facts
-    whose set is empty (from the selection)."""
-    records = enhancement["records"]
-    scored, have_eval = scored_queries(records, is_evaluation)
-    split = "Q_error, evaluation queries" if have_eval else "Q_error (no held-out ones in this run)"
-    empty = empty or {}
-
-    def gain(method: str) -> dict[str, float]:
-        return per_fact_mean(records, lambda r: float(r["correct_after"]),
-                             lambda r: r["method"] == method and scored(r))
-
-    methods = {r["method"] for r in records}
-    n_facts = len({r["fact_id"] for r in records})
-    return [
-        _claim("Fig. 6", f"{method_name(a)} gains more accuracy than {method_name(b)}",
-               f"accuracy gain {method_name(a)} − {method_name(b)}", "greater", split, gain(a), gain(b),
-               key=f"fig6_{a}_vs_{b}", metric="accuracy", relation_of=relation_of,
-               empty=_empty_counts(empty, a, b), n_facts=n_facts)
-        for a, b in (*(("matrice", m) for m in BASELINES), ("amig", "random"))
-        if a in methods and b in methods
-    ]
 
 
 INJECT_NAMES = {"direct_ft": "Direct_FT", "matrice": "MATRICE_FT", "amig": "AMIG_FT", "random": "Random_FT",
@@ -288,7 +212,7 @@ def injection_claims(injection: Mapping[str, Any], relation_of: RelationOf = rel
             mine, theirs = injection_accuracy(records, "matrice", split), injection_accuracy(records, other, split)
             facts = set(mine) | set(theirs)
             not_trained = {INJECT_NAMES[v]: len(facts) for v in ("matrice", other) if v in untrained}
-            out.append(_claim("Table V", f"MATRICE_FT {text} {INJECT_NAMES[other]}",
+            out.append(make_claim("Table V", f"MATRICE_FT {text} {INJECT_NAMES[other]}",
                               f"{split} accuracy MATRICE_FT − {INJECT_NAMES[other]}", "greater", where, mine, theirs, note,
                               key=f"table5_{split}_vs_{other}", metric="accuracy", relation_of=relation_of,
                               empty=not_trained, n_facts=len(facts)))
@@ -313,107 +237,6 @@ def injection_interval_table(injection: Mapping[str, Any], languages: Sequence[s
     return (f"Accuracy at each variant's selected learning rate: {CELL}\n\n"
             + "\n".join(lines) + "\n\nTransfer per language (the injected fact's original query in a language it "
             "was not trained in):\n\n" + "\n".join(per_lang) + "\n")
-
-
-def _suppression(records: Sequence[Mapping[str, Any]], method: str, keep: Callable[[Mapping[str, Any]], bool]
-                 ) -> dict[str, float]:
-    """Per fact: mean over languages of the mean ΔP/P over the kept queries of that language, so every
-    language weighs the same whatever its number of encodable queries."""
-    per_lang: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for r in records:
-        if r["method"] == method and r["delta_p"] is not None and keep(r):
-            per_lang[(r["fact_id"], r["lang"])].append(r["delta_p"])
-    by_fact: dict[str, list[float]] = defaultdict(list)
-    for (fact, _), values in per_lang.items():
-        by_fact[fact].append(float(np.mean(values)))
-    return {f: float(np.mean(v)) for f, v in by_fact.items()}
-
-
-def control_claims(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool],
-                   relation_of: RelationOf = relation_prefix) -> list[Claim]:
-    """The paper's premises as tests: LAKNs selected without a language still suppress the answer in
-    it (language-agnostic), and a fact's LAKNs suppress it more than another fact's do (specific)."""
-    out = []
-    lolo = controls.get("lolo", [])
-    if lolo:
-        out.append(_claim(
-            "LOLO", "LAKNs are language-agnostic: selected from the other languages, suppressing them lowers "
-            "P(answer) in the held-out language more than random neurons do", f"ΔP/P {method_name('lolo')} − {method_name('lolo_random_layer')} (suppress)",
-            "less", "every query of the held-out language (none reached selection)",
-            _suppression(lolo, "lolo", lambda r: True), _suppression(lolo, "lolo_random_layer", lambda r: True),
-            key="lolo_vs_random_layer", metric="delta_p", relation_of=relation_of))
-    spec = controls.get("specificity", [])
-    if spec:
-        scored, have_eval = scored_queries(spec, is_evaluation)
-        split = "evaluation queries of the target fact" if have_eval else "all queries of the target fact"
-        own = _suppression(spec, "own", scored)
-        for donor in ("same_relation", "other_relation"):
-            out.append(_claim(
-                "Specificity", "a fact's LAKNs suppress it more than the LAKNs of "
-                + ("another fact of its relation" if donor == "same_relation" else "a fact of another relation") + " do",
-                f"ΔP/P own − {donor.replace('_', ' ')} donor (suppress)", "less", split,
-                own, _suppression(spec, donor, scored), key=f"specificity_vs_{donor}", metric="delta_p",
-                relation_of=relation_of))
-    return out
-
-
-def lolo_interval_table(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool], languages: Sequence[str],
-                        relation_of: RelationOf = relation_prefix) -> str:
-    """Suppression ΔP/P in each held-out language: LOLO, its layer-matched random control (every query of
-    the language) and MATRICE's full set (evaluation queries only, as it saw the language's others)."""
-    records = controls.get("lolo", [])
-    if not records:
-        return "No leave-one-language-out records in this run.\n"
-    lines = ["| method | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]
-    for method in ("lolo", "lolo_random_layer", "matrice"):
-        keep = (lambda r: is_evaluation(r["query_id"])) if method == "matrice" else (lambda r: True)
-        cells = []
-        for lang in languages:
-            per_fact = _suppression(records, method, lambda r, lang=lang: r["lang"] == lang and keep(r))
-            cells.append(relation_mean(per_fact, relation_of).format(2))
-        lines.append(f"| {method_name(method)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def f1_difference_by_relation(statements: Sequence[Mapping[str, Any]], a: str, b: str, relation_of: RelationOf,
-                              seed: int = 0) -> Estimate:
-    """F1(a) − F1(b) of flagging false statements on those both decide, relations as the units (their
-    facts' counts summed): the verdict's test, a paired permutation over relations."""
-    both = [r for r in statements if r["flagged"][a] is not None and r["flagged"][b] is not None]
-    units, counts_a = flag_counts(both, a, lambda r: relation_of(r["fact_id"]))
-    units_b, counts_b = flag_counts(both, b, lambda r: relation_of(r["fact_id"]))
-    assert units == units_b
-    return paired_ratio_difference(counts_a, counts_b, lambda c: prf(c)[..., 2], seed=seed)
-
-
-def fact_check_claims(fact_check: Mapping[str, Any], relation_of: RelationOf = relation_prefix) -> list[Claim]:
-    """AMIG: degenerate knowledge neurons detect false statements better than the model itself — the
-    F1 of flagging false statements, DKN attribution − P(object), on the statements both decide. A
-    ratio of sums, not a mean of per-fact values: relations are the units of a paired permutation test
-    (`f1_difference_by_relation`); the fact-level estimate is the stage's."""
-    if not fact_check:
-        return []
-    fact_level = Estimate(**fact_check["summary"]["difference"]["dkn_attribution"])
-    est = f1_difference_by_relation(fact_check.get("statements", []), "dkn_attribution", "probability", relation_of)
-    source = fact_check.get("neuron_source", "relation")
-    queries = "held-out paraphrases" + ("" if source == "relation" else "; neurons found with the true object")
-    return [Claim("AMIG (fact checking)", "degenerate knowledge neurons detect false facts better than the model",
-                  "F1 (false flagged) DKN attribution − P(object)", "greater", queries, est, verdict(est, "greater"),
-                  key="amig_fact_check", metric="f1", fact_estimate=fact_level)]
-
-
-def all_claims(*, sets: Mapping[str, Any], n_layers: int, manip: Mapping[str, Any], editing: Mapping[str, Any],
-               enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool],
-               controls: Mapping[str, Any] | None = None, injection: Mapping[str, Any] | None = None,
-               fact_check: Mapping[str, Any] | None = None, relation_of: RelationOf = relation_prefix,
-               primary: Sequence[str] = (), margins: Mapping[str, float] | None = None, alpha: float = 0.05) -> list[Claim]:
-    """Every claim row of the run, judged (`judge`)."""
-    empty_sets = {m: [f for f, per in sets.items() if not len(per.get(m, []))] for per in sets.values() for m in per}
-    claims = [*layer_claims(sets, n_layers, relation_of), *manipulation_claims(manip, is_evaluation, relation_of),
-              *control_claims(controls or {}, is_evaluation, relation_of), *editing_claims(editing, relation_of),
-              *enhancement_claims(enhancement, is_evaluation, relation_of, empty_sets),
-              *injection_claims(injection or {}, relation_of), *fact_check_claims(fact_check or {}, relation_of)]
-    return judge(claims, primary, margins, alpha)
 
 
 def _p(p: float | None) -> str:
@@ -460,67 +283,6 @@ def power_table(claims: Sequence[Claim], alpha: float, facts_per_relation: float
             "mean, 80% power; facts at this run's facts per relation.\n\n" + "\n".join(lines) + "\n")
 
 
-def manipulation_estimates(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool],
-                           languages: Sequence[str | None], relation_of: RelationOf = relation_prefix
-                           ) -> tuple[dict[str, dict[str, list[Estimate]]], bool]:
-    """``({mode: {method: [Estimate per language]}}, whether on evaluation queries)``: each fact's mean
-    ΔP/P over its evaluation queries in the language (None: every language), then `relation_mean`."""
-    records = manip["records"]
-    scored, have_eval = scored_queries(records, is_evaluation)
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    out: dict[str, dict[str, list[Estimate]]] = {}
-    for mode in ("suppress", "enhance"):
-        out[mode] = {method: [relation_mean(manipulation_effect(
-            records, method, mode, lambda r, lang=lang: lang in (None, r["lang"]) and scored(r)), relation_of)
-            for lang in languages] for method in methods}
-    return out, have_eval
-
-
-def ablation_estimates(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool],
-                       relation_of: RelationOf = relation_prefix) -> dict[str, Estimate]:
-    """Table II: each variant's signed effect (−ΔP/P suppressing, +ΔP/P enhancing, averaged), on the
-    verdicts' queries and unit; MATRICE first."""
-    records = manip["records"]
-    scored, _ = scored_queries(records, is_evaluation)
-    present = {r["method"] for r in records}
-    variants = [m for m in ("matrice", "wo_uaq", "wo_uaq_k", "wo_ual", "wo_ual_k") if m in present]
-    return {m: relation_mean(manipulation_effect(records, m, None, scored), relation_of) for m in variants}
-
-
-def manipulation_interval_tables(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool],
-                                 languages: Sequence[str], relation_of: RelationOf = relation_prefix) -> str:
-    """Fig. 5 per language and over all languages, then Table II's signed effects: the verdicts' queries
-    and unit (`CELL`)."""
-    estimates, have_eval = manipulation_estimates(manip, is_evaluation, [*languages, None], relation_of)
-    split = "evaluation queries (never attributed)" if have_eval else "all queries (no held-out ones in this run)"
-    parts = []
-    for mode, per_method in estimates.items():
-        lines = ["| method | " + " | ".join([*languages, "all"]) + " |", "|---|" + "---|" * (len(languages) + 1)]
-        for method, cells in per_method.items():
-            lines.append(f"| {method_name(method)} | " + " | ".join(e.format(2) for e in cells) + " |")
-        parts.append(f"**{mode}**: ΔP/P, {CELL}, {split}\n\n" + "\n".join(lines) + "\n")
-    ablation = ablation_estimates(manip, is_evaluation, relation_of)
-    if len(ablation) > 1:
-        lines = ["| variant | effect |", "|---|---|"] + [f"| {method_name(m)} | {e.format(3)} |" for m, e in ablation.items()]
-        parts.append(f"**Table II** — signed effect (−ΔP/P suppressing, +ΔP/P enhancing, averaged; a change in the "
-                     f"wrong direction counts against), {CELL}, {split}\n\n" + "\n".join(lines) + "\n")
-    return "\n".join(parts)
-
-
-def enhancement_estimates(enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool], group: str,
-                          groups: Sequence[str | None], relation_of: RelationOf = relation_prefix
-                          ) -> tuple[dict[str, list[Estimate]], bool]:
-    """``({method: [Estimate per group value]}, on evaluation queries?)``: accuracy gained on Q_error,
-    each fact's mean over its scored queries with ``record[group] == value`` (None: all), then `relation_mean`."""
-    records = enhancement["records"]
-    scored, have_eval = scored_queries(records, is_evaluation)
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    return {method: [relation_mean(per_fact_mean(
-        records, lambda r: float(r["correct_after"]),
-        lambda r: r["method"] == method and scored(r) and value in (None, r[group])), relation_of) for value in groups]
-        for method in methods}, have_eval
-
-
 EDIT_METRICS = {"reliability": ("rel_ok", "rel_n"), "generality": ("gen_ok", "gen_n"), "locality": ("loc_ok", "loc_n")}
 
 
@@ -552,18 +314,6 @@ def editing_interval_tables(editing: Mapping[str, Any], languages: Sequence[str]
                 lines.append(f"| {method_name(method)} | {metric} | " + " | ".join(e.format(2) for e in cells) + " |")
         parts.append(f"**{title}**: {CELL}\n\n" + "\n".join(lines) + "\n")
     return "\n".join(parts)
-
-
-def enhancement_interval_table(enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool],
-                               languages: Sequence[str], relation_of: RelationOf = relation_prefix) -> str:
-    """Fig. 6: accuracy gained on Q_error per method and language (and all languages), each fact's mean
-    over its Q_error queries, then `CELL`."""
-    estimates, have_eval = enhancement_estimates(enhancement, is_evaluation, "lang", [*languages, None], relation_of)
-    lines = ["| method | " + " | ".join([*languages, "all"]) + " |", "|---|" + "---|" * (len(languages) + 1)]
-    for method, cells in estimates.items():
-        lines.append(f"| {method_name(method)} | " + " | ".join(e.format(2) for e in cells) + " |")
-    split = "evaluation queries" if have_eval else "all queries"
-    return f"Accuracy gained on Q_error ({split}): {CELL}\n\n" + "\n".join(lines) + "\n"
 
 
 def missing_primary(claims: Sequence[Claim], primary: Sequence[str]) -> list[str]:

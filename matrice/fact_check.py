@@ -38,19 +38,21 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from matrice.attribution.common import AttributionConfig, target_activations
 from matrice.attribution.fast import fast_attribution_many
+from matrice.claims import Claim, RelationOf, relation_prefix
 from matrice.data.schema import Query
 from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.predict import normalize_answer, score_answers
-from matrice.stats import Estimate, bootstrap_mean, cluster_statistic, flag_counts, prf
+from matrice.stats import (Estimate, bootstrap_mean, cluster_statistic, flag_counts, paired_ratio_difference, prf,
+                           verdict)
 
 Neuron = tuple[int, int]
 DETECTORS = ("dkn_attribution", "kn_activation", "probability")
@@ -279,3 +281,34 @@ def pair_accuracy(rows: Sequence[Mapping], detector: str) -> Estimate:
         if len(s) == 2:
             per_fact[fact].append(1.0 if s[True] > s[False] else 0.5 if s[True] == s[False] else 0.0)
     return bootstrap_mean([float(np.mean(v)) for v in per_fact.values()])
+
+
+# ---- claims: the paper's statements about this experiment, tested (matrice.claims) ----------------
+
+def f1_difference_by_relation(statements: Sequence[Mapping[str, Any]], a: str, b: str, relation_of: RelationOf,
+                              seed: int = 0) -> Estimate:
+    """F1(a) − F1(b) of flagging false statements on those both decide, relations as the units (their
+    facts' counts summed): the verdict's test, a paired permutation over relations."""
+    both = [r for r in statements if r["flagged"][a] is not None and r["flagged"][b] is not None]
+    units, counts_a = flag_counts(both, a, lambda r: relation_of(r["fact_id"]))
+    units_b, counts_b = flag_counts(both, b, lambda r: relation_of(r["fact_id"]))
+    assert units == units_b
+    return paired_ratio_difference(counts_a, counts_b, lambda c: prf(c)[..., 2], seed=seed)
+
+
+
+def fact_check_claims(fact_check: Mapping[str, Any], relation_of: RelationOf = relation_prefix) -> list[Claim]:
+    """AMIG: degenerate knowledge neurons detect false statements better than the model itself — the
+    F1 of flagging false statements, DKN attribution − P(object), on the statements both decide. A
+    ratio of sums, not a mean of per-fact values: relations are the units of a paired permutation test
+    (`f1_difference_by_relation`); the fact-level estimate is the stage's."""
+    if not fact_check:
+        return []
+    fact_level = Estimate(**fact_check["summary"]["difference"]["dkn_attribution"])
+    est = f1_difference_by_relation(fact_check.get("statements", []), "dkn_attribution", "probability", relation_of)
+    source = fact_check.get("neuron_source", "relation")
+    queries = "held-out paraphrases" + ("" if source == "relation" else "; neurons found with the true object")
+    return [Claim("AMIG (fact checking)", "degenerate knowledge neurons detect false facts better than the model",
+                  "F1 (false flagged) DKN attribution − P(object)", "greater", queries, est, verdict(est, "greater"),
+                  key="amig_fact_check", metric="f1", fact_estimate=fact_level)]
+

@@ -3,9 +3,9 @@ accuracy gained per relation and method (Fig. 6)."""
 
 from __future__ import annotations
 
-from matrice.claims import enhancement_estimates, enhancement_interval_table, method_name
+from matrice.claims import method_name
 from matrice.data.schema import load_queries
-from matrice.experiments.enhance import enhance_low_resource
+from matrice.experiments.enhance import enhance_low_resource, enhancement_estimates, enhancement_interval_table
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.report import plot_enhancement
 from stages.common import (

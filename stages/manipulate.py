@@ -3,9 +3,10 @@ and the ablation table (Table II)."""
 
 from __future__ import annotations
 
-from matrice.claims import ablation_estimates, manipulation_estimates, manipulation_interval_tables, method_name
+from matrice.claims import method_name
 from matrice.data.schema import load_queries
-from matrice.experiments.manipulate import manipulate
+from matrice.experiments.manipulate import (ablation_estimates, manipulate, manipulation_estimates,
+                                           manipulation_interval_tables)
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.report import ordered_langs, plot_manipulation
 from matrice.selection import METHODS

@@ -60,7 +60,7 @@ def _claims(key: str, params: dict) -> list:
     """Every judged claim row of the run (matrice.claims), computed once: the verdict table and the
     sections that quote a row read the same numbers."""
     if key not in _CLAIMS:
-        from matrice.claims import all_claims
+        from matrice.experiments.registry import all_claims
 
         out = results_dir(key)
         primary, margins, alpha = _verdict_params(params)
@@ -151,7 +151,8 @@ def _intervals(key: str, name: str, table, *rule, **kwargs) -> str:
 
 
 def _controls_section(key: str, params: dict) -> str:
-    from matrice.claims import CELL, lolo_interval_table
+    from matrice.claims import CELL
+    from matrice.experiments.controls import lolo_interval_table
 
     controls = _json(results_dir(key) / "controls.json")
     langs = _langs_of(controls["lolo"])

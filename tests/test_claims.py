@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from matrice.claims import all_claims, claims_table, editing_claims, layer_claims, manipulation_claims, verdict_counts
+from matrice.claims import claims_table, editing_claims, layer_claims, verdict_counts
+from matrice.experiments.manipulate import manipulation_claims
+from matrice.experiments.registry import all_claims
 
 
 def manip_records(n_facts: int, effect: dict[str, float], eval_effect: dict[str, float] | None = None, seed: int = 0):
@@ -107,7 +109,7 @@ def test_size_and_layer_matched_baselines_get_their_own_rows():
 
 
 def test_manipulation_interval_tables_show_n_and_an_interval_per_cell():
-    from matrice.claims import manipulation_interval_tables
+    from matrice.experiments.manipulate import manipulation_interval_tables
 
     records = manip_records(6, {"matrice": 0.4, "random": 0.0})
     for r in records["records"]:
@@ -119,7 +121,7 @@ def test_manipulation_interval_tables_show_n_and_an_interval_per_cell():
 
 
 def test_control_claims_lolo_and_specificity():
-    from matrice.claims import control_claims, lolo_interval_table
+    from matrice.experiments.controls import control_claims, lolo_interval_table
 
     rng = np.random.default_rng(1)
     lolo, spec = [], []
@@ -146,7 +148,8 @@ def test_control_claims_lolo_and_specificity():
 
 
 def test_editing_and_enhancement_interval_tables_pool_per_fact():
-    from matrice.claims import editing_interval_tables, enhancement_interval_table
+    from matrice.claims import editing_interval_tables
+    from matrice.experiments.enhance import enhancement_interval_table
 
     records = []
     for f in range(4):
@@ -252,7 +255,7 @@ def _statements(n_relations: int, good: str, bad: str):
 
 
 def test_fact_checking_f1_difference_is_tested_over_relations():
-    from matrice.claims import f1_difference_by_relation
+    from matrice.fact_check import f1_difference_by_relation
 
     rows = _statements(6, "dkn", "prob")
     est = f1_difference_by_relation(rows, "dkn", "prob", lambda f: f.split("-")[0])
@@ -265,7 +268,7 @@ def test_fact_checking_f1_difference_is_tested_over_relations():
 
 
 def test_table_ii_is_the_signed_effect_on_the_verdicts_queries_and_unit():
-    from matrice.claims import ablation_estimates
+    from matrice.experiments.manipulate import ablation_estimates
 
     records = manip_records(8, {"matrice": 0.3, "wo_uaq": 0.3}, eval_effect={"matrice": 0.2, "wo_uaq": 0.1})
     for r in records["records"]:

@@ -452,7 +452,7 @@ def test_inject_missing_fact_fails_before_training():
     probes = probe(a, QUERIES)
     with pytest.raises(MissingNeuronSetError):  # the injected facts have no "matrice" set
         inject_knowledge(a, QUERIES, probes, {f.fact_id: {"random": pairs()} for f in FACTS}, variants=("matrice",),
-                         progress=False)
+                         is_evaluation=lambda q: q.template_id >= 1, progress=False)
 
 
 def test_inject_units_come_from_attributed_facts_and_q_old_from_the_others():

@@ -18,14 +18,16 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from matrice.data.schema import Query
+from matrice.claims import Claim, RelationOf, make_claim, method_name, relation_prefix, scored_queries
 from matrice.experiments import NeuronSetsLike, dataclass_dict, fact_neurons
 from matrice.experiments.manipulate import ManipulationRecord, manipulate
 from matrice.models.adapter import Encoded, ModelAdapter
+from matrice.stats import relation_mean
 
 SUPPRESS = {"suppress": 0.0}
 LOLO_METHODS = ("lolo", "lolo_random_layer", "matrice")
@@ -108,3 +110,68 @@ def per_language_means(records: Sequence[ManipulationRecord | Mapping[str, Any]]
         if d["delta_p"] is not None:
             groups[(d["method"], d["lang"])].append(d["delta_p"])
     return {k: float(np.mean(v)) for k, v in groups.items()}
+
+
+# ---- claims: the paper's statements about this experiment, tested (matrice.claims) ----------------
+
+def _suppression(records: Sequence[Mapping[str, Any]], method: str, keep: Callable[[Mapping[str, Any]], bool]
+                 ) -> dict[str, float]:
+    """Per fact: mean over languages of the mean ΔP/P over the kept queries of that language, so every
+    language weighs the same whatever its number of encodable queries."""
+    per_lang: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in records:
+        if r["method"] == method and r["delta_p"] is not None and keep(r):
+            per_lang[(r["fact_id"], r["lang"])].append(r["delta_p"])
+    by_fact: dict[str, list[float]] = defaultdict(list)
+    for (fact, _), values in per_lang.items():
+        by_fact[fact].append(float(np.mean(values)))
+    return {f: float(np.mean(v)) for f, v in by_fact.items()}
+
+
+
+def control_claims(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool],
+                   relation_of: RelationOf = relation_prefix) -> list[Claim]:
+    """The paper's premises as tests: LAKNs selected without a language still suppress the answer in
+    it (language-agnostic), and a fact's LAKNs suppress it more than another fact's do (specific)."""
+    out = []
+    lolo = controls.get("lolo", [])
+    if lolo:
+        out.append(make_claim(
+            "LOLO", "LAKNs are language-agnostic: selected from the other languages, suppressing them lowers "
+            "P(answer) in the held-out language more than random neurons do", f"ΔP/P {method_name('lolo')} − {method_name('lolo_random_layer')} (suppress)",
+            "less", "every query of the held-out language (none reached selection)",
+            _suppression(lolo, "lolo", lambda r: True), _suppression(lolo, "lolo_random_layer", lambda r: True),
+            key="lolo_vs_random_layer", metric="delta_p", relation_of=relation_of))
+    spec = controls.get("specificity", [])
+    if spec:
+        scored, have_eval = scored_queries(spec, is_evaluation)
+        split = "evaluation queries of the target fact" if have_eval else "all queries of the target fact"
+        own = _suppression(spec, "own", scored)
+        for donor in ("same_relation", "other_relation"):
+            out.append(make_claim(
+                "Specificity", "a fact's LAKNs suppress it more than the LAKNs of "
+                + ("another fact of its relation" if donor == "same_relation" else "a fact of another relation") + " do",
+                f"ΔP/P own − {donor.replace('_', ' ')} donor (suppress)", "less", split,
+                own, _suppression(spec, donor, scored), key=f"specificity_vs_{donor}", metric="delta_p",
+                relation_of=relation_of))
+    return out
+
+
+
+def lolo_interval_table(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool], languages: Sequence[str],
+                        relation_of: RelationOf = relation_prefix) -> str:
+    """Suppression ΔP/P in each held-out language: LOLO, its layer-matched random control (every query of
+    the language) and MATRICE's full set (evaluation queries only, as it saw the language's others)."""
+    records = controls.get("lolo", [])
+    if not records:
+        return "No leave-one-language-out records in this run.\n"
+    lines = ["| method | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]
+    for method in ("lolo", "lolo_random_layer", "matrice"):
+        keep = (lambda r: is_evaluation(r["query_id"])) if method == "matrice" else (lambda r: True)
+        cells = []
+        for lang in languages:
+            per_fact = _suppression(records, method, lambda r, lang=lang: r["lang"] == lang and keep(r))
+            cells.append(relation_mean(per_fact, relation_of).format(2))
+        lines.append(f"| {method_name(method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+

@@ -22,15 +22,18 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from matrice.data.schema import Query
+from matrice.claims import (BASELINES, CELL, Claim, RelationOf, empty_counts, make_claim, method_name, relation_prefix,
+                            scored_queries)
 from matrice.experiments import (
     NeuronSetsLike, ProbesLike, as_probe_map, dataclass_dict, encode_all, fact_neurons, fact_rows, group_by_fact,
 )
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.predict import is_correct
 from matrice.models.scaled_rows import decode_scaled_rows, scaling_set
+from matrice.stats import Estimate, per_fact_mean, relation_mean
 
 log = logging.getLogger(__name__)
 
@@ -168,3 +171,60 @@ def enhance_low_resource(
     result.by_lang_relation = _rows(result.records, ("method", "lang", "relation"))
     result.overall = _rows(result.records, ("method",))
     return result
+
+
+# ---- claims: the paper's statements about this experiment, tested (matrice.claims) ----------------
+
+def enhancement_claims(enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool],
+                       relation_of: RelationOf = relation_prefix,
+                       empty: Mapping[str, Sequence[str]] | None = None) -> list[Claim]:
+    """Fig. 6: accuracy gained on Q_error (low-resource languages) per fact. `empty`: method -> facts
+    whose set is empty (from the selection)."""
+    records = enhancement["records"]
+    scored, have_eval = scored_queries(records, is_evaluation)
+    split = "Q_error, evaluation queries" if have_eval else "Q_error (no held-out ones in this run)"
+    empty = empty or {}
+
+    def gain(method: str) -> dict[str, float]:
+        return per_fact_mean(records, lambda r: float(r["correct_after"]),
+                             lambda r: r["method"] == method and scored(r))
+
+    methods = {r["method"] for r in records}
+    n_facts = len({r["fact_id"] for r in records})
+    return [
+        make_claim("Fig. 6", f"{method_name(a)} gains more accuracy than {method_name(b)}",
+               f"accuracy gain {method_name(a)} − {method_name(b)}", "greater", split, gain(a), gain(b),
+               key=f"fig6_{a}_vs_{b}", metric="accuracy", relation_of=relation_of,
+               empty=empty_counts(empty, a, b), n_facts=n_facts)
+        for a, b in (*(("matrice", m) for m in BASELINES), ("amig", "random"))
+        if a in methods and b in methods
+    ]
+
+
+
+def enhancement_estimates(enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool], group: str,
+                          groups: Sequence[str | None], relation_of: RelationOf = relation_prefix
+                          ) -> tuple[dict[str, list[Estimate]], bool]:
+    """``({method: [Estimate per group value]}, on evaluation queries?)``: accuracy gained on Q_error,
+    each fact's mean over its scored queries with ``record[group] == value`` (None: all), then `relation_mean`."""
+    records = enhancement["records"]
+    scored, have_eval = scored_queries(records, is_evaluation)
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    return {method: [relation_mean(per_fact_mean(
+        records, lambda r: float(r["correct_after"]),
+        lambda r: r["method"] == method and scored(r) and value in (None, r[group])), relation_of) for value in groups]
+        for method in methods}, have_eval
+
+
+
+def enhancement_interval_table(enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool],
+                               languages: Sequence[str], relation_of: RelationOf = relation_prefix) -> str:
+    """Fig. 6: accuracy gained on Q_error per method and language (and all languages), each fact's mean
+    over its Q_error queries, then `CELL`."""
+    estimates, have_eval = enhancement_estimates(enhancement, is_evaluation, "lang", [*languages, None], relation_of)
+    lines = ["| method | " + " | ".join([*languages, "all"]) + " |", "|---|" + "---|" * (len(languages) + 1)]
+    for method, cells in estimates.items():
+        lines.append(f"| {method_name(method)} | " + " | ".join(e.format(2) for e in cells) + " |")
+    split = "evaluation queries" if have_eval else "all queries"
+    return f"Accuracy gained on Q_error ({split}): {CELL}\n\n" + "\n".join(lines) + "\n"
+

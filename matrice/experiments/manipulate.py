@@ -23,16 +23,19 @@ import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from matrice.data.schema import Query
+from matrice.claims import (BASELINES, CELL, Claim, RelationOf, empty_counts, empty_note, make_claim, method_name,
+                            relation_prefix, scored_queries)
 from matrice.experiments import (
     NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, fact_rows, group_by_fact, mean_or_none,
 )
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.scaled_rows import scaling_set, score_scaled_rows
+from matrice.stats import Estimate, per_fact_mean, relation_mean
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +168,109 @@ def manipulate(
     result.summary = _summarise(result.records, ("method", "mode", "lang"))
     result.overall = _summarise(result.records, ("method", "mode"))
     return result
+
+
+# ---- claims: the paper's statements about this experiment, tested (matrice.claims) ----------------
+
+def manipulation_effect(records: Sequence[Mapping[str, Any]], method: str, mode: str | None,
+                        keep: Callable[[Mapping[str, Any]], bool]) -> dict[str, float]:
+    """Per fact: mean ΔP/P over its kept queries for one mode; for mode None the effect in the intended
+    direction (−ΔP for suppress, +ΔP for enhance) averaged over both modes, so a wrong-direction change
+    counts against (Table II)."""
+    sign = {"suppress": -1.0, "enhance": 1.0}
+    return per_fact_mean(
+        records,
+        lambda r: None if r["delta_p"] is None else (r["delta_p"] if mode else sign[r["mode"]] * r["delta_p"]),
+        lambda r: r["method"] == method and (mode is None or r["mode"] == mode) and keep(r),
+    )
+
+
+
+def manipulation_claims(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool],
+                        relation_of: RelationOf = relation_prefix) -> list[Claim]:
+    """Fig. 5 and Table II from per-query ΔP/P, averaged per fact over evaluation queries."""
+    records = manip["records"]
+    scored, have_eval = scored_queries(records, is_evaluation)
+    split = "evaluation queries (never attributed)" if have_eval else "localisation queries (no held-out ones in this run)"
+    n_facts = len({r["fact_id"] for r in records})
+
+    def effect(method: str, mode: str | None) -> dict[str, float]:
+        return manipulation_effect(records, method, mode, scored)
+
+    empty = manip.get("empty_facts", {})
+    methods = {r["method"] for r in records}
+    common = dict(metric="delta_p", relation_of=relation_of, n_facts=n_facts)
+    out = []
+    for other in (m for m in BASELINES if m in methods):
+        for mode, direction in (("suppress", "less"), ("enhance", "greater")):
+            out.append(make_claim(
+                "Fig. 5", f"{ {'suppress': 'suppressing', 'enhance': 'enhancing'}[mode]} MATRICE's neurons moves "
+                f"P(answer) more than {method_name(other)}'s",
+                f"ΔP/P MATRICE − {method_name(other)} ({mode})", direction, split,
+                effect("matrice", mode), effect(other, mode), empty_note(empty, other, n_facts),
+                key=f"fig5_{mode}_vs_{other}", empty=empty_counts(empty, "matrice", other), **common))
+    for ablation in (m for m in ("wo_uaq", "wo_uaq_k", "wo_ual", "wo_ual_k") if m in methods):
+        text = f"removing {'UaQ' if 'uaq' in ablation else 'UaL'} weakens the neurons"
+        out.append(make_claim("Table II", text, f"effect MATRICE − {method_name(ablation)} (−ΔP suppress, +ΔP enhance, mean)",
+                          "greater", split, effect("matrice", None), effect(ablation, None),
+                          empty_note(empty, ablation, n_facts), key=f"table2_vs_{ablation}",
+                          empty=empty_counts(empty, "matrice", ablation), **common))
+    for suffix in ("", "_k"):
+        if {f"wo_uaq{suffix}", f"wo_ual{suffix}"} <= methods:
+            out.append(make_claim("Table II", "UaQ matters more than UaL",
+                              f"effect {method_name('wo_ual' + suffix)} − effect {method_name('wo_uaq' + suffix)}", "greater", split,
+                              effect(f"wo_ual{suffix}", None), effect(f"wo_uaq{suffix}", None),
+                              key=f"table2_uaq_over_ual{suffix}",
+                              empty=empty_counts(empty, f"wo_ual{suffix}", f"wo_uaq{suffix}"), **common))
+    return out
+
+
+
+def manipulation_estimates(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool],
+                           languages: Sequence[str | None], relation_of: RelationOf = relation_prefix
+                           ) -> tuple[dict[str, dict[str, list[Estimate]]], bool]:
+    """``({mode: {method: [Estimate per language]}}, whether on evaluation queries)``: each fact's mean
+    ΔP/P over its evaluation queries in the language (None: every language), then `relation_mean`."""
+    records = manip["records"]
+    scored, have_eval = scored_queries(records, is_evaluation)
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    out: dict[str, dict[str, list[Estimate]]] = {}
+    for mode in ("suppress", "enhance"):
+        out[mode] = {method: [relation_mean(manipulation_effect(
+            records, method, mode, lambda r, lang=lang: lang in (None, r["lang"]) and scored(r)), relation_of)
+            for lang in languages] for method in methods}
+    return out, have_eval
+
+
+
+def ablation_estimates(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool],
+                       relation_of: RelationOf = relation_prefix) -> dict[str, Estimate]:
+    """Table II: each variant's signed effect (−ΔP/P suppressing, +ΔP/P enhancing, averaged), on the
+    verdicts' queries and unit; MATRICE first."""
+    records = manip["records"]
+    scored, _ = scored_queries(records, is_evaluation)
+    present = {r["method"] for r in records}
+    variants = [m for m in ("matrice", "wo_uaq", "wo_uaq_k", "wo_ual", "wo_ual_k") if m in present]
+    return {m: relation_mean(manipulation_effect(records, m, None, scored), relation_of) for m in variants}
+
+
+
+def manipulation_interval_tables(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool],
+                                 languages: Sequence[str], relation_of: RelationOf = relation_prefix) -> str:
+    """Fig. 5 per language and over all languages, then Table II's signed effects: the verdicts' queries
+    and unit (`CELL`)."""
+    estimates, have_eval = manipulation_estimates(manip, is_evaluation, [*languages, None], relation_of)
+    split = "evaluation queries (never attributed)" if have_eval else "all queries (no held-out ones in this run)"
+    parts = []
+    for mode, per_method in estimates.items():
+        lines = ["| method | " + " | ".join([*languages, "all"]) + " |", "|---|" + "---|" * (len(languages) + 1)]
+        for method, cells in per_method.items():
+            lines.append(f"| {method_name(method)} | " + " | ".join(e.format(2) for e in cells) + " |")
+        parts.append(f"**{mode}**: ΔP/P, {CELL}, {split}\n\n" + "\n".join(lines) + "\n")
+    ablation = ablation_estimates(manip, is_evaluation, relation_of)
+    if len(ablation) > 1:
+        lines = ["| variant | effect |", "|---|---|"] + [f"| {method_name(m)} | {e.format(3)} |" for m, e in ablation.items()]
+        parts.append(f"**Table II** — signed effect (−ΔP/P suppressing, +ΔP/P enhancing, averaged; a change in the "
+                     f"wrong direction counts against), {CELL}, {split}\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(parts)
+
