@@ -275,7 +275,7 @@ def _consistency_section(key: str) -> str:
 
 
 def model_section(key: str, params: dict) -> str:
-    from matrice.claims import injection_interval_table
+    from matrice.experiments.inject import injection_interval_table
 
     out = results_dir(key)
     sel = _json(out / "selection_metrics.json")["selection"]

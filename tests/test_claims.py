@@ -167,7 +167,7 @@ def test_editing_and_enhancement_interval_tables_pool_per_fact():
 
 
 def test_injection_claims_use_each_variants_selected_rate():
-    from matrice.claims import injection_claims, injection_interval_table
+    from matrice.experiments.inject import injection_claims, injection_interval_table
 
     records = []
     for f in range(6):
@@ -187,7 +187,7 @@ def test_injection_claims_use_each_variants_selected_rate():
 
 
 def test_an_untrained_injection_variant_is_labelled():
-    from matrice.claims import injection_claims
+    from matrice.experiments.inject import injection_claims
 
     records = [{"variant": v, "lr": 0.1, "split": "heldout", "fact_id": f"F{f}", "lang": "fr", "query_id": f"q{f}",
                 "correct": v == "matrice"} for f in range(3) for v in ("matrice", "amig")]

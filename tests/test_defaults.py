@@ -16,7 +16,7 @@ from matrice.data.split import HeldOutSplit
 from matrice.degenerate import DegenerateConfig
 from matrice.experiments.edit import EditConfig
 from matrice.experiments.inject import InjectConfig
-from matrice.interventions import TrainConfig
+from matrice.finetune import TrainConfig
 from matrice.selection import SelectionConfig
 from matrice.uncertainty import AggregationConfig
 

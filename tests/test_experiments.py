@@ -25,9 +25,8 @@ from matrice.experiments.edit import EditConfig, choose_new_object, edit_facts, 
 from matrice.experiments.enhance import enhance_low_resource
 from matrice.experiments.inject import InjectConfig, inject_knowledge, train_variant
 from matrice.experiments.manipulate import manipulate
-from matrice.interventions import (
-    answer_loss, answer_loss_reference, check_masked_update, edited_output_weights, erasure_vectors, neuron_param_masks, update_vectors,
-)
+from matrice.finetune import answer_loss, answer_loss_reference, check_masked_update, neuron_param_masks
+from matrice.interventions import edited_output_weights, erasure_vectors, update_vectors
 from matrice.models.encoding import encode_query
 from matrice.models.tiny import TINY_FAMILIES
 from matrice.models.predict import greedy_decode, is_correct, score_answers
@@ -408,7 +407,7 @@ def test_lora_targets_only_ffn_projections(family):
     encs = [encode_query(a, q) for q in QUERIES if q.lang == "en"]
     trained, info = train_variant(a, "lora", None, encs, InjectConfig(epochs=1, lora_r=2), 1e-2, progress=False)
     lora_modules = {n.rsplit(".lora_A", 1)[0] for n, _ in trained.model.named_parameters() if ".lora_A" in n}
-    from matrice.interventions import ffn_module_names
+    from matrice.finetune import ffn_module_names
 
     assert lora_modules == set(ffn_module_names(a)) and len(lora_modules) == 2 * a.n_layers
     assert info["n_trainable"] == sum(p.numel() for n, p in trained.model.named_parameters() if "lora_" in n)

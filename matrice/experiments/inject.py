@@ -22,7 +22,7 @@ Variants (each starts from a deep copy of the caller's model, which is never mod
 - ``"direct_ft"``: all parameters (Direct_FT).
 - a neuron-set method name (``"matrice"``, ``"random"``, ``"amig"``, …): only the parameters of the
   neurons — their rows of the FFN input projections (+ bias entries) and their column of the output
-  projection (:func:`matrice.interventions.neuron_param_masks`; Conv1D handled). Everything else has
+  projection (:func:`matrice.finetune.neuron_param_masks`; Conv1D handled). Everything else has
   requires_grad False and the trained tensors' gradients are multiplied by the mask; Adam without
   weight decay then leaves every other entry bit-identical, which is verified after training
   (``verify``) against the caller's model.
@@ -38,7 +38,6 @@ Choices where the paper is silent:
 
 from __future__ import annotations
 
-import copy
 import gc
 import logging
 from collections import defaultdict
@@ -48,18 +47,18 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from matrice.claims import CELL, Claim, RelationOf, make_claim, relation_prefix
 from matrice.data.schema import Query
 from matrice.data.split import HeldOutSplit
 from matrice.experiments import (
     NeuronSetsLike, ProbesLike, _facts_of, as_probe_map, dataclass_dict, encode_all, experiment_rng, fact_neurons,
     original_queries,
 )
-from matrice.interventions import (
-    TrainConfig, check_masked_update, enable_masked_training, ffn_module_names, neuron_param_masks, train_on_answers,
-)
+from matrice.finetune import TrainConfig, train_variant
 from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.predict import greedy_decode, is_correct
+from matrice.stats import per_fact_mean, relation_mean
 
 log = logging.getLogger(__name__)
 
@@ -179,49 +178,6 @@ def union_neurons(sets: NeuronSetsLike, fact_ids: Sequence[str], method: str, ad
     """Sorted distinct (layer, neuron) pairs of ``method`` over ``fact_ids``."""
     pairs = {(int(l), int(i)) for fid in dict.fromkeys(fact_ids) for l, i in fact_neurons(sets, fid, method, adapter)}
     return np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
-
-
-def train_variant(adapter: ModelAdapter, variant: str, pairs: np.ndarray | None, encs_new: Sequence[Encoded],
-                  cfg: InjectConfig, lr: float, progress: bool = True) -> tuple[ModelAdapter, dict[str, Any]]:
-    """Fine-tune a deep copy of the caller's model as ``variant`` ("direct_ft", "lora", or masked on
-    ``pairs``) on ``encs_new``; returns an adapter around the trained copy and
-    {n_trainable, n_neurons, losses, lr}. The caller's model is not touched."""
-    model = copy.deepcopy(adapter.model)
-    work = ModelAdapter(model, adapter.tokenizer, adapter.family)  # freezes every parameter
-    info: dict[str, Any] = {"n_neurons": None if pairs is None else int(len(pairs))}
-    tcfg = cfg.train_config(lr)
-    info["lr"] = tcfg.lr
-    if variant == "direct_ft":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        params = list(model.parameters())
-        info["n_trainable"] = int(sum(p.numel() for p in params))
-        info["losses"] = train_on_answers(work, encs_new, params, tcfg, desc=variant, progress=progress)
-    elif variant == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
-                          target_modules=ffn_module_names(work), fan_in_fan_out=adapter.family.conv1d)
-        torch.manual_seed(cfg.seed)  # LoRA's A matrices: a seeded start, whatever ran before
-        peft_model = get_peft_model(model, lcfg)  # injects LoRA layers into `model` in place
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        info["n_trainable"] = int(sum(p.numel() for p in params))
-        info["losses"] = train_on_answers(work, encs_new, params, tcfg, model=peft_model, desc=variant, progress=progress)
-    else:
-        masks = neuron_param_masks(work, pairs)
-        params, handles = enable_masked_training(model, masks)
-        info["n_trainable"] = int(sum(int(m.sum()) for m in masks.values()))
-        try:
-            info["losses"] = train_on_answers(work, encs_new, params, tcfg, desc=variant, progress=progress)
-        finally:
-            for h in handles:
-                h.remove()
-        if cfg.verify:
-            check_masked_update(adapter.model, model, masks)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
-    return work, info
 
 
 def _decode_correct(adapter: ModelAdapter, qs: Sequence[Query], encs: Mapping[str, Encoded], batch_size: int) -> list[bool]:
@@ -354,3 +310,80 @@ def inject_knowledge(
         best = max(runs, key=lambda lr: fit(runs[lr]))  # first of equals: the sweep's order
         result.selected[variant] = runs[best]["lr"]
     return result
+
+
+# ---- claims: the paper's statements about this experiment, tested (matrice.claims) ----------------
+
+INJECT_NAMES = {"direct_ft": "Direct_FT", "matrice": "MATRICE_FT", "amig": "AMIG_FT", "random": "Random_FT",
+                "lora": "LoRA", "base": "unedited"}
+
+
+
+def _selected_records(injection: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The records of each variant's selected learning rate (and of the unedited model)."""
+    selected = injection.get("selected", {})
+    return [r for r in injection.get("records", []) if r["variant"] == "base" or r["lr"] == selected.get(r["variant"])]
+
+
+
+def injection_accuracy(records: Sequence[Mapping[str, Any]], variant: str, split: str, lang: str | None = None
+                       ) -> dict[str, float]:
+    """Per fact: accuracy of `variant` on `split` (optionally one language)."""
+    return per_fact_mean(records, lambda r: float(r["correct"]),
+                         lambda r: r["variant"] == variant and r["split"] == split and lang in (None, r["lang"]))
+
+
+
+def injection_claims(injection: Mapping[str, Any], relation_of: RelationOf = relation_prefix) -> list[Claim]:
+    """Table V on held-out data: MATRICE_FT learns the injected fact (held-out paraphrase) better than
+    Random_FT / AMIG_FT, carries it to other languages, and forgets less than Direct_FT."""
+    records = _selected_records(injection)
+    variants = {r["variant"] for r in records}
+    if "matrice" not in variants:
+        return []
+    out = []
+    rows = [("heldout", "learns the new fact (held-out paraphrase, never trained on) better than", m)
+            for m in ("random", "amig", "direct_ft")]
+    rows += [("transfer", "carries the new fact into the other languages more than", m) for m in ("random", "amig")]
+    rows += [("old", "forgets less of what the model knew (Q_old) than", "direct_ft")]
+    untrained = {v for v, lr in injection.get("selected", {}).items()
+                 if injection.get("runs", {}).get(v, {}).get(str(lr), {}).get("n_trainable") == 0}
+    for split, text, other in rows:
+        if other in variants:
+            note = "each variant at its selected learning rate"
+            if other in untrained:
+                note = (f"{INJECT_NAMES[other]} has no neurons for the injected facts and trained nothing: this row "
+                        "compares with the unedited model")
+            where = {"heldout": "held-out paraphrases of the injected facts",
+                     "transfer": "the injected facts' original queries in the other languages",
+                     "old": "Q_old (facts not injected)"}[split]
+            mine, theirs = injection_accuracy(records, "matrice", split), injection_accuracy(records, other, split)
+            facts = set(mine) | set(theirs)
+            not_trained = {INJECT_NAMES[v]: len(facts) for v in ("matrice", other) if v in untrained}
+            out.append(make_claim("Table V", f"MATRICE_FT {text} {INJECT_NAMES[other]}",
+                              f"{split} accuracy MATRICE_FT − {INJECT_NAMES[other]}", "greater", where, mine, theirs, note,
+                              key=f"table5_{split}_vs_{other}", metric="accuracy", relation_of=relation_of,
+                              empty=not_trained, n_facts=len(facts)))
+    return out
+
+
+
+def injection_interval_table(injection: Mapping[str, Any], languages: Sequence[str],
+                             relation_of: RelationOf = relation_prefix) -> str:
+    """Each variant at its selected rate: accuracy per split, then transfer per language (`CELL`)."""
+    records = _selected_records(injection)
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    splits = ("heldout", "transfer", "trained", "old")
+    lines = ["| variant | lr | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
+    for v in variants:
+        cells = [relation_mean(injection_accuracy(records, v, sp), relation_of).format(2) for sp in splits]
+        lines.append(f"| {INJECT_NAMES.get(v, v)} | {injection.get('selected', {}).get(v, '–')} | " + " | ".join(cells) + " |")
+    per_lang = ["| variant | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]
+    for v in variants:
+        cells = [relation_mean(injection_accuracy(records, v, "transfer", lang), relation_of).format(2)
+                 for lang in languages]
+        per_lang.append(f"| {INJECT_NAMES.get(v, v)} | " + " | ".join(cells) + " |")
+    return (f"Accuracy at each variant's selected learning rate: {CELL}\n\n"
+            + "\n".join(lines) + "\n\nTransfer per language (the injected fact's original query in a language it "
+            "was not trained in):\n\n" + "\n".join(per_lang) + "\n")
+

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-from matrice.claims import Claim, RelationOf, editing_claims, injection_claims, judge, layer_claims, relation_prefix
+from matrice.claims import Claim, RelationOf, editing_claims, judge, layer_claims, relation_prefix
 from matrice.experiments.controls import control_claims
 from matrice.experiments.enhance import enhancement_claims
+from matrice.experiments.inject import injection_claims
 from matrice.experiments.manipulate import manipulation_claims
 from matrice.fact_check import fact_check_claims
 

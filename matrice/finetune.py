@@ -1,0 +1,284 @@
+"""Fine-tuning that changes only knowledge neurons' parameters (paper §IV-H), with Direct_FT and LoRA
+beside it.
+
+A neuron n_i^l is unit i of the input of layer l's FFN output projection (docs/method.md §Objects).
+Its parameters are
+
+- its *output vector*: column i of the output projection (``down_proj.weight[:, i]``); row i for
+  GPT-2's Conv1D ``c_proj`` (weight stored as (in, out));
+- its *input rows*: row i of every FFN input projection (gate and up for gated MLPs) and entry i of
+  their biases; column i of GPT-2's Conv1D ``c_fc.weight`` (and bias entry i).
+
+The output projection's bias is shared by all neurons and belongs to none.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from matrice.interventions import Pairs, neurons_by_layer
+from matrice.models.adapter import Encoded, ModelAdapter
+
+log = logging.getLogger(__name__)
+
+
+# ---- neuron parameter masks -------------------------------------------------------------------
+
+def ffn_module_names(adapter: ModelAdapter) -> list[str]:
+    """Full module names of every layer's FFN input and output projections (LoRA targets)."""
+    names = {id(m): n for n, m in adapter.model.named_modules()}
+    out = []
+    for layer in range(adapter.n_layers):
+        for m in [*adapter.in_projs(layer), adapter.out_proj(layer)]:
+            out.append(names[id(m)])
+    return out
+
+
+def neuron_param_masks(adapter: ModelAdapter, neurons: Pairs) -> dict[str, torch.Tensor]:
+    """``{parameter name: bool mask}`` of the parameters that belong to ``neurons`` (module docstring).
+
+    Only parameters with at least one masked entry appear. Masks live on the parameter's device.
+    """
+    names = {id(p): n for n, p in adapter.model.named_parameters()}
+    conv1d = adapter.family.conv1d
+    masks: dict[str, torch.Tensor] = {}
+
+    def mark(param: nn.Parameter | None, idx: list[int], dim: int) -> None:
+        if param is None:
+            return
+        name = names[id(param)]
+        mask = masks.get(name)
+        if mask is None:
+            mask = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
+            masks[name] = mask
+        index = torch.tensor(idx, dtype=torch.long, device=param.device)
+        mask.index_fill_(dim, index, True)
+
+    for layer, idx in neurons_by_layer(neurons).items():
+        for proj in adapter.in_projs(layer):
+            mark(proj.weight, idx, 1 if conv1d else 0)  # Conv1D weight is (in, out): neuron = column
+            mark(getattr(proj, "bias", None), idx, 0)
+        mark(adapter.out_proj(layer).weight, idx, 0 if conv1d else 1)  # Linear (out, in): neuron = column
+    return masks
+
+
+# ---- fine-tuning on answers -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fine-tuning hyper-parameters. Adam with weight decay fixed at 0, so a parameter whose gradient
+    is always zero (masked out) cannot move. ``dropout`` False trains in eval mode (deterministic)."""
+
+    lr: float = 1e-3
+    epochs: int = 5
+    batch_size: int = 8
+    seed: int = 0
+    dropout: bool = False
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0) or self.epochs < 0 or self.batch_size < 1:
+            raise ValueError(f"bad training config: {self}")
+
+
+def _answer_targets(adapter: ModelAdapter, enc: Encoded) -> tuple[list[int], list[tuple[int, int]]]:
+    """Input ids and (logit position, target token) pairs for teacher forcing on the whole answer.
+
+    Causal: input = context + answer; the logit at target_pos + k predicts answer token k.
+    Masked: input = the masked cloze (one mask per answer token, contiguous from target_pos);
+    the logit at target_pos + k predicts answer token k.
+    """
+    if adapter.causal:
+        ids = list(enc.input_ids) + list(enc.answer_ids)
+    else:
+        ids = list(enc.input_ids)
+    return ids, [(enc.target_pos + k, int(t)) for k, t in enumerate(enc.answer_ids)]
+
+
+def answer_loss(adapter: ModelAdapter, model: nn.Module, encs: Sequence[Encoded]) -> torch.Tensor:
+    """Mean cross-entropy over all answer tokens of the batch (teacher forcing / masked positions).
+
+    The body runs on every position but the LM head only on the answer positions (its full-vocabulary
+    matmul at every position was most of a step). Why the adapter's body and head and not ``model``:
+    a wrapper such as PEFT's injects its layers into the adapter's model in place, so the body already
+    carries them, and the head is the adapter's (tied embeddings, soft-capping, MLM transform)."""
+    items = [_answer_targets(adapter, e) for e in encs]
+    width = max(len(ids) for ids, _ in items)
+    device = adapter.device
+    input_ids = torch.full((len(items), width), adapter.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    rows, pos, tgt = [], [], []
+    for r, (ids, targets) in enumerate(items):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        mask[r, : len(ids)] = 1
+        for p, t in targets:
+            rows.append(r), pos.append(p), tgt.append(t)
+    hidden = adapter.model.base_model(input_ids=input_ids.to(device), attention_mask=mask.to(device))[0]
+    selected = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(pos, device=hidden.device)]
+    logits = adapter.head_logits(selected).float()
+    return nn.functional.cross_entropy(logits, torch.tensor(tgt, device=logits.device))
+
+
+def answer_loss_reference(model: nn.Module, adapter: ModelAdapter, encs: Sequence[Encoded]) -> torch.Tensor:
+    """:func:`answer_loss` the obvious way (the model's own logits at every position), for tests."""
+    losses = []
+    for enc in encs:
+        ids, targets = _answer_targets(adapter, enc)
+        logits = model(input_ids=torch.tensor([ids], device=adapter.device)).logits[0].float()
+        losses += [nn.functional.cross_entropy(logits[p][None], torch.tensor([t], device=logits.device), reduction="sum")
+                   for p, t in targets]
+    return torch.stack(losses).sum() / len(losses)
+
+
+def train_on_answers(
+    adapter: ModelAdapter,
+    encs: Sequence[Encoded],
+    params: Sequence[nn.Parameter],
+    cfg: TrainConfig,
+    model: nn.Module | None = None,
+    desc: str = "fine-tuning",
+    progress: bool = True,
+) -> list[float]:
+    """Adam on ``params`` (the caller sets requires_grad and any gradient masks); returns the mean
+    loss of each epoch. ``model`` is what is called (e.g. a PEFT wrapper); default the adapter's."""
+    model = model or adapter.model
+    params = [p for p in params if p.requires_grad]
+    if not params or not encs or cfg.epochs == 0:
+        return []
+    torch.manual_seed(cfg.seed)
+    order_rng = random.Random(cfg.seed)
+    # fused: one kernel per step instead of a dozen element-wise passes over every trained tensor
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=0.0, fused=_fused_adam_supported(params))
+    model.train(cfg.dropout)
+    losses = []
+    try:
+        bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=not progress)
+        for _ in bar:
+            order = list(range(len(encs)))
+            order_rng.shuffle(order)
+            total, n = 0.0, 0
+            for start in range(0, len(order), cfg.batch_size):
+                batch = [encs[i] for i in order[start : start + cfg.batch_size]]
+                opt.zero_grad(set_to_none=False)  # keep the gradient buffers: no re-allocation per step
+                with torch.enable_grad():
+                    loss = answer_loss(adapter, model, batch)
+                    loss.backward()
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                total += float(loss.detach()) * len(batch)
+                n += len(batch)
+            losses.append(total / n)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if not math.isfinite(losses[-1]):
+                log.warning("%s: loss is %s; stopping", desc, losses[-1])
+                break
+    finally:
+        model.eval()
+    return losses
+
+
+def _fused_adam_supported(params: Sequence[nn.Parameter]) -> bool:
+    """Fused Adam takes floating-point tensors on CPU or CUDA, all on one device type."""
+    types = {p.device.type for p in params}
+    return len(types) == 1 and types <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+
+
+def enable_masked_training(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> tuple[list[nn.Parameter], list]:
+    """Freeze everything except the masked parameters, whose gradients are multiplied by their
+    mask. Returns the trainable parameters and the hook handles (remove them when done)."""
+    params = dict(model.named_parameters())
+    missing = [n for n in masks if n not in params]
+    if missing:
+        raise KeyError(f"mask names not parameters of the model: {missing[:3]}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable, handles = [], []
+    for name, mask in masks.items():
+        p = params[name]
+        p.requires_grad_(True)
+        m = mask.to(device=p.device, dtype=p.dtype)
+        handles.append(p.register_hook(lambda g, m=m: g * m))
+        trainable.append(p)
+    return trainable, handles
+
+
+def check_masked_update(original: nn.Module, trained: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Every parameter entry outside the masks is bit-identical between the two models, else raise."""
+    orig = dict(original.named_parameters())
+    for name, p in trained.named_parameters():
+        o = orig[name]
+        mask = masks.get(name)
+        if mask is None:
+            same = torch.equal(p.detach(), o.detach().to(p.device))
+        else:
+            keep = ~mask.to(p.device)
+            same = torch.equal(p.detach()[keep], o.detach().to(p.device)[keep])
+        if not same:
+            raise RuntimeError(f"masked fine-tuning changed parameter {name!r} outside the neuron mask")
+
+
+# ---- one variant of the injection experiment ---------------------------------------------------
+
+class VariantSettings(Protocol):
+    """What :func:`train_variant` reads (the injection experiment's config has it)."""
+
+    seed: int
+    lora_r: int
+    lora_alpha: int
+    verify: bool
+
+    def train_config(self, lr: float) -> TrainConfig: ...
+
+
+def train_variant(adapter: ModelAdapter, variant: str, pairs: np.ndarray | None, encs_new: Sequence[Encoded],
+                  cfg: VariantSettings, lr: float, progress: bool = True) -> tuple[ModelAdapter, dict[str, Any]]:
+    """Fine-tune a deep copy of the caller's model as ``variant`` ("direct_ft", "lora", or masked on
+    ``pairs``) on ``encs_new``; returns an adapter around the trained copy and
+    {n_trainable, n_neurons, losses, lr}. The caller's model is not touched."""
+    model = copy.deepcopy(adapter.model)
+    work = ModelAdapter(model, adapter.tokenizer, adapter.family)  # freezes every parameter
+    info: dict[str, Any] = {"n_neurons": None if pairs is None else int(len(pairs))}
+    tcfg = cfg.train_config(lr)
+    info["lr"] = tcfg.lr
+    if variant == "direct_ft":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        params = list(model.parameters())
+        info["n_trainable"] = int(sum(p.numel() for p in params))
+        info["losses"] = train_on_answers(work, encs_new, params, tcfg, desc=variant, progress=progress)
+    elif variant == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
+                          target_modules=ffn_module_names(work), fan_in_fan_out=adapter.family.conv1d)
+        torch.manual_seed(cfg.seed)  # LoRA's A matrices: a seeded start, whatever ran before
+        peft_model = get_peft_model(model, lcfg)  # injects LoRA layers into `model` in place
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        info["n_trainable"] = int(sum(p.numel() for p in params))
+        info["losses"] = train_on_answers(work, encs_new, params, tcfg, model=peft_model, desc=variant, progress=progress)
+    else:
+        masks = neuron_param_masks(work, pairs)
+        params, handles = enable_masked_training(model, masks)
+        info["n_trainable"] = int(sum(int(m.sum()) for m in masks.values()))
+        try:
+            info["losses"] = train_on_answers(work, encs_new, params, tcfg, desc=variant, progress=progress)
+        finally:
+            for h in handles:
+                h.remove()
+        if cfg.verify:
+            check_masked_update(adapter.model, model, masks)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return work, info
