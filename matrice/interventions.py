@@ -1,15 +1,9 @@
 """Output-weight edits of knowledge neurons (erasure and update, paper Eq. 15), restored bit for bit.
 Neuron-masked fine-tuning is `matrice.finetune`.
 
-A neuron n_i^l is unit i of the input of layer l's FFN output projection (docs/method.md §Objects).
-Its parameters are
-
-- its *output vector*: column i of the output projection (``down_proj.weight[:, i]``); row i for
-  GPT-2's Conv1D ``c_proj`` (weight stored as (in, out));
-- its *input rows*: row i of every FFN input projection (gate and up for gated MLPs) and entry i of
-  their biases; column i of GPT-2's Conv1D ``c_fc.weight`` (and bias entry i).
-
-The output projection's bias is shared by all neurons and belongs to none.
+An edit changes a neuron's *output vector* only: column i of layer l's FFN output projection for
+neuron n_i^l (row i of GPT-2's Conv1D ``c_proj``); a neuron's parameters are defined in
+`matrice.finetune` (docs/method.md §Objects).
 """
 
 from __future__ import annotations
