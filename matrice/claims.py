@@ -20,8 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from matrice.stats import (Comparison, Direction, Estimate, Verdict, clustered_difference, holm, pooled_ratio, power,
-                           relation_mean, verdict)
+from matrice.stats import Comparison, Direction, Estimate, Verdict, clustered_difference, holm, power, verdict
 
 RelationOf = Callable[[str], str]
 
@@ -144,31 +143,6 @@ def layer_claims(sets: Mapping[str, Mapping[str, Sequence[Sequence[int]]]], n_la
                    metric="share", relation_of=relation_of)]
 
 
-def editing_claims(editing: Mapping[str, Any], relation_of: RelationOf = relation_prefix) -> list[Claim]:
-    """Tables III/IV: reliability per fact, pooled over languages (edited in English)."""
-    records = editing["records"]
-    n_facts = len({r["fact_id"] for r in records})
-
-    def reliability(method: str, operation: str) -> dict[str, float]:
-        return pooled_ratio([r for r in records if r["method"] == method and r["operation"] == operation], "rel_ok", "rel_n")
-
-    methods = {r["method"] for r in records}
-    empty = editing.get("empty_facts", {})
-    out = []
-    for operation, table in (("erasure", "Table III"), ("update", "Table IV")):
-        pairs = [*(("matrice", m) for m in BASELINES), ("amig", "random")]
-        for a, b in pairs:
-            if a in methods and b in methods:
-                out.append(make_claim(
-                    table, f"{method_name(a)}'s {operation} is more reliable than {method_name(b)}'s",
-                    f"{operation} reliability {method_name(a)} − {method_name(b)}", "greater", "edited query, every language (attributed)",
-                    reliability(a, operation), reliability(b, operation),
-                    empty_note(empty, "amig", n_facts) if "amig" in (a, b) else "",
-                    key=f"{'table3' if operation == 'erasure' else 'table4'}_{operation}_{a}_vs_{b}", metric="rate",
-                    relation_of=relation_of, empty=empty_counts(empty, a, b), n_facts=n_facts))
-    return out
-
-
 def _p(p: float | None) -> str:
     return "–" if p is None else (f"{p:.3f}" if p >= 0.001 else "<0.001")
 
@@ -211,39 +185,6 @@ def power_table(claims: Sequence[Claim], alpha: float, facts_per_relation: float
             f"before any primary row can pass it" + (f" (this run has {n_rel}: no primary row can replicate or "
             "contradict here, whatever the effect)" if n_rel < floor else "") + ". Normal approximation for a paired "
             "mean, 80% power; facts at this run's facts per relation.\n\n" + "\n".join(lines) + "\n")
-
-
-EDIT_METRICS = {"reliability": ("rel_ok", "rel_n"), "generality": ("gen_ok", "gen_n"), "locality": ("loc_ok", "loc_n")}
-
-
-def editing_estimates(editing: Mapping[str, Any], languages: Sequence[str | None],
-                      relation_of: RelationOf = relation_prefix) -> dict[tuple[str, str, str], list[Estimate]]:
-    """{(operation, method, metric): [Estimate per language (None: all)]}: each fact's rate pooled over
-    its queries in the language (all: every language), then `relation_mean` — the verdicts' unit."""
-    records = editing["records"]
-    out = {}
-    for operation in ("erasure", "update"):
-        for method in dict.fromkeys(r["method"] for r in records):
-            mine = [r for r in records if r["method"] == method and r["operation"] == operation]
-            for metric, (ok, n) in EDIT_METRICS.items():
-                out[(operation, method, metric)] = [relation_mean(pooled_ratio(
-                    [r for r in mine if lang in (None, r["lang"])], ok, n), relation_of) for lang in languages]
-    return out
-
-
-def editing_interval_tables(editing: Mapping[str, Any], languages: Sequence[str],
-                            relation_of: RelationOf = relation_prefix) -> str:
-    """Tables III/IV: per method, metric and language the fact's rate pooled over its queries there
-    ("all": over every language), then `CELL` (facts with no sample in a language are out of that cell)."""
-    estimates = editing_estimates(editing, [*languages, None], relation_of)
-    parts = []
-    for operation, title in (("erasure", "Table III — erasure"), ("update", "Table IV — update")):
-        lines = ["| method | metric | " + " | ".join([*languages, "all"]) + " |", "|---|---|" + "---|" * (len(languages) + 1)]
-        for (op, method, metric), cells in estimates.items():
-            if op == operation:
-                lines.append(f"| {method_name(method)} | {metric} | " + " | ".join(e.format(2) for e in cells) + " |")
-        parts.append(f"**{title}**: {CELL}\n\n" + "\n".join(lines) + "\n")
-    return "\n".join(parts)
 
 
 def missing_primary(claims: Sequence[Claim], primary: Sequence[str]) -> list[str]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from matrice.claims import claims_table, editing_claims, layer_claims, verdict_counts
+from matrice.claims import claims_table, layer_claims, verdict_counts
+from matrice.experiments.edit import editing_claims
 from matrice.experiments.manipulate import manipulation_claims
 from matrice.experiments.registry import all_claims
 
@@ -148,7 +149,7 @@ def test_control_claims_lolo_and_specificity():
 
 
 def test_editing_and_enhancement_interval_tables_pool_per_fact():
-    from matrice.claims import editing_interval_tables
+    from matrice.experiments.edit import editing_interval_tables
     from matrice.experiments.enhance import enhancement_interval_table
 
     records = []

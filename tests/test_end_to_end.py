@@ -61,7 +61,7 @@ def test_held_out_queries_never_reach_attribution(tiny_run):
 def test_metrics_and_plot_data_are_the_tables_estimates(tiny_run, monkeypatch):
     """Every metrics/plot JSON value is the estimate of the table beside it: evaluation queries, each
     fact's mean, then each relation's — the verdicts' queries and unit."""
-    from matrice.claims import editing_estimates
+    from matrice.experiments.edit import editing_estimates
     from matrice.experiments.enhance import enhancement_estimates
     from matrice.experiments.manipulate import manipulation_estimates
     from matrice.data.schema import load_queries

@@ -21,7 +21,8 @@ from matrice.experiments import (
     MissingNeuronSetError, ProbeRecord, as_probe_map, encode_all, fact_neurons, original_queries,
 )
 from matrice.experiments.case_study import case_study
-from matrice.experiments.edit import EditConfig, choose_new_object, edit_facts, locality_facts
+from matrice.experiments.edit import EditConfig, edit_facts
+from matrice.experiments.edit_targets import choose_new_object, locality_sampler
 from matrice.experiments.enhance import enhance_low_resource
 from matrice.experiments.inject import InjectConfig, inject_knowledge, train_variant
 from matrice.experiments.manipulate import manipulate
@@ -217,6 +218,17 @@ def test_edit_flips_prediction(gpt2_implant):
     assert json.loads(json.dumps(res.to_dict()))["n_empty_facts"] == {"matrice": 0, "amig": 1}
 
 
+def _locality_reference(fact_id, all_facts, k, seed):
+    """The locality sample the obvious way: the other facts sorted, k of them drawn by the fact's seed."""
+    from matrice.experiments import experiment_rng
+
+    ordered = sorted(set(all_facts) - {fact_id})
+    if k >= len(ordered):
+        return ordered
+    idx = experiment_rng(seed, "locality", fact_id).choice(len(ordered), size=k, replace=False)
+    return [ordered[i] for i in sorted(idx)]
+
+
 def test_edit_seeded_choices_and_skips(gpt2_implant):
     a, gold = gpt2_implant
     from matrice.experiments import group_by_fact
@@ -225,14 +237,12 @@ def test_edit_seeded_choices_and_skips(gpt2_implant):
     picks = {choose_new_object(a, "f1", by_fact, gold, seed=s).fact_id for s in range(8)}
     assert picks <= {"f2", "f3"} and choose_new_object(a, "f1", by_fact, gold, seed=3) == choose_new_object(a, "f1", by_fact, gold, seed=3)
     assert choose_new_object(a, "f4", by_fact, 0) is None  # the only fact of its relation
-    assert locality_facts("f1", ["f1", "f2", "f3", "f4"], 2, 0) == locality_facts("f1", ["f4", "f3", "f2", "f1"], 2, 0)
-    assert "f1" not in locality_facts("f1", ["f1", "f2", "f3", "f4"], 10, 0)
-    from matrice.experiments.edit import _locality_sampler
-
+    assert locality_sampler(["f1", "f2", "f3", "f4"], 2, 0)("f1") == locality_sampler(["f4", "f3", "f2", "f1"], 2, 0)("f1")
+    assert "f1" not in locality_sampler(["f1", "f2", "f3", "f4"], 10, 0)("f1")
     fids = [f"g{i:03d}" for i in range(50)]
-    sampler = _locality_sampler(fids[::-1], 7, 3)
+    sampler = locality_sampler(fids[::-1], 7, 3)
     for f in ("g000", "g017", "g049", "zzz"):
-        assert sampler(f) == locality_facts(f, fids, 7, 3) and f not in sampler(f) and len(sampler(f)) == 7
+        assert sampler(f) == _locality_reference(f, fids, 7, 3) and f not in sampler(f) and len(sampler(f)) == 7
     res = edit_facts(a, QUERIES, sets_for({}), methods=("matrice",), cfg=EditConfig(locality_k=1), facts=["f4"], progress=False)
     assert res.skipped["no_new_object"] == ["f4"] and {r["operation"] for r in res.summary} == {"erasure"}
     only = edit_facts(a, QUERIES, sets_for({"f1": {"matrice": pairs(IMPLANT)}}), methods=("matrice",),

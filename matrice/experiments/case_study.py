@@ -6,7 +6,7 @@ tokens as the gold answer has (before, enhanced) or as the new object has (updat
 models the query is re-encoded with the new object's number of masks). Probabilities are of the
 first token of the gold object and of the new object, each tokenised in that language and context.
 The new object is ``new_object`` (labels per language) if given, else the seeded choice of
-:func:`matrice.experiments.edit.choose_new_object` (the same one the editing experiment uses).
+:func:`matrice.experiments.edit_targets.choose_new_object` (the same one the editing experiment uses).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any, Mapping, Sequence
 
 from matrice.data.schema import Query
 from matrice.experiments import NeuronSetsLike, encode_all, fact_neurons, group_by_fact, original_queries
-from matrice.experiments.edit import EditConfig, choose_new_object
+from matrice.experiments.edit import EditConfig
+from matrice.experiments.edit_targets import choose_new_object
 from matrice.interventions import edited_output_weights, update_vectors
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query

@@ -48,15 +48,17 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from matrice.claims import (BASELINES, CELL, Claim, RelationOf, empty_counts, empty_note, make_claim, method_name,
+                            relation_prefix)
 from matrice.data.schema import Query
-from matrice.experiments import (
-    NeuronSetsLike, dataclass_dict, encode_all, experiment_rng, fact_neurons, group_by_fact, original_queries,
-)
+from matrice.experiments import NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, group_by_fact, original_queries
+from matrice.experiments.edit_targets import choose_new_object, locality_sampler
 from matrice.interventions import UPDATE_SCALINGS, edited_output_weights, erasure_vectors, update_vectors
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
-from matrice.models.predict import AnswerScore, normalize_answer, score_answers
+from matrice.models.predict import AnswerScore, score_answers
 from matrice.models.replay import recorded_blocks, replayed_below
+from matrice.stats import Estimate, pooled_ratio, relation_mean
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +85,6 @@ class EditConfig:
             raise ValueError(f"locality_k must be >= 0, got {self.locality_k}")
         if self.scaling not in UPDATE_SCALINGS:
             raise ValueError(f"scaling must be one of {UPDATE_SCALINGS}, got {self.scaling!r}")
-
-
-@dataclass(frozen=True)
-class NewObject:
-    """The update target o': borrowed from another fact of the same relation."""
-
-    fact_id: str
-    labels: dict[str, str]  # lang -> label
-    token: int  # first token of o' in the source language, in the edited fact's context
 
 
 @dataclass(frozen=True)
@@ -173,79 +166,6 @@ def summarise_edits(records: Sequence[EditRecord]) -> list[dict[str, Any]]:
     return rows
 
 
-def _first_token(adapter: ModelAdapter, query: Query, label: str, few_shot: bool) -> int | None:
-    try:
-        return encode_query(adapter, replace(query, answer=label), few_shot).answer_ids[0]
-    except ValueError:
-        return None
-
-
-def choose_new_object(
-    adapter: ModelAdapter,
-    fact_id: str,
-    by_fact: Mapping[str, Sequence[Query]],
-    gold_token: int,
-    source_lang: str = "en",
-    seed: int = 0,
-    few_shot: bool = False,
-    pool: Sequence[str] | None = None,
-) -> NewObject | None:
-    """Seeded o' for ``fact_id``: another fact of the same relation with a different source-language
-    label and a different first token (in the edited fact's source-language context); None if none.
-
-    Uniform among the valid candidates: the candidates (``pool``, default every fact of the relation)
-    are visited in a seeded random order and the first valid one is taken, so only as many are
-    tokenised as needed.
-    """
-    fqs = by_fact[fact_id]
-    src = original_queries(fqs).get(source_lang)
-    if src is None:
-        return None
-    relation = fqs[0].relation
-    if pool is None:
-        pool = [f for f in by_fact if by_fact[f][0].relation == relation]
-    pool = sorted(f for f in set(pool) if f != fact_id and by_fact[f][0].relation == relation)
-    gold_norm = normalize_answer(src.answer)
-    for j in experiment_rng(seed, "new_object", fact_id).permutation(len(pool)):
-        other = pool[int(j)]
-        labels = {lang: q.answer for lang, q in original_queries(by_fact[other]).items()}
-        label = labels.get(source_lang)
-        if label is None or normalize_answer(label) == gold_norm:
-            continue
-        token = _first_token(adapter, src, label, few_shot)
-        if token is None or token == gold_token:
-            continue
-        return NewObject(other, labels, int(token))
-    return None
-
-
-def locality_facts(fact_id: str, all_facts: Sequence[str], k: int, seed: int) -> list[str]:
-    """A seeded sample of k facts other than ``fact_id`` (all of them if fewer), sorted; it depends
-    only on the *set* of facts, not on their order."""
-    ordered = sorted(set(all_facts) - {fact_id})
-    if k >= len(ordered):
-        return ordered
-    idx = experiment_rng(seed, "locality", fact_id).choice(len(ordered), size=k, replace=False)
-    return [ordered[i] for i in sorted(idx)]
-
-
-def _locality_sampler(all_facts: Sequence[str], k: int, seed: int):
-    """:func:`locality_facts` for many facts at O(k) each: the pool is sorted once."""
-    pool = sorted(set(all_facts))
-    where = {f: i for i, f in enumerate(pool)}
-
-    def sample(fact_id: str) -> list[str]:
-        own = where.get(fact_id)
-        n = len(pool) - (own is not None)
-        if k >= n:
-            return [f for f in pool if f != fact_id]
-        idx = experiment_rng(seed, "locality", fact_id).choice(n, size=k, replace=False)
-        idx = [i + 1 if own is not None and i >= own else i for i in sorted(idx)]
-        return [pool[i] for i in idx]
-
-    return sample
-
-
 def edit_facts(
     adapter: ModelAdapter,
     queries: Sequence[Query],
@@ -270,7 +190,7 @@ def edit_facts(
     encs, failed = encode_all(adapter, queries, few_shot, encoded)
     by_fact = group_by_fact(q for q in queries if q.query_id in encs)
     originals = {fid: original_queries(fqs) for fid, fqs in by_fact.items()}
-    sample_locality = _locality_sampler(list(by_fact), cfg.locality_k, cfg.seed)
+    sample_locality = locality_sampler(list(by_fact), cfg.locality_k, cfg.seed)
     by_relation: dict[str, list[str]] = defaultdict(list)
     for f, fqs in by_fact.items():
         by_relation[fqs[0].relation].append(f)
@@ -383,3 +303,67 @@ def edit_facts(
                       "n_no_new_object": len(skipped["no_new_object"])}
     result.summary = summarise_edits(result.records)
     return result
+
+
+# ---- claims: the paper's statements about this experiment, tested (matrice.claims) ----------------
+
+def editing_claims(editing: Mapping[str, Any], relation_of: RelationOf = relation_prefix) -> list[Claim]:
+    """Tables III/IV: reliability per fact, pooled over languages (edited in English)."""
+    records = editing["records"]
+    n_facts = len({r["fact_id"] for r in records})
+
+    def reliability(method: str, operation: str) -> dict[str, float]:
+        return pooled_ratio([r for r in records if r["method"] == method and r["operation"] == operation], "rel_ok", "rel_n")
+
+    methods = {r["method"] for r in records}
+    empty = editing.get("empty_facts", {})
+    out = []
+    for operation, table in (("erasure", "Table III"), ("update", "Table IV")):
+        pairs = [*(("matrice", m) for m in BASELINES), ("amig", "random")]
+        for a, b in pairs:
+            if a in methods and b in methods:
+                out.append(make_claim(
+                    table, f"{method_name(a)}'s {operation} is more reliable than {method_name(b)}'s",
+                    f"{operation} reliability {method_name(a)} − {method_name(b)}", "greater", "edited query, every language (attributed)",
+                    reliability(a, operation), reliability(b, operation),
+                    empty_note(empty, "amig", n_facts) if "amig" in (a, b) else "",
+                    key=f"{'table3' if operation == 'erasure' else 'table4'}_{operation}_{a}_vs_{b}", metric="rate",
+                    relation_of=relation_of, empty=empty_counts(empty, a, b), n_facts=n_facts))
+    return out
+
+
+
+EDIT_METRICS = {"reliability": ("rel_ok", "rel_n"), "generality": ("gen_ok", "gen_n"), "locality": ("loc_ok", "loc_n")}
+
+
+
+def editing_estimates(editing: Mapping[str, Any], languages: Sequence[str | None],
+                      relation_of: RelationOf = relation_prefix) -> dict[tuple[str, str, str], list[Estimate]]:
+    """{(operation, method, metric): [Estimate per language (None: all)]}: each fact's rate pooled over
+    its queries in the language (all: every language), then `relation_mean` — the verdicts' unit."""
+    records = editing["records"]
+    out = {}
+    for operation in ("erasure", "update"):
+        for method in dict.fromkeys(r["method"] for r in records):
+            mine = [r for r in records if r["method"] == method and r["operation"] == operation]
+            for metric, (ok, n) in EDIT_METRICS.items():
+                out[(operation, method, metric)] = [relation_mean(pooled_ratio(
+                    [r for r in mine if lang in (None, r["lang"])], ok, n), relation_of) for lang in languages]
+    return out
+
+
+
+def editing_interval_tables(editing: Mapping[str, Any], languages: Sequence[str],
+                            relation_of: RelationOf = relation_prefix) -> str:
+    """Tables III/IV: per method, metric and language the fact's rate pooled over its queries there
+    ("all": over every language), then `CELL` (facts with no sample in a language are out of that cell)."""
+    estimates = editing_estimates(editing, [*languages, None], relation_of)
+    parts = []
+    for operation, title in (("erasure", "Table III — erasure"), ("update", "Table IV — update")):
+        lines = ["| method | metric | " + " | ".join([*languages, "all"]) + " |", "|---|---|" + "---|" * (len(languages) + 1)]
+        for (op, method, metric), cells in estimates.items():
+            if op == operation:
+                lines.append(f"| {method_name(method)} | {metric} | " + " | ".join(e.format(2) for e in cells) + " |")
+        parts.append(f"**{title}**: {CELL}\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(parts)
+

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from matrice.data.schema import Query
 from matrice.experiments import NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, group_by_fact, original_queries
-from matrice.experiments.edit import EditConfig, choose_new_object, locality_facts
+from matrice.experiments.edit import EditConfig
+from matrice.experiments.edit_targets import choose_new_object, locality_sampler
 from matrice.interventions import edited_output_weights, update_vectors
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
@@ -96,6 +97,7 @@ def sweep_update(
     for f, fqs in by_fact.items():
         by_relation[fqs[0].relation].append(f)
     targets = list(by_fact) if facts is None else list(facts)
+    sample_locality = locality_sampler(list(by_fact), cfg.locality_k, cfg.seed)
     result = SweepResult(config={**cfg.__dict__, "methods": list(methods)}, lambdas=grid,
                          empty_facts={m: [] for m in methods}, skipped={"no_source_query": [], "no_new_object": []})
 
@@ -117,7 +119,7 @@ def sweep_update(
             result.skipped["no_new_object"].append(fid)
             continue
         rel = _relabelled_originals(adapter, originals[fid], new.labels, few_shot)
-        loc = [(q.lang, encs[q.query_id]) for f in locality_facts(fid, list(by_fact), cfg.locality_k, cfg.seed)
+        loc = [(q.lang, encs[q.query_id]) for f in sample_locality(fid)
                for q in originals[f].values()]
         scored = [e for _, e in rel] + [e for _, e in loc]  # the unedited model on the batches the edits see
         with recorded_blocks(adapter) as unedited_blocks:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-from matrice.claims import Claim, RelationOf, editing_claims, judge, layer_claims, relation_prefix
+from matrice.claims import Claim, RelationOf, judge, layer_claims, relation_prefix
 from matrice.experiments.controls import control_claims
+from matrice.experiments.edit import editing_claims
 from matrice.experiments.enhance import enhancement_claims
 from matrice.experiments.inject import injection_claims
 from matrice.experiments.manipulate import manipulation_claims
