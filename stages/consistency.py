@@ -1,5 +1,5 @@
 """consistency: query localisation — how consistently a fact's queries localise it, and whether
-suppression and editing work better on consistent facts (matrice.consistency)."""
+suppression and editing work better on consistent facts (matrice.experiments.consistency)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 
 from matrice.attribution.runner import iter_fact_attributions
-from matrice.consistency import FactConsistency, fact_consistency, fact_effects, link_table, split_consistent
+from matrice.experiments.consistency import FactConsistency, fact_consistency, fact_effects, link_table, split_consistent
 from matrice.data.schema import load_queries
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.report import plot_consistency

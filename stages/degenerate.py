@@ -1,6 +1,6 @@
 """degenerate: degenerate knowledge neurons (AMIG) among each fact's LAKNs and its language-specific
 knowledge neurons, searched on the original query of each language and verified on a held-out
-paraphrase (matrice.degenerate)."""
+paraphrase (matrice.experiments.degenerate)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from matrice.data.schema import load_queries
 from matrice.data.split import HeldOutSplit
-from matrice.degenerate import DegenerateConfig, search_fact, summarise
+from matrice.experiments.degenerate import DegenerateConfig, search_fact, summarise
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.models.encoding import encode_query
 from matrice.report import ordered_langs

@@ -1,5 +1,5 @@
 """fact_check: AMIG's fact checking with degenerate knowledge neurons against the model's probability
-and plain knowledge-neuron activation, on held-out paraphrases (matrice.fact_check)."""
+and plain knowledge-neuron activation, on held-out paraphrases (matrice.experiments.fact_check)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tqdm import tqdm
 from matrice.attribution.common import AttributionConfig
 from matrice.data.schema import Query, load_queries
 from matrice.data.split import HeldOutSplit
-from matrice.fact_check import (DETECTORS, NEURON_SOURCES, activation_scores, attribution_scores,
+from matrice.experiments.fact_check import (DETECTORS, NEURON_SOURCES, activation_scores, attribution_scores,
                                 build_statements, degenerate_neurons, detection_scores, detector_neurons,
                                 f1_difference, leave_one_fact_out, pair_accuracy, probability_scores)
 from matrice.io import atomic_write_json, atomic_write_text

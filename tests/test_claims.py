@@ -256,7 +256,7 @@ def _statements(n_relations: int, good: str, bad: str):
 
 
 def test_fact_checking_f1_difference_is_tested_over_relations():
-    from matrice.fact_check import f1_difference_by_relation
+    from matrice.experiments.fact_check import f1_difference_by_relation
 
     rows = _statements(6, "dkn", "prob")
     est = f1_difference_by_relation(rows, "dkn", "prob", lambda f: f.split("-")[0])

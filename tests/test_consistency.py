@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from matrice.consistency import (fact_consistency, fact_effects, group_difference, jaccard, link_table, spearman,
+from matrice.experiments.consistency import (fact_consistency, fact_effects, group_difference, jaccard, link_table, spearman,
                                  split_consistent, top_k)
 
 LANGS = {"q_en0": "en", "q_en1": "en", "q_fr0": "fr", "q_fr1": "fr"}
@@ -94,7 +94,7 @@ def test_effects_per_fact_use_evaluation_queries_and_pool_editing_over_languages
 def test_spearman_keeps_an_interval_when_some_resamples_are_all_tied():
     """Update reliability is 0 for most facts: resamples of only those have no ρ; the interval comes
     from the others instead of turning into NaN."""
-    from matrice.consistency import spearman
+    from matrice.experiments.consistency import spearman
 
     x = np.arange(16.0)
     y = np.r_[np.zeros(13), [1 / 7, 0.0, 2 / 7]]

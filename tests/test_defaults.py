@@ -13,7 +13,7 @@ import yaml
 from matrice.attribution.common import AttributionConfig
 from matrice.data.sources import DatasetConfig
 from matrice.data.split import HeldOutSplit
-from matrice.degenerate import DegenerateConfig
+from matrice.experiments.degenerate import DegenerateConfig
 from matrice.experiments.edit import EditConfig
 from matrice.experiments.inject import InjectConfig
 from matrice.finetune import TrainConfig

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from matrice.degenerate import DegenerateConfig, Suppressor, find_degenerate, verify
+from matrice.experiments.degenerate import DegenerateConfig, Suppressor, find_degenerate, verify
 from matrice.models.encoding import encode_query
 from matrice.models.tiny import TINY_CAUSAL_FAMILIES, tiny_adapter
 from test_experiments import QUERIES
@@ -67,7 +67,7 @@ def test_thresholds_are_checked():
 def test_a_fact_search_verifies_on_held_out_paraphrases_shares_across_languages_and_summarises():
     from dataclasses import asdict
 
-    from matrice.degenerate import search_fact, summarise
+    from matrice.experiments.degenerate import search_fact, summarise
 
     twins = [(2, 5), (0, 7)]
     a, _ = redundant_gpt2(twins)
@@ -114,7 +114,7 @@ def test_requests_of_several_queries_in_shared_forwards_equal_one_query_at_a_tim
     """ratios_many over prepared prompts (rows of different queries in one forward) gives each
     request's ratios as Suppressor.ratios does alone; the lockstep driver returns each search's result."""
     from conftest import tiny_on_device
-    from matrice.degenerate import run_lockstep, search_steps
+    from matrice.experiments.degenerate import run_lockstep, search_steps
 
     a = tiny_on_device(family)
     encs = [encode_query(a, q, few_shot=True) for q in QUERIES if q.fact_id == "f1"][:4]

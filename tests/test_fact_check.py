@@ -9,7 +9,7 @@ import torch
 
 from matrice.attribution import AttributionConfig, reference_attribution
 from matrice.attribution.common import target_activations
-from matrice.fact_check import (DETECTORS, activation_scores, attribution_scores, best_threshold, build_statements,
+from matrice.experiments.fact_check import (DETECTORS, activation_scores, attribution_scores, best_threshold, build_statements,
                                 degenerate_neurons, detection_scores, detector_neurons, f1_difference,
                                 leave_one_fact_out, pair_accuracy, statement_input)
 from matrice.models.encoding import encode_query
@@ -123,7 +123,7 @@ def test_dkn_attribution_equals_the_reference_cells(tiny, family):
 
 
 def test_memoized_layers_equal_fresh_ones_and_only_new_layers_are_integrated(tiny, tmp_path, monkeypatch):
-    import matrice.fact_check as fc
+    import matrice.experiments.fact_check as fc
     from matrice.memo import Memo
 
     a = tiny("llama")

@@ -14,7 +14,7 @@ from matrice.experiments.edit import editing_claims
 from matrice.experiments.enhance import enhancement_claims
 from matrice.experiments.inject import injection_claims
 from matrice.experiments.manipulate import manipulation_claims
-from matrice.fact_check import fact_check_claims
+from matrice.experiments.fact_check import fact_check_claims
 
 
 def all_claims(*, sets: Mapping[str, Any], n_layers: int, manip: Mapping[str, Any], editing: Mapping[str, Any],
