@@ -11,19 +11,13 @@ from tqdm import tqdm
 
 from matrice.data.schema import load_queries
 from matrice.data.split import HeldOutSplit
-from matrice.experiments.degenerate import DegenerateConfig, search_fact, summarise
+from matrice.experiments.degenerate import (DegenerateConfig, degenerate_plot_rows, degenerate_tables, fact_queries,
+                                            search_fact, summarise)
 from matrice.io import atomic_write_json, atomic_write_text
-from matrice.models.encoding import encode_query
-from matrice.report import ordered_langs
 from matrice.scores import ScoreStore
 from matrice.selection import select_by_threshold
 from stages.common import (DATASET_DIR, load_neuron_sets, load_params, load_prepared, model_arg, results_dir,
                            setup_logging)
-
-ROWS = {"found": "share of languages with a degenerate group", "groups": "groups per language",
-        "size": "neurons per group", "layers": "layers a group spans", "verified": "groups that hold on the held-out paraphrase",
-        "shared": "other languages where a LAKN group holds too"}
-
 
 def main() -> None:
     setup_logging()
@@ -45,7 +39,7 @@ def main() -> None:
             by_fact[q.fact_id].append(q)
     records = []
     for fact in tqdm(sorted(scores.facts), desc="degenerate", unit="fact"):
-        search, held_out = _queries(adapter, by_fact[fact], split, params["few_shot"])
+        search, held_out = fact_queries(adapter, by_fact[fact], split, params["few_shot"])
         fs = scores[fact]
         own = {lang: [tuple(n) for n in select_by_threshold(fs.s_per_lang[k], params["tau"]).tolist()]
                for k, lang in enumerate(fs.languages)}
@@ -58,58 +52,8 @@ def main() -> None:
                                                 "summary": {k: {m: asdict(e) for m, e in v.items()} for k, v in summary.items()}})
     atomic_write_json(out / "degenerate_metrics.json", {"degenerate": {
         kind: {m: e.mean for m, e in v.items()} for kind, v in summary.items()}})
-    atomic_write_text(out / "degenerate_table.md", _tables(rows, summary, cfg))
-    atomic_write_json(out / "degenerate_plot.json", _plot_rows(rows))
-
-
-def _queries(adapter, queries, split: HeldOutSplit, few_shot):
-    """Per language: the search query (the original, lowest template) and a held-out paraphrase
-    (the first held-out template), both encoded."""
-    search, held_out = {}, {}
-    for q in sorted(queries, key=lambda q: q.template_id):
-        try:
-            enc = encode_query(adapter, q, few_shot)
-        except ValueError:
-            continue
-        if q.lang not in search:
-            search[q.lang] = enc
-        elif split.is_held_out(q) and q.lang not in held_out:
-            held_out[q.lang] = enc
-    return search, held_out
-
-
-def _per_language(rows) -> dict[tuple[str, str], tuple[int, int, int]]:
-    """(set kind, language) -> (facts with a degenerate group, facts searched, groups found)."""
-    out = {}
-    for kind in ("lakn", "language"):
-        for lang in ordered_langs({r["lang"] for r in rows}):
-            mine = [r for r in rows if r["set_kind"] == kind and r["lang"] == lang and r["n_candidates"] > 0]
-            out[(kind, lang)] = (sum(bool(r["groups"]) for r in mine), len(mine), sum(len(r["groups"]) for r in mine))
-    return out
-
-
-def _plot_rows(rows) -> list[dict]:
-    """Per language: the share of searched facts with a degenerate group, per neuron set (`dvc plots`)."""
-    counts = _per_language(rows)
-    return [{"lang": lang, **{kind: (counts[(kind, lang)][0] / counts[(kind, lang)][1] if counts[(kind, lang)][1] else None)
-                              for kind in ("lakn", "language")}}
-            for lang in ordered_langs({r["lang"] for r in rows})]
-
-
-def _tables(rows, summary, cfg) -> str:
-    lines = ["| | LAKNs (every language) | language-specific neurons |", "|---|---|---|"]
-    for metric, text in ROWS.items():
-        lines.append(f"| {text} | {summary['lakn'][metric].format(2)} | {summary['language'][metric].format(2)} |")
-    langs = ordered_langs({r["lang"] for r in rows})
-    counts = _per_language(rows)
-    per_lang = ["| set | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
-    for kind, name in (("lakn", "LAKNs"), ("language", "language-specific")):
-        cells = [f"{found}/{searched} ({groups} groups)" for found, searched, groups in (counts[(kind, lang)] for lang in langs)]
-        per_lang.append(f"| {name} | " + " | ".join(cells) + " |")
-    return (f"Degenerate groups (member alone: P ≥ {cfg.t_high}·P₀; group: P < {cfg.t_low}·P₀; the top "
-            f"{cfg.max_candidates} neurons of each set searched, groups up to {cfg.max_group}): mean [95% CI over "
-            "facts] (n facts)\n\n" + "\n".join(lines) + "\n\nFacts with a degenerate group / facts searched, per "
-            "language (groups found):\n\n" + "\n".join(per_lang) + "\n")
+    atomic_write_text(out / "degenerate_table.md", degenerate_tables(rows, summary, cfg))
+    atomic_write_json(out / "degenerate_plot.json", degenerate_plot_rows(rows))
 
 
 if __name__ == "__main__":

@@ -30,10 +30,14 @@ from typing import Any, Generator, Sequence
 import numpy as np
 import torch
 
+from matrice.data.schema import Query
+from matrice.data.split import HeldOutSplit
 from matrice.models.adapter import Encoded, ModelAdapter
+from matrice.models.encoding import encode_query
 from matrice.models.hooks import neuron_edits
 from matrice.models.predict import PromptCache, score_answers_many
 from matrice.models.scaled_rows import per_row_scalings
+from matrice.report import ordered_langs
 from matrice.stats import Estimate, bootstrap_mean, per_fact_mean
 
 Neuron = tuple[int, int]
@@ -316,3 +320,62 @@ def summarise(records: Sequence[dict], n_languages: int) -> dict[str, dict[str, 
                 if r["groups"] and kind == "lakn" else None)),
         }
     return out
+
+
+def fact_queries(adapter: ModelAdapter, queries: Sequence[Query], split: HeldOutSplit, few_shot: bool
+                 ) -> tuple[dict[str, Encoded], dict[str, Encoded]]:
+    """Per language: the search query (the original, lowest template) and a held-out paraphrase
+    (the first held-out template), both encoded."""
+    search, held_out = {}, {}
+    for q in sorted(queries, key=lambda q: q.template_id):
+        try:
+            enc = encode_query(adapter, q, few_shot)
+        except ValueError:
+            continue
+        if q.lang not in search:
+            search[q.lang] = enc
+        elif split.is_held_out(q) and q.lang not in held_out:
+            held_out[q.lang] = enc
+    return search, held_out
+
+
+# ---- tables and plot data ------------------------------------------------------------------------
+
+ROWS = {"found": "share of languages with a degenerate group", "groups": "groups per language",
+        "size": "neurons per group", "layers": "layers a group spans", "verified": "groups that hold on the held-out paraphrase",
+        "shared": "other languages where a LAKN group holds too"}
+
+
+def _per_language(rows) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """(set kind, language) -> (facts with a degenerate group, facts searched, groups found)."""
+    out = {}
+    for kind in ("lakn", "language"):
+        for lang in ordered_langs({r["lang"] for r in rows}):
+            mine = [r for r in rows if r["set_kind"] == kind and r["lang"] == lang and r["n_candidates"] > 0]
+            out[(kind, lang)] = (sum(bool(r["groups"]) for r in mine), len(mine), sum(len(r["groups"]) for r in mine))
+    return out
+
+
+def degenerate_plot_rows(rows) -> list[dict]:
+    """Per language: the share of searched facts with a degenerate group, per neuron set (`dvc plots`)."""
+    counts = _per_language(rows)
+    return [{"lang": lang, **{kind: (counts[(kind, lang)][0] / counts[(kind, lang)][1] if counts[(kind, lang)][1] else None)
+                              for kind in ("lakn", "language")}}
+            for lang in ordered_langs({r["lang"] for r in rows})]
+
+
+def degenerate_tables(rows, summary, cfg: DegenerateConfig) -> str:
+    """The report's tables: each summary row for both neuron sets, then facts with a group per language."""
+    lines = ["| | LAKNs (every language) | language-specific neurons |", "|---|---|---|"]
+    for metric, text in ROWS.items():
+        lines.append(f"| {text} | {summary['lakn'][metric].format(2)} | {summary['language'][metric].format(2)} |")
+    langs = ordered_langs({r["lang"] for r in rows})
+    counts = _per_language(rows)
+    per_lang = ["| set | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
+    for kind, name in (("lakn", "LAKNs"), ("language", "language-specific")):
+        cells = [f"{found}/{searched} ({groups} groups)" for found, searched, groups in (counts[(kind, lang)] for lang in langs)]
+        per_lang.append(f"| {name} | " + " | ".join(cells) + " |")
+    return (f"Degenerate groups (member alone: P ≥ {cfg.t_high}·P₀; group: P < {cfg.t_low}·P₀; the top "
+            f"{cfg.max_candidates} neurons of each set searched, groups up to {cfg.max_group}): mean [95% CI over "
+            "facts] (n facts)\n\n" + "\n".join(lines) + "\n\nFacts with a degenerate group / facts searched, per "
+            "language (groups found):\n\n" + "\n".join(per_lang) + "\n")
