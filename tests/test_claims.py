@@ -167,6 +167,18 @@ def test_editing_and_enhancement_interval_tables_pool_per_fact():
     assert "1.00 [1.00, 1.00] (n=3)" in table and "evaluation queries" in table
 
 
+def test_an_empty_set_is_counted_among_the_facts_the_experiment_scored():
+    """Enhancement scores only facts with a Q_error query: the selection's empty sets of other facts
+    must not enter its "not testable" count (it read "16 of 14 facts")."""
+    from matrice.experiments.enhance import enhancement_claims
+
+    enh = [{"query_id": f"F{f}-fi-{t}", "fact_id": f"F{f}", "lang": "fi", "method": m, "correct_after": m == "matrice"}
+           for f in range(4) for t in range(3) for m in ("matrice", "amig")]
+    empty = {"amig": [f"F{f}" for f in range(6)]}  # F4, F5: empty, but not scored here
+    row = next(c for c in enhancement_claims({"records": enh}, is_eval, empty=empty) if c.key == "fig6_matrice_vs_amig")
+    assert row.verdict == "not testable" and "4 of 4 facts" in row.untestable
+
+
 def test_injection_claims_use_each_variants_selected_rate():
     from matrice.experiments.inject import injection_claims, injection_interval_table
 

@@ -179,11 +179,12 @@ def enhancement_claims(enhancement: Mapping[str, Any], is_evaluation: Callable[[
                        relation_of: RelationOf = relation_prefix,
                        empty: Mapping[str, Sequence[str]] | None = None) -> list[Claim]:
     """Fig. 6: accuracy gained on Q_error (low-resource languages) per fact. `empty`: method -> facts
-    whose set is empty (from the selection)."""
+    whose set is empty (from the selection), counted among the facts this experiment scored."""
     records = enhancement["records"]
     scored, have_eval = scored_queries(records, is_evaluation)
     split = "Q_error, evaluation queries" if have_eval else "Q_error (no held-out ones in this run)"
-    empty = empty or {}
+    facts = {r["fact_id"] for r in records}
+    empty = {m: [f for f in fs if f in facts] for m, fs in (empty or {}).items()}
 
     def gain(method: str) -> dict[str, float]:
         return per_fact_mean(records, lambda r: float(r["correct_after"]),
