@@ -1,8 +1,12 @@
-"""Markdown tables and matplotlib figures; `reports/report.md` is assembled from these."""
+"""Markdown tables and matplotlib figures; `reports/report.md` is assembled from these, and from each
+experiment's `section` over a :class:`RunResults`."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 LANG_ORDER = ["en", "fr", "zh", "fi", "hu", "ja", "ko"]
 
@@ -215,3 +219,45 @@ def plot_fact_check(f1: Mapping[str, list[Any]], langs: list[str], path, title: 
 def pivot(rows: list[dict], row_key: str, col_key: str, value: str, row_order: list[str], col_order: list[str]) -> list[list]:
     cell = {(r[row_key], r[col_key]): r.get(value) for r in rows}
     return [[rk] + [cell.get((rk, ck)) for ck in col_order] for rk in row_order]
+
+
+@dataclass
+class RunResults:
+    """One model's finished run as the report reads it: its result files (each parsed once), its
+    figures, the run's parameters, the held-out rule and the relation of each fact. Every
+    experiment's ``section(run)`` reads from it; ``claims`` holds the judged verdict rows."""
+
+    key: str
+    results_dir: Path
+    reports_dir: Path
+    params: Mapping[str, Any]
+    is_evaluation: Callable[[str], bool]
+    relation_of: Callable[[str], str]
+    claims: list = field(default_factory=list)
+    _parsed: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def text(self, name: str) -> str:
+        path = self.results_dir / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run the stage that writes it (dvc repro)")
+        return path.read_text(encoding="utf-8")
+
+    def json(self, name: str) -> Any:
+        """Parsed once: the verdicts and the sections read the same results (treat as read-only)."""
+        if name not in self._parsed:
+            self._parsed[name] = json.loads(self.text(name))
+        return self._parsed[name]
+
+    def figure(self, name: str, caption: str) -> str:
+        path = Path("figures") / self.key / name
+        if not (self.reports_dir / path).exists():
+            raise FileNotFoundError(f"{self.reports_dir / path} is missing")
+        return f"![{caption}]({path.as_posix()})\n\n*{caption}*\n"
+
+    def claim(self, key: str):
+        return next(c for c in self.claims if c.key == key)
+
+    def languages(self, records) -> list[str]:
+        """The languages present in ``records``, in the report's order."""
+        present = {r["lang"] for r in records}
+        return [lang for lang in LANG_ORDER if lang in present]

@@ -23,6 +23,7 @@ from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.hooks import neuron_edits
 from matrice.models.predict import greedy_decode, is_correct, score_answers
+from matrice.report import RunResults
 
 
 @dataclass
@@ -134,3 +135,10 @@ def case_study(
         if q.query_id in failed:
             study.languages[lang] = {"query_id": q.query_id, "unencodable": failed[q.query_id]}
     return study
+
+
+# ---- its section of the report ------------------------------------------------------------------
+
+def section(run: RunResults) -> str:
+    return ("### Case study (Fig. 7)\nOne fact in every language: the prediction before, after enhancement and after an "
+            "update edit made in English.\n\n" + run.text("case_study.md"))

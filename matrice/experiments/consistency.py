@@ -30,6 +30,7 @@ import numpy as np
 from scipy import stats as sps
 
 from matrice.stats import Estimate, bootstrap_mean, per_fact_mean, pooled_ratio, resample_indices
+from matrice.report import RunResults
 
 
 @dataclass(frozen=True)
@@ -154,3 +155,19 @@ def link_table(consistency: Mapping[str, float], consistent: Mapping[str, bool],
                 [consistency[f] for f in facts], [per_fact[f] for f in facts], seed),
         })
     return rows
+
+
+# ---- its section of the report ------------------------------------------------------------------
+
+def section(run: RunResults) -> str:
+    """Query localisation: consistency per fact and its link to the experiments."""
+    data = run.json("consistency.json")
+    return (
+        "### Query localisation: are facts localised consistently?\nFor each fact, the mean pairwise Jaccard overlap "
+        f"of its localisation queries' top-{data['top_k']} neurons (1: every paraphrase and language picks the same "
+        "neurons), within and across languages, and the agreement between the top neurons by mean attribution and by "
+        "the consistency-aware score mean − std. The Query Localization paper reports that neuron-level edits work "
+        "worse on inconsistent facts; the second table tests that here.\n\n"
+        + run.figure("consistency.png", f"Consistency vs suppression effect, {run.key}")
+        + "\n" + run.text("consistency_table.md")
+    )

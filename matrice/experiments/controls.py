@@ -23,11 +23,12 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from matrice.data.schema import Query
-from matrice.claims import Claim, RelationOf, make_claim, method_name, relation_prefix, scored_queries
+from matrice.claims import CELL, Claim, RelationOf, make_claim, method_name, relation_prefix, scored_queries
 from matrice.experiments import NeuronSetsLike, dataclass_dict, fact_neurons
 from matrice.experiments.manipulate import ManipulationRecord, manipulate
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.stats import relation_mean
+from matrice.report import RunResults
 
 SUPPRESS = {"suppress": 0.0}
 LOLO_METHODS = ("lolo", "lolo_random_layer", "matrice")
@@ -175,3 +176,24 @@ def lolo_interval_table(controls: Mapping[str, Any], is_evaluation: Callable[[st
         lines.append(f"| {method_name(method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
+
+# ---- its section of the report ------------------------------------------------------------------
+
+def section(run: RunResults) -> str:
+    controls = run.json("controls.json")
+    langs = run.languages(controls["lolo"])
+    donors = controls["donors"]
+    pairs = ", ".join(f"{f} ← {d['same_relation']} / {d['other_relation']}" for f, d in sorted(donors.items()))
+    return (
+        "### Controls: leave-one-language-out and specificity\nLeave-one-language-out: for each language, LAKNs are "
+        "selected from the other languages (UaL without it, same τ) and suppressed (×0) on the fact's queries in "
+        "the held-out one, which no part of their selection saw; the control is as many random neurons per layer. "
+        f"ΔP/P per held-out language, {CELL}:\n\n"
+        + lolo_interval_table(controls, run.is_evaluation, langs, run.relation_of)
+        + "\nSpecificity: each fact's evaluation queries under suppression of its own LAKNs, of another attributed "
+        f"fact's of the same relation, and of a fact's of another relation (target ← same / other: {pairs}); the "
+        "verdict rows above compare them"
+        + (". No attributed fact has another attributed fact of its relation, so the same-relation row has no data: "
+           "it needs `attribute.facts_per_relation` ≥ 2.\n" if all(d["same_relation"] is None for d in donors.values())
+           else ".\n")
+    )

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Any, Generator, Sequence
+from typing import Any, Generator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from matrice.models.encoding import encode_query
 from matrice.models.hooks import neuron_edits
 from matrice.models.predict import PromptCache, score_answers_many
 from matrice.models.scaled_rows import per_row_scalings
-from matrice.report import ordered_langs
+from matrice.report import RunResults, ordered_langs
 from matrice.stats import Estimate, bootstrap_mean, per_fact_mean
 
 Neuron = tuple[int, int]
@@ -379,3 +379,32 @@ def degenerate_tables(rows, summary, cfg: DegenerateConfig) -> str:
             f"{cfg.max_candidates} neurons of each set searched, groups up to {cfg.max_group}): mean [95% CI over "
             "facts] (n facts)\n\n" + "\n".join(lines) + "\n\nFacts with a degenerate group / facts searched, per "
             "language (groups found):\n\n" + "\n".join(per_lang) + "\n")
+
+
+# ---- its section of the report ------------------------------------------------------------------
+
+def _answer(summary: Mapping[str, Any]) -> str:
+    """The section's answer in a sentence, read off the summary's estimates."""
+    lakn, lang = (Estimate(**summary[k]["found"]) for k in ("lakn", "language"))
+    verified = [Estimate(**summary[k]["verified"]) for k in ("lakn", "language")]
+    if not any(e.mean for e in (lakn, lang)):
+        return (f"**No degenerate group is found on this model** (LAKNs {lakn.format(2)}, language-specific neurons "
+                f"{lang.format(2)} of languages per fact).\n\n")
+    held = [v for v in verified if v.n]
+    held_text = " and ".join(v.format(2) for v in held)
+    return (f"**Degenerate groups are found on this model** in a share {lakn.format(2)} of a fact's languages among its "
+            f"LAKNs and {lang.format(2)} among the language-specific neurons; the share of found groups that still "
+            f"hold on the held-out paraphrase is {held_text} (LAKN, language-specific groups)"
+            + (": none holds on a paraphrase the search never saw, so here degeneracy is a property of the query "
+               "searched, not of the fact" if held and all(v.mean == 0 for v in held) else "") + ".\n\n")
+
+
+def section(run: RunResults) -> str:
+    """Are there redundant groups among a fact's neurons?"""
+    return (
+        "### Degenerate knowledge neurons (AMIG)\nGroups of a fact's neurons that each alone can be suppressed "
+        "(×0 at the answer position) without losing the answer, but not together, searched among its LAKNs in every "
+        "language and among each language's own knowledge neurons (pairs exhaustively, larger groups by greedy growth), "
+        "on the original query of each language, then re-checked on a held-out paraphrase and, for LAKN groups, on the "
+        "other languages.\n\n" + _answer(run.json("degenerate.json")["summary"]) + run.text("degenerate_table.md")
+    )

@@ -59,6 +59,7 @@ from matrice.models.encoding import encode_query
 from matrice.models.predict import AnswerScore, score_answers
 from matrice.models.replay import recorded_blocks, replayed_below
 from matrice.stats import Estimate, pooled_ratio, relation_mean
+from matrice.report import RunResults
 
 log = logging.getLogger(__name__)
 
@@ -367,3 +368,21 @@ def editing_interval_tables(editing: Mapping[str, Any], languages: Sequence[str]
         parts.append(f"**{title}**: {CELL}\n\n" + "\n".join(lines) + "\n")
     return "\n".join(parts)
 
+
+# ---- its section of the report ------------------------------------------------------------------
+
+def scaling_text(params: Mapping[str, Any]) -> str:
+    if params["edit"].get("scaling", "raw") == "raw":
+        return "raw λ, Eq. 15 as written"
+    return "λ relative to each column's norm: each term has norm λ·‖W‖"
+
+
+def section(run: RunResults) -> str:
+    edit = run.params["edit"]
+    return (
+        "### Cross-lingual editing (Tables III, IV)\nEdits made with the English object only; reliability on the "
+        "edited query, generality on its paraphrases, locality on unrelated facts, per language. Erasure zeroes each "
+        "neuron's output weight column; update sets it to W − λ1·E(o) + λ2·E(o') with "
+        f"λ1 = {edit['lambda1']}, λ2 = {edit['lambda2']} ({scaling_text(run.params)}).\n\n"
+        + "Reliability is on the edited (attributed) query, generality on its paraphrases, held-out ones included.\n\n"
+        + run.text("editing_tables.md"))

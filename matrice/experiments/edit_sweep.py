@@ -35,6 +35,7 @@ from matrice.models.encoding import encode_query
 from matrice.models.predict import score_answers
 from matrice.models.replay import recorded_blocks, replayed_below
 from matrice.stats import Estimate, bootstrap_mean, pooled_ratio
+from matrice.report import RunResults
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +189,26 @@ def sweep_table(curves: Mapping[str, Sequence[tuple[float, Estimate, Estimate]]]
         for lam, rel, loc in points:
             lines.append(f"| {name(method)} | {lam:g} | {rel.format(2)} | {loc.format(2)} |")
     return "\n".join(lines) + "\n"
+
+
+# ---- its section of the report ------------------------------------------------------------------
+
+def section(run: RunResults) -> str:
+    """The update edit's reliability-vs-locality trade-off over λ."""
+    from matrice.claims import method_name
+    from matrice.experiments.edit import scaling_text
+
+    sweep = run.json("edit_sweep.json")
+    empty = {m: len(f) for m, f in sweep["empty_facts"].items() if f}
+    return (
+        "### Update edit: reliability against locality over λ\nOne λ hides a trade-off: a larger step flips more "
+        "edited queries and more unrelated ones. The update edit of every fact, with λ1 = λ2 = λ over "
+        f"{sweep['lambdas']} ({scaling_text(run.params)}), scored on each language's original query (reliability: o' "
+        "top-1) and on the unrelated facts' original queries (locality: top-1 unchanged); each fact pooled over "
+        "languages, then mean [95% CI over facts] (n facts). A method that is up and to the right of another "
+        "edits better at every cost.\n\n"
+        + run.figure("edit_sweep.png", f"Update edit, reliability vs locality over λ, {run.key}")
+        + "\n" + run.text("edit_sweep_table.md")
+        + ("\nNot swept (empty set for the fact): " + ", ".join(f"{method_name(m)} {n} facts" for m, n in empty.items())
+           + ".\n" if empty else "")
+    )

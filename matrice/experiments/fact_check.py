@@ -53,6 +53,7 @@ from matrice.models.encoding import encode_query
 from matrice.models.predict import normalize_answer, score_answers
 from matrice.stats import (Estimate, bootstrap_mean, cluster_statistic, flag_counts, paired_ratio_difference, prf,
                            verdict)
+from matrice.report import RunResults
 
 Neuron = tuple[int, int]
 DETECTORS = ("dkn_attribution", "kn_activation", "probability")
@@ -312,3 +313,33 @@ def fact_check_claims(fact_check: Mapping[str, Any], relation_of: RelationOf = r
                   "F1 (false flagged) DKN attribution − P(object)", "greater", queries, est, verdict(est, "greater"),
                   key="amig_fact_check", metric="f1", fact_estimate=fact_level)]
 
+
+# ---- its section of the report ------------------------------------------------------------------
+
+def _answer(summary: Mapping[str, Any], row: Claim) -> str:
+    """Whether the DKN detector beats P(object): the verdict row's (relations as units), the fact-level
+    difference beside it."""
+    diff = row.estimate
+    answer = {"replicates": "**beats** the probability baseline", "contradicts": "**does worse than** the probability baseline",
+              "equivalent": "**is equivalent to** the probability baseline (within the declared margin)"
+              }.get(row.verdict, "**cannot be told apart from** the probability baseline on these data")
+    return (f"DKN-based fact checking {answer}: F1 difference over relations {diff.format(3)}"
+            f"{'' if diff.p is None else f', p = {diff.p:.3f}'} (over facts {row.fact_estimate.format(3)}), on the "
+            f"{summary['n_facts_common']} facts whose relation has degenerate neurons in another fact.\n\n")
+
+
+def section(run: RunResults) -> str:
+    """Fact checking with degenerate knowledge neurons against the model's probability."""
+    data = run.json("fact_check.json")
+    common = data["summary"]["n_facts_common"]
+    verdict = ("No fact has degenerate neurons to read under this neuron source, so the DKN detector abstains "
+               "everywhere and the data cannot tell whether it beats the probability baseline.\n\n" if common == 0
+               else _answer(data["summary"], run.claim("amig_fact_check")))
+    return (
+        "### Fact checking with degenerate knowledge neurons (AMIG)\nAMIG flags a statement as false when the "
+        "integrated-gradients attribution of P(object) to the relation's degenerate neurons is low. Here it is "
+        "compared with the model's own P(object) and with the plain activation of the relation's LAKNs on the filled "
+        "statement, each flagging with a threshold chosen on the other facts.\n\n" + verdict
+        + run.figure("fact_check.png", f"Fact checking: F1 of flagging false statements per language, {run.key}")
+        + "\n" + run.text("fact_check_table.md")
+    )

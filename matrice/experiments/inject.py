@@ -59,6 +59,7 @@ from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.predict import greedy_decode, is_correct
 from matrice.stats import per_fact_mean, relation_mean
+from matrice.report import RunResults
 
 log = logging.getLogger(__name__)
 
@@ -387,3 +388,13 @@ def injection_interval_table(injection: Mapping[str, Any], languages: Sequence[s
             + "\n".join(lines) + "\n\nTransfer per language (the injected fact's original query in a language it "
             "was not trained in):\n\n" + "\n".join(per_lang) + "\n")
 
+
+# ---- its section of the report ------------------------------------------------------------------
+
+def section(run: RunResults) -> str:
+    injection = run.json("injection.json")
+    return ("### New-knowledge injection (Table V)\nFine-tuning only the neurons' parameters vs all parameters, random "
+            "or AMIG neurons, and LoRA, on localisation paraphrases of facts the model does not know; judged on held-out "
+            "paraphrases and the other languages; Q_old accuracy measures forgetting.\n\n"
+            + injection_interval_table(injection, run.languages(injection["records"]), relation_of=run.relation_of)
+            + "\n" + run.text("injection_tables.md"))

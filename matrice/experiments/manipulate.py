@@ -36,6 +36,7 @@ from matrice.experiments import (
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.scaled_rows import scaling_set, score_scaled_rows
 from matrice.stats import Estimate, per_fact_mean, relation_mean
+from matrice.report import RunResults
 
 log = logging.getLogger(__name__)
 
@@ -274,3 +275,11 @@ def manipulation_interval_tables(manip: Mapping[str, Any], is_evaluation: Callab
                      f"wrong direction counts against), {CELL}, {split}\n\n" + "\n".join(lines) + "\n")
     return "\n".join(parts)
 
+
+# ---- its section of the report ------------------------------------------------------------------
+
+def section(run: RunResults) -> str:
+    return ("### Manipulation (Fig. 5, Table II)\nRelative change of P(answer) when each fact's neurons are set to 0 "
+            "(suppress) or doubled (enhance) at the answer position; random neurons are the control.\n\n"
+            + run.figure("fig5_manipulation.png", f"Fig. 5 — suppression and enhancement, {run.key}")
+            + "\n" + run.text("manipulation_tables.md"))

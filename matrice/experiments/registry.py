@@ -1,7 +1,8 @@
-"""Every experiment's claims in the report's order: the verdict table is this list, judged.
+"""Every experiment, in the report's order: its claims (the verdict table is their list, judged) and
+its section of the report.
 
-Each experiment states its own claims next to its run (`claims` functions in its module); this
-registry only gathers them, so adding an experiment's claims is one line here.
+Each experiment states its claims and writes its section next to its run, in its own module; this
+registry only gathers them, so adding an experiment to the report is a line here.
 """
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Sequence
 
 from matrice.claims import Claim, RelationOf, judge, layer_claims, relation_prefix
+from matrice.experiments import (case_study, consistency, controls, degenerate, edit, edit_sweep, enhance, fact_check,
+                                 inject, manipulate)
 from matrice.experiments.controls import control_claims
 from matrice.experiments.edit import editing_claims
 from matrice.experiments.enhance import enhancement_claims
 from matrice.experiments.inject import injection_claims
-from matrice.experiments.manipulate import manipulation_claims
 from matrice.experiments.fact_check import fact_check_claims
+from matrice.experiments.manipulate import manipulation_claims
+from matrice.report import RunResults
 
 
 def all_claims(*, sets: Mapping[str, Any], n_layers: int, manip: Mapping[str, Any], editing: Mapping[str, Any],
@@ -29,3 +33,9 @@ def all_claims(*, sets: Mapping[str, Any], n_layers: int, manip: Mapping[str, An
               *enhancement_claims(enhancement, is_evaluation, relation_of, empty_sets),
               *injection_claims(injection or {}, relation_of), *fact_check_claims(fact_check or {}, relation_of)]
     return judge(claims, primary, margins, alpha)
+
+
+SECTIONS: tuple[Callable[[RunResults], str], ...] = (
+    manipulate.section, controls.section, edit.section, edit_sweep.section, enhance.section, inject.section,
+    case_study.section, degenerate.section, fact_check.section, consistency.section,
+)
