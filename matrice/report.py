@@ -254,6 +254,10 @@ class RunResults:
             raise FileNotFoundError(f"{self.reports_dir / path} is missing")
         return f"![{caption}]({path.as_posix()})\n\n*{caption}*\n"
 
+    def figure_and_table(self, figure: str, caption: str, table: str) -> str:
+        """A figure, then the stage's table of the same numbers with their intervals."""
+        return self.figure(figure, caption) + "\n" + self.text(table)
+
     def claim(self, key: str):
         return next(c for c in self.claims if c.key == key)
 

@@ -168,6 +168,6 @@ def section(run: RunResults) -> str:
         "neurons), within and across languages, and the agreement between the top neurons by mean attribution and by "
         "the consistency-aware score mean − std. The Query Localization paper reports that neuron-level edits work "
         "worse on inconsistent facts; the second table tests that here.\n\n"
-        + run.figure("consistency.png", f"Consistency vs suppression effect, {run.key}")
-        + "\n" + run.text("consistency_table.md")
+        + run.figure_and_table("consistency.png", f"Consistency vs suppression effect, {run.key}",
+                               "consistency_table.md")
     )

@@ -207,8 +207,8 @@ def section(run: RunResults) -> str:
         "top-1) and on the unrelated facts' original queries (locality: top-1 unchanged); each fact pooled over "
         "languages, then mean [95% CI over facts] (n facts). A method that is up and to the right of another "
         "edits better at every cost.\n\n"
-        + run.figure("edit_sweep.png", f"Update edit, reliability vs locality over λ, {run.key}")
-        + "\n" + run.text("edit_sweep_table.md")
+        + run.figure_and_table("edit_sweep.png", f"Update edit, reliability vs locality over λ, {run.key}",
+                               "edit_sweep_table.md")
         + ("\nNot swept (empty set for the fact): " + ", ".join(f"{method_name(m)} {n} facts" for m, n in empty.items())
            + ".\n" if empty else "")
     )

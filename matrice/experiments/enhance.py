@@ -236,5 +236,5 @@ def enhancement_interval_table(enhancement: Mapping[str, Any], is_evaluation: Ca
 def section(run: RunResults) -> str:
     return ("### Enhancement in low-resource languages (Fig. 6)\nAccuracy gained on queries the model got wrong "
             "(accuracy before is 0 by construction) when the fact's neurons are doubled.\n\n"
-            + run.figure("fig6_enhancement.png", f"Fig. 6 — enhancement in low-resource languages, {run.key}")
-            + "\n" + run.text("enhancement_tables.md"))
+            + run.figure_and_table("fig6_enhancement.png", f"Fig. 6 — enhancement in low-resource languages, {run.key}",
+                                   "enhancement_tables.md"))

@@ -340,6 +340,6 @@ def section(run: RunResults) -> str:
         "integrated-gradients attribution of P(object) to the relation's degenerate neurons is low. Here it is "
         "compared with the model's own P(object) and with the plain activation of the relation's LAKNs on the filled "
         "statement, each flagging with a threshold chosen on the other facts.\n\n" + verdict
-        + run.figure("fact_check.png", f"Fact checking: F1 of flagging false statements per language, {run.key}")
-        + "\n" + run.text("fact_check_table.md")
+        + run.figure_and_table("fact_check.png", f"Fact checking: F1 of flagging false statements per language, {run.key}",
+                               "fact_check_table.md")
     )

@@ -281,5 +281,5 @@ def manipulation_interval_tables(manip: Mapping[str, Any], is_evaluation: Callab
 def section(run: RunResults) -> str:
     return ("### Manipulation (Fig. 5, Table II)\nRelative change of P(answer) when each fact's neurons are set to 0 "
             "(suppress) or doubled (enhance) at the answer position; random neurons are the control.\n\n"
-            + run.figure("fig5_manipulation.png", f"Fig. 5 — suppression and enhancement, {run.key}")
-            + "\n" + run.text("manipulation_tables.md"))
+            + run.figure_and_table("fig5_manipulation.png", f"Fig. 5 — suppression and enhancement, {run.key}",
+                                   "manipulation_tables.md"))
