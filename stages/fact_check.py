@@ -11,19 +11,19 @@ from dataclasses import asdict
 from tqdm import tqdm
 
 from matrice.attribution.common import AttributionConfig
-from matrice.data.schema import Query, load_queries
+from matrice.data.schema import load_queries
 from matrice.data.split import HeldOutSplit
-from matrice.experiments.fact_check import (DETECTORS, NEURON_SOURCES, activation_scores, attribution_scores,
-                                build_statements, degenerate_neurons, detection_scores, detector_neurons,
-                                f1_difference, leave_one_fact_out, pair_accuracy, probability_scores)
+from matrice.experiments.fact_check import (DETECTORS, NAMES, NEURON_SOURCES, activation_scores, attribution_scores,
+                                            build_statements, degenerate_neurons, detector_neurons, held_out_queries,
+                                            leave_one_fact_out, metrics, probability_scores, summarise, summary_json,
+                                            table)
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.memo import Memo
-from matrice.report import ordered_langs, plot_fact_check
+from matrice.report import plot_fact_check
 from stages.common import (DATASET_DIR, figure_path, load_neuron_sets, load_params, load_prepared, model_arg,
                            results_dir, setup_logging)
 
 log = logging.getLogger(__name__)
-NAMES = {"dkn_attribution": "DKN attribution (AMIG)", "kn_activation": "KN activation", "probability": "P(object)"}
 
 
 def main() -> None:
@@ -74,94 +74,14 @@ def main() -> None:
     atomic_write_json(out / "fact_check.json", {
         "neuron_source": source, "detectors": list(DETECTORS),
         "neurons": {f: {"dkn": sorted(map(list, n.dkn)), "kn": sorted(map(list, n.kn))} for f, n in sorted(neurons.items())},
-        "summary": _jsonable(summary), "statements": rows})
-    atomic_write_json(out / "fact_check_metrics.json", {"fact_check": _metrics(summary)})
-    atomic_write_text(out / "fact_check_table.md", _table(summary, source))
+        "summary": summary_json(summary), "statements": rows})
+    atomic_write_json(out / "fact_check_metrics.json", {"fact_check": metrics(summary)})
+    atomic_write_text(out / "fact_check_table.md", table(summary, source))
     atomic_write_json(out / "fact_check_plot.json", [
         {"lang": lang, **{d: summary["common"]["per_lang"][lang][d].f1.mean for d in DETECTORS}} for lang in summary["langs"]])
     plot_fact_check({NAMES[d]: [summary["common"]["per_lang"][lang][d].f1 for lang in summary["langs"]] for d in DETECTORS},
                     summary["langs"], figure_path(key, "fact_check.png"),
                     f"{key}: flagging false statements (F1, held-out paraphrases, statements every detector scores)")
-
-
-def held_out_queries(queries: list[Query], facts: set[str], split: HeldOutSplit) -> list[Query]:
-    """Per attributed fact and language, its first paraphrase selection never attributed; with every
-    template attributed (null), the original query."""
-    mine = [q for q in queries if q.fact_id in facts]
-    if split.localisation is None:  # nothing held out: the lowest template, written last, wins
-        chosen = {(q.fact_id, q.lang): q for q in sorted(mine, key=lambda q: q.template_id, reverse=True)}
-    else:
-        chosen = split.first_held_out(mine)
-    return [chosen[k] for k in sorted(chosen)]
-
-
-def summarise(rows: list[dict], seed: int) -> dict:
-    """Detection scores per detector, pooled and per language, on the statements every detector
-    decides ("common"), the probability baseline on every statement, the paired F1 differences and
-    the threshold-free pair accuracy."""
-    common = [r for r in rows if all(r["flagged"][d] is not None for d in DETECTORS)]
-    langs = ordered_langs({r["lang"] for r in rows})
-    return {
-        "langs": langs,
-        "n_facts": len({r["fact_id"] for r in rows}), "n_facts_common": len({r["fact_id"] for r in common}),
-        "common": {"pooled": {d: detection_scores(common, d, seed) for d in DETECTORS},
-                   "per_lang": {lang: {d: detection_scores([r for r in common if r["lang"] == lang], d, seed)
-                                       for d in DETECTORS} for lang in langs},
-                   "pair_accuracy": {d: pair_accuracy(common, d) for d in DETECTORS}},
-        "all": {"probability": detection_scores(rows, "probability", seed),
-                "pair_accuracy": pair_accuracy(rows, "probability")},
-        "difference": {d: f1_difference(rows, d, "probability", seed) for d in DETECTORS if d != "probability"},
-    }
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if hasattr(value, "__dataclass_fields__"):
-        return asdict(value)
-    return value
-
-
-def _metrics(summary: dict) -> dict:
-    pooled = summary["common"]["pooled"]
-    return {"n_facts_common": summary["n_facts_common"],
-            "f1": {d: pooled[d].f1.mean for d in DETECTORS},
-            "pair_accuracy": {d: summary["common"]["pair_accuracy"][d].mean for d in DETECTORS},
-            "f1_minus_probability": {d: e.mean for d, e in summary["difference"].items()},
-            "probability_all_f1": summary["all"]["probability"].f1.mean}
-
-
-def _p_text(p: float | None) -> str:
-    if p is None:
-        return "–"
-    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
-
-
-def _table(summary: dict, source: str) -> str:
-    common = summary["common"]
-    lines = ["| detector | statements | precision | recall | F1 | true scored above false |", "|---|---|---|---|---|---|"]
-    for d in DETECTORS:
-        s = common["pooled"][d]
-        lines.append(f"| {NAMES[d]} | {s.n_statements} | {s.precision.format(2)} | {s.recall.format(2)} | "
-                     f"{s.f1.format(2)} | {common['pair_accuracy'][d].format(2)} |")
-    every = summary["all"]["probability"]
-    lines.append(f"| {NAMES['probability']}, every statement | {every.n_statements} | {every.precision.format(2)} | "
-                 f"{every.recall.format(2)} | {every.f1.format(2)} | {summary['all']['pair_accuracy'].format(2)} |")
-    per_lang = ["| language | " + " | ".join(f"F1 {NAMES[d]}" for d in DETECTORS) + " |", "|---|" + "---|" * len(DETECTORS)]
-    for lang in summary["langs"]:
-        per_lang.append(f"| {lang} | " + " | ".join(common["per_lang"][lang][d].f1.format(2) for d in DETECTORS) + " |")
-    diffs = [f"- F1 {NAMES[d]} − {NAMES['probability']}: {e.format(3)}, p {_p_text(e.p)}"
-             for d, e in summary["difference"].items()]
-    donors = ("the degenerate groups and LAKNs of the other attributed facts of the fact's relation (no label leak)"
-              if source == "relation" else "the fact's own degenerate groups and LAKNs (found with its true object)")
-    return (f"Neurons: {donors}. Facts: {summary['n_facts']}; with DKNs to read: {summary['n_facts_common']}. "
-            "A true and a false statement (same relation's object) per fact and language on a held-out paraphrase; "
-            "flagged false when the score is below a threshold chosen on the other facts (leave-one-fact-out). "
-            "Precision/recall/F1 of flagging false statements with 95% intervals over facts (n facts); flagging "
-            "everything scores F1 = 0.67. Statements every detector scores:\n\n" + "\n".join(lines)
-            + "\n\nPer language (same statements):\n\n" + "\n".join(per_lang)
-            + "\n\nPaired differences, each on the statements both detectors decide (facts resampled together; "
-            "p: twice the smaller share of 10,000 resamples on either side of 0):\n\n" + "\n".join(diffs) + "\n")
 
 
 if __name__ == "__main__":

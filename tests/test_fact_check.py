@@ -123,7 +123,7 @@ def test_dkn_attribution_equals_the_reference_cells(tiny, family):
 
 
 def test_memoized_layers_equal_fresh_ones_and_only_new_layers_are_integrated(tiny, tmp_path, monkeypatch):
-    import matrice.experiments.fact_check as fc
+    import matrice.experiments.fact_check.detectors as fc
     from matrice.memo import Memo
 
     a = tiny("llama")

@@ -1,0 +1,184 @@
+"""Fact checking's statements and detectors: a true and a false statement per fact and language, and
+the three scores that should be higher for the true one (the package doc)."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from matrice.attribution.common import AttributionConfig, target_activations
+from matrice.attribution.fast import fast_attribution_many
+from matrice.data.schema import Query
+from matrice.data.split import HeldOutSplit
+from matrice.memo import Memo
+from matrice.models.adapter import Encoded, ModelAdapter
+from matrice.models.encoding import encode_query
+from matrice.models.predict import normalize_answer, score_answers
+
+Neuron = tuple[int, int]
+DETECTORS = ("dkn_attribution", "kn_activation", "probability")
+NEURON_SOURCES = ("relation", "fact")
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One statement to check: a query of a fact with the true object or a false one."""
+
+    fact_id: str
+    relation: str
+    lang: str
+    query_id: str
+    obj: str
+    true: bool
+
+
+@dataclass(frozen=True)
+class DetectorNeurons:
+    """The neurons the neuron-based detectors read for one fact."""
+
+    dkn: frozenset[Neuron]
+    kn: frozenset[Neuron]
+
+
+def build_statements(adapter: ModelAdapter, queries: Sequence[Query], pool: Iterable[Query], seed: int,
+                     few_shot: bool) -> list[tuple[Statement, Encoded]]:
+    """A true and a false statement per query in `queries` (one per fact and language); the false
+    object is drawn (seeded per fact and language) from `pool`'s objects of the same relation and
+    language that differ from the true object in text and first token. A query with no such object,
+    or whose object the tokenizer cannot encode, gives no statement (never one without its pair)."""
+    objects: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for q in pool:
+        objects[(q.relation, q.lang)].add(q.answer)
+    out = []
+    for q in queries:
+        try:
+            true_enc = encode_query(adapter, q, few_shot)
+        except ValueError:
+            continue
+        candidates = sorted(o for o in objects[(q.relation, q.lang)] if normalize_answer(o) != normalize_answer(q.answer))
+        random.Random(f"{seed}/{q.fact_id}/{q.lang}").shuffle(candidates)
+        for obj in candidates:
+            try:
+                false_enc = encode_query(adapter, replace(q, answer=obj), few_shot)
+            except ValueError:
+                continue
+            if false_enc.answer_ids[0] == true_enc.answer_ids[0]:
+                continue
+            out += [(Statement(q.fact_id, q.relation, q.lang, q.query_id, q.answer, True), true_enc),
+                    (Statement(q.fact_id, q.relation, q.lang, q.query_id, obj, False), false_enc)]
+            break
+    return out
+
+
+def degenerate_neurons(records: Iterable[Mapping]) -> dict[str, frozenset[Neuron]]:
+    """Each fact's degenerate neurons: every member of every group the degenerate stage found for it
+    (either neuron set, any language)."""
+    out: dict[str, set[Neuron]] = defaultdict(set)
+    for r in records:
+        for group in r["groups"]:
+            out[r["fact_id"]].update((int(l), int(n)) for l, n in group)
+    return {f: frozenset(v) for f, v in out.items()}
+
+
+def detector_neurons(relation_of: Mapping[str, str], dkns: Mapping[str, frozenset[Neuron]],
+                     kns: Mapping[str, frozenset[Neuron]], source: str) -> dict[str, DetectorNeurons]:
+    """Per fact: with ``source="relation"`` the union over the *other* facts of its relation (no
+    label leak), with ``"fact"`` its own sets."""
+    if source not in NEURON_SOURCES:
+        raise ValueError(f"fact_check.neuron_source must be one of {NEURON_SOURCES}, got {source!r}")
+    out = {}
+    for fact, rel in relation_of.items():
+        donors = [fact] if source == "fact" else [g for g, r in relation_of.items() if r == rel and g != fact]
+        out[fact] = DetectorNeurons(frozenset().union(*(dkns.get(g, frozenset()) for g in donors)),
+                                    frozenset().union(*(kns.get(g, frozenset()) for g in donors)))
+    return out
+
+
+def attribution_scores(adapter: ModelAdapter, encs: Sequence[Encoded], neurons: frozenset[Neuron],
+                       cfg: AttributionConfig, memo: Memo | None = None) -> list[float | None]:
+    """Mean over `neurons` of each statement's attribution of P(object) (mean over baselines), only the
+    neurons' layers integrated; None for every statement when there are no neurons."""
+    if not neurons or not encs:
+        return [None] * len(encs)
+    cells = sorted(neurons)
+    maps = layer_attributions(adapter, encs, cfg, sorted({l for l, _ in cells}), memo)
+    return [float(torch.stack([per_layer[l][n] for l, n in cells]).mean()) for per_layer in maps]
+
+
+def layer_attributions(adapter: ModelAdapter, encs: Sequence[Encoded], cfg: AttributionConfig, layers: Sequence[int],
+                       memo: Memo | None = None) -> list[dict[int, torch.Tensor]]:
+    """Per statement and layer, every neuron's attribution of P(object), averaged over baselines [N].
+
+    With ``memo``, each (statement, layer) is stored, so it serves any later neuron set: a sweep that
+    moves the degenerate neurons integrates only the layers it has not seen, all of them in one call
+    (rows of several layers share batches; a layer's numbers measured bit-equal whichever layers come
+    with it on CPU, and equal to float rounding wherever the batch shape changes the kernels)."""
+    out: list[dict[int, torch.Tensor]] = [{} for _ in encs]
+    keys = {(i, l): memo.key(kind="fact_check_attribution", statement=enc, layer=l, config=cfg)
+            for i, enc in enumerate(encs) for l in layers} if memo else {}
+    missing: dict[tuple[int, ...], list[int]] = defaultdict(list)  # layers to integrate -> statements
+    for i in range(len(encs)):
+        todo = []
+        for layer in layers:
+            stored = memo.load_array(keys[i, layer]) if memo else None
+            if stored is None:
+                todo.append(layer)
+            else:
+                out[i][layer] = torch.from_numpy(stored)
+        if todo:
+            missing[tuple(todo)].append(i)
+    for todo, rows in missing.items():
+        for i, attr in zip(rows, fast_attribution_many(adapter, [encs[i] for i in rows], cfg, list(todo))):
+            mean = attr.mean(dim=0)
+            for layer in todo:
+                out[i][layer] = mean[layer].clone()
+                if memo:
+                    memo.store_array(keys[i, layer], out[i][layer].numpy())
+    return out
+
+
+def statement_input(adapter: ModelAdapter, enc: Encoded) -> tuple[list[int], int]:
+    """The filled statement and the position of its object's last token: causal models read the
+    object after the prompt; masked models have it written into the mask slots."""
+    if adapter.causal:
+        ids = list(enc.input_ids) + list(enc.answer_ids)
+        return ids, len(ids) - 1
+    ids = list(enc.input_ids)
+    ids[enc.target_pos: enc.target_pos + len(enc.answer_ids)] = enc.answer_ids
+    return ids, enc.target_pos + len(enc.answer_ids) - 1
+
+
+def activation_scores(adapter: ModelAdapter, encs: Sequence[Encoded], neurons: frozenset[Neuron]) -> list[float | None]:
+    """Mean activation of `neurons` at the object's last token of each filled statement."""
+    if not neurons:
+        return [None] * len(encs)
+    cells = sorted(neurons)
+    idx_l, idx_n = torch.tensor([l for l, _ in cells]), torch.tensor([n for _, n in cells])
+    out = []
+    for enc in encs:
+        ids, pos = statement_input(adapter, enc)
+        acts = target_activations(adapter, torch.tensor([ids]), pos)[0].float().cpu()  # [L, N]
+        out.append(float(acts[idx_l, idx_n].mean()))
+    return out
+
+
+def probability_scores(adapter: ModelAdapter, encs: Sequence[Encoded], batch_size: int = 32) -> list[float]:
+    return [s.prob for s in score_answers(adapter, encs, batch_size=batch_size)]
+
+
+# ---- decisions and metrics -----------------------------------------------------------------------
+
+
+def held_out_queries(queries: list[Query], facts: set[str], split: HeldOutSplit) -> list[Query]:
+    """Per attributed fact and language, its first paraphrase selection never attributed; with every
+    template attributed (null), the original query."""
+    mine = [q for q in queries if q.fact_id in facts]
+    if split.localisation is None:  # nothing held out: the lowest template, written last, wins
+        chosen = {(q.fact_id, q.lang): q for q in sorted(mine, key=lambda q: q.template_id, reverse=True)}
+    else:
+        chosen = split.first_held_out(mine)
+    return [chosen[k] for k in sorted(chosen)]
