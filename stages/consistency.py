@@ -7,15 +7,13 @@ import json
 from dataclasses import asdict
 
 from matrice.attribution.runner import iter_fact_attributions
-from matrice.experiments.consistency import FactConsistency, fact_consistency, fact_effects, link_table, split_consistent
+from matrice.experiments.consistency import (SCATTER_EFFECT, consistency_metrics, consistency_table, fact_consistency,
+                                             fact_effects, link_table, split_consistent)
 from matrice.data.schema import load_queries
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.report import plot_consistency
 from stages.common import (DATASET_DIR, evaluation_rule, figure_path, load_params, model_arg, results_dir,
                            setup_logging)
-
-SCATTER_EFFECT = "suppression ΔP/P"
-
 
 def main() -> None:
     setup_logging()
@@ -40,43 +38,14 @@ def main() -> None:
         "facts": [{**asdict(f), "consistent": consistent.get(f.fact_id)} for f in facts],
         "effects": effects, "link": [{k: (asdict(v) if k != "effect" else v) for k, v in r.items()} for r in rows],
     })
-    atomic_write_json(out / "consistency_metrics.json", {"consistency": _metrics(facts, consistent, rows)})
-    atomic_write_text(out / "consistency_table.md", _table(facts, rows, cut, section))
+    atomic_write_json(out / "consistency_metrics.json", {"consistency": consistency_metrics(facts, consistent, rows)})
+    atomic_write_text(out / "consistency_table.md", consistency_table(facts, rows, cut, section))
     atomic_write_json(out / "consistency_plot.json", [
         {"fact": f, "consistency": scores[f], "suppression": effects[SCATTER_EFFECT].get(f), "consistent": consistent[f]}
         for f in sorted(scores)])
     plot_consistency({f: (scores[f], effects[SCATTER_EFFECT].get(f), consistent[f]) for f in scores}, cut, SCATTER_EFFECT,
                      figure_path(key, "consistency.png"),
                      f"{key}: query-localisation consistency (top-{section['top_k']}) vs MATRICE suppression")
-
-
-def _metrics(facts: list[FactConsistency], consistent: dict[str, bool], rows: list[dict]) -> dict:
-    values = [f.consistency for f in facts if f.consistency is not None]
-    link = {r["effect"]: {"difference": r["difference"].mean, "spearman": r["spearman"].mean} for r in rows}
-    return {"mean": float(sum(values) / len(values)) if values else None, "n_facts": len(values),
-            "n_consistent": sum(consistent.values()), "link": link}
-
-
-def _table(facts: list[FactConsistency], rows: list[dict], cut: float, section: dict) -> str:
-    def num(v):
-        return "–" if v is None else f"{v:.3f}"
-
-    lines = ["| fact | queries | consistency | within language | across languages | CAS agreement | group |",
-             "|---|---|---|---|---|---|---|"]
-    for f in facts:
-        group = "–" if f.consistency is None else ("consistent" if f.consistency >= cut else "inconsistent")
-        lines.append(f"| {f.fact_id} | {f.n_queries} | {num(f.consistency)} | {num(f.within_language)} | "
-                     f"{num(f.cross_language)} | {num(f.cas_agreement)} | {group} |")
-    rule = "the median over facts" if section.get("threshold") is None else "fixed in params"
-    link = ["| effect (MATRICE neurons) | consistent facts | inconsistent facts | difference | Spearman ρ with consistency |",
-            "|---|---|---|---|---|"]
-    for r in rows:
-        link.append(f"| {r['effect']} | {r['consistent'].format(2)} | {r['inconsistent'].format(2)} | "
-                    f"{r['difference'].format(2)} | {r['spearman'].format(2)} |")
-    return (f"Per fact (top-{section['top_k']} neurons per query; consistent when consistency ≥ {cut:.3f}, {rule}):\n\n"
-            + "\n".join(lines) + "\n\nConsistent vs inconsistent facts: mean [95% CI] (n facts); difference = "
-            "consistent − inconsistent (bootstrap within groups); ρ with a 95% bootstrap interval over facts.\n\n"
-            + "\n".join(link) + "\n")
 
 
 if __name__ == "__main__":

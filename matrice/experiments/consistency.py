@@ -157,6 +157,42 @@ def link_table(consistency: Mapping[str, float], consistent: Mapping[str, bool],
     return rows
 
 
+# ---- the stage's tables and metrics --------------------------------------------------------------
+
+SCATTER_EFFECT = "suppression ΔP/P"  # the effect drawn against consistency
+
+
+def consistency_metrics(facts: list[FactConsistency], consistent: dict[str, bool], rows: list[dict]) -> dict:
+    """The metrics JSON: mean consistency, how many facts are consistent, the link estimates."""
+    values = [f.consistency for f in facts if f.consistency is not None]
+    link = {r["effect"]: {"difference": r["difference"].mean, "spearman": r["spearman"].mean} for r in rows}
+    return {"mean": float(sum(values) / len(values)) if values else None, "n_facts": len(values),
+            "n_consistent": sum(consistent.values()), "link": link}
+
+
+def consistency_table(facts: list[FactConsistency], rows: list[dict], cut: float, section: Mapping[str, Any]) -> str:
+    """The stage's markdown: every fact's consistency, then the link to the experiments' effects."""
+    def num(v):
+        return "–" if v is None else f"{v:.3f}"
+
+    lines = ["| fact | queries | consistency | within language | across languages | CAS agreement | group |",
+             "|---|---|---|---|---|---|---|"]
+    for f in facts:
+        group = "–" if f.consistency is None else ("consistent" if f.consistency >= cut else "inconsistent")
+        lines.append(f"| {f.fact_id} | {f.n_queries} | {num(f.consistency)} | {num(f.within_language)} | "
+                     f"{num(f.cross_language)} | {num(f.cas_agreement)} | {group} |")
+    rule = "the median over facts" if section.get("threshold") is None else "fixed in params"
+    link = ["| effect (MATRICE neurons) | consistent facts | inconsistent facts | difference | Spearman ρ with consistency |",
+            "|---|---|---|---|---|"]
+    for r in rows:
+        link.append(f"| {r['effect']} | {r['consistent'].format(2)} | {r['inconsistent'].format(2)} | "
+                    f"{r['difference'].format(2)} | {r['spearman'].format(2)} |")
+    return (f"Per fact (top-{section['top_k']} neurons per query; consistent when consistency ≥ {cut:.3f}, {rule}):\n\n"
+            + "\n".join(lines) + "\n\nConsistent vs inconsistent facts: mean [95% CI] (n facts); difference = "
+            "consistent − inconsistent (bootstrap within groups); ρ with a 95% bootstrap interval over facts.\n\n"
+            + "\n".join(link) + "\n")
+
+
 # ---- its section of the report ------------------------------------------------------------------
 
 def section(run: RunResults) -> str:
