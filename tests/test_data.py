@@ -25,7 +25,8 @@ from matrice.data import (
     write_dataset,
 )
 from matrice.data.build import sample_facts, to_simplified
-from matrice.data.sources import clean_pattern, embedded_dir
+from matrice.data.mlama import clean_pattern
+from matrice.data.sources import embedded_dir
 from matrice.data.stats import query_length
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
