@@ -189,8 +189,12 @@ def test_config_rejects_unknown_modes():
         AggregationConfig(lang_norm="global")
 
 
-def test_config_zero_weights_allowed():
-    AggregationConfig(alpha2=0, beta2=0.0)
+def test_zero_std_weights_leave_the_plain_means():
+    """alpha2 = beta2 = 0 is allowed and turns UaQ and UaL into the means over queries and languages."""
+    d = _two_lang_fact()
+    fs = aggregate_fact(d, AggregationConfig(alpha2=0, beta2=0.0, lang_norm="per_language"))
+    np.testing.assert_allclose(fs.s_per_lang[0], [[0.5, 0.5], [0.75, 0.25]])  # en: mean of its two normalised maps
+    np.testing.assert_allclose(fs.S, [[0.25, 0.75], [0.625, 0.375]])  # the mean of the min-max maps (hand case above)
 
 
 # --- aggregate_fact ---------------------------------------------------------------------------
