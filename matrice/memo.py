@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -108,6 +108,18 @@ class Memo:
 
     def store(self, key: str, value: Any) -> None:
         atomic_write_json(self._path(key), {"value": value})
+
+    def get_or_compute(self, compute: Callable[[], Any], **parts: Any) -> Any:
+        """The stored value for ``parts``, else ``compute()`` stored under them (JSON values)."""
+        key = self.key(**parts)
+        value = self.load(key)
+        if value is None:
+            value = compute()
+            self.store(key, value)
+        else:
+            log.info("memo: %s read back from %s", {k: v for k, v in parts.items() if isinstance(v, (str, float, int))},
+                     self.directory)
+        return value
 
     def load_array(self, key: str) -> np.ndarray | None:
         path = self.directory / f"{key}.npy"

@@ -14,8 +14,8 @@ from matrice.attribution.runner import choose_facts, plan_shards, run_attributio
 from matrice.data.schema import load_queries
 from matrice.data.split import HeldOutSplit
 from matrice.probing import encode_all
-from stages.common import (DATASET_DIR, load_params, load_prepared, load_probes, model_params, results_dir,
-                           setup_logging)
+from stages.common import (DATASET_DIR, config_from_params, load_params, load_prepared, load_probes, model_params,
+                           results_dir, setup_logging)
 
 ANSWER_TOKEN_POLICIES = ("first",)
 
@@ -28,13 +28,7 @@ def main() -> None:
     section = params["attribute"]
     if params["answer_token"] not in ANSWER_TOKEN_POLICIES:
         raise SystemExit(f"params.yaml: answer_token must be one of {ANSWER_TOKEN_POLICIES}, got {params['answer_token']!r}")
-    try:
-        cfg = AttributionConfig(
-            steps=params["steps"], baseline=params["baseline"], batch_size=section["batch_size"],
-            integration=params.get("integration", "riemann_right"),
-        )
-    except ValueError as exc:
-        raise SystemExit(f"params.yaml: {exc}") from exc
+    cfg = config_from_params(AttributionConfig, params, "attribution")
     executor_kind = section.get("executor", "local")
     # a Ray driver only encodes queries and writes shards: the workers hold the weights
     adapter = load_prepared(key, params, dtype=section["dtype"], weights=executor_kind == "local" or args.plan)

@@ -8,7 +8,8 @@ from matrice.experiments.case_study import case_study
 from matrice.experiments.edit import EditConfig
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.report import markdown_table, ordered_langs
-from stages.common import DATASET_DIR, load_neuron_sets, load_params, load_prepared, model_arg, results_dir, setup_logging
+from stages.common import (DATASET_DIR, config_from_params, load_neuron_sets, load_params, load_prepared, model_arg,
+                           results_dir, setup_logging)
 
 
 def choose_fact(requested: str | None, attributed: list[str]) -> str:
@@ -36,8 +37,7 @@ def main() -> None:
     adapter = load_prepared(key, params)
     sets = load_neuron_sets(key)
     fact = choose_fact(section["fact"], sorted(sets.facts))
-    cfg = EditConfig(lambda1=params["edit"]["lambda1"], lambda2=params["edit"]["lambda2"],
-                     scaling=params["edit"].get("scaling", "raw"), seed=params["seed"])
+    cfg = config_from_params(EditConfig, params, "edit")
     study = case_study(adapter, load_queries(DATASET_DIR / "queries.jsonl"), sets, fact, section["method"],
                        section["factor"], section["new_object"], cfg, params["few_shot"])
     out = results_dir(key)

@@ -6,13 +6,14 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import yaml
 
 if TYPE_CHECKING:  # torch and transformers cost seconds to import: only stages that load a model pay
     from matrice.models.adapter import ModelAdapter
 
+T = TypeVar("T")
 PARAMS = Path("params.yaml")
 DATASET_DIR = Path("data/dataset")
 MODELS_DIR = Path("models")
@@ -34,6 +35,14 @@ def model_arg(description: str) -> str:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("model", help="key of the model under `models:` in params.yaml")
     return parser.parse_args().model
+
+
+def config_from_params(cls: type[T], params: dict[str, Any], section: str) -> T:
+    """``cls.from_params(params)``, a bad or missing value reported as params.yaml's, section named."""
+    try:
+        return cls.from_params(params)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SystemExit(f"params.yaml: {section}: {exc}") from exc
 
 
 def model_params(params: dict[str, Any], key: str) -> dict[str, Any]:

@@ -16,19 +16,14 @@ from matrice.experiments.degenerate import (DegenerateConfig, degenerate_plot_ro
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.scores import ScoreStore
 from matrice.selection import select_by_threshold
-from stages.common import (DATASET_DIR, load_neuron_sets, load_params, load_prepared, model_arg, results_dir,
-                           setup_logging)
+from stages.common import (DATASET_DIR, config_from_params, load_neuron_sets, load_params, load_prepared, model_arg,
+                           results_dir, setup_logging)
 
 def main() -> None:
     setup_logging()
     key = model_arg(__doc__)
     params = load_params()
-    section = params["degenerate"]
-    try:
-        cfg = DegenerateConfig(t_high=section["t_high"], t_low=section["t_low"], max_candidates=section["max_candidates"],
-                               max_group=section["max_group"], batch_size=params["manipulate"]["batch_size"])
-    except ValueError as exc:
-        raise SystemExit(f"params.yaml: {exc}") from exc
+    cfg = config_from_params(DegenerateConfig, params, "degenerate")
     adapter = load_prepared(key, params)
     sets = load_neuron_sets(key)
     scores = ScoreStore(results_dir(key) / "scores")

@@ -7,8 +7,8 @@ from matrice.data.schema import load_queries
 from matrice.experiments.edit import EditConfig, edit_facts, editing_estimates, editing_interval_tables
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.report import ordered_langs
-from stages.common import (DATASET_DIR, load_neuron_sets, load_params, load_prepared, model_arg, relation_of, results_dir,
-                           setup_logging)
+from stages.common import (DATASET_DIR, config_from_params, load_neuron_sets, load_params, load_prepared, model_arg,
+                           relation_of, results_dir, setup_logging)
 
 
 def main() -> None:
@@ -16,11 +16,7 @@ def main() -> None:
     key = model_arg(__doc__)
     params = load_params()
     section = params["edit"]
-    try:
-        cfg = EditConfig(lambda1=section["lambda1"], lambda2=section["lambda2"], scaling=section.get("scaling", "raw"),
-                         locality_k=section["locality_k"], seed=params["seed"], batch_size=section["batch_size"])
-    except ValueError as exc:
-        raise SystemExit(f"params.yaml: edit: {exc}") from exc
+    cfg = config_from_params(EditConfig, params, "edit")
     adapter = load_prepared(key, params)
     sets = load_neuron_sets(key)
     queries = load_queries(DATASET_DIR / "queries.jsonl")  # locality samples unrelated facts from all of them

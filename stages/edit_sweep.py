@@ -9,8 +9,8 @@ from matrice.experiments.edit import EditConfig
 from matrice.experiments.edit_sweep import sweep_curves, sweep_table, sweep_update
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.report import plot_edit_sweep
-from stages.common import (DATASET_DIR, figure_path, load_neuron_sets, load_params, load_prepared, model_arg,
-                           results_dir, setup_logging)
+from stages.common import (DATASET_DIR, config_from_params, figure_path, load_neuron_sets, load_params,
+                           load_prepared, model_arg, results_dir, setup_logging)
 
 
 def main() -> None:
@@ -18,11 +18,7 @@ def main() -> None:
     key = model_arg(__doc__)
     params = load_params()
     section, sweep = params["edit"], params["edit_sweep"]
-    try:
-        cfg = EditConfig(scaling=section.get("scaling", "raw"), locality_k=section["locality_k"], seed=params["seed"],
-                         batch_size=section["batch_size"])
-    except ValueError as exc:
-        raise SystemExit(f"params.yaml: edit: {exc}") from exc
+    cfg = config_from_params(EditConfig, params, "edit")
     adapter = load_prepared(key, params)
     sets = load_neuron_sets(key)
     queries = load_queries(DATASET_DIR / "queries.jsonl")

@@ -9,7 +9,7 @@ from matrice.experiments.enhance import enhance_low_resource, enhancement_estima
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.report import plot_enhancement
 from stages.common import (
-    DATASET_DIR, evaluation_rule, figure_path, load_neuron_sets, load_params, load_prepared, load_probes, model_arg,
+                           DATASET_DIR, evaluation_rule, figure_path, load_neuron_sets, load_params, load_prepared, load_probes, model_arg,
     not_drawn_note, queries_of, relation_of, results_dir, setup_logging, split_empty,
 )
 

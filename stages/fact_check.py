@@ -20,8 +20,8 @@ from matrice.experiments.fact_check import (DETECTORS, NAMES, NEURON_SOURCES, ac
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.memo import Memo
 from matrice.report import plot_fact_check
-from stages.common import (DATASET_DIR, figure_path, load_neuron_sets, load_params, load_prepared, model_arg,
-                           results_dir, setup_logging)
+from stages.common import (DATASET_DIR, config_from_params, figure_path, load_neuron_sets, load_params,
+                           load_prepared, model_arg, results_dir, setup_logging)
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,7 @@ def main() -> None:
     source = params["fact_check"]["neuron_source"]
     if source not in NEURON_SOURCES:
         raise SystemExit(f"params.yaml: fact_check.neuron_source must be one of {NEURON_SOURCES}, got {source!r}")
-    try:
-        cfg = AttributionConfig(steps=params["steps"], baseline=params["baseline"],
-                                batch_size=params["attribute"]["batch_size"],
-                                integration=params.get("integration", "riemann_right"))
-    except ValueError as exc:
-        raise SystemExit(f"params.yaml: {exc}") from exc
+    cfg = config_from_params(AttributionConfig, params, "attribution")
     out = results_dir(key)
     degenerate_path = out / "degenerate.json"
     if not degenerate_path.exists():

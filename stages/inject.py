@@ -10,10 +10,8 @@ from matrice.experiments.inject import InjectConfig, inject_knowledge
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.memo import Memo
 from matrice.report import markdown_table
-from stages.common import (
-    DATASET_DIR, evaluation_rule, load_neuron_sets, load_params, load_prepared, load_probes, model_arg,
-    results_dir, setup_logging,
-)
+from stages.common import (DATASET_DIR, config_from_params, evaluation_rule, load_neuron_sets, load_params,
+                           load_prepared, load_probes, model_arg, results_dir, setup_logging)
 
 
 def main() -> None:
@@ -21,11 +19,7 @@ def main() -> None:
     key = model_arg(__doc__)
     params = load_params()
     s = params["inject"]
-    try:
-        cfg = InjectConfig(lrs={k: list(v) for k, v in s["lrs"].items()}, epochs=s["epochs"], batch_size=s["batch_size"],
-                           seed=params["seed"], lora_r=s["lora_r"], max_new=s["max_new"], max_old=s["max_old"])
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise SystemExit(f"params.yaml: inject: {exc}") from exc
+    cfg = config_from_params(InjectConfig, params, "inject")
     probes = load_probes(key)
     adapter = load_prepared(key, params)
     sets = load_neuron_sets(key)

@@ -11,7 +11,7 @@ from matrice.io import atomic_write_json, atomic_write_text
 from matrice.report import ordered_langs, plot_manipulation
 from matrice.selection import METHODS
 from stages.common import (
-    DATASET_DIR, evaluation_rule, figure_path, load_neuron_sets, load_params, load_prepared, model_arg, not_drawn_note,
+                           DATASET_DIR, evaluation_rule, figure_path, load_neuron_sets, load_params, load_prepared, model_arg, not_drawn_note,
     queries_of, relation_of, results_dir, split_empty, setup_logging,
 )
 

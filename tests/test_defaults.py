@@ -72,3 +72,17 @@ def test_the_check_catches_a_disagreement(monkeypatch):
     monkeypatch.setitem(PARAMS, "tau", 0.3)
     with pytest.raises(AssertionError, match="tau"):
         test_a_dataclass_default_is_the_params_yaml_value(SelectionConfig)
+
+
+@pytest.mark.parametrize("cls", [cls for cls in PARAMETERS if hasattr(cls, "from_params")], ids=lambda cls: cls.__name__)
+def test_a_config_built_from_params_yaml_is_the_default_config(cls):
+    """The one place each stage builds its config reads params.yaml into exactly the library's defaults."""
+    assert cls.from_params(PARAMS) == cls()
+
+
+def test_from_params_follows_params_yaml():
+    from matrice.experiments.edit import EditConfig
+
+    changed = {**PARAMS, "edit": {**PARAMS["edit"], "lambda1": 2.5, "locality_k": 7}, "seed": 3}
+    cfg = EditConfig.from_params(changed)
+    assert (cfg.lambda1, cfg.locality_k, cfg.seed) == (2.5, 7, 3)

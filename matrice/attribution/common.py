@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import torch
@@ -26,6 +26,11 @@ class AttributionConfig:
     baseline: BaselineKind = "saig"
     batch_size: int = 512  # rows (layer, baseline, step) per forward/backward, across queries, in the fast engine
     integration: Integration = "riemann_right"  # the paper's Eq. 4; gauss_legendre: same rows, smaller error
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "AttributionConfig":
+        return cls(steps=params["steps"], baseline=params["baseline"], batch_size=params["attribute"]["batch_size"],
+                   integration=params.get("integration", "riemann_right"))
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:

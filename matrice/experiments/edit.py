@@ -81,6 +81,12 @@ class EditConfig:
     erasure_known_only: bool = True
     batch_size: int = 32
 
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "EditConfig":
+        s = params["edit"]
+        return cls(lambda1=s["lambda1"], lambda2=s["lambda2"], scaling=s.get("scaling", "raw"), locality_k=s["locality_k"],
+                   seed=params["seed"], batch_size=s["batch_size"])
+
     def __post_init__(self) -> None:
         if self.locality_k < 0:
             raise ValueError(f"locality_k must be >= 0, got {self.locality_k}")

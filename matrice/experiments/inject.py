@@ -95,6 +95,12 @@ class InjectConfig:
     def sweep(self, variant: str) -> list[float]:
         return list(self.lrs.get(variant, self.lrs["default"]))
 
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "InjectConfig":
+        s = params["inject"]
+        return cls(lrs={k: list(v) for k, v in s["lrs"].items()}, epochs=s["epochs"], batch_size=s["batch_size"],
+                   seed=params["seed"], lora_r=s["lora_r"], max_new=s["max_new"], max_old=s["max_old"])
+
     def train_config(self, lr: float) -> TrainConfig:
         return TrainConfig(lr=lr, epochs=self.epochs, batch_size=self.batch_size, seed=self.seed, dropout=self.dropout,
                            max_grad_norm=self.max_grad_norm)
@@ -193,16 +199,7 @@ _RUN_FIELDS = ("epochs", "batch_size", "seed", "lora_r", "lora_alpha", "dropout"
 
 
 def _memoized(memo: Memo | None, key_parts: Mapping[str, Any], compute: Callable[[], Any]) -> Any:
-    if memo is None:
-        return compute()
-    key = memo.key(kind="inject_run", **key_parts)
-    value = memo.load(key)
-    if value is None:
-        value = compute()
-        memo.store(key, value)
-    else:
-        log.info("injection: %s at lr %s read back from %s", key_parts["variant"], key_parts.get("lr"), memo.directory)
-    return value
+    return compute() if memo is None else memo.get_or_compute(compute, kind="inject_run", **key_parts)
 
 
 def _accuracies(records: Sequence[InjectionRecord]) -> dict[str, Any]:

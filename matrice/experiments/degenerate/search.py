@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Any, Generator, Sequence
+from typing import Any, Generator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,12 @@ class DegenerateConfig:
     max_candidates: int = 12
     max_group: int = 4
     batch_size: int = 32
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "DegenerateConfig":
+        s = params["degenerate"]
+        return cls(t_high=s["t_high"], t_low=s["t_low"], max_candidates=s["max_candidates"], max_group=s["max_group"],
+                   batch_size=params["manipulate"]["batch_size"])
 
     def __post_init__(self) -> None:
         if not 0 < self.t_low < self.t_high:
