@@ -477,6 +477,17 @@ def test_inject_units_come_from_attributed_facts_and_q_old_from_the_others():
 
 # ---- case study ---------------------------------------------------------------------------------
 
+def test_case_study_fact_is_the_requested_one_or_the_first_capital():
+    from matrice.experiments.case_study import choose_fact
+
+    attributed = ["P17-1", "P36-4", "P36-9"]
+    assert choose_fact(None, attributed) == "P36-4"
+    assert choose_fact(None, ["P17-1", "P30-2"]) == "P17-1"
+    assert choose_fact("P36-9", attributed) == "P36-9"
+    with pytest.raises(ValueError, match="P17-1"):  # the message lists what can be studied
+        choose_fact("P99-0", attributed)
+
+
 def test_case_study(gpt2_implant):
     a, _ = gpt2_implant
     saved = state(a.model)

@@ -23,7 +23,7 @@ from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.hooks import neuron_edits
 from matrice.models.predict import greedy_decode, is_correct, score_answers
-from matrice.report import RunResults
+from matrice.report import RunResults, markdown_table, ordered_langs
 
 
 @dataclass
@@ -135,6 +135,40 @@ def case_study(
         if q.query_id in failed:
             study.languages[lang] = {"query_id": q.query_id, "unencodable": failed[q.query_id]}
     return study
+
+
+# ---- the fact studied and its table ----------------------------------------------------------
+
+def choose_fact(requested: str | None, attributed: list[str]) -> str:
+    """The requested fact, or the first attributed capital (P36) fact, or the first attributed one."""
+    if requested is not None:
+        if requested not in attributed:
+            raise ValueError(f"{requested!r} has no neuron set; attributed facts: {attributed}")
+        return requested
+    capitals = [f for f in attributed if f.startswith("P36")]
+    return (capitals or attributed)[0]
+
+
+def _cell(state: Mapping[str, Any] | None, key: str) -> str:
+    if state is None:
+        return "–"
+    mark = "✓" if state.get(key) else "✗"
+    return f"{state['text']!s} {mark}"
+
+
+def case_study_table(study: CaseStudy, fact: str) -> str:
+    """Fig. 7 as markdown: each language's query, gold answer and the three predictions."""
+    rows = []
+    for lang in ordered_langs(study.languages):
+        d = study.languages[lang]
+        if "unencodable" in d:
+            rows.append([lang, d["query_id"], "unencodable", "", "", ""])
+            continue
+        rows.append([lang, f"`{d['prompt'] if 'prompt' in d else d['cloze']}`", d["gold"],
+                     _cell(d["before"], "correct"), _cell(d["enhanced"], "correct"), _cell(d["updated"], "is_new")])
+    return (f"**Fig. 7** — fact `{fact}` ({study.method}: {study.n_neurons} neurons); update to the object of "
+            f"`{study.new_object_from}`. ✓ = gold answer (before/enhanced) or new object (updated)\n\n"
+            + markdown_table(["lang", "query", "gold", "before", f"enhanced ×{study.factor:g}", "updated"], rows))
 
 
 # ---- its section of the report ------------------------------------------------------------------
