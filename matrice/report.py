@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 LANG_ORDER = ["en", "fr", "zh", "fi", "hu", "ja", "ko"]
 
@@ -79,10 +79,13 @@ def plot_layer_distribution(
     _save_figure(fig, path)
 
 
-def wide_rows(index_name: str, series: Mapping[str, list[float]]) -> list[dict]:
-    """[{index: i, method1: v, method2: v, ...}] — the layout `dvc plots` draws one line per column of."""
-    length = max((len(v) for v in series.values()), default=0)
-    return [{index_name: i, **{name: values[i] for name, values in series.items()}} for i in range(length)]
+def wide_rows(index_name: str, series: Mapping[str, Sequence[Any]], labels: Sequence[Any] | None = None) -> list[dict]:
+    """[{index: i, method1: v, method2: v, ...}] — the layout `dvc plots` draws one line per column of.
+    With ``labels`` the index takes them (one row each); estimates enter as their means."""
+    length = len(labels) if labels is not None else max((len(v) for v in series.values()), default=0)
+    value = lambda v: v.mean if hasattr(v, "low") else v  # noqa: E731  (an Estimate: its mean)
+    return [{index_name: i if labels is None else labels[i], **{name: value(values[i]) for name, values in series.items()}}
+            for i in range(length)]
 
 
 def _interval_bars(ax, groups: list[str], series: Mapping[str, list[Any]]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from matrice.claims import method_name
 from matrice.data.schema import load_queries
 from matrice.experiments.edit import EditConfig
-from matrice.experiments.edit_sweep import sweep_curves, sweep_table, sweep_update
+from matrice.experiments.edit_sweep import sweep_curves, sweep_plot_rows, sweep_table, sweep_update
 from matrice.io import atomic_write_json, atomic_write_text
 from matrice.report import plot_edit_sweep
 from stages.common import (DATASET_DIR, config_from_params, figure_path, load_neuron_sets, load_params,
@@ -31,9 +31,7 @@ def main() -> None:
     data = result.to_dict()
     curves = sweep_curves(data)
     atomic_write_json(out / "edit_sweep.json", data)
-    atomic_write_json(out / "edit_sweep_plot.json", [
-        {"method": method_name(m), "lambda": lam, "reliability": rel.mean, "locality": loc.mean, "n_facts": rel.n}
-        for m, points in curves.items() for lam, rel, loc in points if rel.mean is not None])
+    atomic_write_json(out / "edit_sweep_plot.json", sweep_plot_rows(curves, method_name))
     atomic_write_text(out / "edit_sweep_table.md", sweep_table(curves, method_name))
     plot_edit_sweep({method_name(m): p for m, p in curves.items()}, figure_path(key, "edit_sweep.png"),
                     f"{key}: update edit, λ1 = λ2 = λ ∈ {result.lambdas} ({cfg.scaling} scaling); "

@@ -7,7 +7,7 @@ from matrice.claims import method_name
 from matrice.data.schema import load_queries
 from matrice.experiments.enhance import enhance_low_resource, enhancement_estimates, enhancement_interval_table
 from matrice.io import atomic_write_json, atomic_write_text
-from matrice.report import plot_enhancement
+from matrice.report import plot_enhancement, wide_rows
 from stages.common import (
                            DATASET_DIR, evaluation_rule, figure_path, load_neuron_sets, load_params, load_prepared, load_probes, model_arg,
     not_drawn_note, queries_of, relation_of, results_dir, setup_logging, split_empty,
@@ -35,8 +35,7 @@ def main() -> None:
         m: {"accuracy_gain": cells[0].mean, "n_relations": cells[0].n} for m, cells in overall.items()}})
     names = sorted({r["relation"] for r in result.by_relation})
     per_relation, _ = enhancement_estimates(data, rule, "relation", names, relations)
-    atomic_write_json(out / "enhancement_plot.json", [
-        {"relation": rel, **{m: cells[i].mean for m, cells in per_relation.items()}} for i, rel in enumerate(names)])
+    atomic_write_json(out / "enhancement_plot.json", wide_rows("relation", per_relation, names))
     shown, empty = split_empty(sets, list(per_relation))
     plot_enhancement({method_name(m): per_relation[m] for m in shown}, names, figure_path(key, "fig6_enhancement.png"),
                      f"Fig. 6 — {key}: enhancement in {', '.join(section['languages'])}, "

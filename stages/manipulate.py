@@ -6,9 +6,9 @@ from __future__ import annotations
 from matrice.claims import method_name
 from matrice.data.schema import load_queries
 from matrice.experiments.manipulate import (ablation_estimates, manipulate, manipulation_estimates,
-                                           manipulation_interval_tables)
+                                           manipulation_interval_tables, manipulation_metrics)
 from matrice.io import atomic_write_json, atomic_write_text
-from matrice.report import ordered_langs, plot_manipulation
+from matrice.report import ordered_langs, plot_manipulation, wide_rows
 from matrice.selection import METHODS
 from stages.common import (
                            DATASET_DIR, evaluation_rule, figure_path, load_neuron_sets, load_params, load_prepared, model_arg, not_drawn_note,
@@ -32,14 +32,10 @@ def main() -> None:
     rule, relations = evaluation_rule(params), relation_of(queries)
     langs = ordered_langs({r["lang"] for r in result.summary})
     estimates, have_eval = manipulation_estimates(data, rule, [*langs, None], relations)
-    ablation = ablation_estimates(data, rule, relations)
-    atomic_write_json(out / "manipulation_metrics.json", {
-        "manipulation": {m: {mode: estimates[mode][m][-1].mean for mode in estimates} for m in estimates["suppress"]},
-        "ablation": {m: e.mean for m, e in ablation.items()},
-    })
+    atomic_write_json(out / "manipulation_metrics.json",
+                      manipulation_metrics(estimates, ablation_estimates(data, rule, relations)))
     for mode, per_method in estimates.items():
-        atomic_write_json(out / f"manipulation_{mode}_plot.json",
-                          [{"lang": l, **{m: cells[i].mean for m, cells in per_method.items()}} for i, l in enumerate(langs)])
+        atomic_write_json(out / f"manipulation_{mode}_plot.json", wide_rows("lang", per_method, langs))
     shown, empty = split_empty(sets, ["matrice", "amig", "amig_k", "random", "random_layer"])
     plot_manipulation({mode: {method_name(m): per[m][:-1] for m in shown if m in per} for mode, per in estimates.items()},
                       langs, figure_path(key, "fig5_manipulation.png"), f"Fig. 5 — {key}: relative change of P(answer), "

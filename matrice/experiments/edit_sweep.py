@@ -182,6 +182,12 @@ def sweep_curves(sweep: Mapping[str, Any]) -> dict[str, list[tuple[float, Estima
     return curves
 
 
+def sweep_plot_rows(curves: Mapping[str, Sequence[tuple[float, Estimate, Estimate]]], name=lambda m: m) -> list[dict]:
+    """`dvc plots` rows: one per (method, λ) with a reliability estimate."""
+    return [{"method": name(m), "lambda": lam, "reliability": rel.mean, "locality": loc.mean, "n_facts": rel.n}
+            for m, points in curves.items() for lam, rel, loc in points if rel.mean is not None]
+
+
 def sweep_table(curves: Mapping[str, Sequence[tuple[float, Estimate, Estimate]]], name=lambda m: m) -> str:
     """Markdown: one row per (method, λ), reliability and locality as mean [95% CI] (n facts)."""
     lines = ["| method | λ | reliability | locality |", "|---|---|---|---|"]

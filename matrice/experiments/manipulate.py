@@ -256,6 +256,13 @@ def ablation_estimates(manip: Mapping[str, Any], is_evaluation: Callable[[str], 
 
 
 
+def manipulation_metrics(estimates: Mapping[str, Mapping[str, Sequence[Estimate]]], ablation: Mapping[str, Estimate]
+                         ) -> dict[str, Any]:
+    """The metrics JSON: each method's ΔP/P over every language per mode, and Table II's effects."""
+    return {"manipulation": {m: {mode: estimates[mode][m][-1].mean for mode in estimates} for m in estimates["suppress"]},
+            "ablation": {m: e.mean for m, e in ablation.items()}}
+
+
 def manipulation_interval_tables(manip: Mapping[str, Any], is_evaluation: Callable[[str], bool],
                                  languages: Sequence[str], relation_of: RelationOf = relation_prefix) -> str:
     """Fig. 5 per language and over all languages, then Table II's signed effects: the verdicts' queries
