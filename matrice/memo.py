@@ -96,15 +96,19 @@ class Memo:
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.json"
 
-    def load(self, key: str) -> Any | None:
-        path = self._path(key)
+    @staticmethod
+    def _read(path: Path, read: Callable[[Path], Any]) -> Any | None:
+        """An entry, or None when absent or unreadable (an unreadable entry is recomputed, never trusted)."""
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))["value"]
-        except (OSError, ValueError, KeyError) as exc:  # an unreadable entry is recomputed, never trusted
+            return read(path)
+        except (OSError, ValueError, KeyError) as exc:
             log.warning("memo entry %s unreadable (%s); recomputing", path, exc)
             return None
+
+    def load(self, key: str) -> Any | None:
+        return self._read(self._path(key), lambda path: json.loads(path.read_text(encoding="utf-8"))["value"])
 
     def store(self, key: str, value: Any) -> None:
         atomic_write_json(self._path(key), {"value": value})
@@ -122,14 +126,7 @@ class Memo:
         return value
 
     def load_array(self, key: str) -> np.ndarray | None:
-        path = self.directory / f"{key}.npy"
-        if not path.exists():
-            return None
-        try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            log.warning("memo entry %s unreadable (%s); recomputing", path, exc)
-            return None
+        return self._read(self.directory / f"{key}.npy", lambda path: np.load(path, allow_pickle=False))
 
     def store_array(self, key: str, array: np.ndarray) -> None:
         buffer = io.BytesIO()

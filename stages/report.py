@@ -48,7 +48,7 @@ def _run(key: str, params: dict) -> RunResults:
     if key not in _RUNS:
         from matrice.experiments.registry import all_claims
 
-        run = RunResults(key, results_dir(key), REPORTS_DIR, params, _rule(params), _relation_of())
+        run = RunResults(key, results_dir(key), REPORTS_DIR, params, evaluation_rule(params), _relation_of())
         primary, margins, alpha = _verdict_params(params)
         run.claims = all_claims(
             sets=run.json("neurons.json")["facts"], n_layers=len(run.json("layer_distribution.json")),
@@ -113,15 +113,6 @@ def replication_section(key: str, params: dict) -> str:
         + "\nScale: the paper uses four LLMs of 1.3B-13B parameters and 7,849 facts; a verdict here is about this "
         "run's model and facts only. An inconclusive row says the data cannot tell, not that the effect is absent.\n"
     )
-
-
-@lru_cache(maxsize=None)
-def _evaluation_rule(localisation: int | None):
-    return evaluation_rule({"attribute": {"templates_per_language": localisation}})
-
-
-def _rule(params: dict):
-    return _evaluation_rule(params["attribute"]["templates_per_language"])
 
 
 def model_section(key: str, params: dict) -> str:
