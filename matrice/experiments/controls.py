@@ -1,4 +1,4 @@
-"""Controls that test what the paper assumes (issue #10): are the neurons language-agnostic, and are
+"""Controls that test what the paper assumes: are the neurons language-agnostic, and are
 they specific to their fact?
 
 - **Leave-one-language-out** (LOLO): for each language k, the neurons selected from the other
