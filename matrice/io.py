@@ -100,3 +100,28 @@ _NPZ_TIME = (1980, 1, 1, 0, 0, 0)
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _atomic_replace(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
+class RunOutputs:
+    """Where one model's experiment writes: its results folder (JSON, tables) and its figures folder.
+    Every write is atomic; an experiment's ``write_outputs`` takes one of these, so the files it makes
+    are named in one place and a stage only says which folders."""
+
+    def __init__(self, results: str | Path, figures: str | Path, model: str) -> None:
+        self.results, self.figures, self.model = Path(results), Path(figures), model
+
+    def json(self, name: str, obj: Any) -> None:
+        atomic_write_json(self.results / name, obj)
+
+    def text(self, name: str, text: str) -> None:
+        atomic_write_text(self.results / name, text)
+
+    def figure(self, name: str) -> Path:
+        return self.figures / name
+
+    def read_json(self, name: str) -> Any:
+        """A result an earlier stage wrote (its absence named, with the stage to run)."""
+        path = self.results / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run the stage that writes it (dvc repro)")
+        return json.loads(path.read_text(encoding="utf-8"))

@@ -219,6 +219,17 @@ def plot_fact_check(f1: Mapping[str, list[Any]], langs: list[str], path, title: 
     _save_figure(fig, path)
 
 
+def split_empty(sets, methods) -> tuple[list[str], list[str]]:
+    """(methods with neurons for some fact, methods empty for every fact): a figure draws the first
+    and names the second, so "no neurons" is never drawn as a measured zero."""
+    empty = [m for m in methods if all(len(per[m]) == 0 for per in sets.facts.values())]
+    return [m for m in methods if m not in empty], empty
+
+
+def not_drawn_note(empty: list[str], name) -> str:
+    return f" ({', '.join(name(m) for m in empty)}: no neurons for any fact, not drawn)" if empty else ""
+
+
 def pivot(rows: list[dict], row_key: str, col_key: str, value: str, row_order: list[str], col_order: list[str]) -> list[list]:
     cell = {(r[row_key], r[col_key]): r.get(value) for r in rows}
     return [[rk] + [cell.get((rk, ck)) for ck in col_order] for rk in row_order]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -113,23 +116,93 @@ def figure_path(key: str, name: str) -> Path:
     return REPORTS_DIR / "figures" / key / name
 
 
-def evaluation_rule(params: dict[str, Any]):
+def evaluation_rule(params: dict[str, Any], queries=None):
     """is_evaluation(query_id): the query's paraphrase (template ≥ attribute.templates_per_language)
     was never attributed, so every experiment can score on queries selection never saw."""
     from matrice.data.schema import load_queries
     from matrice.data.split import HeldOutSplit
 
     split = HeldOutSplit.from_params(params)
-    held_out = {q.query_id: split.is_held_out(q) for q in load_queries(DATASET_DIR / "queries.jsonl")}
+    queries = load_queries(DATASET_DIR / "queries.jsonl") if queries is None else queries
+    held_out = {q.query_id: split.is_held_out(q) for q in queries}
     return held_out.__getitem__
 
 
-def split_empty(sets, methods) -> tuple[list[str], list[str]]:
-    """(methods with neurons for some fact, methods empty for every fact): a figure draws the first
-    and names the second, so "no neurons" is never drawn as a measured zero."""
-    empty = [m for m in methods if all(len(per[m]) == 0 for per in sets.facts.values())]
-    return [m for m in methods if m not in empty], empty
+@dataclass
+class ModelStage:
+    """One per-model stage's inputs, each read on first use: the model, its neuron sets, the dataset's
+    queries, the probe, the held-out rule and the relation of each fact, and where outputs go."""
 
+    key: str
+    params: dict[str, Any]
+    args: argparse.Namespace | None = None  # the stage's own command-line options, if it has any
 
-def not_drawn_note(empty: list[str], name) -> str:
-    return f" ({', '.join(name(m) for m in empty)}: no neurons for any fact, not drawn)" if empty else ""
+    @classmethod
+    def start(cls, description: str, options: Callable[[argparse.ArgumentParser], None] | None = None) -> "ModelStage":
+        """Logging set up, the model key (and any `options`) parsed from the command line, params read."""
+        setup_logging()
+        parser = argparse.ArgumentParser(description=description)
+        parser.add_argument("model", help="key of the model under `models:` in params.yaml")
+        if options:
+            options(parser)
+        args = parser.parse_args()
+        return cls(args.model, load_params(), args)
+
+    def config(self, cls: type[T], section: str) -> T:
+        return config_from_params(cls, self.params, section)
+
+    @cached_property
+    def adapter(self) -> "ModelAdapter":
+        return load_prepared(self.key, self.params)
+
+    def loader(self, **options: Any) -> Callable[..., "ModelAdapter"]:
+        """`load_prepared` for this model as a picklable callable (a Ray actor calls it to load its copy)."""
+        return functools.partial(load_prepared, self.key, self.params, **options)
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """The model's entry under `models:` in params.yaml."""
+        return model_params(self.params, self.key)
+
+    @cached_property
+    def split(self):
+        """Which paraphrases localise and which are held out (`attribute.templates_per_language`)."""
+        from matrice.data.split import HeldOutSplit
+
+        return HeldOutSplit.from_params(self.params)
+
+    @cached_property
+    def sets(self):
+        return load_neuron_sets(self.key)
+
+    @cached_property
+    def queries(self) -> list:
+        from matrice.data.schema import load_queries
+
+        return load_queries(DATASET_DIR / "queries.jsonl")
+
+    @property
+    def attributed_queries(self) -> list:
+        return queries_of(self.queries, self.sets.facts)
+
+    @cached_property
+    def probes(self) -> list[dict]:
+        return load_probes(self.key)
+
+    @cached_property
+    def rule(self) -> Callable[[str], bool]:
+        return evaluation_rule(self.params, self.queries)
+
+    @cached_property
+    def relations(self) -> Callable[[str], str]:
+        return relation_of(self.queries)
+
+    @property
+    def out(self) -> Path:
+        return results_dir(self.key)
+
+    @cached_property
+    def outputs(self):
+        from matrice.io import RunOutputs
+
+        return RunOutputs(results_dir(self.key), REPORTS_DIR / "figures" / self.key, self.key)

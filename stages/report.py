@@ -1,165 +1,28 @@
-"""report: reports/report.md — every figure and table of the run with a sentence on what it shows."""
+"""report: reports/report.md — every figure and table of the run with a sentence on what it shows —
+and reports/verdicts.json, the judged claim rows (matrice.evaluation.document)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from functools import lru_cache
-from pathlib import Path
-
-import yaml
-
-from matrice.io import atomic_write_json, atomic_write_text
-from matrice.report import RunResults, markdown_table
+from matrice.data.schema import load_queries
+from matrice.evaluation.document import judge, write_report
+from matrice.report import RunResults
 from stages.common import (DATASET_DIR, REPORTS_DIR, evaluation_rule, load_params, relation_of, results_dir,
                            setup_logging)
-
-REPORT = REPORTS_DIR / "report.md"
-VERDICTS = REPORTS_DIR / "verdicts.json"
-
-
-def _read(path: Path) -> str:
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: run the stage that writes it (dvc repro)")
-    return path.read_text(encoding="utf-8")
-
-
-VERDICT_ORDER = ("replicates", "contradicts", "equivalent", "inconclusive", "no data", "not judged")
-
-
-@lru_cache(maxsize=None)
-def _relation_of():
-    """fact id -> relation, from the dataset (stages.common.relation_of)."""
-    from matrice.data.schema import load_queries
-
-    return relation_of(load_queries(DATASET_DIR / "queries.jsonl"))
-
-
-def _verdict_params(params: dict) -> tuple[list[str], dict[str, float], float]:
-    section = params.get("verdicts") or {}
-    return list(section.get("primary") or []), dict(section.get("margins") or {}), float(section.get("alpha", 0.05))
-
-
-_RUNS: dict[str, RunResults] = {}
-
-
-def _run(key: str, params: dict) -> RunResults:
-    """The model's results as every section reads them, with every judged claim row (computed once:
-    the verdict table and the sections that quote a row read the same numbers)."""
-    if key not in _RUNS:
-        from matrice.experiments.registry import all_claims
-
-        run = RunResults(key, results_dir(key), REPORTS_DIR, params, evaluation_rule(params), _relation_of())
-        primary, margins, alpha = _verdict_params(params)
-        run.claims = all_claims(
-            sets=run.json("neurons.json")["facts"], n_layers=len(run.json("layer_distribution.json")),
-            manip=run.json("manipulation.json"), editing=run.json("editing.json"),
-            enhancement=run.json("enhancement.json"), is_evaluation=run.is_evaluation,
-            controls=run.json("controls.json"), injection=run.json("injection.json"),
-            fact_check=run.json("fact_check.json"), relation_of=run.relation_of,
-            primary=primary, margins=margins, alpha=alpha)
-        _RUNS[key] = run
-    return _RUNS[key]
-
-
-def _headline(claims: list) -> str:
-    """Counts over the rows that can be tested, primary and exploratory apart; the rest named with why."""
-    from matrice.claims import verdict_counts
-
-    def counts(rows: list) -> str:
-        n = verdict_counts(rows)
-        return ", ".join(f"{n[v]} {v}" for v in VERDICT_ORDER if n.get(v)) or "none"
-
-    testable = [c for c in claims if c.verdict not in ("not testable", "no data")]
-    untestable = [c for c in claims if c.verdict == "not testable"]
-    no_data = [c.key for c in claims if c.verdict == "no data"]
-    primary = [c for c in testable if c.primary]
-    return (f"Of {len(claims)} rows, **{len(testable)} can be tested**. Primary family ({len(primary)} testable): "
-            f"{counts(primary)}. Exploratory ({len(testable) - len(primary)}): {counts([c for c in testable if not c.primary])}. "
-            f"**{len(untestable)} not testable**" + (": " + "; ".join(f"{c.key} ({c.untestable})" for c in untestable)
-                                                    if untestable else "") + "."
-            + (f" No data in this run: {', '.join(no_data)}." if no_data else ""))
-
-
-def replication_section(key: str, params: dict) -> str:
-    """"Does the paper replicate here?": every claim as a paired difference tested over relation
-    clusters, with Holm over the declared primary family (matrice.claims)."""
-    from matrice.claims import claims_table, missing_primary, power_table
-
-    run = _run(key, params)
-    claims = run.claims
-    primary, margins, alpha = _verdict_params(params)
-    sets = run.json("neurons.json")["facts"]
-    relations = {_relation_of()(f) for f in sets}
-    absent = missing_primary(claims, primary)
-    margin_text = ", ".join(f"{m} ±{v}" for m, v in margins.items()) or "none declared"
-    return (
-        f"### `{key}` ({len(sets)} facts in {len(relations)} relations)\n\n{_headline(claims)}\n\n"
-        "How a row is decided. Each row is a difference whose sign the paper asserts (MATRICE − X per fact). Facts "
-        "of one relation share neurons, so the unit is the **relation**: each relation's facts are averaged, and the "
-        "relation means go into an exact paired sign-flip permutation test (every sign pattern; with n relations p "
-        "cannot go below 1/2^(n−1)); the 95% interval is that test inverted (the shifts it does not reject), so it "
-        "excludes 0 exactly when p < 0.05. The fact-level estimate stands beside it for reference only. F1 (fact "
-        "checking) is a ratio of sums: relations' summed counts, swapped between the two detectors in the "
-        "permutation test, resampled for the interval. Verdicts: **not testable** when a side selected or trained "
-        "nothing for at least half the facts, or both sides take one value in every fact; **replicates** / "
-        "**contradicts** when the interval lies on the paper's / the other side and p < α — the Holm-adjusted p for "
-        f"the **primary** rows declared in `params.yaml` (`verdicts.primary`, one per paper figure or table), the "
-        f"raw p for every other, **exploratory**, row; **equivalent** when the interval lies inside the metric's "
-        f"margin declared before the run ({margin_text}); **inconclusive** otherwise. α = {alpha}. Queries are "
-        "*evaluation* queries (paraphrases never attributed) where the run has them.\n\n"
-        + (f"Declared primary rows this run has no data for: {', '.join(absent)}.\n\n" if absent else "")
-        + claims_table(claims)
-        + "\n#### Power\n\n" + power_table(claims, alpha, len(sets) / max(1, len(relations)))
-        + "\nScale: the paper uses four LLMs of 1.3B-13B parameters and 7,849 facts; a verdict here is about this "
-        "run's model and facts only. An inconclusive row says the data cannot tell, not that the effect is absent.\n"
-    )
-
-
-def model_section(key: str, params: dict) -> str:
-    """The model's probe and selection, then every experiment's own section (matrice.experiments.registry)."""
-    from matrice.experiments.registry import SECTIONS
-
-    run = _run(key, params)
-    sel = run.json("selection_metrics.json")["selection"]
-    sel_rows = [[m, s["n_facts"], s["mean_per_fact"], s["median_per_fact"], s["n_empty"]] for m, s in sel.items()]
-    parts = [
-        f"## Model `{key}`\n",
-        "### Probing\nP(gold first token) and greedy-decoding accuracy per language on every query; these define "
-        "Q_old / Q_error / Q_new.\n\n" + run.text("probe_table.md"),
-        "### Selected neurons\nNeurons per fact for each method (τ = "
-        f"{params['tau']}, τ_AMIG = {params['tau_amig']}); an empty set means no neuron passed the threshold.\n\n"
-        + markdown_table(["method", "facts", "mean", "median", "empty sets"], sel_rows),
-        "### Distribution over layers (Fig. 4)\nWhere the selected neurons sit: share of all selected neurons per layer.\n\n"
-        + run.figure("fig4_layer_distribution.png", f"Fig. 4 — layer distribution of selected neurons, {key}"),
-        *(section(run) for section in SECTIONS),
-    ]
-    return "\n".join(parts)
 
 
 def main() -> None:
     setup_logging()
     params = load_params()
+    queries = load_queries(DATASET_DIR / "queries.jsonl")
+    rule, relations = evaluation_rule(params, queries), relation_of(queries)
+    stats = DATASET_DIR / "stats.md"
     try:
-        write_report(params)
+        if not stats.exists():
+            raise FileNotFoundError(f"{stats} is missing: run the stage that writes it (dvc repro)")
+        runs = {key: judge(RunResults(key, results_dir(key), REPORTS_DIR, params, rule, relations)) for key in params["models"]}
+        write_report(params, runs, stats.read_text(encoding="utf-8"), REPORTS_DIR / "report.md", REPORTS_DIR / "verdicts.json")
     except FileNotFoundError as exc:
         raise SystemExit(str(exc)) from exc
-
-
-def write_report(params: dict) -> None:
-    sections = [
-        "# MATRICE report\n",
-        "Language-agnostic knowledge neurons found with MATRICE (SAIG attribution + uncertainty across queries and "
-        "languages) and the experiments of the paper's section IV, on this run's models and data. Every number "
-        "below was computed by `dvc repro` from `params.yaml`; nothing is copied from the paper.\n",
-        "## Does the paper replicate here?\n",
-        *(replication_section(key, params) for key in params["models"]),
-        "## Dataset (Table I)\n" + "".join(
-            line for line in _read(DATASET_DIR / "stats.md").splitlines(keepends=True) if not line.startswith("# ")),
-        *(model_section(key, params) for key in params["models"]),
-        "## Parameters of this run\n```yaml\n" + yaml.safe_dump(params, sort_keys=False, allow_unicode=True) + "```\n",
-    ]
-    atomic_write_text(REPORT, "\n".join(sections))
-    atomic_write_json(VERDICTS, {key: [asdict(c) for c in _run(key, params).claims] for key in params["models"]})
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import matrice.experiments.inject as inject_module
+import matrice.experiments.inject.training as inject_module
 from matrice.experiments.inject import InjectConfig, inject_knowledge
 from matrice.memo import Memo, code_fingerprint, model_digest
 from conftest import tiny_on_device as tiny_adapter  # on MATRICE_TEST_DEVICE

@@ -232,7 +232,7 @@ def test_experiment_inputs_missing_give_clear_messages(tmp_path, monkeypatch):
 
 def test_figures_name_methods_with_no_neurons_instead_of_drawing_zeros():
     from matrice.selection import NeuronSets
-    from stages.common import not_drawn_note, split_empty
+    from matrice.report import not_drawn_note, split_empty
 
     sets = NeuronSets(methods=["matrice", "amig"], facts={})
     sets.add("a", {"matrice": np.array([[1, 2]]), "amig": np.zeros((0, 2))})

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -205,3 +205,20 @@ class RayExecutor:
             submit(actor)
             on_query(len(job.encs))
             yield output
+
+
+def make_executor(section: Mapping[str, Any], adapter: ModelAdapter, load_adapter: Callable[[], ModelAdapter]
+                  ) -> "LocalExecutor | RayExecutor":
+    """``section["executor"]``: ``local`` (this process) or ``ray`` (model-holding actors on a Ray cluster)."""
+    kind = section.get("executor", "local")
+    if kind == "local":
+        return LocalExecutor(adapter)
+    if kind != "ray":
+        raise ValueError(f"attribute.executor must be one of {EXECUTORS}, got {kind!r}")
+    try:
+        import ray  # noqa: F401
+    except ImportError as exc:
+        raise ValueError("attribute.executor: ray needs Ray: pip install -e '.[ray]'") from exc
+    return RayExecutor(load_adapter, address=section.get("ray_address") or "local", workers=section.get("workers"),
+                       cpus_per_worker=section.get("cpus_per_worker", 1),
+                       gpus_per_worker=section.get("gpus_per_worker", 1))

@@ -76,7 +76,10 @@ def choose_facts(queries: Sequence[Query], per_relation: int | None, seed: int, 
         return sample_facts_per_relation(queries, per_relation, seed)
     if probes is None:
         raise ValueError("attribute.fact_policy 'known' needs the probe results")
-    return sample_facts_per_relation(queries, per_relation, seed, known_facts(probes, lang))
+    facts = sample_facts_per_relation(queries, per_relation, seed, known_facts(probes, lang))
+    if not facts:
+        raise ValueError(f"no fact is answered in {lang!r} (attribute.fact_policy: known); set attribute.fact_policy: any")
+    return facts
 
 
 def shard_name(fact_id: str) -> str:

@@ -22,7 +22,7 @@ against consistency (Spearman ρ, 95% bootstrap interval over facts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import combinations
 from typing import Any, Mapping, Sequence
 
@@ -30,7 +30,8 @@ import numpy as np
 from scipy import stats as sps
 
 from matrice.stats import Estimate, bootstrap_mean, per_fact_mean, pooled_ratio, resample_indices
-from matrice.report import RunResults
+from matrice.io import RunOutputs
+from matrice.report import RunResults, plot_consistency
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,29 @@ def consistency_table(facts: list[FactConsistency], rows: list[dict], cut: float
             + "\n".join(lines) + "\n\nConsistent vs inconsistent facts: mean [95% CI] (n facts); difference = "
             "consistent − inconsistent (bootstrap within groups); ρ with a 95% bootstrap interval over facts.\n\n"
             + "\n".join(link) + "\n")
+
+
+def write_outputs(facts: list[FactConsistency], out: RunOutputs, is_evaluation, section: Mapping[str, Any],
+                  seed: int) -> None:
+    """Split the facts, link them to the manipulation and editing results already in ``out``, and write
+    the result, its metrics, table, `dvc plots` rows and scatter figure."""
+    scores = {f.fact_id: f.consistency for f in facts if f.consistency is not None}
+    consistent, cut = split_consistent(scores, section.get("threshold"))
+    effects = fact_effects(out.read_json("manipulation.json"), out.read_json("editing.json"), is_evaluation)
+    rows = link_table(scores, consistent, effects, seed)
+    out.json("consistency.json", {
+        "top_k": section["top_k"], "threshold": cut, "rule": "median" if section.get("threshold") is None else "fixed",
+        "facts": [{**asdict(f), "consistent": consistent.get(f.fact_id)} for f in facts],
+        "effects": effects, "link": [{k: (asdict(v) if k != "effect" else v) for k, v in r.items()} for r in rows],
+    })
+    out.json("consistency_metrics.json", {"consistency": consistency_metrics(facts, consistent, rows)})
+    out.text("consistency_table.md", consistency_table(facts, rows, cut, section))
+    out.json("consistency_plot.json", [
+        {"fact": f, "consistency": scores[f], "suppression": effects[SCATTER_EFFECT].get(f), "consistent": consistent[f]}
+        for f in sorted(scores)])
+    plot_consistency({f: (scores[f], effects[SCATTER_EFFECT].get(f), consistent[f]) for f in scores}, cut, SCATTER_EFFECT,
+                     out.figure("consistency.png"),
+                     f"{out.model}: query-localisation consistency (top-{section['top_k']}) vs MATRICE suppression")
 
 
 # ---- its section of the report ------------------------------------------------------------------

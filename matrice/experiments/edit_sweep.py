@@ -35,7 +35,9 @@ from matrice.models.encoding import encode_query
 from matrice.models.predict import score_answers
 from matrice.models.replay import recorded_blocks, replayed_below
 from matrice.stats import Estimate, bootstrap_mean, pooled_ratio
-from matrice.report import RunResults
+from matrice.claims import method_name
+from matrice.io import RunOutputs
+from matrice.report import RunResults, plot_edit_sweep
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +200,17 @@ def sweep_table(curves: Mapping[str, Sequence[tuple[float, Estimate, Estimate]]]
 
 
 # ---- its section of the report ------------------------------------------------------------------
+
+def write_outputs(sweep: Mapping[str, Any], out: RunOutputs) -> None:
+    """The result, the `dvc plots` rows, the table with intervals and the reliability/locality figure."""
+    curves = sweep_curves(sweep)
+    out.json("edit_sweep.json", sweep)
+    out.json("edit_sweep_plot.json", sweep_plot_rows(curves, method_name))
+    out.text("edit_sweep_table.md", sweep_table(curves, method_name))
+    plot_edit_sweep({method_name(m): p for m, p in curves.items()}, out.figure("edit_sweep.png"),
+                    f"{out.model}: update edit, λ1 = λ2 = λ ∈ {sweep['lambdas']} ({sweep['config']['scaling']} scaling); "
+                    "original queries, every language")
+
 
 def section(run: RunResults) -> str:
     """The update edit's reliability-vs-locality trade-off over λ."""

@@ -34,7 +34,8 @@ from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.predict import is_correct
 from matrice.models.scaled_rows import decode_scaled_rows, scaling_set
 from matrice.stats import Estimate, per_fact_mean, relation_mean
-from matrice.report import RunResults
+from matrice.io import RunOutputs
+from matrice.report import RunResults, not_drawn_note, plot_enhancement, split_empty, wide_rows
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,30 @@ def enhancement_interval_table(enhancement: Mapping[str, Any], is_evaluation: Ca
         lines.append(f"| {method_name(method)} | " + " | ".join(e.format(2) for e in cells) + " |")
     split = "evaluation queries" if have_eval else "all queries"
     return f"Accuracy gained on Q_error ({split}): {CELL}\n\n" + "\n".join(lines) + "\n"
+
+
+# ---- its outputs ----------------------------------------------------------------------------------
+
+def write_outputs(enhancement: Mapping[str, Any], out: RunOutputs, is_evaluation: Callable[[str], bool],
+                  relation_of: RelationOf, sets: Any) -> None:
+    """The result, its metrics, the `dvc plots` rows per relation, Fig. 6 and the interval table; every
+    number on Q_error evaluation queries, each fact's mean, then each relation's."""
+    out.json("enhancement.json", enhancement)
+    languages = enhancement["languages"]
+    overall, have_eval = enhancement_estimates(enhancement, is_evaluation, "lang", [None], relation_of)
+    out.json("enhancement_metrics.json", {"enhancement": {
+        m: {"accuracy_gain": cells[0].mean, "n_relations": cells[0].n} for m, cells in overall.items()}})
+    names = sorted({r["relation"] for r in enhancement["by_relation"]})
+    per_relation, _ = enhancement_estimates(enhancement, is_evaluation, "relation", names, relation_of)
+    out.json("enhancement_plot.json", wide_rows("relation", per_relation, names))
+    shown, empty = split_empty(sets, list(per_relation))
+    plot_enhancement({method_name(m): per_relation[m] for m in shown}, names, out.figure("fig6_enhancement.png"),
+                     f"Fig. 6 — {out.model}: enhancement in {', '.join(languages)}, "
+                     + ("held-out paraphrases" if have_eval else "all queries") + not_drawn_note(empty, method_name))
+    scored = [lang for lang in languages if any(r["lang"] == lang for r in enhancement["by_lang"])]
+    out.text("enhancement_tables.md",
+             f"Q_error: the queries the model got wrong in {', '.join(languages)}; ×{enhancement['factor']} "
+             "on the fact's neurons.\n\n" + enhancement_interval_table(enhancement, is_evaluation, scored, relation_of))
 
 
 # ---- its section of the report ------------------------------------------------------------------

@@ -36,7 +36,8 @@ from matrice.experiments import (
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.scaled_rows import scaling_set, score_scaled_rows
 from matrice.stats import Estimate, per_fact_mean, relation_mean
-from matrice.report import RunResults
+from matrice.io import RunOutputs
+from matrice.report import RunResults, not_drawn_note, ordered_langs, plot_manipulation, split_empty, wide_rows
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,29 @@ def manipulation_interval_tables(manip: Mapping[str, Any], is_evaluation: Callab
         parts.append(f"**Table II** — signed effect (−ΔP/P suppressing, +ΔP/P enhancing, averaged; a change in the "
                      f"wrong direction counts against), {CELL}, {split}\n\n" + "\n".join(lines) + "\n")
     return "\n".join(parts)
+
+
+# ---- its outputs ----------------------------------------------------------------------------------
+
+FIGURE_METHODS = ("matrice", "amig", "amig_k", "random", "random_layer")
+
+
+def write_outputs(manip: Mapping[str, Any], out: RunOutputs, is_evaluation: Callable[[str], bool],
+                  relation_of: RelationOf, sets: Any) -> None:
+    """The result, its metrics (`dvc metrics`), one `dvc plots` file per mode, Fig. 5 and the interval
+    tables; every number on evaluation queries, each fact's mean, then each relation's (the verdicts' unit)."""
+    out.json("manipulation.json", manip)
+    langs = ordered_langs({r["lang"] for r in manip["summary"]})
+    estimates, have_eval = manipulation_estimates(manip, is_evaluation, [*langs, None], relation_of)
+    out.json("manipulation_metrics.json",
+             manipulation_metrics(estimates, ablation_estimates(manip, is_evaluation, relation_of)))
+    for mode, per_method in estimates.items():
+        out.json(f"manipulation_{mode}_plot.json", wide_rows("lang", per_method, langs))
+    shown, empty = split_empty(sets, list(FIGURE_METHODS))
+    plot_manipulation({mode: {method_name(m): per[m][:-1] for m in shown if m in per} for mode, per in estimates.items()},
+                      langs, out.figure("fig5_manipulation.png"), f"Fig. 5 — {out.model}: relative change of P(answer), "
+                      + ("held-out paraphrases" if have_eval else "all queries") + not_drawn_note(empty, method_name))
+    out.text("manipulation_tables.md", manipulation_interval_tables(manip, is_evaluation, langs, relation_of))
 
 
 # ---- its section of the report ------------------------------------------------------------------

@@ -22,9 +22,9 @@ paraphrase): each member alone still harmless and the group still below ``t_low`
 """
 
 from matrice.experiments.degenerate.evaluation import (  # noqa: F401 (the experiment's API)
-    degenerate_plot_rows, degenerate_tables, section, summarise,
+    degenerate_plot_rows, degenerate_tables, section, summarise, write_outputs,
 )
 from matrice.experiments.degenerate.search import (  # noqa: F401
     DegenerateConfig, DegenerateRecord, GroupSearch, Request, Suppressor, fact_queries, find_degenerate, run_lockstep,
-    search_fact, search_steps, verify, verify_steps,
+    search_fact, search_facts, search_steps, verify, verify_steps,
 )

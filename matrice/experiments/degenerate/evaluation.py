@@ -3,11 +3,13 @@ plot data, and the report's section."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from matrice.experiments.degenerate.search import DegenerateConfig
+from matrice.io import RunOutputs
 from matrice.report import RunResults, ordered_langs
 from matrice.stats import Estimate, bootstrap_mean, per_fact_mean
 
@@ -96,6 +98,17 @@ def _answer(summary: Mapping[str, Any]) -> str:
             f"hold on the held-out paraphrase is {held_text} (LAKN, language-specific groups)"
             + (": none holds on a paraphrase the search never saw, so here degeneracy is a property of the query "
                "searched, not of the fact" if held and all(v.mean == 0 for v in held) else "") + ".\n\n")
+
+
+def write_outputs(records: Sequence[Any], n_languages: int, cfg: DegenerateConfig, out: RunOutputs) -> None:
+    """The records with their summary over facts, its metrics, tables and `dvc plots` rows."""
+    rows = [asdict(r) for r in records]
+    summary = summarise(rows, n_languages)
+    out.json("degenerate.json", {"config": asdict(cfg), "records": rows,
+                                 "summary": {k: {m: asdict(e) for m, e in v.items()} for k, v in summary.items()}})
+    out.json("degenerate_metrics.json", {"degenerate": {kind: {m: e.mean for m, e in v.items()} for kind, v in summary.items()}})
+    out.text("degenerate_table.md", degenerate_tables(rows, summary, cfg))
+    out.json("degenerate_plot.json", degenerate_plot_rows(rows))
 
 
 def section(run: RunResults) -> str:

@@ -3,12 +3,14 @@ in greedy groups, batched by :class:`Suppressor`, verified on a held-out paraphr
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any, Generator, Mapping, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from matrice.data.schema import Query
 from matrice.data.split import HeldOutSplit
@@ -17,6 +19,7 @@ from matrice.models.encoding import encode_query
 from matrice.models.hooks import neuron_edits
 from matrice.models.predict import PromptCache, score_answers_many
 from matrice.models.scaled_rows import per_row_scalings
+from matrice.selection import select_by_threshold
 
 Neuron = tuple[int, int]
 
@@ -295,3 +298,23 @@ def fact_queries(adapter: ModelAdapter, queries: Sequence[Query], split: HeldOut
         elif split.is_held_out(q) and q.lang not in held_out:
             held_out[q.lang] = enc
     return search, held_out
+
+
+def search_facts(adapter: ModelAdapter, queries: Sequence[Query], scores: Any, lakn_sets: Mapping[str, Any],
+                 split: HeldOutSplit, tau: float, few_shot: bool, cfg: DegenerateConfig) -> list[DegenerateRecord]:
+    """Every attributed fact (``scores``: its per-language scores, a :class:`matrice.scores.ScoreStore`):
+    its LAKNs (``lakn_sets[fact]["matrice"]``) and each language's own knowledge neurons (the language's
+    score above ``tau``), searched with :func:`search_fact`."""
+    by_fact = defaultdict(list)
+    for q in queries:
+        if q.fact_id in scores:
+            by_fact[q.fact_id].append(q)
+    records = []
+    for fact in tqdm(sorted(scores.facts), desc="degenerate", unit="fact"):
+        search, held_out = fact_queries(adapter, by_fact[fact], split, few_shot)
+        fs = scores[fact]
+        own = {lang: [tuple(n) for n in select_by_threshold(fs.s_per_lang[k], tau).tolist()]
+               for k, lang in enumerate(fs.languages)}
+        lakns = [tuple(n) for n in lakn_sets[fact]["matrice"].tolist()]
+        records += search_fact(adapter, fact, by_fact[fact][0].relation, search, held_out, lakns, own, cfg)
+    return records

@@ -40,4 +40,6 @@ from matrice.experiments.fact_check.detectors import (  # noqa: F401 (the experi
 from matrice.experiments.fact_check.evaluation import (  # noqa: F401
     NAMES, DetectionScores, best_threshold, detection_scores, f1_difference, f1_difference_by_relation,
     fact_check_claims, fact_counts, leave_one_fact_out, metrics, pair_accuracy, section, summarise, summary_json, table,
+    write_outputs,
 )
+from matrice.experiments.fact_check.run import FactCheckRun, check_facts  # noqa: F401

@@ -3,6 +3,7 @@ with intervals, the paired differences, the claim, the stage's tables and the re
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
@@ -11,9 +12,12 @@ import numpy as np
 
 from matrice.claims import Claim, RelationOf, relation_prefix
 from matrice.experiments.fact_check.detectors import DETECTORS
-from matrice.report import RunResults, ordered_langs
+from matrice.io import RunOutputs
+from matrice.report import RunResults, ordered_langs, plot_fact_check
 from matrice.stats import (Estimate, bootstrap_mean, cluster_statistic, flag_counts, paired_ratio_difference, prf,
                            verdict)
+
+log = logging.getLogger(__name__)
 
 NAMES = {"dkn_attribution": "DKN attribution (AMIG)", "kn_activation": "KN activation", "probability": "P(object)"}
 
@@ -224,3 +228,22 @@ def table(summary: dict, source: str) -> str:
             + "\n\nPer language (same statements):\n\n" + "\n".join(per_lang)
             + "\n\nPaired differences, each on the statements both detectors decide (facts resampled together; "
             "p: twice the smaller share of 10,000 resamples on either side of 0):\n\n" + "\n".join(diffs) + "\n")
+
+
+def write_outputs(rows: list[dict], neurons: Mapping[str, Any], source: str, seed: int, out: RunOutputs) -> None:
+    """The statements with their summary, its metrics, table, `dvc plots` rows and the F1 figure."""
+    summary = summarise(rows, seed)
+    log.info("fact_check: %d statements, %d facts; F1 %s", len(rows), summary["n_facts"],
+             {d: summary["common"]["pooled"][d].f1.format(2) for d in DETECTORS})
+    out.json("fact_check.json", {
+        "neuron_source": source, "detectors": list(DETECTORS),
+        "neurons": {f: {"dkn": sorted(map(list, n.dkn)), "kn": sorted(map(list, n.kn))} for f, n in sorted(neurons.items())},
+        "summary": summary_json(summary), "statements": rows})
+    out.json("fact_check_metrics.json", {"fact_check": metrics(summary)})
+    out.text("fact_check_table.md", table(summary, source))
+    per_lang = summary["common"]["per_lang"]
+    out.json("fact_check_plot.json", [{"lang": lang, **{d: per_lang[lang][d].f1.mean for d in DETECTORS}}
+                                      for lang in summary["langs"]])
+    plot_fact_check({NAMES[d]: [per_lang[lang][d].f1 for lang in summary["langs"]] for d in DETECTORS},
+                    summary["langs"], out.figure("fact_check.png"),
+                    f"{out.model}: flagging false statements (F1, held-out paraphrases, statements every detector scores)")

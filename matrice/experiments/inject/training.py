@@ -47,7 +47,6 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from matrice.claims import CELL, Claim, RelationOf, make_claim, relation_prefix
 from matrice.data.schema import Query
 from matrice.data.split import HeldOutSplit
 from matrice.experiments import (
@@ -58,8 +57,6 @@ from matrice.finetune import TrainConfig, train_variant
 from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.predict import greedy_decode, is_correct
-from matrice.stats import per_fact_mean, relation_mean
-from matrice.report import RunResults
 
 log = logging.getLogger(__name__)
 
@@ -308,90 +305,3 @@ def inject_knowledge(
         best = max(runs, key=lambda lr: fit(runs[lr]))  # first of equals: the sweep's order
         result.selected[variant] = runs[best]["lr"]
     return result
-
-
-# ---- claims: the paper's statements about this experiment, tested (matrice.claims) ----------------
-
-INJECT_NAMES = {"direct_ft": "Direct_FT", "matrice": "MATRICE_FT", "amig": "AMIG_FT", "random": "Random_FT",
-                "lora": "LoRA", "base": "unedited"}
-
-
-
-def _selected_records(injection: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """The records of each variant's selected learning rate (and of the unedited model)."""
-    selected = injection.get("selected", {})
-    return [r for r in injection.get("records", []) if r["variant"] == "base" or r["lr"] == selected.get(r["variant"])]
-
-
-
-def injection_accuracy(records: Sequence[Mapping[str, Any]], variant: str, split: str, lang: str | None = None
-                       ) -> dict[str, float]:
-    """Per fact: accuracy of `variant` on `split` (optionally one language)."""
-    return per_fact_mean(records, lambda r: float(r["correct"]),
-                         lambda r: r["variant"] == variant and r["split"] == split and lang in (None, r["lang"]))
-
-
-
-def injection_claims(injection: Mapping[str, Any], relation_of: RelationOf = relation_prefix) -> list[Claim]:
-    """Table V on held-out data: MATRICE_FT learns the injected fact (held-out paraphrase) better than
-    Random_FT / AMIG_FT, carries it to other languages, and forgets less than Direct_FT."""
-    records = _selected_records(injection)
-    variants = {r["variant"] for r in records}
-    if "matrice" not in variants:
-        return []
-    out = []
-    rows = [("heldout", "learns the new fact (held-out paraphrase, never trained on) better than", m)
-            for m in ("random", "amig", "direct_ft")]
-    rows += [("transfer", "carries the new fact into the other languages more than", m) for m in ("random", "amig")]
-    rows += [("old", "forgets less of what the model knew (Q_old) than", "direct_ft")]
-    untrained = {v for v, lr in injection.get("selected", {}).items()
-                 if injection.get("runs", {}).get(v, {}).get(str(lr), {}).get("n_trainable") == 0}
-    for split, text, other in rows:
-        if other in variants:
-            note = "each variant at its selected learning rate"
-            if other in untrained:
-                note = (f"{INJECT_NAMES[other]} has no neurons for the injected facts and trained nothing: this row "
-                        "compares with the unedited model")
-            where = {"heldout": "held-out paraphrases of the injected facts",
-                     "transfer": "the injected facts' original queries in the other languages",
-                     "old": "Q_old (facts not injected)"}[split]
-            mine, theirs = injection_accuracy(records, "matrice", split), injection_accuracy(records, other, split)
-            facts = set(mine) | set(theirs)
-            not_trained = {INJECT_NAMES[v]: len(facts) for v in ("matrice", other) if v in untrained}
-            out.append(make_claim("Table V", f"MATRICE_FT {text} {INJECT_NAMES[other]}",
-                              f"{split} accuracy MATRICE_FT − {INJECT_NAMES[other]}", "greater", where, mine, theirs, note,
-                              key=f"table5_{split}_vs_{other}", metric="accuracy", relation_of=relation_of,
-                              empty=not_trained, n_facts=len(facts)))
-    return out
-
-
-
-def injection_interval_table(injection: Mapping[str, Any], languages: Sequence[str],
-                             relation_of: RelationOf = relation_prefix) -> str:
-    """Each variant at its selected rate: accuracy per split, then transfer per language (`CELL`)."""
-    records = _selected_records(injection)
-    variants = list(dict.fromkeys(r["variant"] for r in records))
-    splits = ("heldout", "transfer", "trained", "old")
-    lines = ["| variant | lr | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
-    for v in variants:
-        cells = [relation_mean(injection_accuracy(records, v, sp), relation_of).format(2) for sp in splits]
-        lines.append(f"| {INJECT_NAMES.get(v, v)} | {injection.get('selected', {}).get(v, '–')} | " + " | ".join(cells) + " |")
-    per_lang = ["| variant | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]
-    for v in variants:
-        cells = [relation_mean(injection_accuracy(records, v, "transfer", lang), relation_of).format(2)
-                 for lang in languages]
-        per_lang.append(f"| {INJECT_NAMES.get(v, v)} | " + " | ".join(cells) + " |")
-    return (f"Accuracy at each variant's selected learning rate: {CELL}\n\n"
-            + "\n".join(lines) + "\n\nTransfer per language (the injected fact's original query in a language it "
-            "was not trained in):\n\n" + "\n".join(per_lang) + "\n")
-
-
-# ---- its section of the report ------------------------------------------------------------------
-
-def section(run: RunResults) -> str:
-    injection = run.json("injection.json")
-    return ("### New-knowledge injection (Table V)\nFine-tuning only the neurons' parameters vs all parameters, random "
-            "or AMIG neurons, and LoRA, on localisation paraphrases of facts the model does not know; judged on held-out "
-            "paraphrases and the other languages; Q_old accuracy measures forgetting.\n\n"
-            + injection_interval_table(injection, run.languages(injection["records"]), relation_of=run.relation_of)
-            + "\n" + run.text("injection_tables.md"))
