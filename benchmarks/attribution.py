@@ -27,11 +27,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from matrice.attribution import fast
-from matrice.attribution.common import AttributionConfig
-from matrice.attribution.fast import fast_attribution_many
-from matrice.attribution.peer import peer_attribution
-from matrice.attribution.reference import reference_attribution
+from matrice.method.attribution import fast
+from matrice.method.attribution.common import AttributionConfig
+from matrice.method.attribution.fast import fast_attribution_many
+from matrice.method.attribution.peer import peer_attribution
+from matrice.method.attribution.reference import reference_attribution
 from matrice.models.adapter import Encoded, ModelAdapter
 
 # Real configs (hidden, intermediate, layers, heads, kv heads, vocabulary) of the models users run.

@@ -161,9 +161,9 @@ def part_ray(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import ray
 
-    from matrice.attribution.common import AttributionConfig
-    from matrice.attribution.executors import RayExecutor
-    from matrice.attribution.runner import load_attributions, plan_shards, run_attribution, sample_facts_per_relation
+    from matrice.method.attribution.common import AttributionConfig
+    from matrice.method.attribution.executors import RayExecutor
+    from matrice.method.attribution.runner import load_attributions, plan_shards, run_attribution, sample_facts_per_relation
     from matrice.data.build import build_dataset
     from matrice.data.sources import DatasetConfig
     from matrice.probing import encode_all

@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 from stages.sequence import (DEFAULT_KEY, EMBEDDED_SOURCE, StageRun, project_copy, run_stages,  # noqa: E402
                              smoke_params, stage_commands, stage_env)
 
-CLAIMED = ("replicates", "contradicts")  # the verdicts that assert a direction (stages/report.py)
+CLAIMED = ("replicates", "contradicts")  # the verdicts that assert a direction (matrice/evaluation/document.py)
 
 
 # ---- configs ----------------------------------------------------------------------------------

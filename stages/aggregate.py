@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from matrice.data.schema import load_queries
-from matrice.attribution.runner import iter_fact_attributions, load_shard, read_manifest
-from matrice.scores import aggregate_stream, save_scores
-from matrice.uncertainty import AggregationConfig
+from matrice.method.attribution.runner import iter_fact_attributions, load_shard, read_manifest
+from matrice.method.scores import aggregate_stream, save_scores
+from matrice.method.uncertainty import AggregationConfig
 from stages.common import DATASET_DIR, load_params, model_arg, results_dir, setup_logging
 
 

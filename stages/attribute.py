@@ -3,10 +3,10 @@ AMIG's own (all-PAD baseline) attribution of each first query, for the AMIG arm.
 
 from __future__ import annotations
 
-from matrice.attribution.common import AttributionConfig
-from matrice.attribution.executors import make_executor
-from matrice.attribution.job import attribution_job, plan_job, run_job, run_settings
-from matrice.attribution.runner import choose_facts
+from matrice.method.attribution.common import AttributionConfig
+from matrice.method.attribution.executors import make_executor
+from matrice.method.attribution.job import attribution_job, plan_job, run_job, run_settings
+from matrice.method.attribution.runner import choose_facts
 from stages.common import ModelStage
 
 

@@ -83,7 +83,7 @@ def load_prepared(key: str, params: dict[str, Any], dtype: str | None = None, we
 
 
 def load_neuron_sets(key: str):
-    from matrice.selection import NeuronSets
+    from matrice.method.selection import NeuronSets
 
     path = results_dir(key) / "neurons.json"
     if not path.exists():

@@ -3,7 +3,7 @@ suppression and editing work better on consistent facts (matrice.experiments.con
 
 from __future__ import annotations
 
-from matrice.attribution.runner import iter_fact_attributions
+from matrice.method.attribution.runner import iter_fact_attributions
 from matrice.experiments.consistency import fact_consistency, write_outputs
 from stages.common import ModelStage
 

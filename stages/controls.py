@@ -7,7 +7,7 @@ from matrice.data.schema import load_queries
 from matrice.experiments import encode_all
 from matrice.experiments.controls import ControlResult, leave_one_language_out, per_language_means, specificity
 from matrice.io import atomic_write_json
-from matrice.selection import leave_one_out_from_json
+from matrice.method.selection import leave_one_out_from_json
 from stages.common import (
                            DATASET_DIR, load_neuron_sets, load_params, load_prepared, model_arg, queries_of, results_dir, setup_logging,
 )

@@ -5,7 +5,7 @@ paraphrase (matrice.experiments.degenerate)."""
 from __future__ import annotations
 
 from matrice.experiments.degenerate import DegenerateConfig, search_facts, write_outputs
-from matrice.scores import ScoreStore
+from matrice.method.scores import ScoreStore
 from stages.common import ModelStage
 
 

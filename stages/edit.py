@@ -6,7 +6,7 @@ from __future__ import annotations
 from matrice.data.schema import load_queries
 from matrice.experiments.edit import EditConfig, edit_facts, editing_estimates, editing_interval_tables
 from matrice.io import atomic_write_json, atomic_write_text
-from matrice.report import ordered_langs
+from matrice.evaluation.report import ordered_langs
 from stages.common import (DATASET_DIR, config_from_params, load_neuron_sets, load_params, load_prepared, model_arg,
                            relation_of, results_dir, setup_logging)
 

@@ -3,7 +3,7 @@ and plain knowledge-neuron activation, on held-out paraphrases (matrice.experime
 
 from __future__ import annotations
 
-from matrice.attribution.common import AttributionConfig
+from matrice.method.attribution.common import AttributionConfig
 from matrice.experiments.fact_check import NEURON_SOURCES, check_facts, write_outputs
 from matrice.memo import Memo
 from stages.common import ModelStage

@@ -4,7 +4,7 @@ and the ablation table (Table II)."""
 from __future__ import annotations
 
 from matrice.experiments.manipulate import manipulate, write_outputs
-from matrice.selection import METHODS
+from matrice.method.selection import METHODS
 from stages.common import ModelStage
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from matrice.data.schema import load_queries
 from matrice.io import atomic_write_json, atomic_write_text, write_jsonl
 from matrice.probing import accuracy_by_language, probe
-from matrice.report import probe_table
+from matrice.evaluation.report import probe_table
 from stages.common import DATASET_DIR, load_params, load_prepared, model_arg, results_dir, setup_logging
 
 

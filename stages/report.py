@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from matrice.data.schema import load_queries
 from matrice.evaluation.document import judge, write_report
-from matrice.report import RunResults
+from matrice.evaluation.report import RunResults
 from stages.common import (DATASET_DIR, REPORTS_DIR, evaluation_rule, load_params, relation_of, results_dir,
                            setup_logging)
 

@@ -4,9 +4,9 @@ leave-one-language-out sets (LAKNs selected without each language)."""
 from __future__ import annotations
 
 from matrice.io import atomic_write_json
-from matrice.report import plot_layer_distribution, wide_rows
-from matrice.scores import ScoreStore
-from matrice.selection import (NeuronSets, SelectionConfig, layer_distribution, leave_one_out_to_json, select_fact,
+from matrice.evaluation.report import plot_layer_distribution, wide_rows
+from matrice.method.scores import ScoreStore
+from matrice.method.selection import (NeuronSets, SelectionConfig, layer_distribution, leave_one_out_to_json, select_fact,
                                select_leave_one_out, summary)
 from stages.common import figure_path, load_params, model_arg, results_dir, setup_logging
 

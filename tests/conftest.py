@@ -95,3 +95,16 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def gpt2_implant():
+    """A tiny GPT-2 with one hand-implanted knowledge neuron (tests/implant.py), and its gold token."""
+    from implant import implanted_gpt2
+
+    return implanted_gpt2()
+
+
+@pytest.fixture(scope="module")
+def llama() -> ModelAdapter:
+    return tiny_on_device("llama")

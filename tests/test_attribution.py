@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from conftest import across_shapes, default_text, encode_text, tiny_on_device
-from matrice.attribution.common import (
+from matrice.method.attribution.common import (
     AttributionConfig,
     baseline_activations,
     baseline_inputs,
@@ -15,16 +15,16 @@ from matrice.attribution.common import (
     step_points,
     target_activations,
 )
-from matrice.attribution.fast import fast_attribution, fast_attribution_many
-from matrice.attribution.head import (
+from matrice.method.attribution.fast import fast_attribution, fast_attribution_many
+from matrice.method.attribution.head import (
     LinearHead,
     autograd_answer_probability,
     fused_answer_probability,
     head_input,
     linear_head,
 )
-from matrice.attribution.peer import peer_attribution
-from matrice.attribution.reference import reference_attribution
+from matrice.method.attribution.peer import peer_attribution
+from matrice.method.attribution.reference import reference_attribution
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.tiny import TINY_FAMILIES
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from matrice.claims import claims_table, layer_claims, verdict_counts
+from matrice.evaluation.claims import claims_table, layer_claims, verdict_counts
 from matrice.experiments.edit import editing_claims
 from matrice.experiments.manipulate import manipulation_claims
 from matrice.experiments.registry import all_claims
@@ -223,7 +223,7 @@ def test_relations_are_the_unit_and_one_relation_claims_nothing():
 
 
 def test_primary_rows_use_holm_and_exploratory_rows_their_raw_p():
-    from matrice.claims import judge
+    from matrice.evaluation.claims import judge
 
     effect = {"matrice": 0.4, "random": 0.0, "amig_k": 0.4}
     claims = manipulation_claims(manip_records(6, effect), is_eval)  # 6 relations: raw p ≥ 1/32
@@ -234,13 +234,13 @@ def test_primary_rows_use_holm_and_exploratory_rows_their_raw_p():
     assert primary.primary and primary.p_holm == pytest.approx(2 * primary.estimate.p)
     assert primary.verdict == ("replicates" if 2 * primary.estimate.p < 0.05 else "inconclusive")
     assert not judged["fig5_suppress_vs_amig_k"].primary and judged["fig5_suppress_vs_amig_k"].p_holm is None
-    from matrice.claims import missing_primary
+    from matrice.evaluation.claims import missing_primary
 
     assert missing_primary(claims, ["fig9_nothing", "fig5_suppress_vs_random"]) == ["fig9_nothing"]
 
 
 def test_a_null_within_the_declared_margin_is_equivalent():
-    from matrice.claims import judge
+    from matrice.evaluation.claims import judge
 
     claims = manipulation_claims(manip_records(12, {"matrice": 0.4, "amig_k": 0.4}), is_eval)
     judged = {c.key: c for c in judge(claims, margins={"delta_p": 0.05})}
@@ -249,7 +249,7 @@ def test_a_null_within_the_declared_margin_is_equivalent():
 
 
 def test_the_power_table_says_when_no_primary_row_can_pass():
-    from matrice.claims import judge, power_table
+    from matrice.evaluation.claims import judge, power_table
 
     records = manip_records(8, {"matrice": 0.4, "random": 0.0})
     judged = judge(manipulation_claims(records, is_eval), primary=["fig5_suppress_vs_random", "fig5_enhance_vs_random"])

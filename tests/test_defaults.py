@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 import yaml
 
-from matrice.attribution.common import AttributionConfig
+from matrice.method.attribution.common import AttributionConfig
 from matrice.data.sources import DatasetConfig
 from matrice.data.split import HeldOutSplit
 from matrice.experiments.degenerate import DegenerateConfig
 from matrice.experiments.edit import EditConfig
 from matrice.experiments.inject import InjectConfig
 from matrice.finetune import TrainConfig
-from matrice.selection import SelectionConfig
-from matrice.uncertainty import AggregationConfig
+from matrice.method.selection import SelectionConfig
+from matrice.method.uncertainty import AggregationConfig
 
 PARAMS = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
 

@@ -10,7 +10,7 @@ import torch
 from matrice.experiments.degenerate import DegenerateConfig, Suppressor, find_degenerate, verify
 from matrice.models.encoding import encode_query
 from matrice.models.tiny import TINY_CAUSAL_FAMILIES, tiny_adapter
-from test_experiments import QUERIES
+from implant import QUERIES
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: threads only spin-wait
 

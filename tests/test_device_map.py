@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import TEST_DEVICE, across_shapes, encode_text, default_text, tiny_on_device
-from matrice.attribution.common import AttributionConfig
-from matrice.attribution.fast import fast_attribution_many
-from matrice.attribution.reference import reference_attribution
+from matrice.method.attribution.common import AttributionConfig
+from matrice.method.attribution.fast import fast_attribution_many
+from matrice.method.attribution.reference import reference_attribution
 from matrice.interventions import edited_output_weights, update_vectors
 from matrice.models.adapter import ModelAdapter
 from matrice.models.hooks import neuron_edits, neuron_hooks

@@ -45,7 +45,7 @@ def test_every_stage_runs_and_the_report_judges(tiny_run):
 
 
 def test_held_out_queries_never_reach_attribution(tiny_run):
-    from matrice.attribution.runner import load_attributions
+    from matrice.method.attribution.runner import load_attributions
 
     queries = [json.loads(l) for l in (tiny_run / "data/dataset/queries.jsonl").read_text().splitlines()]
     template_of = {q["query_id"]: q["template_id"] for q in queries}

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from matrice.attribution import AttributionConfig, reference_attribution
-from matrice.attribution.common import target_activations
+from matrice.method.attribution import AttributionConfig, reference_attribution
+from matrice.method.attribution.common import target_activations
 from matrice.experiments.fact_check import (DETECTORS, activation_scores, attribution_scores, best_threshold, build_statements,
                                 degenerate_neurons, detection_scores, detector_neurons, f1_difference,
                                 leave_one_fact_out, pair_accuracy, statement_input)
 from matrice.models.encoding import encode_query
 from matrice.models.tiny import TINY_FAMILIES
-from test_experiments import QUERIES
+from implant import QUERIES
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: threads only spin-wait
 

@@ -12,7 +12,9 @@ import matrice.experiments.inject.training as inject_module
 from matrice.experiments.inject import InjectConfig, inject_knowledge
 from matrice.memo import Memo, code_fingerprint, model_digest
 from conftest import tiny_on_device as tiny_adapter  # on MATRICE_TEST_DEVICE
-from test_experiments import FACTS, QUERIES, one_thread, pairs, probe  # noqa: F401 (an autouse fixture)
+from implant import FACTS, QUERIES, pairs, probe
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: threads only spin-wait
 
 
 def test_keys_change_with_every_input(tmp_path):

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from matrice.attribution.common import AttributionConfig
-from matrice.attribution.executors import RayExecutor
-from matrice.attribution.runner import load_attributions, plan_shards, run_attribution, sample_facts_per_relation
+from matrice.method.attribution.common import AttributionConfig
+from matrice.method.attribution.executors import RayExecutor
+from matrice.method.attribution.runner import load_attributions, plan_shards, run_attribution, sample_facts_per_relation
 from matrice.data.build import build_dataset
 from matrice.data.sources import DatasetConfig
 from matrice.models.loading import load_skeleton
@@ -111,7 +111,7 @@ def test_a_killed_worker_loses_only_its_shard(ray_local, run_inputs, local_resul
 
 
 def _job(shard, encs, queries):
-    from matrice.attribution.executors import ShardJob
+    from matrice.method.attribution.executors import ShardJob
 
     by_id = {q.query_id: e for q, e in zip(queries, encs)}
     return ShardJob(shard.name, shard.fact_id, [by_id[q] for q in shard.query_ids])
@@ -119,7 +119,7 @@ def _job(shard, encs, queries):
 
 def test_an_interrupted_driver_resumes_without_recomputing_finished_shards(ray_local, run_inputs, local_result,
                                                                           tmp_path, monkeypatch):
-    import matrice.attribution.runner as runner
+    import matrice.method.attribution.runner as runner
 
     adapter, queries, encs, shards = run_inputs
     out = tmp_path / "out"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from matrice.selection import (
+from matrice.method.selection import (
     METHODS,
     NeuronSets,
     SelectionConfig,
@@ -24,7 +24,7 @@ from matrice.selection import (
     summary,
     top_k,
 )
-from matrice.uncertainty import AggregationConfig, FactScores, aggregate_fact
+from matrice.method.uncertainty import AggregationConfig, FactScores, aggregate_fact
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ def test_random_neurons_deterministic_per_seed_and_fact():
 def test_random_stable_across_processes():
     # crc32, not hash(): the draw must not depend on PYTHONHASHSEED
     code = (
-        "from matrice.selection import fact_rng, random_neurons;"
+        "from matrice.method.selection import fact_rng, random_neurons;"
         "print(random_neurons(5, 8, 500, fact_rng(3, 'fact-1')).tolist())"
     )
     outs = []
@@ -347,7 +347,7 @@ def test_amig_uses_its_own_attribution_when_the_run_has_it(tmp_path):
     without = select_fact(aggregate_fact({"en": en, "fr": fr}), SelectionConfig(tau=0.2, tau_amig=0.6), "f1")
     assert {tuple(p) for p in without["amig"]} != {(1, 1)}  # the SAIG maps give another set
     np.testing.assert_array_equal(out["matrice"], without["matrice"])  # MATRICE never reads AMIG's maps
-    from matrice.scores import ScoreStore, save_scores
+    from matrice.method.scores import ScoreStore, save_scores
     save_scores(tmp_path / "s", [("f1", fs)])
     np.testing.assert_allclose(ScoreStore(tmp_path / "s")["f1"].amig_norm, fs.amig_norm, rtol=1e-6)
     with pytest.raises(ValueError, match="missing for language"):
@@ -355,7 +355,7 @@ def test_amig_uses_its_own_attribution_when_the_run_has_it(tmp_path):
 
 
 def test_leave_one_out_sets_roundtrip_and_threshold_without_the_language(tmp_path):
-    from matrice.selection import leave_one_out_from_json, leave_one_out_to_json, select_leave_one_out
+    from matrice.method.selection import leave_one_out_from_json, leave_one_out_to_json, select_leave_one_out
 
     rng = np.random.default_rng(2)
     fs = aggregate_fact({lang: rng.normal(size=(2, 3, 40)) for lang in ("en", "fr", "zh")})

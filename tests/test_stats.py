@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from matrice.stats import (Estimate, bootstrap_mean, clustered_difference, holm, power, sign_flip_estimate,
+from matrice.evaluation.stats import (Estimate, bootstrap_mean, clustered_difference, holm, power, sign_flip_estimate,
                            sign_flip_interval, sign_flip_p, verdict)
 
 
@@ -151,7 +151,7 @@ def test_power_names_the_relations_an_effect_needs():
 
 
 def test_relation_mean_weighs_relations_equally_and_resamples_them():
-    from matrice.stats import relation_mean
+    from matrice.evaluation.stats import relation_mean
 
     per_fact = {"A-1": 1.0, "A-2": 1.0, "A-3": 1.0, "B-1": 0.0}
     est = relation_mean(per_fact, lambda f: f.split("-")[0])

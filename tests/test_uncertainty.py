@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from matrice.uncertainty import (
+from matrice.method.uncertainty import (
     AggregationConfig,
     aggregate_fact,
     normalize_languages,
@@ -271,7 +271,7 @@ def test_zero_max_language_normalisation_keeps_zero_and_drops_negatives():
 
 
 def test_leave_one_language_out_never_reads_the_held_out_language():
-    from matrice.uncertainty import AggregationConfig, aggregate_fact
+    from matrice.method.uncertainty import AggregationConfig, aggregate_fact
 
     rng = np.random.default_rng(0)
     per_lang = {lang: rng.normal(size=(3, 4, 6)) for lang in ("en", "fr", "zh", "fi")}

@@ -10,7 +10,7 @@ from typing import Mapping
 import yaml
 
 from matrice.io import atomic_write_json, atomic_write_text
-from matrice.report import RunResults, markdown_table
+from matrice.evaluation.report import RunResults, markdown_table
 
 VERDICT_ORDER = ("replicates", "contradicts", "equivalent", "inconclusive", "no data", "not judged")
 
@@ -38,7 +38,7 @@ def judge(run: RunResults) -> RunResults:
 
 def _headline(claims: list) -> str:
     """Counts over the rows that can be tested, primary and exploratory apart; the rest named with why."""
-    from matrice.claims import verdict_counts
+    from matrice.evaluation.claims import verdict_counts
 
     def counts(rows: list) -> str:
         n = verdict_counts(rows)
@@ -57,8 +57,8 @@ def _headline(claims: list) -> str:
 
 def replication_section(run: RunResults) -> str:
     """"Does the paper replicate here?": every claim as a paired difference tested over relation
-    clusters, with Holm over the declared primary family (matrice.claims)."""
-    from matrice.claims import claims_table, missing_primary, power_table
+    clusters, with Holm over the declared primary family (matrice.evaluation.claims)."""
+    from matrice.evaluation.claims import claims_table, missing_primary, power_table
 
     key, claims = run.key, run.claims
     primary, margins, alpha = _verdict_params(run.params)

@@ -28,7 +28,7 @@ import numpy as np
 
 from matrice.data.schema import Query
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.selection import NeuronSets
+from matrice.method.selection import NeuronSets
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.hooks import neuron_edits
 from matrice.models.predict import greedy_decode, is_correct, score_answers
-from matrice.report import RunResults, markdown_table, ordered_langs
+from matrice.evaluation.report import RunResults, markdown_table, ordered_langs
 
 
 @dataclass
@@ -70,28 +70,14 @@ def case_study(
         raise ValueError(f"fact {fact_id!r} has no encodable {cfg.source_lang!r} query to edit with")
     gold_token = encs[src.query_id].answer_ids[0]
 
-    new_from, labels = None, None
-    if new_object is not None:
-        labels = dict(new_object)
-        if cfg.source_lang not in labels:
-            raise ValueError(f"new_object needs a {cfg.source_lang!r} label (the edit is made in that language)")
-    else:
-        chosen = choose_new_object(adapter, fact_id, by_fact, gold_token, cfg.source_lang, cfg.seed, few_shot)
-        if chosen is not None:
-            new_from, labels = chosen.fact_id, chosen.labels
+    new_from, labels = _new_object(adapter, fact_id, by_fact, gold_token, new_object, cfg, few_shot)
     new_token = None
     if labels is not None:
         new_token = encode_query(adapter, replace(src, answer=labels[cfg.source_lang]), few_shot).answer_ids[0]
 
     langs = [lang for lang in sorted(orig) if orig[lang].query_id in encs]
     gold_encs = [encs[orig[lang].query_id] for lang in langs]
-    new_encs: dict[str, Encoded] = {}
-    for lang in langs:
-        if labels is not None and lang in labels:
-            try:
-                new_encs[lang] = encode_query(adapter, replace(orig[lang], answer=labels[lang]), few_shot)
-            except ValueError:
-                pass
+    new_encs = _with_new_answers(adapter, {lang: orig[lang] for lang in langs}, labels, few_shot)
     new_langs = [lang for lang in langs if lang in new_encs]
 
     def snapshot(edits, on_new: bool) -> dict[str, dict[str, Any]]:
@@ -135,6 +121,31 @@ def case_study(
         if q.query_id in failed:
             study.languages[lang] = {"query_id": q.query_id, "unencodable": failed[q.query_id]}
     return study
+
+
+def _new_object(adapter: ModelAdapter, fact_id: str, by_fact: Mapping[str, Sequence[Query]], gold_token: int,
+                new_object: Mapping[str, str] | None, cfg: EditConfig, few_shot: bool
+                ) -> tuple[str | None, dict[str, str] | None]:
+    """(the fact o' is borrowed from, o' per language): the caller's, or chosen as the edit stage does."""
+    if new_object is not None:
+        if cfg.source_lang not in new_object:
+            raise ValueError(f"new_object needs a {cfg.source_lang!r} label (the edit is made in that language)")
+        return None, dict(new_object)
+    chosen = choose_new_object(adapter, fact_id, by_fact, gold_token, cfg.source_lang, cfg.seed, few_shot)
+    return (None, None) if chosen is None else (chosen.fact_id, chosen.labels)
+
+
+def _with_new_answers(adapter: ModelAdapter, queries: Mapping[str, Query], labels: Mapping[str, str] | None,
+                      few_shot: bool) -> dict[str, Encoded]:
+    """Each language's query with o' as its answer, where o' has a label there and it encodes."""
+    out: dict[str, Encoded] = {}
+    for lang, q in queries.items():
+        if labels is not None and lang in labels:
+            try:
+                out[lang] = encode_query(adapter, replace(q, answer=labels[lang]), few_shot)
+            except ValueError:
+                pass
+    return out
 
 
 # ---- the fact studied and its table ----------------------------------------------------------

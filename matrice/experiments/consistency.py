@@ -29,9 +29,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import stats as sps
 
-from matrice.stats import Estimate, bootstrap_mean, per_fact_mean, pooled_ratio, resample_indices
+from matrice.evaluation.stats import Estimate, bootstrap_mean, per_fact_mean, pooled_ratio, resample_indices
 from matrice.io import RunOutputs
-from matrice.report import RunResults, plot_consistency
+from matrice.evaluation.report import RunResults, plot_consistency
 
 
 @dataclass(frozen=True)

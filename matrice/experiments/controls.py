@@ -23,12 +23,12 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from matrice.data.schema import Query
-from matrice.claims import CELL, Claim, RelationOf, make_claim, method_name, relation_prefix, scored_queries
+from matrice.evaluation.claims import CELL, Claim, RelationOf, make_claim, method_name, relation_prefix, scored_queries
 from matrice.experiments import NeuronSetsLike, dataclass_dict, fact_neurons
 from matrice.experiments.manipulate import ManipulationRecord, manipulate
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.stats import relation_mean
-from matrice.report import RunResults
+from matrice.evaluation.stats import relation_mean
+from matrice.evaluation.report import RunResults
 
 SUPPRESS = {"suppress": 0.0}
 LOLO_METHODS = ("lolo", "lolo_random_layer", "matrice")
@@ -113,7 +113,7 @@ def per_language_means(records: Sequence[ManipulationRecord | Mapping[str, Any]]
     return {k: float(np.mean(v)) for k, v in groups.items()}
 
 
-# ---- claims: the paper's statements about this experiment, tested (matrice.claims) ----------------
+# ---- claims: the paper's statements about this experiment, tested (matrice.evaluation.claims) ----------------
 
 def _suppression(records: Sequence[Mapping[str, Any]], method: str, keep: Callable[[Mapping[str, Any]], bool]
                  ) -> dict[str, float]:

@@ -34,10 +34,10 @@ from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.predict import score_answers
 from matrice.models.replay import recorded_blocks, replayed_below
-from matrice.stats import Estimate, bootstrap_mean, pooled_ratio
-from matrice.claims import method_name
+from matrice.evaluation.stats import Estimate, bootstrap_mean, pooled_ratio
+from matrice.evaluation.claims import method_name
 from matrice.io import RunOutputs
-from matrice.report import RunResults, plot_edit_sweep
+from matrice.evaluation.report import RunResults, plot_edit_sweep
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def write_outputs(sweep: Mapping[str, Any], out: RunOutputs) -> None:
 
 def section(run: RunResults) -> str:
     """The update edit's reliability-vs-locality trade-off over λ."""
-    from matrice.claims import method_name
+    from matrice.evaluation.claims import method_name
     from matrice.experiments.edit import scaling_text
 
     sweep = run.json("edit_sweep.json")

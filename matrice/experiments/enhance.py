@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from matrice.data.schema import Query
-from matrice.claims import (BASELINES, CELL, Claim, RelationOf, empty_counts, make_claim, method_name, relation_prefix,
+from matrice.evaluation.claims import (BASELINES, CELL, Claim, RelationOf, empty_counts, make_claim, method_name, relation_prefix,
                             scored_queries)
 from matrice.experiments import (
     NeuronSetsLike, ProbesLike, as_probe_map, dataclass_dict, encode_all, fact_neurons, fact_rows, group_by_fact,
@@ -33,9 +33,9 @@ from matrice.experiments import (
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.predict import is_correct
 from matrice.models.scaled_rows import decode_scaled_rows, scaling_set
-from matrice.stats import Estimate, per_fact_mean, relation_mean
+from matrice.evaluation.stats import Estimate, per_fact_mean, relation_mean
 from matrice.io import RunOutputs
-from matrice.report import RunResults, not_drawn_note, plot_enhancement, split_empty, wide_rows
+from matrice.evaluation.report import RunResults, not_drawn_note, plot_enhancement, split_empty, wide_rows
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def enhance_low_resource(
     return result
 
 
-# ---- claims: the paper's statements about this experiment, tested (matrice.claims) ----------------
+# ---- claims: the paper's statements about this experiment, tested (matrice.evaluation.claims) ----------------
 
 def enhancement_claims(enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool],
                        relation_of: RelationOf = relation_prefix,

@@ -28,16 +28,16 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from matrice.data.schema import Query
-from matrice.claims import (BASELINES, CELL, Claim, RelationOf, empty_counts, empty_note, make_claim, method_name,
+from matrice.evaluation.claims import (BASELINES, CELL, Claim, RelationOf, empty_counts, empty_note, make_claim, method_name,
                             relation_prefix, scored_queries)
 from matrice.experiments import (
     NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, fact_rows, group_by_fact, mean_or_none,
 )
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.scaled_rows import scaling_set, score_scaled_rows
-from matrice.stats import Estimate, per_fact_mean, relation_mean
+from matrice.evaluation.stats import Estimate, per_fact_mean, relation_mean
 from matrice.io import RunOutputs
-from matrice.report import RunResults, not_drawn_note, ordered_langs, plot_manipulation, split_empty, wide_rows
+from matrice.evaluation.report import RunResults, not_drawn_note, ordered_langs, plot_manipulation, split_empty, wide_rows
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def manipulate(
     return result
 
 
-# ---- claims: the paper's statements about this experiment, tested (matrice.claims) ----------------
+# ---- claims: the paper's statements about this experiment, tested (matrice.evaluation.claims) ----------------
 
 def manipulation_effect(records: Sequence[Mapping[str, Any]], method: str, mode: str | None,
                         keep: Callable[[Mapping[str, Any]], bool]) -> dict[str, float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-from matrice.claims import Claim, RelationOf, judge, layer_claims, relation_prefix
+from matrice.evaluation.claims import Claim, RelationOf, judge, layer_claims, relation_prefix
 from matrice.experiments import (case_study, consistency, controls, degenerate, edit, edit_sweep, enhance, fact_check,
                                  inject, manipulate)
 from matrice.experiments.controls import control_claims
@@ -18,7 +18,7 @@ from matrice.experiments.enhance import enhancement_claims
 from matrice.experiments.inject import injection_claims
 from matrice.experiments.fact_check import fact_check_claims
 from matrice.experiments.manipulate import manipulation_claims
-from matrice.report import RunResults
+from matrice.evaluation.report import RunResults
 
 
 def all_claims(*, sets: Mapping[str, Any], n_layers: int, manip: Mapping[str, Any], editing: Mapping[str, Any],

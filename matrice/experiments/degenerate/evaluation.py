@@ -10,8 +10,8 @@ import numpy as np
 
 from matrice.experiments.degenerate.search import DegenerateConfig
 from matrice.io import RunOutputs
-from matrice.report import RunResults, ordered_langs
-from matrice.stats import Estimate, bootstrap_mean, per_fact_mean
+from matrice.evaluation.report import RunResults, ordered_langs
+from matrice.evaluation.stats import Estimate, bootstrap_mean, per_fact_mean
 
 
 def _per_fact(records: Sequence[dict], value) -> list[float]:

@@ -19,7 +19,7 @@ from matrice.models.encoding import encode_query
 from matrice.models.hooks import neuron_edits
 from matrice.models.predict import PromptCache, score_answers_many
 from matrice.models.scaled_rows import per_row_scalings
-from matrice.selection import select_by_threshold
+from matrice.method.selection import select_by_threshold
 
 Neuron = tuple[int, int]
 
@@ -302,7 +302,7 @@ def fact_queries(adapter: ModelAdapter, queries: Sequence[Query], split: HeldOut
 
 def search_facts(adapter: ModelAdapter, queries: Sequence[Query], scores: Any, lakn_sets: Mapping[str, Any],
                  split: HeldOutSplit, tau: float, few_shot: bool, cfg: DegenerateConfig) -> list[DegenerateRecord]:
-    """Every attributed fact (``scores``: its per-language scores, a :class:`matrice.scores.ScoreStore`):
+    """Every attributed fact (``scores``: its per-language scores, a :class:`matrice.method.scores.ScoreStore`):
     its LAKNs (``lakn_sets[fact]["matrice"]``) and each language's own knowledge neurons (the language's
     score above ``tau``), searched with :func:`search_fact`."""
     by_fact = defaultdict(list)

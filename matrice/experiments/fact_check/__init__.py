@@ -26,7 +26,7 @@ Here, for every attributed fact and language:
 - **decision**: a statement is flagged false when its score is below a threshold chosen on the *other*
   facts' statements (leave-one-fact-out, the threshold that maximises F1 there), never on its own;
 - **metrics**: precision, recall and F1 of flagging false statements, per language and pooled, with
-  95% intervals from resampling facts (`matrice.stats.cluster_statistic`), and the threshold-free
+  95% intervals from resampling facts (`matrice.evaluation.stats.cluster_statistic`), and the threshold-free
   share of (fact, language) pairs whose true statement scores above its false one.
 
 A detector without neurons for a fact (no DKN in its relation's other facts) abstains there; the

@@ -10,8 +10,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from matrice.attribution.common import AttributionConfig, target_activations
-from matrice.attribution.fast import fast_attribution_many
+from matrice.method.attribution.common import AttributionConfig, target_activations
+from matrice.method.attribution.fast import fast_attribution_many
 from matrice.data.schema import Query
 from matrice.data.split import HeldOutSplit
 from matrice.memo import Memo

@@ -10,11 +10,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from matrice.claims import Claim, RelationOf, relation_prefix
+from matrice.evaluation.claims import Claim, RelationOf, relation_prefix
 from matrice.experiments.fact_check.detectors import DETECTORS
 from matrice.io import RunOutputs
-from matrice.report import RunResults, ordered_langs, plot_fact_check
-from matrice.stats import (Estimate, bootstrap_mean, cluster_statistic, flag_counts, paired_ratio_difference, prf,
+from matrice.evaluation.report import RunResults, ordered_langs, plot_fact_check
+from matrice.evaluation.stats import (Estimate, bootstrap_mean, cluster_statistic, flag_counts, paired_ratio_difference, prf,
                            verdict)
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def pair_accuracy(rows: Sequence[Mapping], detector: str) -> Estimate:
     return bootstrap_mean([float(np.mean(v)) for v in per_fact.values()])
 
 
-# ---- claims: the paper's statements about this experiment, tested (matrice.claims) ----------------
+# ---- claims: the paper's statements about this experiment, tested (matrice.evaluation.claims) ----------------
 
 def f1_difference_by_relation(statements: Sequence[Mapping[str, Any]], a: str, b: str, relation_of: RelationOf,
                               seed: int = 0) -> Estimate:

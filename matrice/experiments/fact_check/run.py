@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 from tqdm import tqdm
 
-from matrice.attribution.common import AttributionConfig
+from matrice.method.attribution.common import AttributionConfig
 from matrice.data.schema import Query
 from matrice.data.split import HeldOutSplit
 from matrice.experiments.fact_check.detectors import (DETECTORS, DetectorNeurons, activation_scores,

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from matrice.claims import CELL, Claim, RelationOf, make_claim, relation_prefix
+from matrice.evaluation.claims import CELL, Claim, RelationOf, make_claim, relation_prefix
 from matrice.io import RunOutputs
-from matrice.report import RunResults, markdown_table
-from matrice.stats import per_fact_mean, relation_mean
+from matrice.evaluation.report import RunResults, markdown_table
+from matrice.evaluation.stats import per_fact_mean, relation_mean
 
 SPLITS = ("heldout", "transfer", "trained", "old")
 
-# ---- claims: the paper's statements about this experiment, tested (matrice.claims) ----------------
+# ---- claims: the paper's statements about this experiment, tested (matrice.evaluation.claims) ----------------
 
 INJECT_NAMES = {"direct_ft": "Direct_FT", "matrice": "MATRICE_FT", "amig": "AMIG_FT", "random": "Random_FT",
                 "lora": "LoRA", "base": "unedited"}

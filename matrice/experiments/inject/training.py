@@ -222,23 +222,14 @@ def inject_knowledge(
     memo: Memo | None = None,
 ) -> InjectionResult:
     """Fine-tune every (variant, lr) on the units' localisation paraphrases and score the four splits
-    (module doc). Units come from the facts that have neuron sets; Q_old from every other fact in
-    ``queries``. ``is_evaluation(query)`` marks held-out paraphrases (default: :class:`HeldOutSplit`'s).
-    With ``memo``, a (variant, lr) run whose inputs (training and evaluation encodings, neurons,
-    training config, model, code) were seen before is read back instead of retrained."""
+    (module doc). Units: facts with neuron sets; Q_old: every other fact. ``is_evaluation(query)`` marks
+    held-out paraphrases (default: :class:`HeldOutSplit`'s). With ``memo``, a run whose inputs (encodings,
+    neurons, training config, model, code) were seen before is read back instead of retrained."""
     cfg = cfg or InjectConfig()
     is_evaluation = is_evaluation or HeldOutSplit().is_held_out
     by_id = {q.query_id: q for q in queries}
-    with_sets = set(_facts_of(sets))
-    units = choose_units([q for q in queries if q.fact_id in with_sets], probes, is_evaluation, cfg.max_new, cfg.seed)
-    if not units:
-        raise ValueError("injection: no (fact, language) has held-out paraphrases the model gets wrong")
+    units, old_q = _units_and_q_old(queries, probes, sets, is_evaluation, cfg)
     unit_facts = {u.fact_id for u in units}
-    pm = as_probe_map(probes)
-    old_q = [q for q in queries if q.query_id in pm and pm[q.query_id].correct and q.fact_id not in unit_facts]
-    if cfg.max_old is not None and len(old_q) > cfg.max_old:
-        idx = experiment_rng(cfg.seed, "q_old").choice(len(old_q), size=cfg.max_old, replace=False)
-        old_q = [old_q[i] for i in sorted(idx)]
     wanted = [by_id[i] for u in units for i in (*u.train, *u.heldout, *u.transfer)] + old_q
     encs, failed = encode_all(adapter, wanted, few_shot, encoded)
     split_queries = {split: [(u, by_id[i]) for u in units for i in getattr(u, split) if i in encs]
@@ -252,7 +243,6 @@ def inject_knowledge(
     log.info("injection: %d units, %d training queries, %d Q_old; neurons per variant: %s; lr sweeps: %s",
              len(units), len(encs_train), len(old_q), {v: len(u) for v, u in unions.items()},
              {v: cfg.sweep(v) for v in variants})
-
     evaluated = [(split, u, q) for split, key in (("trained", "train"), ("heldout", "heldout"), ("transfer", "transfer"))
                  for u, q in split_queries[key]] + [("old", None, q) for q in old_q]
     unedited: list[bool] = []  # the caller's model's answers, decoded once for every run that trains nothing
@@ -278,9 +268,7 @@ def inject_knowledge(
         work, info = train_variant(adapter, variant, unions.get(variant), encs_train, cfg, lr, progress)
         ok = decode_all(work)
         del work
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _free_memory()
         return {"info": info, "correct": ok}
 
     todo = [("base", None)] if cfg.include_base else []
@@ -298,10 +286,43 @@ def inject_knowledge(
         records = records_of(variant, lr, ok)
         result.records += records
         result.runs.setdefault(variant, {})[str(lr)] = {**info, **_accuracies(records)}
-    for variant, runs in result.runs.items():
-        def fit(run: Mapping[str, Any]) -> float:
-            vals = [run[s] for s in ("trained", "old") if run[s] is not None]
-            return float(np.mean(vals)) if vals else -1.0
-        best = max(runs, key=lambda lr: fit(runs[lr]))  # first of equals: the sweep's order
-        result.selected[variant] = runs[best]["lr"]
+    result.selected = {variant: select_rate(runs) for variant, runs in result.runs.items()}
     return result
+
+
+def _units_and_q_old(queries: Sequence[Query], probes: ProbesLike, sets: NeuronSetsLike,
+                     is_evaluation: Callable[[Query], bool], cfg: InjectConfig) -> tuple[list[Unit], list[Query]]:
+    """The units (from the facts with neuron sets) and Q_old (from the others)."""
+    with_sets = set(_facts_of(sets))
+    units = choose_units([q for q in queries if q.fact_id in with_sets], probes, is_evaluation, cfg.max_new, cfg.seed)
+    if not units:
+        raise ValueError("injection: no (fact, language) has held-out paraphrases the model gets wrong")
+    return units, choose_q_old(queries, probes, {u.fact_id for u in units}, cfg.max_old, cfg.seed)
+
+
+def choose_q_old(queries: Sequence[Query], probes: ProbesLike, unit_facts: set[str], max_old: int | None, seed: int
+                 ) -> list[Query]:
+    """Q_old: the queries the model answers correctly, of facts not injected (a seeded sample of ``max_old``)."""
+    pm = as_probe_map(probes)
+    old_q = [q for q in queries if q.query_id in pm and pm[q.query_id].correct and q.fact_id not in unit_facts]
+    if max_old is not None and len(old_q) > max_old:
+        idx = experiment_rng(seed, "q_old").choice(len(old_q), size=max_old, replace=False)
+        old_q = [old_q[i] for i in sorted(idx)]
+    return old_q
+
+
+def select_rate(runs: Mapping[str, Mapping[str, Any]]) -> float | None:
+    """The learning rate with the best mean of training and Q_old accuracy (no held-out data); the first
+    of equals in the sweep's order."""
+    def fit(run: Mapping[str, Any]) -> float:
+        vals = [run[s] for s in ("trained", "old") if run[s] is not None]
+        return float(np.mean(vals)) if vals else -1.0
+
+    return runs[max(runs, key=lambda lr: fit(runs[lr]))]["lr"]
+
+
+def _free_memory() -> None:
+    """Collect a trained copy (its last reference just dropped) before the next run builds its own."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -3,7 +3,7 @@ module is the machinery (a claim, how it is judged, the verdict and power tables
 states its own claims in its module, and `matrice.experiments.registry` gathers them.
 
 Each claim is a paired per-fact difference (MATRICE − X, or a share − its uniform value) whose sign
-the paper asserts, tested over relation clusters (`matrice.stats.clustered_difference`: each
+the paper asserts, tested over relation clusters (`matrice.evaluation.stats.clustered_difference`: each
 relation's facts averaged first, exact sign-flip test) with the fact-level estimate beside it. A row
 is *not testable* when a side selected or trained nothing for at least half the facts, or both sides
 sit at one value in every fact. `judge` gives the verdicts: Holm over the declared primary family,
@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from matrice.stats import Comparison, Direction, Estimate, Verdict, clustered_difference, holm, power, verdict
+from matrice.evaluation.stats import Comparison, Direction, Estimate, Verdict, clustered_difference, holm, power, verdict
 
 RelationOf = Callable[[str], str]
 

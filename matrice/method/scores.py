@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from matrice.data.schema import Query
 from matrice.io import atomic_save_npz, atomic_write_json, safe_stem
-from matrice.uncertainty import AggregationConfig, FactScores, aggregate_fact
+from matrice.method.uncertainty import AggregationConfig, FactScores, aggregate_fact
 
 
 def group_by_fact(queries: Sequence[Query], raw: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:

@@ -8,14 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from matrice.attribution.common import (
-    AttributionConfig,
-    all_layers,
-    answer_probability,
-    integrate,
-    query_activations,
-    step_points,
-)
+from matrice.method.attribution.common import (AttributionConfig, all_layers, answer_probability, integrate,
+                                               query_activations, step_points)
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.hooks import neuron_hooks, replace_with
 

@@ -1,7 +1,7 @@
 """Where shards are computed: in this process (``local``) or on a Ray cluster (``ray``).
 
 An executor takes the shards still to do and yields each one's result as it finishes, in any order;
-the runner (:func:`matrice.attribution.runner.run_attribution`) writes every finished shard
+the runner (:func:`matrice.method.attribution.runner.run_attribution`) writes every finished shard
 atomically the moment it arrives. So a driver that dies leaves only complete shards, and the next
 run resumes from them, whichever executor computed them.
 
@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
-from matrice.attribution.common import AttributionConfig
-from matrice.attribution.fast import fast_attribution_many
+from matrice.method.attribution.common import AttributionConfig
+from matrice.method.attribution.fast import fast_attribution_many
 from matrice.models.adapter import Encoded, ModelAdapter
 
 log = logging.getLogger(__name__)

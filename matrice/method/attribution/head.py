@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from matrice.attribution.common import answer_probability
+from matrice.method.attribution.common import answer_probability
 from matrice.models.adapter import ModelAdapter
 from matrice.models.hooks import instance_forward, restore_forward
 

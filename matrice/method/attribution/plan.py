@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from matrice.attribution.common import AttributionConfig
-from matrice.attribution.fast import _n_baselines, fast_attribution_many
+from matrice.method.attribution.common import AttributionConfig
+from matrice.method.attribution.fast import _n_baselines, fast_attribution_many
 from matrice.models.adapter import Encoded, ModelAdapter
 
 GIB = 1024**3

@@ -1,7 +1,7 @@
 """Knowledge-neuron selection (paper Eq. 12-13) for MATRICE and its baselines/ablations.
 
 A neuron set is an int64 array ``[n, 2]`` of (layer, neuron) pairs. All methods reuse the score
-maps of :class:`matrice.uncertainty.FactScores`, so they cost nothing beyond the attributions.
+maps of :class:`matrice.method.uncertainty.FactScores`, so they cost nothing beyond the attributions.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from matrice.io import atomic_write_text
-from matrice.uncertainty import FactScores
+from matrice.method.uncertainty import FactScores
 
 METHODS: tuple[str, ...] = (
     "matrice", "amig", "random", "wo_uaq", "wo_ual",  # the paper's threshold-based sets

@@ -8,10 +8,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from matrice.attribution.common import AttributionConfig
-from matrice.attribution.executors import ShardExecutor
-from matrice.attribution.plan import RunPlan, plan_run
-from matrice.attribution.runner import plan_shards, run_attribution
+from matrice.method.attribution.common import AttributionConfig
+from matrice.method.attribution.executors import ShardExecutor
+from matrice.method.attribution.plan import RunPlan, plan_run
+from matrice.method.attribution.runner import plan_shards, run_attribution
 from matrice.data.schema import Query
 from matrice.data.split import HeldOutSplit
 from matrice.models.adapter import Encoded, ModelAdapter

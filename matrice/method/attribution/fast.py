@@ -20,14 +20,14 @@ from typing import Any, ContextManager, Iterator, Sequence
 
 import torch
 
-from matrice.attribution.common import (
+from matrice.method.attribution.common import (
     AttributionConfig,
     all_layers,
     baseline_activations,
     integrate,
     step_points,
 )
-from matrice.attribution.head import fused_answer_probability, head_input, linear_head
+from matrice.method.attribution.head import fused_answer_probability, head_input, linear_head
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.cache import broadcast_cache
 from matrice.models.hooks import Edit, instance_forward, neuron_hooks, restore_forward

@@ -20,8 +20,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from matrice.attribution.common import AttributionConfig
-from matrice.attribution.executors import LocalExecutor, ShardExecutor, ShardJob
+from matrice.method.attribution.common import AttributionConfig
+from matrice.method.attribution.executors import LocalExecutor, ShardExecutor, ShardJob
 from matrice.data.schema import Query
 from matrice.io import atomic_save_npz, atomic_write_json, safe_stem
 from matrice.models.adapter import Encoded, ModelAdapter

@@ -1,95 +1,25 @@
-"""The pipeline's own plumbing: DVC wiring, atomic writes, resumable attribution shards, scores I/O."""
+"""Attribution runs: which facts are attributed, resumable shards (one per fact), float16 storage, the
+run plan, and the score store's I/O."""
 
 from __future__ import annotations
 
-import ast
-import os
-import stat
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from matrice.attribution import executors as runner_mod  # where the engine is called per shard
-from matrice.attribution.common import AttributionConfig
-from matrice.attribution.runner import (choose_facts, load_attributions, plan_shards, run_attribution, shard_name,
-                                       sample_facts_per_relation)
+from matrice.method.attribution import executors as runner_mod
+from matrice.method.attribution.common import AttributionConfig
+from matrice.method.attribution.runner import (
+    choose_facts, load_attributions, plan_shards, run_attribution, shard_name, sample_facts_per_relation,
+)
 from matrice.data.build import build_dataset
 from matrice.data.sources import DatasetConfig
-from matrice.io import atomic_save_npz, atomic_write_text
-from matrice.probing import ProbeResult, accuracy_by_language, encode_all
-from matrice.scores import ScoreStore, group_by_fact, save_scores
-from matrice.uncertainty import AggregationConfig
+from matrice.probing import encode_all
+from matrice.method.scores import ScoreStore, group_by_fact, save_scores
+from matrice.method.uncertainty import AggregationConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def _stages() -> dict:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-
-
-def _params_of(stage: dict) -> set[str]:
-    body = stage.get("do", stage)
-    names = set()
-    for p in body.get("params", []):
-        names.add(p if isinstance(p, str) else next(iter(p)))
-    return {n.split(".")[0] for n in names}
-
-
-def test_sweeping_method_hyperparameters_never_reruns_attribution_or_aggregation():
-    stages = _stages()
-    cheap = {"tau", "tau_amig"}
-    assert not (_params_of(stages["attribute"]) & (cheap | {"alpha1", "alpha2", "beta1", "beta2", "layer_norm", "lang_norm"}))
-    assert not (_params_of(stages["aggregate"]) & cheap)
-    assert cheap <= _params_of(stages["select"])
-    upstream = ["prepare_model", "build_dataset", "probe", "attribute", "aggregate"]
-    for name in upstream:
-        assert not (_params_of(stages[name]) & cheap), name
-
-
-def test_params_use_the_paper_names_at_top_level():
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for name in ("tau", "alpha1", "alpha2", "beta1", "beta2", "steps"):
-        assert isinstance(params[name], (int, float)), name
-
-
-def test_every_stage_command_has_its_module():
-    import importlib
-
-    for name, stage in _stages().items():
-        cmd = stage.get("do", stage)["cmd"]
-        module = cmd.split()[2]
-        assert (ROOT / (module.replace(".", "/") + ".py")).exists(), (name, module)
-        assert callable(importlib.import_module(module).main), (name, module)  # imports: no syntax error
-
-
-def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
-    target = tmp_path / "out.npz"
-
-    class Boom:
-        def __array__(self, *a, **k):
-            raise RuntimeError("crash mid-write")
-
-    with pytest.raises(RuntimeError):
-        atomic_save_npz(target, a=np.zeros(3), b=Boom())
-    assert list(tmp_path.iterdir()) == []
-    atomic_write_text(tmp_path / "t.txt", "done")
-    assert (tmp_path / "t.txt").read_text() == "done" and len(list(tmp_path.iterdir())) == 1
-
-
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
-def test_atomic_writes_respect_the_umask(tmp_path, umask, mode):
-    """Shared filesystems: outputs get a plainly created file's mode, not mkstemp's private 0o600."""
-    old = os.umask(umask)
-    try:
-        atomic_write_text(tmp_path / "t.txt", "x")
-        atomic_save_npz(tmp_path / "a.npz", a=np.zeros(2))
-    finally:
-        os.umask(old)
-    assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {mode}
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +121,7 @@ def test_scores_group_by_template_order_and_round_trip(tmp_path, small_run):
     grouped = group_by_fact(list(reversed(small_run)), raw)
     q0 = next(q for q in small_run if q.template_id == 0)
     np.testing.assert_array_equal(grouped[q0.fact_id][q0.lang][0], raw[q0.query_id])
-    from matrice.scores import aggregate_all
+    from matrice.method.scores import aggregate_all
 
     scores = aggregate_all(grouped, AggregationConfig(), ["en", "fr"])
     save_scores(tmp_path / "s", scores.items())
@@ -204,127 +134,11 @@ def test_scores_group_by_template_order_and_round_trip(tmp_path, small_run):
     with pytest.raises(ValueError, match="no attributed query in language"):
         aggregate_all(grouped, AggregationConfig(), ["en", "fr", "ja"])
 
-
-def test_probe_accuracy_by_language():
-    rows = [
-        ProbeResult("a", "f", "P36", "en", 0, 0.5, 0, True, "Paris"),
-        ProbeResult("b", "f", "P36", "en", 1, 0.1, 3, False, "Lyon"),
-        ProbeResult("c", "f", "P36", "fr", 0, 0.2, 0, True, "Paris"),
-    ]
-    acc = accuracy_by_language(rows)
-    assert acc["en"] == {"accuracy": 0.5, "top1_first_token": 0.5, "mean_prob": pytest.approx(0.3), "queries": 2}
-    assert acc["fr"]["accuracy"] == 1.0
-
-
-def test_experiment_inputs_missing_give_clear_messages(tmp_path, monkeypatch):
-    from stages import common
-
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="has not been probed yet"):
-        common.load_probes("mgpt")
-    with pytest.raises(SystemExit, match="run the select stage"):
-        common.load_neuron_sets("mgpt")
-    with pytest.raises(SystemExit, match="run the prepare_model stage"):
-        common.load_prepared("mgpt", {"models": {"mgpt": {"source": "x"}}})
-    with pytest.raises(SystemExit, match="models.nope is not defined"):
-        common.model_params({"models": {"mgpt": {}}}, "nope")
-
-
-def test_figures_name_methods_with_no_neurons_instead_of_drawing_zeros():
-    from matrice.selection import NeuronSets
-    from matrice.report import not_drawn_note, split_empty
-
-    sets = NeuronSets(methods=["matrice", "amig"], facts={})
-    sets.add("a", {"matrice": np.array([[1, 2]]), "amig": np.zeros((0, 2))})
-    sets.add("b", {"matrice": np.zeros((0, 2)), "amig": np.zeros((0, 2))})
-    assert split_empty(sets, ["matrice", "amig"]) == (["matrice"], ["amig"])
-    assert "AMIG: no neurons for any fact" in not_drawn_note(["amig"], str.upper)
-    assert not_drawn_note([], str.upper) == ""
-
-
-def _module_file(name: str) -> Path | None:
-    base = ROOT.joinpath(*name.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.exists():
-            return path
-    return None
-
-
-def _local_imports(path: Path) -> set[str]:
-    """Project modules (matrice.*, stages.*) a file imports, with the packages whose __init__ runs."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        else:
-            continue
-        for name in found:
-            parts = name.split(".")
-            if parts[0] in ("matrice", "stages"):
-                names.update(".".join(parts[: i + 1]) for i in range(len(parts)))
-    return names
-
-
-def _files_run_by(module: str) -> set[Path]:
-    seen: set[Path] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        if name in _LOADERS:
-            continue
-        path = _module_file(name)
-        if path is None or path in seen:
-            continue
-        seen.add(path)
-        todo.extend(_local_imports(path))
-    return seen
-
-
-# file loading and writing only: they move bytes, never change a number (the dataset's own code is a
-# dep of build_dataset, whose output every later stage depends on)
-_LOADERS = {"stages.common", "matrice.io", "matrice.data", "matrice.data.schema"}
-
-
-def test_every_stage_depends_on_the_code_it_runs():
-    """A stage whose code (or a module it imports) changes must rerun: its deps cover every project
-    file its entry point imports, transitively (loaders excepted, see _LOADERS)."""
-    for name, stage in _stages().items():
-        body = stage.get("do", stage)
-        module = body["cmd"].split()[2]
-        deps = [d.replace("${key}", "x") for d in body.get("deps", [])]
-        for path in sorted(_files_run_by(module)):
-            rel = path.relative_to(ROOT).as_posix()
-            if rel in ("matrice/__init__.py", "stages/__init__.py"):  # a version string
-                continue
-            covered = any(rel == d or rel.startswith(d.rstrip("/") + "/") for d in deps)
-            assert covered, f"dvc.yaml stage {name!r} runs {rel} but does not list it in deps"
-
-
-def test_npz_outputs_are_byte_for_byte_deterministic(tmp_path, monkeypatch):
-    """Equal arrays written at different times hash the same, so a rerun that changes no number
-    does not make DVC rerun everything downstream."""
-    import hashlib
-    import time as time_mod
-
-    arrays = {"x": np.arange(6.0).reshape(2, 3), "ids": np.array(["a", "bb"]), "fp": np.array("f")}
-    atomic_save_npz(tmp_path / "a.npz", **arrays)
-    later = time_mod.time() + 3600
-    monkeypatch.setattr(time_mod, "time", lambda: later)
-    atomic_save_npz(tmp_path / "b.npz", **arrays)
-    digest = [hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("a.npz", "b.npz")]
-    assert digest[0] == digest[1]
-    with np.load(tmp_path / "b.npz") as data:
-        np.testing.assert_array_equal(data["x"], arrays["x"])
-        assert list(data["ids"]) == ["a", "bb"] and str(data["fp"]) == "f"
-
-
 def test_float16_storage_round_trips_and_selects_like_float32(tmp_path, small_run, tiny):
-    from matrice.attribution.runner import iter_fact_attributions
-    from matrice.scores import aggregate_all, aggregate_stream
-    from matrice.selection import SelectionConfig, select_fact
-    from matrice.uncertainty import AggregationConfig
+    from matrice.method.attribution.runner import iter_fact_attributions
+    from matrice.method.scores import aggregate_all, aggregate_stream
+    from matrice.method.selection import SelectionConfig, select_fact
+    from matrice.method.uncertainty import AggregationConfig
 
     adapter = tiny("llama")
     facts = sample_facts_per_relation(small_run, None, 0)
@@ -360,7 +174,7 @@ def test_float16_storage_round_trips_and_selects_like_float32(tmp_path, small_ru
 def test_plan_counts_rows_and_projects_from_the_measured_speed(small_run, tiny):
     from dataclasses import replace
 
-    from matrice.attribution.plan import count_rows, plan_run
+    from matrice.method.attribution.plan import count_rows, plan_run
 
     adapter = tiny("llama")
     encs = encode_all(adapter, small_run, few_shot=True)
@@ -384,7 +198,7 @@ def test_score_store_writes_one_file_per_fact_as_they_come_and_the_index_last(tm
     """A crash mid-write leaves no index (no reader takes it as finished); a later run with fewer
     facts removes the files of the facts it dropped; facts come back in id order whatever the order
     they were written in."""
-    from matrice.scores import INDEX, aggregate_all
+    from matrice.method.scores import INDEX, aggregate_all
 
     rng = np.random.default_rng(1)
     raw = {q.query_id: rng.normal(size=(2, 5)).astype(np.float32) for q in small_run}

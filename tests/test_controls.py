@@ -1,0 +1,54 @@
+"""The controls: leave-one-language-out sets and specificity donors."""
+
+from __future__ import annotations
+
+import pytest
+
+from implant import FACTS, IMPLANT, QUERIES, pairs
+from matrice.experiments.manipulate import manipulate
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: threads only spin-wait
+
+
+def test_leave_one_language_out_uses_each_languages_own_set(gpt2_implant):
+    from matrice.experiments.controls import leave_one_language_out
+
+    a, _ = gpt2_implant
+    qs = [q for q in QUERIES if q.fact_id == "f1"]
+    # the implant is in the set selected without "en" only; "fr"/"fi" get an unrelated neuron
+    lolo = {"f1": {"en": {"lolo": pairs(IMPLANT), "lolo_random_layer": pairs((0, 1))},
+                   "fr": {"lolo": pairs((0, 3)), "lolo_random_layer": pairs((0, 1))},
+                   "fi": {"lolo": pairs((0, 3)), "lolo_random_layer": pairs((0, 1))}}}
+    records = leave_one_language_out(a, qs, lolo, {"f1": {"matrice": pairs(IMPLANT)}}, few_shot=False)
+    assert len(records) == len(qs) * 3
+    for r in records:  # every query is scored with the set chosen without its own language
+        expected = lolo["f1"][r.lang].get(r.method, pairs(IMPLANT))
+        assert r.n_neurons == len(expected) and r.mode == "suppress"
+    en = [r for r in records if r.lang == "en" and r.method == "lolo"]
+    assert en and all(r.delta_p < -0.9 for r in en)  # the implant carried " Paris"
+    direct = manipulate(a, [q for q in qs if q.lang == "fr"], {"f1": {"lolo": pairs((0, 3))}}, ("lolo",),
+                        {"suppress": 0.0}, progress=False).records
+    got = {r.query_id: r.delta_p for r in records if r.lang == "fr" and r.method == "lolo"}
+    assert got == pytest.approx({r.query_id: r.delta_p for r in direct})
+
+
+def test_specificity_borrows_donor_neurons(gpt2_implant):
+    from matrice.experiments.controls import choose_donors, specificity
+
+    a, _ = gpt2_implant
+    relations = {f.fact_id: f.relation for f in FACTS}
+    donors = choose_donors(relations, seed=0)
+    assert donors == choose_donors(relations, seed=0)
+    for f, d in donors.items():
+        assert d["same_relation"] != f and (d["same_relation"] is None or relations[d["same_relation"]] == relations[f])
+        assert relations[d["other_relation"]] != relations[f]
+    assert donors["f4"]["same_relation"] is None  # the only continent fact
+    sets = {"f1": {"matrice": pairs(IMPLANT)}, "f2": {"matrice": pairs((0, 2))}, "f3": {"matrice": pairs((1, 2), (1, 3))},
+            "f4": {"matrice": pairs((0, 7))}}
+    records, got_donors = specificity(a, QUERIES, sets, seed=0, few_shot=False)
+    assert got_donors == donors
+    for r in records:
+        source = r.fact_id if r.method == "own" else donors[r.fact_id][r.method]
+        assert r.n_neurons == len(sets[source]["matrice"])
+    assert not any(r.fact_id == "f4" and r.method == "same_relation" for r in records)
+    assert {r.method for r in records} == {"own", "same_relation", "other_relation"}
