@@ -291,3 +291,24 @@ def test_table_ii_is_the_signed_effect_on_the_verdicts_queries_and_unit():
     assert est["matrice"].mean == pytest.approx(0.2, abs=0.02)  # evaluation queries only
     assert est["wo_uaq"].mean == pytest.approx(0.0, abs=0.02)  # (−0.1 + 0.1) / 2
     assert est["matrice"].n == 8  # relations (each F-fact is its own here)
+
+
+def test_editing_rows_beyond_reliability_read_held_out_locality_and_the_other_languages():
+    """Held-out generality, locality and reliability outside English each get a row against the
+    same-size competitor and random neurons, computed from their own counts."""
+    records = []
+    for f in range(12):
+        for lang in ("en", "fr"):
+            for method, held, loc, rel in (("matrice", 2, 1, 2), ("amig_k", 0, 2, 2), ("random", 1, 2, 0)):
+                rel_ok = 2 if lang == "en" else rel  # everyone is reliable in English
+                records.append({"fact_id": f"P{f % 12}-e{f}", "method": method, "operation": "erasure", "lang": lang,
+                                "rel_n": 2, "rel_ok": rel_ok, "gen_n": 3, "gen_ok": 2, "held_n": 2, "held_ok": held,
+                                "loc_n": 2, "loc_ok": loc})
+    claims = {c.key: c for c in editing_claims({"records": records, "empty_facts": {}})}
+    assert claims["table3_erasure_heldout_matrice_vs_amig_k"].estimate.mean == pytest.approx(1.0)
+    assert claims["table3_erasure_heldout_matrice_vs_random"].estimate.mean == pytest.approx(0.5)
+    assert claims["table3_erasure_locality_matrice_vs_amig_k"].estimate.mean == pytest.approx(-0.5)
+    assert claims["table3_erasure_locality_matrice_vs_amig_k"].verdict == "contradicts"
+    assert claims["table3_erasure_other_languages_matrice_vs_random"].estimate.mean == pytest.approx(1.0)
+    assert claims["table3_erasure_other_languages_matrice_vs_amig_k"].verdict == "not testable"  # both 1 everywhere
+    assert {c.verdict for k, c in claims.items() if k.startswith("table4")} == {"no data"}  # no update records

@@ -161,3 +161,37 @@ def test_lambda_sweep_curves_pool_each_fact_over_languages_then_average_facts():
     assert loc.n == 1 and loc.mean == pytest.approx(6 / 8)  # fact b has no locality sample
     assert curves["random"][0][1].n == 0
     assert "| matrice | 1 | 0.62" in sweep_table(curves)
+
+
+def test_held_out_paraphrases_are_counted_apart_and_only_when_never_attributed(gpt2_implant):
+    a, _ = gpt2_implant
+    sets = sets_for({"f1": {"matrice": pairs(IMPLANT)}})
+    cfg = EditConfig(locality_k=2, seed=0, scaling="column_norm")
+    held = lambda qid: qid.endswith("|1")  # noqa: E731 (template 1 plays the held-out paraphrase)
+    res = edit_facts(a, QUERIES, sets, methods=("matrice",), cfg=cfg, facts=["f1"], progress=False, is_evaluation=held)
+    for r in res.records:
+        expected = sum(1 for q in QUERIES if q.fact_id == "f1" and q.lang == r.lang and held(q.query_id))
+        if r.operation == "erasure" and r.n_unknown:
+            assert r.held_n <= expected
+        else:
+            assert r.held_n == expected  # en and fr have a template 1, fi does not
+        assert r.held_n <= r.gen_n and r.held_ok <= r.gen_ok  # held-out paraphrases are generality queries
+    assert any(r.held_n for r in res.records)
+    plain = edit_facts(a, QUERIES, sets, methods=("matrice",), cfg=cfg, facts=["f1"], progress=False)
+    assert all(r.held_n == 0 for r in plain.records)
+    assert [(r.rel_ok, r.gen_ok, r.loc_ok) for r in plain.records] == [(r.rel_ok, r.gen_ok, r.loc_ok) for r in res.records]
+
+
+def test_update_leaves_out_queries_where_the_new_object_starts_like_the_old(gpt2_implant):
+    from matrice.experiments.edit.run import _EditRun
+    from matrice.experiments.edit_targets import NewObject
+    from matrice.experiments import encode_all, group_by_fact
+
+    a, _ = gpt2_implant
+    encs, _ = encode_all(a, QUERIES)
+    run = _EditRun(a, EditConfig(), False, encs, group_by_fact(QUERIES), ["update"], lambda qid: False)
+    f1 = [q for q in QUERIES if q.fact_id == "f1"]
+    same_in_fr = NewObject("f2", {"en": "Berlin", "fr": "Paris", "fi": "Berliini"}, 0)  # fr: o' is o
+    out = run.update_encodings(f1, same_in_fr)
+    assert {q.lang for q in f1 if q.query_id in out} == {"en", "fi"}
+    assert run.skipped["update_queries_same_first_token"] == sum(q.lang == "fr" for q in f1)

@@ -121,7 +121,8 @@ def sweep_update(
         if new is None:
             result.skipped["no_new_object"].append(fid)
             continue
-        rel = _relabelled_originals(adapter, originals[fid], new.labels, few_shot)
+        rel = _relabelled_originals(adapter, originals[fid], new.labels, few_shot,
+                                    {lang: encs[q.query_id].answer_ids[0] for lang, q in originals[fid].items()})
         loc = [(q.lang, encs[q.query_id]) for f in sample_locality(fid)
                for q in originals[f].values()]
         scored = [e for _, e in rel] + [e for _, e in loc]  # the unedited model on the batches the edits see
@@ -142,17 +143,20 @@ def sweep_update(
 
 
 def _relabelled_originals(adapter: ModelAdapter, originals: Mapping[str, Query], labels: Mapping[str, str],
-                          few_shot: bool) -> list[tuple[str, Encoded]]:
+                          few_shot: bool, gold_first: Mapping[str, int]) -> list[tuple[str, Encoded]]:
     """Each language's original query with o''s label in that language as the answer (as the edit
-    stage scores reliability); languages without a label or an encoding are left out."""
+    stage scores reliability); languages without a label or an encoding, or where o' starts with the
+    gold answer's first token (``gold_first``), are left out, as the edit stage leaves them out."""
     out = []
     for lang, q in sorted(originals.items()):
         if lang not in labels:
             continue
         try:
-            out.append((lang, encode_query(adapter, replace(q, answer=labels[lang]), few_shot)))
+            enc = encode_query(adapter, replace(q, answer=labels[lang]), few_shot)
         except ValueError:
             continue
+        if enc.answer_ids[0] != gold_first.get(lang):
+            out.append((lang, enc))
     return out
 
 

@@ -12,7 +12,8 @@ For each fact and method, with the edit made once "in English" and evaluated in 
 Metrics per (method, operation, language), micro-averaged over queries:
 
 - **reliability** on the fact's original query of the language (lowest template id, i.e. template 0);
-- **generality** on its other paraphrases in that language;
+- **generality** on its other paraphrases in that language, and **held-out generality** on those of
+  them selection never saw (the held-out split's paraphrases: ``held_*``);
 - **locality** on the original queries of ``locality_k`` other facts (seeded sample per edited fact):
   success when the top-1 token is the same as before the edit.
 
@@ -33,13 +34,15 @@ Choices where the paper is silent:
   whose first token differs from o's; one is drawn per fact with ``experiment_rng(seed, "new_object",
   fact_id)`` and shared by all methods. A fact with no such candidate is not updated (counted).
   Its labels in other languages come from that fact's queries; a language without one is skipped
-  for the update (counted).
+  for the update (counted), and so is a query where o' starts with o's first token in that
+  language's context (there "o' is top-1" would only mean the gold answer still is; counted as
+  ``update_queries_same_first_token``).
 - A fact with an empty neuron set is evaluated as a no-op edit (counted per method), not dropped.
 - Unrelated facts for locality: any other fact (any relation).
 """
 
 from matrice.experiments.edit.evaluation import (  # noqa: F401 (the experiment's API)
-    editing_claims, editing_estimates, editing_interval_tables, scaling_text, section,
+    editing_claims, editing_estimates, editing_interval_tables, scaling_text, section, write_outputs,
 )
 from matrice.experiments.edit.run import (  # noqa: F401
     OPERATIONS, EditConfig, EditRecord, EditResult, edit_facts, summarise_edits,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -71,6 +71,8 @@ class EditRecord:
     loc_ok: int
     n_unknown: int  # erasure with erasure_known_only: queries not top-1 before, not scored
     new_object: str | None  # update: o' in this language
+    held_n: int = 0  # held-out paraphrases (never attributed), a subset of the generality queries
+    held_ok: int = 0
 
 
 @dataclass
@@ -114,18 +116,20 @@ def summarise_edits(records: Sequence[EditRecord]) -> list[dict[str, Any]]:
         lang_rows = []
         for lang in sorted({l for m, o, l in groups if (m, o) == (method, op)}):
             rs = groups[(method, op, lang)]
-            tot = {k: sum(getattr(r, k) for r in rs) for k in ("rel_n", "rel_ok", "gen_n", "gen_ok", "loc_n", "loc_ok", "n_unknown")}
+            tot = {k: sum(getattr(r, k) for r in rs)
+                   for k in ("rel_n", "rel_ok", "gen_n", "gen_ok", "loc_n", "loc_ok", "n_unknown", "held_n", "held_ok")}
             lang_rows.append({
                 "method": method, "operation": op, "lang": lang,
                 "reliability": _ratio(tot["rel_ok"], tot["rel_n"]),
                 "generality": _ratio(tot["gen_ok"], tot["gen_n"]),
                 "locality": _ratio(tot["loc_ok"], tot["loc_n"]),
+                "generality_heldout": _ratio(tot["held_ok"], tot["held_n"]),
                 "n_facts": len({r.fact_id for r in rs}),
                 "n_empty_facts": len({r.fact_id for r in rs if r.n_neurons == 0}),
                 **tot,
             })
         avg = {"method": method, "operation": op, "lang": "average"}
-        for metric in ("reliability", "generality", "locality"):
+        for metric in ("reliability", "generality", "locality", "generality_heldout"):
             vals = [r[metric] for r in lang_rows if r[metric] is not None]
             avg[metric] = float(np.mean(vals)) if vals else None
         rows += lang_rows + [avg]
@@ -143,8 +147,10 @@ def edit_facts(
     encoded: Mapping[str, Encoded] | None = None,
     facts: Sequence[str] | None = None,
     progress: bool = True,
+    is_evaluation: Callable[[str], bool] | None = None,
 ) -> EditResult:
     """Edit every fact (or the given ``facts``) with each method and operation; see the package doc.
+    ``is_evaluation(query_id)``: the query was never attributed (its counts go to ``held_*`` too).
 
     Every edit runs inside :func:`matrice.interventions.edited_output_weights`, which restores the
     weights and asserts bit-for-bit restoration after each edit.
@@ -160,7 +166,7 @@ def edit_facts(
     if unknown:
         raise KeyError(f"facts {unknown[:5]} have no (encodable) queries")
     neurons = {fid: {m: fact_neurons(sets, fid, m, adapter) for m in methods} for fid in targets}  # fail before editing
-    run = _EditRun(adapter, cfg, few_shot, encs, by_fact, list(operations))
+    run = _EditRun(adapter, cfg, few_shot, encs, by_fact, list(operations), is_evaluation or (lambda qid: False))
     result = EditResult(config=dict(cfg.__dict__), empty_facts={m: [] for m in methods})
     skipped = run.skipped
     skipped["unencodable_queries"] = len(failed)
@@ -193,16 +199,17 @@ class _EditRun:
     """The state every fact's edits share: encodings, each fact's original queries, the locality sampler."""
 
     def __init__(self, adapter: ModelAdapter, cfg: EditConfig, few_shot: bool, encs: Mapping[str, Encoded],
-                 by_fact: Mapping[str, list[Query]], operations: list[str]) -> None:
+                 by_fact: Mapping[str, list[Query]], operations: list[str], is_evaluation: Callable[[str], bool]) -> None:
         self.adapter, self.cfg, self.few_shot, self.encs, self.by_fact = adapter, cfg, few_shot, encs, by_fact
-        self.operations = operations
+        self.operations, self.is_evaluation = operations, is_evaluation
         self.originals = {fid: original_queries(fqs) for fid, fqs in by_fact.items()}
         self.sample_locality = locality_sampler(list(by_fact), cfg.locality_k, cfg.seed)
         self.by_relation: dict[str, list[str]] = defaultdict(list)
         for f, fqs in by_fact.items():
             self.by_relation[fqs[0].relation].append(f)
         self.skipped: dict[str, Any] = {"unencodable_queries": 0, "no_source_query": [], "no_new_object": [],
-                                        "update_queries_without_label": 0, "update_queries_unencodable": 0}
+                                        "update_queries_without_label": 0, "update_queries_unencodable": 0,
+                                        "update_queries_same_first_token": 0}
         self.lang_of = {q.query_id: q.lang for fqs in by_fact.values() for q in fqs}
 
     def score(self, encodings: list[Encoded]) -> list[AnswerScore]:
@@ -227,6 +234,7 @@ class _EditRun:
                         fid, fact.relation, method, op, lang, int(len(pairs)),
                         c["rel_n"], c["rel_ok"], c["gen_n"], c["gen_ok"], c["loc_n"], c["loc_ok"], c["n_unknown"],
                         fact.new.labels.get(lang) if (op == "update" and fact.new is not None) else None,
+                        c["held_n"], c["held_ok"],
                     ))
 
     def fact_probes(self, fid: str, result: EditResult) -> _FactProbes | None:
@@ -263,7 +271,9 @@ class _EditRun:
         return fact
 
     def update_encodings(self, fqs: Sequence[Query], new: NewObject) -> dict[str, Encoded]:
-        """Each query of the fact with o' (in its language) as the answer; those without are counted."""
+        """Each query of the fact with o' (in its language) as the answer. Left out, and counted: no label
+        in the language, not encodable, or o' starts with o's first token there (success would then only
+        mean o is still top-1)."""
         out: dict[str, Encoded] = {}
         for q in fqs:
             label = new.labels.get(q.lang)
@@ -271,9 +281,14 @@ class _EditRun:
                 self.skipped["update_queries_without_label"] += 1
                 continue
             try:
-                out[q.query_id] = encode_query(self.adapter, replace(q, answer=label), self.few_shot)
+                enc = encode_query(self.adapter, replace(q, answer=label), self.few_shot)
             except ValueError:
                 self.skipped["update_queries_unencodable"] += 1
+                continue
+            if enc.answer_ids[0] == self.encs[q.query_id].answer_ids[0]:
+                self.skipped["update_queries_same_first_token"] += 1
+                continue
+            out[q.query_id] = enc
         return out
 
     def edited_scores(self, fact: _FactProbes, op: str, pairs: np.ndarray
@@ -309,6 +324,9 @@ class _EditRun:
                 ok = s.rank == 0
             c[f"{kind}_n"] += 1
             c[f"{kind}_ok"] += int(ok)
+            if self.is_evaluation(qid):
+                c["held_n"] += 1
+                c["held_ok"] += int(ok)
         for qid, s, b in zip(fact.locality_ids, loc_after, fact.base[op][len(probe_ids):]):
             c = counts[self.lang_of[qid]]
             c["loc_n"] += 1
