@@ -312,3 +312,13 @@ def test_editing_rows_beyond_reliability_read_held_out_locality_and_the_other_la
     assert claims["table3_erasure_other_languages_matrice_vs_random"].estimate.mean == pytest.approx(1.0)
     assert claims["table3_erasure_other_languages_matrice_vs_amig_k"].verdict == "not testable"  # both 1 everywhere
     assert {c.verdict for k, c in claims.items() if k.startswith("table4")} == {"no data"}  # no update records
+
+
+def test_the_last_layers_of_fig4_are_a_declared_fraction_of_depth():
+    sets = {f"F{i}": {"matrice": [[13, i], [12, i]]} for i in range(8)}  # layers 12-13 of 18
+    third, = layer_claims(sets, 18)  # the last 6 layers: 12-17
+    sixth, = layer_claims(sets, 18, top_fraction=1 / 6)  # the last 3: 15-17
+    assert "layers 12-17" in third.comparison and third.estimate.mean == pytest.approx(1 - 1 / 3)
+    assert "layers 15-17" in sixth.comparison and sixth.estimate.mean == pytest.approx(0 - 3 / 18)
+    with pytest.raises(ValueError, match="top_layers"):
+        layer_claims(sets, 18, top_fraction=1.0)

@@ -195,3 +195,25 @@ def test_update_leaves_out_queries_where_the_new_object_starts_like_the_old(gpt2
     out = run.update_encodings(f1, same_in_fr)
     assert {q.lang for q in f1 if q.query_id in out} == {"en", "fi"}
     assert run.skipped["update_queries_same_first_token"] == sum(q.lang == "fr" for q in f1)
+
+
+def test_case_study_says_in_how_many_languages_the_update_worked_and_keeps_its_table_whole():
+    from matrice.experiments.case_study import CaseStudy, case_study_table
+
+    def state(text, correct, is_new=None):
+        return {"text": text, "correct": correct, "is_new": is_new}
+
+    study = CaseStudy("f1", "matrice", 2.0, 3, "f2", 7, {
+        "en": {"query_id": "f1|en|0", "prompt": "The capital of France is", "gold": "Paris", "new_object": "Berlin",
+               "before": state(" Paris", True), "enhanced": state(" Paris", True),
+               "updated": state(" Berlin", False, True)},
+        "zh": {"query_id": "f1|zh|0", "prompt": "法国的首都是", "gold": "巴黎", "new_object": "柏林",
+               "before": state("巴黎。\n", True), "enhanced": state("巴|黎", False), "updated": state("巴黎", True, False)},
+        "fi": {"query_id": "f1|fi|0", "unencodable": "too long"},
+    })
+    text = case_study_table(study, "f1")
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 3 and all(line.count(" | ") == 5 for line in table[2:4])  # no cell broke its row
+    assert "巴黎。↵" in text and "巴\\|黎" in text
+    assert ("correctly in 2 before (en, zh) and in 1 with its neurons ×2 (en)" in text
+            and "The update to *Berlin* worked in part: the new object is the greedy answer in 1 of the 2 languages" in text)

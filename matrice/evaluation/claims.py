@@ -131,10 +131,13 @@ def empty_counts(empty: Mapping[str, Sequence[str]], *methods: str) -> dict[str,
 
 
 def layer_claims(sets: Mapping[str, Mapping[str, Sequence[Sequence[int]]]], n_layers: int,
-                 relation_of: RelationOf = relation_prefix) -> list[Claim]:
-    """Fig. 4: 'the last few layers contain a higher proportion' — share of a fact's LAKNs in the top
-    third of the layers against the uniform share."""
-    top = n_layers - n_layers // 3
+                 relation_of: RelationOf = relation_prefix, top_fraction: float = 1 / 3) -> list[Claim]:
+    """Fig. 4: 'the last few layers contain a higher proportion' — share of a fact's LAKNs in the last
+    ``top_fraction`` of the layers (rounded to whole layers; declared in params as
+    ``verdicts.top_layers``) against the uniform share."""
+    if not 0 < top_fraction < 1:
+        raise ValueError(f"verdicts.top_layers must be a fraction of the depth in (0, 1), got {top_fraction}")
+    top = n_layers - max(1, round(n_layers * top_fraction))
     uniform = (n_layers - top) / n_layers
     shares = {f: float(np.mean([l >= top for l, _ in per["matrice"]])) for f, per in sets.items() if len(per["matrice"])}
     return [make_claim("Fig. 4", "the last few layers hold a higher share of LAKNs",

@@ -32,7 +32,8 @@ def judge(run: RunResults) -> RunResults:
         enhancement=run.json("enhancement.json"), is_evaluation=run.is_evaluation,
         controls=run.json("controls.json"), injection=run.json("injection.json"),
         fact_check=run.json("fact_check.json"), relation_of=run.relation_of,
-        primary=primary, margins=margins, alpha=alpha)
+        primary=primary, margins=margins, alpha=alpha,
+        top_layers=float((run.params.get("verdicts") or {}).get("top_layers", 1 / 3)))
     return run
 
 

@@ -16,10 +16,12 @@ def ordered_langs(langs) -> list[str]:
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table; a cell's line breaks show as ↵ and its pipes are escaped (a decoded model output
+    may hold either, and a raw one would break the table)."""
     def cell(v) -> str:
         if isinstance(v, float):
             return f"{v:.3f}"
-        return "–" if v is None else str(v)
+        return "–" if v is None else str(v).replace("|", "\\|").replace("\r\n", "↵").replace("\n", "↵")
 
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]

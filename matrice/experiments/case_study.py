@@ -179,7 +179,30 @@ def case_study_table(study: CaseStudy, fact: str) -> str:
                      _cell(d["before"], "correct"), _cell(d["enhanced"], "correct"), _cell(d["updated"], "is_new")])
     return (f"**Fig. 7** — fact `{fact}` ({study.method}: {study.n_neurons} neurons); update to the object of "
             f"`{study.new_object_from}`. ✓ = gold answer (before/enhanced) or new object (updated)\n\n"
-            + markdown_table(["lang", "query", "gold", "before", f"enhanced ×{study.factor:g}", "updated"], rows))
+            + markdown_table(["lang", "query", "gold", "before", f"enhanced ×{study.factor:g}", "updated"], rows)
+            + "\n" + case_study_verdict(study) + "\n")
+
+
+def case_study_verdict(study: CaseStudy) -> str:
+    """In words: in how many languages the model was right before, after enhancement, and gave o' after the update."""
+    scored = {lang: d for lang, d in study.languages.items() if "unencodable" not in d}
+    n, langs = len(scored), ordered_langs(scored)
+
+    def count(state: str, key: str) -> tuple[int, str]:
+        hits = [lang for lang in langs if (scored[lang][state] or {}).get(key)]
+        return len(hits), ", ".join(hits) or "none"
+
+    before, enhanced = count("before", "correct"), count("enhanced", "correct")
+    text = (f"Of {n} languages, the model answered the fact correctly in {before[0]} before ({before[1]}) and in "
+            f"{enhanced[0]} with its neurons ×{study.factor:g} ({enhanced[1]}). ")
+    new = (scored.get("en") or {}).get("new_object")
+    if study.new_object_token is None:
+        return text + "No update was made: no new object with a first token other than the gold one."
+    updated = count("updated", "is_new")
+    labelled = sum(1 for d in scored.values() if d.get("updated") and d["updated"].get("is_new") is not None)
+    verdict = "worked" if updated[0] == labelled and labelled else ("failed" if updated[0] == 0 else "worked in part")
+    return text + (f"The update to *{new}* {verdict}: the new object is the greedy answer in {updated[0]} of the {labelled} "
+                   f"languages where it has a label ({updated[1]}).")
 
 
 # ---- its section of the report ------------------------------------------------------------------

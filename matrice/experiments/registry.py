@@ -25,10 +25,11 @@ def all_claims(*, sets: Mapping[str, Any], n_layers: int, manip: Mapping[str, An
                enhancement: Mapping[str, Any], is_evaluation: Callable[[str], bool],
                controls: Mapping[str, Any] | None = None, injection: Mapping[str, Any] | None = None,
                fact_check: Mapping[str, Any] | None = None, relation_of: RelationOf = relation_prefix,
-               primary: Sequence[str] = (), margins: Mapping[str, float] | None = None, alpha: float = 0.05) -> list[Claim]:
-    """Every claim row of the run, judged (`judge`)."""
+               primary: Sequence[str] = (), margins: Mapping[str, float] | None = None, alpha: float = 0.05,
+               top_layers: float = 1 / 3) -> list[Claim]:
+    """Every claim row of the run, judged (`judge`); ``top_layers``: Fig. 4's "last layers" as a fraction of depth."""
     empty_sets = {m: [f for f, per in sets.items() if not len(per.get(m, []))] for per in sets.values() for m in per}
-    claims = [*layer_claims(sets, n_layers, relation_of), *manipulation_claims(manip, is_evaluation, relation_of),
+    claims = [*layer_claims(sets, n_layers, relation_of, top_layers), *manipulation_claims(manip, is_evaluation, relation_of),
               *control_claims(controls or {}, is_evaluation, relation_of), *editing_claims(editing, relation_of),
               *enhancement_claims(enhancement, is_evaluation, relation_of, empty_sets),
               *injection_claims(injection or {}, relation_of), *fact_check_claims(fact_check or {}, relation_of)]
