@@ -193,6 +193,7 @@ def test_injection_claims_use_each_variants_selected_rate():
     assert claims["heldout accuracy MATRICE_FT − Random_FT"].estimate.mean == 1.0  # lr 0.3's zeros are not used
     assert claims["heldout accuracy MATRICE_FT − Random_FT"].verdict == "replicates"  # 6 of 6 facts, same sign
     assert "old accuracy MATRICE_FT − Direct_FT" in claims and claims["old accuracy MATRICE_FT − Direct_FT"].estimate.n == 6
+    assert claims["old accuracy MATRICE_FT − Random_FT"].estimate.mean == 1.0  # Q_old against the same-size control too
     injection["selected"]["matrice"] = 0.3
     assert {c.estimate.mean for c in injection_claims(injection)} == {0.0}
     assert "(n=6)" in injection_interval_table(injection, ["fr"])

@@ -45,7 +45,7 @@ def injection_claims(injection: Mapping[str, Any], relation_of: RelationOf = rel
     rows = [("heldout", "learns the new fact (held-out paraphrase, never trained on) better than", m)
             for m in ("random", "amig", "direct_ft")]
     rows += [("transfer", "carries the new fact into the other languages more than", m) for m in ("random", "amig")]
-    rows += [("old", "forgets less of what the model knew (Q_old) than", "direct_ft")]
+    rows += [("old", "forgets less of what the model knew (Q_old) than", m) for m in ("direct_ft", "random")]
     untrained = {v for v, lr in injection.get("selected", {}).items()
                  if injection.get("runs", {}).get(v, {}).get(str(lr), {}).get("n_trainable") == 0}
     for split, text, other in rows:
