@@ -24,6 +24,7 @@ from matrice.models.encoding import encode_query
 from matrice.models.hooks import neuron_edits
 from matrice.models.predict import greedy_decode, is_correct, score_answers
 from matrice.evaluation.report import RunResults, markdown_table, ordered_langs
+from matrice.io import RunOutputs
 
 
 @dataclass
@@ -203,6 +204,12 @@ def case_study_verdict(study: CaseStudy) -> str:
     verdict = "worked" if updated[0] == labelled and labelled else ("failed" if updated[0] == 0 else "worked in part")
     return text + (f"The update to *{new}* {verdict}: the new object is the greedy answer in {updated[0]} of the {labelled} "
                    f"languages where it has a label ({updated[1]}).")
+
+
+def write_outputs(study: CaseStudy, out: RunOutputs) -> None:
+    """The study and its Fig. 7 table with the verdict in words."""
+    out.json("case_study.json", study.to_dict())
+    out.text("case_study.md", case_study_table(study, study.fact_id))
 
 
 # ---- its section of the report ------------------------------------------------------------------

@@ -24,11 +24,12 @@ import numpy as np
 
 from matrice.data.schema import Query
 from matrice.evaluation.claims import CELL, Claim, RelationOf, make_claim, method_name, relation_prefix, scored_queries
-from matrice.experiments import NeuronSetsLike, dataclass_dict, fact_neurons
+from matrice.experiments import NeuronSetsLike, dataclass_dict, encode_all, fact_neurons
 from matrice.experiments.manipulate import ManipulationRecord, manipulate
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.evaluation.stats import relation_mean
 from matrice.evaluation.report import RunResults
+from matrice.io import RunOutputs
 
 SUPPRESS = {"suppress": 0.0}
 LOLO_METHODS = ("lolo", "lolo_random_layer", "matrice")
@@ -111,6 +112,24 @@ def per_language_means(records: Sequence[ManipulationRecord | Mapping[str, Any]]
         if d["delta_p"] is not None:
             groups[(d["method"], d["lang"])].append(d["delta_p"])
     return {k: float(np.mean(v)) for k, v in groups.items()}
+
+
+def run_controls(adapter: ModelAdapter, queries: Sequence[Query], lolo_sets: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                 sets: NeuronSetsLike, seed: int, few_shot: bool, batch_size: int = 32) -> ControlResult:
+    """Both controls on the attributed facts' queries (each query encoded once for both)."""
+    encoded, _ = encode_all(adapter, queries, few_shot)
+    result = ControlResult()
+    result.lolo = leave_one_language_out(adapter, queries, lolo_sets, sets, few_shot, encoded, batch_size)
+    result.specificity, result.donors = specificity(adapter, queries, sets, seed, few_shot, encoded, batch_size)
+    return result
+
+
+def write_outputs(result: ControlResult, out: RunOutputs) -> None:
+    """The result and each method's mean ΔP per language (`dvc metrics`)."""
+    out.json("controls.json", result.to_dict())
+    metrics = {part: {f"{m}/{lang}": v for (m, lang), v in sorted(per_language_means(records).items())}
+               for part, records in (("lolo", result.lolo), ("specificity", result.specificity))}
+    out.json("controls_metrics.json", {"controls_mean_delta_p": metrics})
 
 
 # ---- claims: the paper's statements about this experiment, tested (matrice.evaluation.claims) ----------------
