@@ -183,3 +183,33 @@ def test_the_stage_names_a_bad_parameter_and_a_missing_input(tmp_path, monkeypat
     with pytest.raises(SystemExit, match="degenerate.json is missing"):
         fact_check.main()
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("fact_check*"))
+
+
+def test_the_random_control_matches_the_dkns_per_layer_and_the_share_divides_by_p():
+    from matrice.experiments import experiment_rng
+    from matrice.experiments.fact_check.detectors import layer_matched_random, share_scores
+
+    dkn = frozenset({(3, 1), (3, 7), (5, 2)})
+    control = layer_matched_random(dkn, 10, experiment_rng(0, "x"))
+    assert sorted(l for l, _ in control) == [3, 3, 5] and not control & dkn
+    assert control == layer_matched_random(dkn, 10, experiment_rng(0, "x"))  # seeded
+    assert layer_matched_random(frozenset(), 10, experiment_rng(0, "x")) == frozenset()
+    assert share_scores([0.2, None, 0.1], [0.4, 0.5, 0.0]) == [0.5, None, None]
+
+
+def test_fact_check_controls_get_their_own_rows():
+    from matrice.experiments.fact_check import fact_check_claims, summarise, summary_json
+
+    rows = []
+    for f in range(10):
+        for true in (True, False):
+            p = 0.6 if true else 0.4
+            scores = {"dkn_attribution": p * (1.5 if true else 0.5), "kn_activation": 0.0, "probability": p,
+                      "random_attribution": 0.1, "dkn_share": 1.5 if true else 0.5}
+            rows.append({"fact_id": f"P{f}-e1", "lang": "en", "true": true, "scores": scores,
+                         "flagged": {d: (not true) if d != "random_attribution" else True for d in scores}})
+    summary = summarise(rows, 0)
+    claims = {c.key: c for c in fact_check_claims({"summary": summary_json(summary), "statements": rows})}
+    assert claims["amig_fact_check_control_random"].estimate.mean > 0  # perfect DKN flags vs flag-everything
+    assert claims["amig_fact_check_control_share"].estimate.mean == pytest.approx(0.0)  # both perfect
+

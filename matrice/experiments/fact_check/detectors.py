@@ -8,19 +8,23 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from matrice.method.attribution.common import AttributionConfig, target_activations
 from matrice.method.attribution.fast import fast_attribution_many
 from matrice.data.schema import Query
 from matrice.data.split import HeldOutSplit
+from matrice.experiments import experiment_rng
 from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.predict import normalize_answer, score_answers
 
 Neuron = tuple[int, int]
-DETECTORS = ("dkn_attribution", "kn_activation", "probability")
+DETECTORS = ("dkn_attribution", "kn_activation", "probability", "random_attribution", "dkn_share")
+# the controls: "random_attribution" reads as many random neurons of the DKNs' layers (the same maps);
+# "dkn_share" divides the DKN attribution by P(object), since attributions of P grow with P itself
 NEURON_SOURCES = ("relation", "fact")
 
 
@@ -42,6 +46,7 @@ class DetectorNeurons:
 
     dkn: frozenset[Neuron]
     kn: frozenset[Neuron]
+    random: frozenset[Neuron] = frozenset()  # as many per layer as ``dkn``, none of them (the control)
 
 
 def build_statements(adapter: ModelAdapter, queries: Sequence[Query], pool: Iterable[Query], seed: int,
@@ -98,15 +103,45 @@ def detector_neurons(relation_of: Mapping[str, str], dkns: Mapping[str, frozense
     return out
 
 
+def layer_matched_random(neurons: frozenset[Neuron], n_per_layer: int, rng: np.random.Generator) -> frozenset[Neuron]:
+    """As many neurons in each layer as ``neurons`` has there, drawn uniformly from that layer's others."""
+    by_layer: dict[int, set[int]] = defaultdict(set)
+    for layer, n in neurons:
+        by_layer[layer].add(n)
+    out = set()
+    for layer in sorted(by_layer):
+        others = np.setdiff1d(np.arange(n_per_layer), sorted(by_layer[layer]))
+        out |= {(layer, int(n)) for n in rng.choice(others, size=len(by_layer[layer]), replace=False)}
+    return frozenset(out)
+
+
+def with_random_controls(neurons: Mapping[str, DetectorNeurons], n_per_layer: int, seed: int
+                         ) -> dict[str, DetectorNeurons]:
+    """Each fact's detector neurons with its layer-matched random control (seeded per fact)."""
+    return {fact: replace(n, random=layer_matched_random(n.dkn, n_per_layer, experiment_rng(seed, "fact_check_random", fact)))
+            for fact, n in neurons.items()}
+
+
+def neuron_attribution_scores(adapter: ModelAdapter, encs: Sequence[Encoded], sets: Mapping[str, frozenset[Neuron]],
+                              cfg: AttributionConfig, memo: Memo | None = None) -> dict[str, list[float | None]]:
+    """:func:`attribution_scores` of several neuron sets from one integration of their layers."""
+    layers = sorted({l for neurons in sets.values() for l, _ in neurons})
+    maps = layer_attributions(adapter, encs, cfg, layers, memo) if layers and encs else []
+    return {name: ([None] * len(encs) if not neurons else
+                   [float(torch.stack([per_layer[l][n] for l, n in sorted(neurons)]).mean()) for per_layer in maps])
+            for name, neurons in sets.items()}
+
+
+def share_scores(attribution: Sequence[float | None], probability: Sequence[float]) -> list[float | None]:
+    """Attribution as a share of P(object) (None where either is missing or P is 0)."""
+    return [None if a is None or not p else a / p for a, p in zip(attribution, probability)]
+
+
 def attribution_scores(adapter: ModelAdapter, encs: Sequence[Encoded], neurons: frozenset[Neuron],
                        cfg: AttributionConfig, memo: Memo | None = None) -> list[float | None]:
     """Mean over `neurons` of each statement's attribution of P(object) (mean over baselines), only the
     neurons' layers integrated; None for every statement when there are no neurons."""
-    if not neurons or not encs:
-        return [None] * len(encs)
-    cells = sorted(neurons)
-    maps = layer_attributions(adapter, encs, cfg, sorted({l for l, _ in cells}), memo)
-    return [float(torch.stack([per_layer[l][n] for l, n in cells]).mean()) for per_layer in maps]
+    return neuron_attribution_scores(adapter, encs, {"neurons": neurons}, cfg, memo)["neurons"]
 
 
 def layer_attributions(adapter: ModelAdapter, encs: Sequence[Encoded], cfg: AttributionConfig, layers: Sequence[int],

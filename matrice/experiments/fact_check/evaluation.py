@@ -19,7 +19,10 @@ from matrice.evaluation.stats import (Estimate, bootstrap_mean, cluster_statisti
 
 log = logging.getLogger(__name__)
 
-NAMES = {"dkn_attribution": "DKN attribution (AMIG)", "kn_activation": "KN activation", "probability": "P(object)"}
+NAMES = {"dkn_attribution": "DKN attribution (AMIG)", "kn_activation": "KN activation", "probability": "P(object)",
+         "random_attribution": "random neurons' attribution", "dkn_share": "DKN attribution / P(object)"}
+# the controls' rows: DKN attribution against random neurons of the same layers, and its share of P against P
+CONTROLS = {"random": ("dkn_attribution", "random_attribution"), "share": ("dkn_share", "probability")}
 
 
 def best_threshold(scores: Sequence[float], is_false: Sequence[bool]) -> float:
@@ -123,9 +126,19 @@ def fact_check_claims(fact_check: Mapping[str, Any], relation_of: RelationOf = r
     est = f1_difference_by_relation(fact_check.get("statements", []), "dkn_attribution", "probability", relation_of)
     source = fact_check.get("neuron_source", "relation")
     queries = "held-out paraphrases" + ("" if source == "relation" else "; neurons found with the true object")
-    return [Claim("AMIG (fact checking)", "degenerate knowledge neurons detect false facts better than the model",
-                  "F1 (false flagged) DKN attribution − P(object)", "greater", queries, est, verdict(est, "greater"),
-                  key="amig_fact_check", metric="f1", fact_estimate=fact_level)]
+    claims = [Claim("AMIG (fact checking)", "degenerate knowledge neurons detect false facts better than the model",
+                    "F1 (false flagged) DKN attribution − P(object)", "greater", queries, est, verdict(est, "greater"),
+                    key="amig_fact_check", metric="f1", fact_estimate=fact_level)]
+    texts = {"random": "the DKNs' attribution flags false facts better than random neurons of the same layers",
+             "share": "the DKNs add to P(object): their attribution as a share of P flags false facts better than P"}
+    for name, (a, b) in CONTROLS.items():
+        if name not in fact_check["summary"].get("controls", {}):
+            continue  # a result from before the controls
+        est = f1_difference_by_relation(fact_check.get("statements", []), a, b, relation_of)
+        claims.append(Claim("AMIG (fact checking)", texts[name], f"F1 (false flagged) {NAMES[a]} − {NAMES[b]}", "greater",
+                            queries, est, verdict(est, "greater"), key=f"amig_fact_check_control_{name}", metric="f1",
+                            fact_estimate=Estimate(**fact_check["summary"]["controls"][name])))
+    return claims
 
 
 # ---- its section of the report ------------------------------------------------------------------
@@ -153,7 +166,9 @@ def section(run: RunResults) -> str:
         "### Fact checking with degenerate knowledge neurons (AMIG)\nAMIG flags a statement as false when the "
         "integrated-gradients attribution of P(object) to the relation's degenerate neurons is low. Here it is "
         "compared with the model's own P(object) and with the plain activation of the relation's LAKNs on the filled "
-        "statement, each flagging with a threshold chosen on the other facts.\n\n" + verdict
+        "statement, each flagging with a threshold chosen on the other facts. Two controls ask what the DKNs add: "
+        "as many random neurons of the same layers read from the same attribution maps, and the DKN attribution "
+        "divided by P(object) (attributions of P grow with P itself).\n\n" + verdict
         + run.figure_and_table("fact_check.png", f"Fact checking: F1 of flagging false statements per language, {run.key}",
                                "fact_check_table.md")
     )
@@ -177,6 +192,7 @@ def summarise(rows: list[dict], seed: int) -> dict:
         "all": {"probability": detection_scores(rows, "probability", seed),
                 "pair_accuracy": pair_accuracy(rows, "probability")},
         "difference": {d: f1_difference(rows, d, "probability", seed) for d in DETECTORS if d != "probability"},
+        "controls": {name: f1_difference(rows, a, b, seed) for name, (a, b) in CONTROLS.items()},
     }
 
 
@@ -194,6 +210,7 @@ def metrics(summary: dict) -> dict:
             "f1": {d: pooled[d].f1.mean for d in DETECTORS},
             "pair_accuracy": {d: summary["common"]["pair_accuracy"][d].mean for d in DETECTORS},
             "f1_minus_probability": {d: e.mean for d, e in summary["difference"].items()},
+            "controls": {name: e.mean for name, e in summary["controls"].items()},
             "probability_all_f1": summary["all"]["probability"].f1.mean}
 
 
@@ -217,7 +234,9 @@ def table(summary: dict, source: str) -> str:
     for lang in summary["langs"]:
         per_lang.append(f"| {lang} | " + " | ".join(common["per_lang"][lang][d].f1.format(2) for d in DETECTORS) + " |")
     diffs = [f"- F1 {NAMES[d]} − {NAMES['probability']}: {e.format(3)}, p {_p_text(e.p)}"
-             for d, e in summary["difference"].items()]
+             for d, e in summary["difference"].items() if d != "dkn_share"]
+    diffs += [f"- F1 {NAMES[a]} − {NAMES[b]} (control): {summary['controls'][name].format(3)}, "
+              f"p {_p_text(summary['controls'][name].p)}" for name, (a, b) in CONTROLS.items()]
     donors = ("the degenerate groups and LAKNs of the other attributed facts of the fact's relation (no label leak)"
               if source == "relation" else "the fact's own degenerate groups and LAKNs (found with its true object)")
     return (f"Neurons: {donors}. Facts: {summary['n_facts']}; with DKNs to read: {summary['n_facts_common']}. "

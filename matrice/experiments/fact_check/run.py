@@ -13,9 +13,10 @@ from tqdm import tqdm
 from matrice.method.attribution.common import AttributionConfig
 from matrice.data.schema import Query
 from matrice.data.split import HeldOutSplit
-from matrice.experiments.fact_check.detectors import (DETECTORS, DetectorNeurons, activation_scores,
-                                                      attribution_scores, build_statements, degenerate_neurons,
-                                                      detector_neurons, held_out_queries, probability_scores)
+from matrice.experiments.fact_check.detectors import (DETECTORS, DetectorNeurons, activation_scores, build_statements,
+                                                      degenerate_neurons, detector_neurons, held_out_queries,
+                                                      neuron_attribution_scores, probability_scores, share_scores,
+                                                      with_random_controls)
 from matrice.experiments.fact_check.evaluation import leave_one_fact_out
 from matrice.memo import Memo
 from matrice.models.adapter import ModelAdapter
@@ -38,17 +39,21 @@ def check_facts(adapter: ModelAdapter, queries: Sequence[Query], lakn_sets: Mapp
     scored by every detector, then flagged leave-one-fact-out."""
     checked = held_out_queries(queries, set(lakn_sets), split)
     statements = build_statements(adapter, checked, queries, seed, few_shot)
-    neurons = detector_neurons({q.fact_id: q.relation for q in checked}, degenerate_neurons(degenerate_records),
-                               {f: frozenset(map(tuple, per["matrice"].tolist())) for f, per in lakn_sets.items()}, source)
+    neurons = with_random_controls(detector_neurons(
+        {q.fact_id: q.relation for q in checked}, degenerate_neurons(degenerate_records),
+        {f: frozenset(map(tuple, per["matrice"].tolist())) for f, per in lakn_sets.items()}, source),
+        adapter.n_neurons, seed)
     by_fact = defaultdict(list)
     for stmt, enc in statements:
         by_fact[stmt.fact_id].append((stmt, enc))
     rows = []
     for fact in tqdm(sorted(by_fact), desc="fact_check", unit="fact"):
         stmts, encs = zip(*by_fact[fact])
-        scores = {"dkn_attribution": attribution_scores(adapter, encs, neurons[fact].dkn, cfg, memo),
-                  "kn_activation": activation_scores(adapter, encs, neurons[fact].kn),
-                  "probability": probability_scores(adapter, encs, batch_size)}
+        scores = neuron_attribution_scores(adapter, encs, {"dkn_attribution": neurons[fact].dkn,
+                                                           "random_attribution": neurons[fact].random}, cfg, memo)
+        scores["kn_activation"] = activation_scores(adapter, encs, neurons[fact].kn)
+        scores["probability"] = probability_scores(adapter, encs, batch_size)
+        scores["dkn_share"] = share_scores(scores["dkn_attribution"], scores["probability"])
         rows += [{**asdict(s), "scores": {d: scores[d][i] for d in DETECTORS}} for i, s in enumerate(stmts)]
     for detector in DETECTORS:
         flags = leave_one_fact_out([r["fact_id"] for r in rows], [r["scores"][detector] for r in rows],
