@@ -52,3 +52,17 @@ def test_specificity_borrows_donor_neurons(gpt2_implant):
         assert r.n_neurons == len(sets[source]["matrice"])
     assert not any(r.fact_id == "f4" and r.method == "same_relation" for r in records)
     assert {r.method for r in records} == {"own", "same_relation", "other_relation"}
+
+
+def test_a_donor_never_shares_the_facts_object_in_any_language():
+    from matrice.experiments.controls import choose_donors
+
+    relations = {"a": "P30", "b": "P30", "c": "P30", "d": "P36"}
+    objects = {"a": frozenset({("en", "Asia"), ("fr", "Asie")}), "b": frozenset({("en", "Asia"), ("fr", "Asie")}),
+               "c": frozenset({("en", "Europe"), ("fr", "Europe")}), "d": frozenset({("en", "Paris"), ("fr", "Europe")})}
+    for seed in range(20):
+        donors = choose_donors(relations, seed, objects)
+        assert donors["a"]["same_relation"] == "c" and donors["b"]["same_relation"] == "c"  # never each other
+        assert donors["c"]["other_relation"] is None  # d's fr object is Europe too
+        assert donors["d"]["other_relation"] in ("a", "b")
+    assert {choose_donors(relations, s)["a"]["same_relation"] for s in range(20)} == {"b", "c"}  # without objects: any

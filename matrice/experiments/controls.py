@@ -68,17 +68,24 @@ def leave_one_language_out(
     return records
 
 
-def choose_donors(fact_relations: Mapping[str, str], seed: int) -> dict[str, dict[str, str | None]]:
+def choose_donors(fact_relations: Mapping[str, str], seed: int,
+                  fact_objects: Mapping[str, frozenset[tuple[str, str]]] | None = None) -> dict[str, dict[str, str | None]]:
     """Per fact: a seeded other fact of its relation and a seeded fact of another relation (None
-    where there is none)."""
+    where there is none), each with an object that differs from the fact's in every language
+    (``fact_objects``: fact -> its (language, object label) pairs; a donor with the same answer would
+    make "another fact's neurons" a test of the answer, not of the fact)."""
     by_relation: dict[str, list[str]] = defaultdict(list)
     for f, r in sorted(fact_relations.items()):
         by_relation[r].append(f)
+
+    def differs(g: str, f: str) -> bool:
+        return fact_objects is None or not fact_objects.get(g, frozenset()) & fact_objects.get(f, frozenset())
+
     donors = {}
     for f, r in sorted(fact_relations.items()):
         rng = random.Random(f"{seed}:donor:{f}")
-        same = [g for g in by_relation[r] if g != f]
-        other = sorted(g for g, rg in fact_relations.items() if rg != r)
+        same = [g for g in by_relation[r] if g != f and differs(g, f)]
+        other = sorted(g for g, rg in fact_relations.items() if rg != r and differs(g, f))
         donors[f] = {"same_relation": rng.choice(same) if same else None,
                      "other_relation": rng.choice(other) if other else None}
     return donors
@@ -89,9 +96,13 @@ def specificity(
     encoded: Mapping[str, Encoded] | None = None, batch_size: int = 32,
 ) -> tuple[list[ManipulationRecord], dict[str, dict[str, str | None]]]:
     """Suppress, on fact B's queries, MATRICE's neurons of B, of another fact of B's relation and of
-    a fact of another relation. A donor that does not exist is left out (no record)."""
+    a fact of another relation, each donor's object different from B's in every language. A donor
+    that does not exist is left out (no record)."""
     relations = {q.fact_id: q.relation for q in queries}
-    donors = choose_donors(relations, seed)
+    objects: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for q in queries:
+        objects[q.fact_id].add((q.lang, q.answer))
+    donors = choose_donors(relations, seed, {f: frozenset(o) for f, o in objects.items()})
     records: list[ManipulationRecord] = []
     for method in SPECIFICITY_METHODS:
         chosen = {f: (f if method == "own" else donors[f][method]) for f in relations}
