@@ -102,6 +102,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _atomic_replace(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
+def read_output(path: str | Path) -> str:
+    """The text of a file an earlier stage wrote; FileNotFoundError saying so when it is absent."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the stage that writes it (dvc repro)")
+    return path.read_text(encoding="utf-8")
+
+
 class RunOutputs:
     """Where one model's experiment writes: its results folder (JSON, tables) and its figures folder.
     Every write is atomic; an experiment's ``write_outputs`` takes one of these, so the files it makes
@@ -121,7 +129,4 @@ class RunOutputs:
 
     def read_json(self, name: str) -> Any:
         """A result an earlier stage wrote (its absence named, with the stage to run)."""
-        path = self.results / name
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: run the stage that writes it (dvc repro)")
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_output(self.results / name))

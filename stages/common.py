@@ -33,11 +33,18 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def model_arg(description: str) -> str:
-    """Parse the single positional argument every per-model stage takes: the key under `models`."""
+def model_args(description: str, options: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """Parse the positional argument every per-model stage takes (the key under `models`), and the
+    stage's own `options` if it has any."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("model", help="key of the model under `models:` in params.yaml")
-    return parser.parse_args().model
+    if options:
+        options(parser)
+    return parser.parse_args()
+
+
+def model_arg(description: str) -> str:
+    return model_args(description).model
 
 
 def config_from_params(cls: type[T], params: dict[str, Any], section: str) -> T:
@@ -141,11 +148,7 @@ class ModelStage:
     def start(cls, description: str, options: Callable[[argparse.ArgumentParser], None] | None = None) -> "ModelStage":
         """Logging set up, the model key (and any `options`) parsed from the command line, params read."""
         setup_logging()
-        parser = argparse.ArgumentParser(description=description)
-        parser.add_argument("model", help="key of the model under `models:` in params.yaml")
-        if options:
-            options(parser)
-        args = parser.parse_args()
+        args = model_args(description, options)
         return cls(args.model, load_params(), args)
 
     def config(self, cls: type[T], section: str) -> T:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from matrice.io import read_output
+
 LANG_ORDER = ["en", "fr", "zh", "fi", "hu", "ja", "ko"]
 
 
@@ -253,10 +255,7 @@ class RunResults:
     _parsed: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def text(self, name: str) -> str:
-        path = self.results_dir / name
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: run the stage that writes it (dvc repro)")
-        return path.read_text(encoding="utf-8")
+        return read_output(self.results_dir / name)
 
     def json(self, name: str) -> Any:
         """Parsed once: the verdicts and the sections read the same results (treat as read-only)."""

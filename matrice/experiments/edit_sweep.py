@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from tqdm.auto import tqdm
@@ -28,10 +28,9 @@ from tqdm.auto import tqdm
 from matrice.data.schema import Query
 from matrice.experiments import NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, group_by_fact, original_queries
 from matrice.experiments.edit import EditConfig
-from matrice.experiments.edit_targets import choose_new_object, locality_sampler
+from matrice.experiments.edit_targets import NewObject, choose_new_object, locality_sampler, with_new_object
 from matrice.interventions import edited_output_weights, update_vectors
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.encoding import encode_query
 from matrice.models.predict import score_answers
 from matrice.models.replay import recorded_blocks, replayed_below
 from matrice.evaluation.stats import Estimate, bootstrap_mean, pooled_ratio
@@ -121,8 +120,7 @@ def sweep_update(
         if new is None:
             result.skipped["no_new_object"].append(fid)
             continue
-        rel = _relabelled_originals(adapter, originals[fid], new.labels, few_shot,
-                                    {lang: encs[q.query_id].answer_ids[0] for lang, q in originals[fid].items()})
+        rel = _relabelled_originals(adapter, originals[fid], new, encs, few_shot)
         loc = [(q.lang, encs[q.query_id]) for f in sample_locality(fid)
                for q in originals[f].values()]
         scored = [e for _, e in rel] + [e for _, e in loc]  # the unedited model on the batches the edits see
@@ -142,22 +140,13 @@ def sweep_update(
     return result
 
 
-def _relabelled_originals(adapter: ModelAdapter, originals: Mapping[str, Query], labels: Mapping[str, str],
-                          few_shot: bool, gold_first: Mapping[str, int]) -> list[tuple[str, Encoded]]:
-    """Each language's original query with o''s label in that language as the answer (as the edit
-    stage scores reliability); languages without a label or an encoding, or where o' starts with the
-    gold answer's first token (``gold_first``), are left out, as the edit stage leaves them out."""
-    out = []
-    for lang, q in sorted(originals.items()):
-        if lang not in labels:
-            continue
-        try:
-            enc = encode_query(adapter, replace(q, answer=labels[lang]), few_shot)
-        except ValueError:
-            continue
-        if enc.answer_ids[0] != gold_first.get(lang):
-            out.append((lang, enc))
-    return out
+def _relabelled_originals(adapter: ModelAdapter, originals: Mapping[str, Query], new: NewObject,
+                          encs: Mapping[str, Encoded], few_shot: bool) -> list[tuple[str, Encoded]]:
+    """Each language's original query with o' as the answer (as the edit stage scores reliability);
+    a language where the edit stage would not score the update (:func:`with_new_object`) is left out."""
+    relabelled = ((lang, with_new_object(adapter, q, new, encs[q.query_id].answer_ids[0], few_shot)[0])
+                  for lang, q in sorted(originals.items()))
+    return [(lang, enc) for lang, enc in relabelled if enc is not None]
 
 
 def _records(fid: str, relation: str, method: str, lam: float, n_neurons: int, rel, loc, after, loc_before

@@ -8,7 +8,7 @@ from typing import Callable, Mapping, Sequence
 
 from matrice.data.schema import Query
 from matrice.experiments import experiment_rng, original_queries
-from matrice.models.adapter import ModelAdapter
+from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.predict import normalize_answer
 
@@ -85,3 +85,19 @@ def locality_sampler(all_facts: Sequence[str], k: int, seed: int) -> Callable[[s
         return [pool[i] for i in idx]
 
     return sample
+
+
+def with_new_object(adapter: ModelAdapter, query: Query, new: NewObject, gold_first: int, few_shot: bool
+                    ) -> tuple[Encoded | None, str]:
+    """``query`` with o' (its label in the query's language) as the answer, re-encoded in context, or
+    None and why an update cannot be scored there: ``without_label``, ``unencodable``, or
+    ``same_first_token`` (o' starts with o's first token ``gold_first`` there, so "o' is top-1" would
+    only mean o still is)."""
+    label = new.labels.get(query.lang)
+    if label is None:
+        return None, "without_label"
+    try:
+        enc = encode_query(adapter, replace(query, answer=label), few_shot)
+    except ValueError:
+        return None, "unencodable"
+    return (None, "same_first_token") if enc.answer_ids[0] == gold_first else (enc, "")

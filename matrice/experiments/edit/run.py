@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -13,10 +13,9 @@ from tqdm.auto import tqdm
 
 from matrice.data.schema import Query
 from matrice.experiments import NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, group_by_fact, original_queries
-from matrice.experiments.edit_targets import NewObject, choose_new_object, locality_sampler
+from matrice.experiments.edit_targets import NewObject, choose_new_object, locality_sampler, with_new_object
 from matrice.interventions import UPDATE_SCALINGS, edited_output_weights, erasure_vectors, update_vectors
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.encoding import encode_query
 from matrice.models.predict import AnswerScore, score_answers
 from matrice.models.replay import recorded_blocks, replayed_below
 
@@ -276,19 +275,11 @@ class _EditRun:
         mean o is still top-1)."""
         out: dict[str, Encoded] = {}
         for q in fqs:
-            label = new.labels.get(q.lang)
-            if label is None:
-                self.skipped["update_queries_without_label"] += 1
-                continue
-            try:
-                enc = encode_query(self.adapter, replace(q, answer=label), self.few_shot)
-            except ValueError:
-                self.skipped["update_queries_unencodable"] += 1
-                continue
-            if enc.answer_ids[0] == self.encs[q.query_id].answer_ids[0]:
-                self.skipped["update_queries_same_first_token"] += 1
-                continue
-            out[q.query_id] = enc
+            enc, why = with_new_object(self.adapter, q, new, self.encs[q.query_id].answer_ids[0], self.few_shot)
+            if enc is None:
+                self.skipped[f"update_queries_{why}"] += 1
+            else:
+                out[q.query_id] = enc
         return out
 
     def edited_scores(self, fact: _FactProbes, op: str, pairs: np.ndarray
