@@ -74,7 +74,7 @@ CONFIGS = {
         "dataset.max_facts_per_relation", "dataset.max_templates_per_language", "attribute.facts_per_relation",
         "attribute.templates_per_language", "attribute.fact_policy", "edit.locality_k", "edit_sweep.lambdas",
         "enhance.languages", "inject.max_new", "inject.max_old", "inject.epochs", "inject.lrs.default",
-        "inject.lrs.direct_ft", "degenerate.max_candidates", "steps"})),
+        "inject.lrs.direct_ft", "inject.seeds", "degenerate.max_candidates", "steps"})),
     "reduced": Config(reduced_config, frozenset({
         f"{_MODEL}.source", f"{_MODEL}.device", f"{_MODEL}.dtype", "dataset.relations",
         "dataset.max_facts_per_relation", "attribute.facts_per_relation"})),

@@ -238,18 +238,20 @@ class VariantSettings(Protocol):
     lora_alpha: int
     verify: bool
 
-    def train_config(self, lr: float) -> TrainConfig: ...
+    def train_config(self, lr: float, seed: int | None = None) -> TrainConfig: ...
 
 
 def train_variant(adapter: ModelAdapter, variant: str, pairs: np.ndarray | None, encs_new: Sequence[Encoded],
-                  cfg: VariantSettings, lr: float, progress: bool = True) -> tuple[ModelAdapter, dict[str, Any]]:
+                  cfg: VariantSettings, lr: float, progress: bool = True, seed: int | None = None
+                  ) -> tuple[ModelAdapter, dict[str, Any]]:
     """Fine-tune a deep copy of the caller's model as ``variant`` ("direct_ft", "lora", or masked on
-    ``pairs``) on ``encs_new``; returns an adapter around the trained copy and
-    {n_trainable, n_neurons, losses, lr}. The caller's model is not touched."""
+    ``pairs``) on ``encs_new`` with training seed ``seed`` (the config's when None: batch order, LoRA's
+    start); returns an adapter around the trained copy and {n_trainable, n_neurons, losses, lr}. The
+    caller's model is not touched."""
     model = copy.deepcopy(adapter.model)
     work = ModelAdapter(model, adapter.tokenizer, adapter.family)  # freezes every parameter
     info: dict[str, Any] = {"n_neurons": None if pairs is None else int(len(pairs))}
-    tcfg = cfg.train_config(lr)
+    tcfg = cfg.train_config(lr, seed)
     info["lr"] = tcfg.lr
     if variant == "direct_ft":
         for p in model.parameters():
@@ -262,7 +264,7 @@ def train_variant(adapter: ModelAdapter, variant: str, pairs: np.ndarray | None,
 
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
                           target_modules=ffn_module_names(work), fan_in_fan_out=adapter.family.conv1d)
-        torch.manual_seed(cfg.seed)  # LoRA's A matrices: a seeded start, whatever ran before
+        torch.manual_seed(tcfg.seed)  # LoRA's A matrices: a seeded start, whatever ran before
         peft_model = get_peft_model(model, lcfg)  # injects LoRA layers into `model` in place
         params = [p for p in peft_model.parameters() if p.requires_grad]
         info["n_trainable"] = int(sum(p.numel() for p in params))

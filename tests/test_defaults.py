@@ -32,7 +32,8 @@ PARAMETERS: dict[type, dict[str, str]] = {
     EditConfig: {"lambda1": "edit.lambda1", "lambda2": "edit.lambda2", "scaling": "edit.scaling",
                  "locality_k": "edit.locality_k", "batch_size": "edit.batch_size", "seed": "seed"},
     InjectConfig: {"lrs": "inject.lrs", "epochs": "inject.epochs", "batch_size": "inject.batch_size",
-                   "lora_r": "inject.lora_r", "max_new": "inject.max_new", "max_old": "inject.max_old", "seed": "seed"},
+                   "lora_r": "inject.lora_r", "max_new": "inject.max_new", "max_old": "inject.max_old", "seed": "seed",
+                   "seeds": "inject.seeds", "lr_extend": "inject.lr_extend"},
     TrainConfig: {"epochs": "inject.epochs", "batch_size": "inject.batch_size", "seed": "seed"},
     HeldOutSplit: {"localisation": "attribute.templates_per_language"},
     DegenerateConfig: {"t_high": "degenerate.t_high", "t_low": "degenerate.t_low",
@@ -50,6 +51,11 @@ def param(path: str) -> Any:
     return node
 
 
+def _as_lists(value: Any) -> Any:
+    """A tuple default reads as the YAML list it is written as."""
+    return [_as_lists(v) for v in value] if isinstance(value, tuple) else value
+
+
 def default(cls: type, name: str) -> Any:
     field = {f.name: f for f in fields(cls)}[name]
     if field.default is not MISSING:
@@ -64,7 +70,7 @@ def test_a_dataclass_default_is_the_params_yaml_value(cls):
     names = {f.name for f in fields(cls)}
     assert set(PARAMETERS[cls]) <= names, f"{cls.__name__} has no field {set(PARAMETERS[cls]) - names}"
     wrong = {name: (default(cls, name), param(path)) for name, path in PARAMETERS[cls].items()
-             if default(cls, name) is not MISSING and default(cls, name) != param(path)}
+             if default(cls, name) is not MISSING and _as_lists(default(cls, name)) != param(path)}
     assert not wrong, f"{cls.__name__} defaults (dataclass, params.yaml) disagree: {wrong}"
 
 

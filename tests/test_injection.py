@@ -151,7 +151,8 @@ def test_inject_knowledge_end_to_end():
         assert all(held_out(by_id[i]) and not correct[i] for i in u.heldout)  # held out and unknown before
         assert all(by_id[i].lang != u.lang and not correct[i] for i in u.transfer)
     sets = {f.fact_id: {"matrice": pairs((2, 1), (2, 2)), "random": pairs((0, 4)), "amig": pairs()} for f in FACTS}
-    cfg = InjectConfig(lrs={"default": [5e-2], "direct_ft": [1e-3, 5e-2]}, epochs=15, batch_size=8, lora_r=2)
+    cfg = InjectConfig(lrs={"default": [5e-2], "direct_ft": [1e-3, 5e-2]}, epochs=15, batch_size=8, lora_r=2,
+                       seeds=(0,), lr_extend=0)
     res = inject_knowledge(a, QUERIES, probes, sets, variants=("direct_ft", "matrice", "random", "amig", "lora"),
                            cfg=cfg, is_evaluation=held_out, progress=False)
     assert_same_state(a.model, saved)
@@ -159,7 +160,7 @@ def test_inject_knowledge_end_to_end():
     assert base["heldout"] == 0.0 and base["transfer"] in (None, 0.0) and base["old"] in (None, 1.0)  # by construction
     assert set(res.runs["direct_ft"]) == {"0.001", "0.05"} and res.selected["direct_ft"] in (1e-3, 5e-2)
     assert res.runs["amig"]["0.05"]["n_trainable"] == 0  # empty union: nothing to train
-    assert res.runs["matrice"]["0.05"]["n_neurons"] == 2 and res.runs["random"]["0.05"]["n_neurons"] == 1
+    assert res.runs["matrice"]["0.05"]["n_neurons"] == 2 and res.runs["random"]["0.05"]["n_neurons"] == 2  # size-matched
     assert res.runs["direct_ft"]["0.05"]["trained"] > 0.5  # full fine-tuning memorises its training queries
     trained_ids = {i for u in units for i in u.train}
     assert not any(r.query_id in trained_ids for r in res.records if r.split in ("heldout", "transfer", "old"))
@@ -183,4 +184,78 @@ def test_inject_units_come_from_attributed_facts_and_q_old_from_the_others():
                            variants=("matrice",), cfg=InjectConfig(lrs={"default": [1e-3]}, epochs=1),
                            is_evaluation=lambda q: q.template_id >= 1, progress=False)
     assert {u["fact_id"] for u in res.units} == {"f1", "f2"}
-    assert {r.fact_id for r in res.records if r.split == "old"} == {"f3", "f4"}
+    assert {r.fact_id for r in res.records if r.split in ("old", "old_select")} == {"f3", "f4"}
+
+
+# ---- Table V's design: the rate grid, the seeds, Q_old's split, Random_FT's size ----------------------------
+
+class _FakeRuns:
+    """Stands in for the trained runs: accuracy on each split is a given function of the rate."""
+
+    def __init__(self, trained, old_select, old=lambda lr: 0.0):
+        self.acc = {"trained": trained, "old_select": old_select, "old": old, "heldout": old}
+        self.calls: list[tuple[float, int]] = []
+
+    def run(self, variant, lr, seed):
+        from matrice.experiments.inject.training import InjectionRecord
+        self.calls.append((lr, seed))
+        records = [InjectionRecord(variant, lr, split, f"F{i}", "en", f"{split}{i}", i < round(10 * f(lr)), seed)
+                   for split, f in self.acc.items() for i in range(10)]
+        return {"n_trainable": 1, "n_neurons": 1, "losses": [], "lr": lr}, records
+
+
+def test_the_rate_grid_grows_until_the_best_rate_is_interior():
+    from matrice.experiments.inject.training import sweep_variant
+
+    peak = lambda lr: max(0.0, 1 - abs(__import__("math").log10(lr) - (-5)) / 4)  # best at 1e-5
+    runs = _FakeRuns(trained=peak, old_select=peak)
+    cfg = InjectConfig(lrs={"default": [1e-3, 1e-2]}, seeds=(0, 1, 2), lr_extend=3)
+    best, at_edge, done = sweep_variant(runs, "matrice", cfg)
+    assert best == 1e-5 and not at_edge  # grown 1e-4, 1e-5, 1e-6: the best is interior
+    assert {lr for lr, _ in done} == {1e-6, 1e-5, 1e-4, 1e-3, 1e-2}
+    assert sorted(seed for lr, seed in done if lr == best) == [0, 1, 2]  # every seed at the selected rate only
+    assert all(seed == 0 for lr, seed in done if lr != best)
+    best, at_edge, _ = sweep_variant(_FakeRuns(peak, peak), "matrice", InjectConfig(lrs={"default": [1e-3, 1e-2]},
+                                                                                 lr_extend=1, seeds=(0,)))
+    assert best == 1e-4 and at_edge  # the budget ran out at an end: recorded
+
+
+def test_rate_selection_never_sees_the_evaluated_q_old():
+    from matrice.experiments.inject.training import sweep_variant
+
+    cfg = InjectConfig(lrs={"default": [1e-3, 3e-3, 1e-2]}, seeds=(0,), lr_extend=0)
+    picks = {sweep_variant(_FakeRuns(lambda lr: 0.5, lambda lr: 1.0 if lr == 3e-3 else 0.2, old), "m", cfg)[0]
+             for old in (lambda lr: 0.0, lambda lr: 1.0 if lr == 1e-2 else 0.0, lambda lr: lr * 50)}
+    assert picks == {3e-3}  # whatever the evaluated Q_old says
+
+
+def test_q_old_split_is_by_fact_and_both_halves_are_evaluated_separately():
+    from matrice.experiments.inject.training import split_q_old
+
+    a = tiny_adapter("gpt2")
+    probes = [{"query_id": q.query_id, "fact_id": q.fact_id, "relation": q.relation, "lang": q.lang, "prob": 0.5,
+               "rank": 0, "correct": q.fact_id in ("f3", "f4") or q.template_id == 0} for q in QUERIES]
+    chooser, evaluated = split_q_old([q for q in QUERIES if q.fact_id in ("f3", "f4")], seed=0)
+    assert chooser and evaluated and not {q.fact_id for q in chooser} & {q.fact_id for q in evaluated}
+    res = inject_knowledge(a, QUERIES, probes, {"f1": {"matrice": pairs((2, 1))}, "f2": {"matrice": pairs((2, 2))}},
+                           variants=("matrice",), cfg=InjectConfig(lrs={"default": [1e-3]}, epochs=1, seeds=(0,)),
+                           is_evaluation=lambda q: q.template_id >= 1, progress=False)
+    old = {r.fact_id for r in res.records if r.split == "old"}
+    chosen_on = {r.fact_id for r in res.records if r.split == "old_select"}
+    assert old and chosen_on and not old & chosen_on and old | chosen_on == {"f3", "f4"}
+    assert res.n_old and res.n_old_select
+
+
+def test_random_ft_has_matrice_fts_count_in_every_layer_drawn_per_seed():
+    from collections import Counter
+    from matrice.experiments.inject.training import _Runs
+
+    a = tiny_adapter("llama")
+    matrice = pairs((0, 1), (2, 1), (2, 5), (3, 0), (3, 2), (3, 7))
+    runs = _Runs(a, InjectConfig(), {}, [], [], {"matrice": matrice, "random": pairs((1, 1))}, None, False)
+    draws = [runs.neurons("random", seed) for seed in (0, 1, 2)]
+    for d in draws:
+        assert Counter(d[:, 0].tolist()) == Counter(matrice[:, 0].tolist())  # per layer, not only in total
+        assert len({tuple(p) for p in d.tolist()}) == len(d)
+    assert len({d.tobytes() for d in draws}) == 3  # a fresh draw per seed
+    assert runs.neurons("matrice", 0) is matrice

@@ -8,9 +8,10 @@ from typing import Any, Mapping, Sequence
 from matrice.evaluation.claims import CELL, Claim, RelationOf, make_claim, relation_prefix
 from matrice.io import RunOutputs
 from matrice.evaluation.report import RunResults, markdown_table
-from matrice.evaluation.stats import per_fact_mean, relation_mean
+from matrice.evaluation.stats import by_relation, per_fact_mean, relation_mean
 
-SPLITS = ("heldout", "transfer", "trained", "old")
+SPLITS = ("heldout", "transfer", "trained", "old")  # what the tables show (old_select chose the rate)
+SWEEP_SPLITS = (*SPLITS, "old_select")
 
 # ---- claims: the paper's statements about this experiment, tested (matrice.evaluation.claims) ----------------
 
@@ -31,6 +32,15 @@ def injection_accuracy(records: Sequence[Mapping[str, Any]], variant: str, split
     """Per fact: accuracy of `variant` on `split` (optionally one language)."""
     return per_fact_mean(records, lambda r: float(r["correct"]),
                          lambda r: r["variant"] == variant and r["split"] == split and lang in (None, r["lang"]))
+
+
+def injection_avg(records: Sequence[Mapping[str, Any]], variant: str, relation_of: RelationOf = relation_prefix
+                  ) -> dict[str, float]:
+    """The paper's Avg per relation: the mean of Q_new accuracy (held-out paraphrases of the injected facts)
+    and Q_old accuracy, each first averaged over the relation's facts; relations with both only."""
+    new = {r: sum(v) / len(v) for r, v in by_relation(injection_accuracy(records, variant, "heldout"), relation_of).items()}
+    old = {r: sum(v) / len(v) for r, v in by_relation(injection_accuracy(records, variant, "old"), relation_of).items()}
+    return {r: (new[r] + old[r]) / 2 for r in sorted(set(new) & set(old))}
 
 
 
@@ -64,6 +74,17 @@ def injection_claims(injection: Mapping[str, Any], relation_of: RelationOf = rel
                               f"{split} accuracy MATRICE_FT − {INJECT_NAMES[other]}", "greater", where, mine, theirs, note,
                               key=f"table5_{split}_vs_{other}", metric="accuracy", relation_of=relation_of,
                               empty=not_trained, n_facts=len(facts)))
+    for other in ("random", "amig", "direct_ft"):
+        if other in variants:
+            note = ("relations with both injected facts and Q_old facts; "
+                    + ("the other side trained nothing" if other in untrained else "each variant at its selected rate"))
+            mine, theirs = injection_avg(records, "matrice", relation_of), injection_avg(records, other, relation_of)
+            out.append(make_claim("Table V", f"MATRICE_FT has a higher Avg (mean of Q_new and Q_old accuracy) than "
+                                  f"{INJECT_NAMES[other]}", f"Avg accuracy MATRICE_FT − {INJECT_NAMES[other]}",
+                                  "greater", "held-out paraphrases of the injected facts and Q_old", mine, theirs, note,
+                                  key=f"table5_avg_vs_{other}", metric="accuracy", relation_of=lambda r: r,
+                                  empty={INJECT_NAMES[v]: len(mine) for v in ("matrice", other) if v in untrained},
+                                  n_facts=len(set(mine) | set(theirs))))
     return out
 
 
@@ -73,35 +94,68 @@ def injection_interval_table(injection: Mapping[str, Any], languages: Sequence[s
     """Each variant at its selected rate: accuracy per split, then transfer per language (`CELL`)."""
     records = _selected_records(injection)
     variants = list(dict.fromkeys(r["variant"] for r in records))
-    splits = SPLITS
-    lines = ["| variant | lr | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
+    edge = injection.get("at_edge", {})
+    lines = ["| variant | lr | seeds | " + " | ".join(SPLITS) + " | Avg |", "|---|---|---|" + "---|" * (len(SPLITS) + 1)]
     for v in variants:
-        cells = [relation_mean(injection_accuracy(records, v, sp), relation_of).format(2) for sp in splits]
-        lines.append(f"| {INJECT_NAMES.get(v, v)} | {injection.get('selected', {}).get(v, '–')} | " + " | ".join(cells) + " |")
-    per_lang = ["| variant | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]
+        cells = [relation_mean(injection_accuracy(records, v, sp), relation_of).format(2) for sp in SPLITS]
+        avg = relation_mean(injection_avg(records, v, relation_of), lambda r: r).format(2)
+        lr = injection.get("selected", {}).get(v, "–")
+        lr_cell = f"{lr} (grid end)" if edge.get(v) else f"{lr}"
+        n_seeds = len({r.get("seed") for r in records if r["variant"] == v and r.get("seed") is not None})
+        lines.append(f"| {INJECT_NAMES.get(v, v)} | {lr_cell} | {n_seeds or '–'} | " + " | ".join(cells) + f" | {avg} |")
+    return (f"Accuracy at each variant's selected learning rate, over its seeds: {CELL} Avg is the paper's: the mean "
+            "of Q_new (held-out) and Q_old accuracy, per relation.\n\n" + "\n".join(lines)
+            + "\n\n" + _per_language(records, variants, "heldout", languages, relation_of, "Held-out accuracy per "
+                                       "language of the injected fact (each fact is injected in one language):")
+            + "\n" + _per_language(records, variants, "transfer", languages, relation_of, "Transfer per language (the "
+                                    "injected fact's original query in a language it was not trained in):")
+            + "\n" + _per_seed(injection, variants))
+
+
+def _per_language(records: Sequence[Mapping[str, Any]], variants: Sequence[str], split: str, languages: Sequence[str],
+                  relation_of: RelationOf, title: str) -> str:
+    rows = ["| variant | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]
     for v in variants:
-        cells = [relation_mean(injection_accuracy(records, v, "transfer", lang), relation_of).format(2)
-                 for lang in languages]
-        per_lang.append(f"| {INJECT_NAMES.get(v, v)} | " + " | ".join(cells) + " |")
-    return (f"Accuracy at each variant's selected learning rate: {CELL}\n\n"
-            + "\n".join(lines) + "\n\nTransfer per language (the injected fact's original query in a language it "
-            "was not trained in):\n\n" + "\n".join(per_lang) + "\n")
+        cells = [relation_mean(injection_accuracy(records, v, split, lang), relation_of).format(2) for lang in languages]
+        rows.append(f"| {INJECT_NAMES.get(v, v)} | " + " | ".join(cells) + " |")
+    return title + "\n\n" + "\n".join(rows) + "\n"
+
+
+def _per_seed(injection: Mapping[str, Any], variants: Sequence[str]) -> str:
+    """Each seed's accuracy at the selected rate (pooled over queries): the spread the seeds add."""
+    rows = []
+    for v in variants:
+        run = injection.get("runs", {}).get(v, {}).get(str(injection.get("selected", {}).get(v)), {})
+        for seed, acc in run.get("seeds", {}).items():
+            rows.append([INJECT_NAMES.get(v, v), seed, *(acc.get(sp) for sp in SPLITS)])
+    if not rows:
+        return ""
+    return ("Each training seed at the selected rate (accuracy pooled over the split's queries):\n\n"
+            + markdown_table(["variant", "seed", *SPLITS], rows))
 
 
 # ---- its outputs ----------------------------------------------------------------------------------
 
 def sweep_table(injection: Mapping[str, Any]) -> str:
     """Every (variant, learning rate) of the sweep, the selected one marked."""
-    selected = injection["selected"]
-    rows = [[v, lr, run["n_trainable"], run["n_neurons"], *(run[sp] for sp in SPLITS),
-             "selected" if v != "base" and selected.get(v) == run["lr"] else ""]
+    selected, edge = injection["selected"], injection.get("at_edge", {})
+
+    def mark(v: str, run: Mapping[str, Any]) -> str:
+        if v == "base" or selected.get(v) != run["lr"]:
+            return ""
+        return "selected, grid end" if edge.get(v) else "selected"
+
+    rows = [[v, lr, len(run.get("seeds", {})) or "–", run["n_trainable"], run["n_neurons"],
+             *(run.get(sp) for sp in SWEEP_SPLITS), mark(v, run)]
             for v, runs in injection["runs"].items() for lr, run in runs.items()]
     return (f"**Table V, the whole sweep** — {len(injection['units'])} facts injected, each in one language where "
-            f"the model got its held-out paraphrase wrong; {injection['n_old']} Q_old queries. Accuracy after "
+            f"the model got its held-out paraphrase wrong; Q_old: {injection['n_old']} queries evaluated and "
+            f"{injection.get('n_old_select', 0)} of other facts that choose the rate (old_select). Accuracy after "
             "fine-tuning on: the held-out paraphrases, the fact's original query in the other languages it got "
-            "wrong (transfer), the training paraphrases, Q_old. A variant's selected rate is the one with the "
-            "best mean of training and Q_old accuracy (no held-out data used to choose).\n\n"
-            + markdown_table(["variant", "lr", "trainable params", "neurons", *SPLITS, ""], rows))
+            "wrong (transfer), the training paraphrases, Q_old. Every rate of a variant's grid is trained with "
+            "the first seed; the selected rate (best mean of training and old_select accuracy: no evaluated data "
+            "chooses it) with every seed; a grid grows past an end while its best rate is there.\n\n"
+            + markdown_table(["variant", "lr", "seeds", "trainable params", "neurons", *SWEEP_SPLITS, ""], rows))
 
 
 def write_outputs(injection: Mapping[str, Any], out: RunOutputs) -> None:
