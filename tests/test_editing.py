@@ -217,3 +217,36 @@ def test_case_study_says_in_how_many_languages_the_update_worked_and_keeps_its_t
     assert "巴黎。↵" in text and "巴\\|黎" in text
     assert ("correctly in 2 before (en, zh) and in 1 with its neurons ×2 (en)" in text
             and "The update to *Berlin* worked in part: the new object is the greedy answer in 1 of the 2 languages" in text)
+
+
+def test_reliability_at_matched_locality_interpolates_between_the_bracketing_lambdas():
+    from matrice.experiments.edit_sweep import reliability_at_locality
+
+    curve = [(0.25, 0.0, 1.0), (1.0, 0.4, 0.95), (4.0, 0.8, 0.85), (16.0, 1.0, 0.2)]
+    assert reliability_at_locality(curve, 0.9) == pytest.approx(0.6)  # halfway from 0.95 to 0.85
+    assert reliability_at_locality(curve, 0.95) == pytest.approx(0.4)  # on a grid point
+    assert reliability_at_locality(curve, 1.01) is None  # below the level already at the smallest λ
+    assert reliability_at_locality(curve[:2], 0.9) is None  # never falls to the level: not bracketed
+    assert reliability_at_locality(list(reversed(curve)), 0.9) == pytest.approx(0.6)  # order of the points
+
+
+def test_matched_locality_claim_compares_methods_at_the_same_locality_not_the_same_lambda():
+    from matrice.experiments.edit_sweep import matched_reliability, sweep_claims
+
+    records = []
+    for f in range(12):
+        fid = f"P{f % 6}-e{f}"
+        for lam, (m_rel, m_loc), (r_rel, r_loc) in ((1.0, (0.5, 0.95), (0.1, 1.0)), (4.0, (0.9, 0.85), (0.3, 0.95)),
+                                                   (16.0, (1.0, 0.1), (0.4, 0.85))):
+            for method, rel, loc in (("matrice", m_rel, m_loc), ("random_layer", r_rel, r_loc)):
+                records.append({"fact_id": fid, "relation": fid.split("-")[0], "method": method, "lam": lam,
+                                "lang": "en", "n_neurons": 3, "rel_n": 10, "rel_ok": round(10 * rel),
+                                "loc_n": 20, "loc_ok": round(20 * loc)})
+    sweep = {"config": {"methods": ["matrice", "random_layer"]}, "lambdas": [1.0, 4.0, 16.0], "records": records}
+    assert list(matched_reliability(sweep, "matrice", 0.9).values()) == pytest.approx([0.7] * 12)  # between λ 1 and 4
+    assert list(matched_reliability(sweep, "random_layer", 0.9).values()) == pytest.approx([0.35] * 12)  # between 4, 16
+    (claim,) = sweep_claims(sweep, 0.9)
+    assert claim.key == "table4_update_matched_locality_matrice_vs_random_layer"
+    assert claim.estimate.mean == pytest.approx(0.35) and claim.estimate.n == 6  # six relations
+    assert "12 of 12 facts bracketed" in claim.note
+    assert sweep_claims(sweep, 1.01)[0].untestable  # nothing bracketed: no verdict

@@ -23,6 +23,7 @@ def _verdict_params(params: dict) -> tuple[list[str], dict[str, float], float]:
 def judge(run: RunResults) -> RunResults:
     """``run`` with every claim row judged (once: the verdict table and the sections that quote a row
     read the same numbers)."""
+    from matrice.experiments.edit_sweep import matched_locality
     from matrice.experiments.registry import all_claims
 
     primary, margins, alpha = _verdict_params(run.params)
@@ -33,7 +34,8 @@ def judge(run: RunResults) -> RunResults:
         controls=run.json("controls.json"), injection=run.json("injection.json"),
         fact_check=run.json("fact_check.json"), relation_of=run.relation_of,
         primary=primary, margins=margins, alpha=alpha,
-        top_layers=float((run.params.get("verdicts") or {}).get("top_layers", 1 / 3)))
+        top_layers=float((run.params.get("verdicts") or {}).get("top_layers", 1 / 3)),
+        edit_sweep=run.json("edit_sweep.json"), matched_locality=matched_locality(run.params))
     return run
 
 

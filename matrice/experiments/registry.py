@@ -14,6 +14,7 @@ from matrice.experiments import (case_study, consistency, controls, degenerate, 
                                  inject, manipulate)
 from matrice.experiments.controls import control_claims
 from matrice.experiments.edit import editing_claims
+from matrice.experiments.edit_sweep import sweep_claims
 from matrice.experiments.enhance import enhancement_claims
 from matrice.experiments.inject import injection_claims
 from matrice.experiments.fact_check import fact_check_claims
@@ -26,11 +27,14 @@ def all_claims(*, sets: Mapping[str, Any], n_layers: int, manip: Mapping[str, An
                controls: Mapping[str, Any] | None = None, injection: Mapping[str, Any] | None = None,
                fact_check: Mapping[str, Any] | None = None, relation_of: RelationOf = relation_prefix,
                primary: Sequence[str] = (), margins: Mapping[str, float] | None = None, alpha: float = 0.05,
-               top_layers: float = 1 / 3) -> list[Claim]:
-    """Every claim row of the run, judged (`judge`); ``top_layers``: Fig. 4's "last layers" as a fraction of depth."""
+               top_layers: float = 1 / 3, edit_sweep: Mapping[str, Any] | None = None,
+               matched_locality: float = 0.9) -> list[Claim]:
+    """Every claim row of the run, judged (`judge`); ``top_layers``: Fig. 4's "last layers" as a fraction of
+    depth; ``matched_locality``: the locality at which the λ sweep's update reliability is compared."""
     empty_sets = {m: [f for f, per in sets.items() if not len(per.get(m, []))] for per in sets.values() for m in per}
     claims = [*layer_claims(sets, n_layers, relation_of, top_layers), *manipulation_claims(manip, is_evaluation, relation_of),
               *control_claims(controls or {}, is_evaluation, relation_of), *editing_claims(editing, relation_of),
+              *(sweep_claims(edit_sweep, matched_locality, relation_of) if edit_sweep else []),
               *enhancement_claims(enhancement, is_evaluation, relation_of, empty_sets),
               *injection_claims(injection or {}, relation_of), *fact_check_claims(fact_check or {}, relation_of)]
     return judge(claims, primary, margins, alpha)

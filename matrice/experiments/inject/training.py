@@ -385,13 +385,14 @@ def inject_knowledge(
     # resolve every neuron set first, so a missing fact fails before hours of training
     unit_facts = sorted({u.fact_id for u in units})
     unions = {v: union_neurons(sets, unit_facts, v, adapter) for v in variants if v not in ("direct_ft", "lora")}
-    log.info("injection: %d units, %d training queries, Q_old %d evaluated + %d choosing the rate; neurons per "
-             "variant: %s; rate grids: %s; seeds %s", len(units), len(encs_train), len(old_eval), len(old_select),
-             {v: len(u) for v, u in unions.items()}, {v: cfg.sweep(v) for v in variants}, list(cfg.seeds))
     evaluated: Evaluated = [(split, u, q) for split, key in (("trained", "train"), ("heldout", "heldout"),
                                                              ("transfer", "transfer")) for u, q in split_queries[key]]
     evaluated += [("old", None, q) for q in old_eval] + [("old_select", None, q) for q in old_select]
     runs = _Runs(adapter, cfg, encs, encs_train, evaluated, unions, memo, progress)
+    log.info("injection: %d units, %d training queries, Q_old %d evaluated + %d choosing the rate; neurons per "
+             "variant (first seed): %s; rate grids: %s; seeds %s", len(units), len(encs_train), len(old_eval),
+             len(old_select), {v: len(runs.neurons(v, cfg.seeds[0])) for v in unions},
+             {v: cfg.sweep(v) for v in variants}, list(cfg.seeds))
     if cfg.include_base:
         info, records = runs.base()
         result.records += records
