@@ -66,3 +66,25 @@ def test_a_donor_never_shares_the_facts_object_in_any_language():
         assert donors["c"]["other_relation"] is None  # d's fr object is Europe too
         assert donors["d"]["other_relation"] in ("a", "b")
     assert {choose_donors(relations, s)["a"]["same_relation"] for s in range(20)} == {"b", "c"}  # without objects: any
+
+
+def test_lolo_same_relation_donor_suppresses_with_the_donors_set_selected_without_the_language(gpt2_implant):
+    from matrice.experiments.controls import LOLO_DONOR, control_claims, leave_one_language_out
+
+    a, _ = gpt2_implant
+    qs = [q for q in QUERIES if q.fact_id in ("f1", "f2")]
+    lolo = {f: {lang: {"lolo": pairs(IMPLANT) if f == "f1" else pairs((0, 3 + i)), "lolo_random_layer": pairs((0, 1))}
+                for i, lang in enumerate(("en", "fr", "fi"))} for f in ("f1", "f2")}
+    full = {"f1": {"matrice": pairs(IMPLANT)}, "f2": {"matrice": pairs((0, 2))}}
+    donors = {"f1": {"same_relation": "f2"}, "f2": {"same_relation": "f1"}}
+    records = leave_one_language_out(a, qs, lolo, full, few_shot=False, donors=donors)
+    borrowed = [r for r in records if r.method == LOLO_DONOR]
+    assert {(r.fact_id, r.lang) for r in borrowed} == {(q.fact_id, q.lang) for q in qs}
+    for r in borrowed:  # the donor's set chosen without this query's language, never the fact's own
+        assert r.n_neurons == len(lolo[donors[r.fact_id]["same_relation"]][r.lang]["lolo"])
+    f1_en = [r.delta_p for r in records if r.fact_id == "f1" and r.lang == "en"]
+    assert f1_en  # sanity: f1's en queries were scored
+    assert all(r.delta_p > -0.9 for r in borrowed if r.fact_id == "f1")  # f2's neurons do not carry " Paris"
+    assert not any(r.method == LOLO_DONOR for r in leave_one_language_out(a, qs, lolo, full, few_shot=False))
+    rows = {c.key for c in control_claims({"lolo": [r.__dict__ for r in records]}, lambda q: True)}
+    assert "lolo_vs_same_relation_donor" in rows

@@ -3,8 +3,10 @@ they specific to their fact?
 
 - **Leave-one-language-out** (LOLO): for each language k, the neurons selected from the other
   languages (``select_leave_one_out``) are suppressed on every query of the fact in k, which no
-  part of their selection saw; beside them, as many random neurons per layer, and MATRICE's full
-  set (which did see k's localisation queries).
+  part of their selection saw; beside them, as many random neurons per layer, MATRICE's full set
+  (which did see k's localisation queries), and the neurons selected the same way (without k) for
+  another fact of the same relation (``lolo_same_relation``): neurons that carry the relation or the
+  answer type rather than the fact would suppress it as much.
 - **Specificity**: fact B's queries under suppression of B's own neurons, of the neurons of another
   fact of B's relation, and of the neurons of a fact of another relation. Neurons that store B
   move P(B's answer) more than neurons that store something else.
@@ -33,6 +35,7 @@ from matrice.io import RunOutputs
 
 SUPPRESS = {"suppress": 0.0}
 LOLO_METHODS = ("lolo", "lolo_random_layer", "matrice")
+LOLO_DONOR = "lolo_same_relation"
 SPECIFICITY_METHODS = ("own", "same_relation", "other_relation")
 
 
@@ -54,8 +57,10 @@ class ControlResult:
 def leave_one_language_out(
     adapter: ModelAdapter, queries: Sequence[Query], lolo_sets: Mapping[str, Mapping[str, Mapping[str, Any]]],
     full_sets: NeuronSetsLike, few_shot: bool, encoded: Mapping[str, Encoded] | None = None, batch_size: int = 32,
+    donors: Mapping[str, Mapping[str, str | None]] | None = None,
 ) -> list[ManipulationRecord]:
-    """Suppression in each held-out language k of the neurons selected without k (see module doc)."""
+    """Suppression in each held-out language k of the neurons selected without k (see module doc);
+    with ``donors`` (fact -> {"same_relation": fact}), also the donor's neurons selected without k."""
     records: list[ManipulationRecord] = []
     for lang in sorted({q.lang for q in queries}):
         held_out = [q for q in queries if q.lang == lang and q.fact_id in lolo_sets]
@@ -65,7 +70,18 @@ def leave_one_language_out(
                 for f in {q.fact_id for q in held_out}}
         records += manipulate(adapter, held_out, sets, LOLO_METHODS, SUPPRESS, few_shot, encoded, batch_size,
                               progress=False).records
+        borrowed = {f: {LOLO_DONOR: lolo_sets[d][lang]["lolo"]} for f, d in _lolo_donors(donors, sets, lolo_sets, lang)}
+        if borrowed:
+            records += manipulate(adapter, [q for q in held_out if q.fact_id in borrowed], borrowed, (LOLO_DONOR,),
+                                  SUPPRESS, few_shot, encoded, batch_size, progress=False).records
     return records
+
+
+def _lolo_donors(donors: Mapping[str, Mapping[str, str | None]] | None, facts: Sequence[str],
+                 lolo_sets: Mapping[str, Mapping[str, Mapping[str, Any]]], lang: str) -> list[tuple[str, str]]:
+    """(fact, its same-relation donor) where the donor has neurons selected without ``lang``."""
+    pairs = [(f, (donors or {}).get(f, {}).get("same_relation")) for f in sorted(facts)]
+    return [(f, d) for f, d in pairs if d is not None and lang in lolo_sets.get(d, {})]
 
 
 def choose_donors(fact_relations: Mapping[str, str], seed: int,
@@ -91,6 +107,14 @@ def choose_donors(fact_relations: Mapping[str, str], seed: int,
     return donors
 
 
+def query_donors(queries: Sequence[Query], seed: int) -> dict[str, dict[str, str | None]]:
+    """:func:`choose_donors` over the queries' facts, objects compared in every language."""
+    objects: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for q in queries:
+        objects[q.fact_id].add((q.lang, q.answer))
+    return choose_donors({q.fact_id: q.relation for q in queries}, seed, {f: frozenset(o) for f, o in objects.items()})
+
+
 def specificity(
     adapter: ModelAdapter, queries: Sequence[Query], sets: NeuronSetsLike, seed: int, few_shot: bool,
     encoded: Mapping[str, Encoded] | None = None, batch_size: int = 32,
@@ -99,10 +123,7 @@ def specificity(
     a fact of another relation, each donor's object different from B's in every language. A donor
     that does not exist is left out (no record)."""
     relations = {q.fact_id: q.relation for q in queries}
-    objects: dict[str, set[tuple[str, str]]] = defaultdict(set)
-    for q in queries:
-        objects[q.fact_id].add((q.lang, q.answer))
-    donors = choose_donors(relations, seed, {f: frozenset(o) for f, o in objects.items()})
+    donors = query_donors(queries, seed)
     records: list[ManipulationRecord] = []
     for method in SPECIFICITY_METHODS:
         chosen = {f: (f if method == "own" else donors[f][method]) for f in relations}
@@ -130,7 +151,8 @@ def run_controls(adapter: ModelAdapter, queries: Sequence[Query], lolo_sets: Map
     """Both controls on the attributed facts' queries (each query encoded once for both)."""
     encoded, _ = encode_all(adapter, queries, few_shot)
     result = ControlResult()
-    result.lolo = leave_one_language_out(adapter, queries, lolo_sets, sets, few_shot, encoded, batch_size)
+    result.lolo = leave_one_language_out(adapter, queries, lolo_sets, sets, few_shot, encoded, batch_size,
+                                         query_donors(queries, seed))
     result.specificity, result.donors = specificity(adapter, queries, sets, seed, few_shot, encoded, batch_size)
     return result
 
@@ -173,6 +195,16 @@ def control_claims(controls: Mapping[str, Any], is_evaluation: Callable[[str], b
             "less", "every query of the held-out language (none reached selection)",
             _suppression(lolo, "lolo", lambda r: True), _suppression(lolo, "lolo_random_layer", lambda r: True),
             key="lolo_vs_random_layer", metric="delta_p", relation_of=relation_of))
+        if any(r["method"] == LOLO_DONOR for r in lolo):
+            own = _suppression(lolo, "lolo", lambda r: True)
+            donor = _suppression(lolo, LOLO_DONOR, lambda r: True)
+            out.append(make_claim(
+                "LOLO", "LAKNs selected without a language carry the fact, not only its relation: they suppress it "
+                "in the held-out language more than another fact's of the same relation (also selected without it) do",
+                f"ΔP/P {method_name('lolo')} − {method_name(LOLO_DONOR)} (suppress)", "less",
+                "every query of the held-out language (none reached either selection)",
+                {f: own[f] for f in donor if f in own}, donor, key="lolo_vs_same_relation_donor", metric="delta_p",
+                relation_of=relation_of))
     spec = controls.get("specificity", [])
     if spec:
         scored, have_eval = scored_queries(spec, is_evaluation)
@@ -197,7 +229,9 @@ def lolo_interval_table(controls: Mapping[str, Any], is_evaluation: Callable[[st
     if not records:
         return "No leave-one-language-out records in this run.\n"
     lines = ["| method | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]
-    for method in ("lolo", "lolo_random_layer", "matrice"):
+    for method in ("lolo", LOLO_DONOR, "lolo_random_layer", "matrice"):
+        if not any(r["method"] == method for r in records):
+            continue
         keep = (lambda r: is_evaluation(r["query_id"])) if method == "matrice" else (lambda r: True)
         cells = []
         for lang in languages:
@@ -217,7 +251,8 @@ def section(run: RunResults) -> str:
     return (
         "### Controls: leave-one-language-out and specificity\nLeave-one-language-out: for each language, LAKNs are "
         "selected from the other languages (UaL without it, same τ) and suppressed (×0) on the fact's queries in "
-        "the held-out one, which no part of their selection saw; the control is as many random neurons per layer. "
+        "the held-out one, which no part of their selection saw; the controls are as many random neurons per layer, "
+        "and the LOLO set of another attributed fact of the same relation (selected without the language too). "
         f"ΔP/P per held-out language, {CELL}:\n\n"
         + lolo_interval_table(controls, run.is_evaluation, langs, run.relation_of)
         + "\nSpecificity: each fact's evaluation queries under suppression of its own LAKNs, of another attributed "
