@@ -88,3 +88,38 @@ def test_lolo_same_relation_donor_suppresses_with_the_donors_set_selected_withou
     assert not any(r.method == LOLO_DONOR for r in leave_one_language_out(a, qs, lolo, full, few_shot=False))
     rows = {c.key for c in control_claims({"lolo": [r.__dict__ for r in records]}, lambda q: True)}
     assert "lolo_vs_same_relation_donor" in rows
+
+
+def test_zero_baseline_set_is_built_as_amig_k_is_from_the_same_maps():
+    """Fed AMIG's own maps as the 'zero' maps, the zero-baseline set is exactly select's amig_k: only the
+    baseline differs between the two arms of the comparison."""
+    import numpy as np
+    from matrice.experiments.controls import zero_baseline_sets
+    from matrice.method.selection import select_fact
+    from matrice.method.uncertainty import aggregate_fact
+
+    rng = np.random.default_rng(0)
+    fqs = [q for q in QUERIES if q.fact_id == "f1"]
+    langs = sorted({q.lang for q in fqs})
+    raw = {lang: rng.normal(size=(3, 4, 8)) for lang in langs}  # 3 queries per language, [L=4, N=8]
+    amig_first = {lang: rng.normal(size=(4, 8)) + 0.5 for lang in langs}
+    sets = select_fact(aggregate_fact(raw, amig_first=amig_first))
+    firsts = {q.query_id: amig_first[q.lang] for q in fqs if q.template_id == 0}
+    zero = zero_baseline_sets(fqs, firsts, {"f1": {k: v.tolist() for k, v in sets.items()}})
+    assert len(sets["matrice"]) and np.array_equal(zero["f1"], sets["amig_k"])
+    missing = dict(list(firsts.items())[1:])  # a language without its zero map: no set, not an empty one
+    assert zero_baseline_sets(fqs, missing, {"f1": {k: v.tolist() for k, v in sets.items()}}) == {}
+
+
+def test_baseline_comparison_suppresses_both_equal_size_sets_and_makes_a_row(gpt2_implant):
+    from matrice.experiments.controls import baseline_comparison, control_claims
+
+    a, _ = gpt2_implant
+    qs = [q for q in QUERIES if q.fact_id in ("f1", "f2")]
+    sets = {"f1": {"matrice": pairs(IMPLANT), "amig_k": pairs(IMPLANT)}, "f2": {"matrice": pairs((0, 2)), "amig_k": pairs((0, 2))}}
+    records = baseline_comparison(a, qs, sets, {"f1": pairs((0, 5)), "f2": pairs((0, 6))}, few_shot=False)
+    assert {(r.fact_id, r.method) for r in records} == {(f, m) for f in ("f1", "f2") for m in ("amig_k", "zero_k")}
+    assert all(r.n_neurons == 1 for r in records)
+    assert all(r.delta_p < -0.9 for r in records if r.fact_id == "f1" and r.method == "amig_k" and r.lang == "en")
+    rows = {c.key: c for c in control_claims({"baselines": [r.__dict__ for r in records]}, lambda q: True)}
+    assert "amig_baseline_vs_zero" in rows and rows["amig_baseline_vs_zero"].estimate.n == 2  # f1, f2: two units

@@ -96,3 +96,26 @@ def test_metrics_and_plot_data_are_the_tables_estimates(tiny_run, monkeypatch):
     for name, values in read("editing_metrics.json")["editing"].items():
         method, operation = name.split(".")
         assert values == {metric: editing[(operation, method, metric)][0].mean for metric in values}
+
+
+def test_held_out_editing_never_reads_an_attributed_query(tiny_run):
+    """The edit stage's held-out counts come from the stage's own rule; no attributed query passes it, and
+    no (fact, language) counts more held-out queries than it has unattributed paraphrases."""
+    from matrice.data.schema import load_queries
+    from matrice.method.attribution.runner import load_attributions
+    from stages.common import evaluation_rule
+
+    queries = load_queries(tiny_run / "data/dataset/queries.jsonl")
+    params = yaml.safe_load((tiny_run / "params.yaml").read_text())
+    is_evaluation = evaluation_rule(params, queries)
+    attributed = set(load_attributions(tiny_run / "results/tiny/attributions")[1])
+    attributed |= set(load_attributions(tiny_run / "results/tiny/attributions_amig")[1])
+    assert attributed and not any(is_evaluation(q) for q in attributed)
+    unattributed: dict[tuple[str, str], int] = {}
+    for q in queries:
+        if q.query_id not in attributed:
+            unattributed[q.fact_id, q.lang] = unattributed.get((q.fact_id, q.lang), 0) + 1
+    records = json.loads((tiny_run / "results/tiny/editing.json").read_text())["records"]
+    assert sum(r["held_n"] for r in records) > 0
+    for r in records:
+        assert r["held_n"] <= unattributed.get((r["fact_id"], r["lang"]), 0)

@@ -33,6 +33,7 @@ def relation_prefix(fact_id: str) -> str:
 
 NAMES = {"lolo": "LOLO (selected without the language)", "lolo_random_layer": "Random (layer-matched to LOLO)",
          "lolo_same_relation": "LOLO of another fact, same relation",
+         "zero_k": "zero baseline (size-matched)",
          "own": "the fact's own LAKNs", "same_relation": "another fact's LAKNs, same relation",
          "other_relation": "another fact's LAKNs, other relation", "matrice": "MATRICE", "amig": "AMIG", "random": "Random", "wo_uaq": "w/o UaQ", "wo_ual": "w/o UaL",
          "amig_k": "AMIG (size-matched)", "wo_uaq_k": "w/o UaQ (size-matched)", "wo_ual_k": "w/o UaL (size-matched)",

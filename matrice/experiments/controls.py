@@ -11,7 +11,13 @@ they specific to their fact?
   fact of B's relation, and of the neurons of a fact of another relation. Neurons that store B
   move P(B's answer) more than neurons that store something else.
 
-Both reuse :func:`matrice.experiments.manipulate.manipulate`, so ΔP means exactly what it means
+- **AMIG's baseline against the zero baseline** (AMIG's claim over Dai et al.): the same first
+  queries attributed with AMIG's all-PAD baseline and with the zero baseline, each turned into a set
+  the same way (layer-normalised maps, intersected over languages, top-k with k = MATRICE's count:
+  ``amig_k`` and ``zero_k``), suppressed on the fact's queries. Equal sizes, so only the baseline
+  differs.
+
+All reuse :func:`matrice.experiments.manipulate.manipulate`, so ΔP means exactly what it means
 in Fig. 5 (relative change of P(gold first token)); records carry the method names below.
 """
 
@@ -26,10 +32,12 @@ import numpy as np
 
 from matrice.data.schema import Query
 from matrice.evaluation.claims import CELL, Claim, RelationOf, make_claim, method_name, relation_prefix, scored_queries
-from matrice.experiments import NeuronSetsLike, dataclass_dict, encode_all, fact_neurons
+from matrice.experiments import NeuronSetsLike, _facts_of, dataclass_dict, encode_all, fact_neurons
 from matrice.experiments.manipulate import ManipulationRecord, manipulate
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.evaluation.stats import relation_mean
+from matrice.method.selection import intersection_score, top_k
+from matrice.method.uncertainty import normalize_layers
 from matrice.evaluation.report import RunResults
 from matrice.io import RunOutputs
 
@@ -37,6 +45,7 @@ SUPPRESS = {"suppress": 0.0}
 LOLO_METHODS = ("lolo", "lolo_random_layer", "matrice")
 LOLO_DONOR = "lolo_same_relation"
 SPECIFICITY_METHODS = ("own", "same_relation", "other_relation")
+BASELINE_METHODS = ("amig_k", "zero_k")
 
 
 @dataclass
@@ -47,11 +56,14 @@ class ControlResult:
     lolo: list[ManipulationRecord] = field(default_factory=list)
     specificity: list[ManipulationRecord] = field(default_factory=list)
     donors: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    baselines: list[ManipulationRecord] = field(default_factory=list)
+    zero_sets: dict[str, list[list[int]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"lolo": [dataclass_dict(r) for r in self.lolo],
                 "specificity": [dataclass_dict(r) for r in self.specificity],
-                "donors": self.donors}
+                "donors": self.donors, "baselines": [dataclass_dict(r) for r in self.baselines],
+                "zero_sets": self.zero_sets}
 
 
 def leave_one_language_out(
@@ -146,14 +158,50 @@ def per_language_means(records: Sequence[ManipulationRecord | Mapping[str, Any]]
     return {k: float(np.mean(v)) for k, v in groups.items()}
 
 
+def zero_baseline_sets(queries: Sequence[Query], zero_maps: Mapping[str, np.ndarray], sets: NeuronSetsLike,
+                       layer_norm: str = "abs") -> dict[str, np.ndarray]:
+    """Per fact: the zero-baseline set built as ``amig_k`` is from AMIG's maps (selection.py): each
+    language's first-query map layer-normalised, the intersection score over languages, top-k with
+    k = MATRICE's count. A fact missing a language's zero map gets no set (left out, not emptied)."""
+    firsts: dict[str, dict[str, str]] = defaultdict(dict)
+    for q in queries:
+        if q.template_id == 0:
+            firsts[q.fact_id][q.lang] = q.query_id
+    out = {}
+    for fact, by_lang in sorted(firsts.items()):
+        if fact not in _facts_of(sets) or not all(qid in zero_maps for qid in by_lang.values()):
+            continue
+        maps = normalize_layers(np.stack([zero_maps[by_lang[lang]] for lang in sorted(by_lang)]), layer_norm)
+        out[fact] = top_k(intersection_score(maps), len(fact_neurons(sets, fact, "matrice")))
+    return out
+
+
+def baseline_comparison(adapter: ModelAdapter, queries: Sequence[Query], sets: NeuronSetsLike,
+                        zero_sets: Mapping[str, np.ndarray], few_shot: bool, encoded: Mapping[str, Encoded] | None = None,
+                        batch_size: int = 32) -> list[ManipulationRecord]:
+    """Suppression of ``amig_k`` and ``zero_k`` (equal sizes) on the queries of the facts with both."""
+    both = {f: {"amig_k": fact_neurons(sets, f, "amig_k"), "zero_k": z} for f, z in zero_sets.items()}
+    chosen = [q for q in queries if q.fact_id in both]
+    if not chosen:
+        return []
+    return manipulate(adapter, chosen, both, BASELINE_METHODS, SUPPRESS, few_shot, encoded, batch_size,
+                      progress=False).records
+
+
 def run_controls(adapter: ModelAdapter, queries: Sequence[Query], lolo_sets: Mapping[str, Mapping[str, Mapping[str, Any]]],
-                 sets: NeuronSetsLike, seed: int, few_shot: bool, batch_size: int = 32) -> ControlResult:
-    """Both controls on the attributed facts' queries (each query encoded once for both)."""
+                 sets: NeuronSetsLike, seed: int, few_shot: bool, batch_size: int = 32,
+                 zero_maps: Mapping[str, np.ndarray] | None = None, layer_norm: str = "abs") -> ControlResult:
+    """Every control on the attributed facts' queries (each query encoded once for all); the baseline
+    comparison only with ``zero_maps`` (query id -> raw zero-baseline map)."""
     encoded, _ = encode_all(adapter, queries, few_shot)
     result = ControlResult()
     result.lolo = leave_one_language_out(adapter, queries, lolo_sets, sets, few_shot, encoded, batch_size,
                                          query_donors(queries, seed))
     result.specificity, result.donors = specificity(adapter, queries, sets, seed, few_shot, encoded, batch_size)
+    if zero_maps:
+        zero = zero_baseline_sets(queries, zero_maps, sets, layer_norm)
+        result.zero_sets = {f: z.tolist() for f, z in zero.items()}
+        result.baselines = baseline_comparison(adapter, queries, sets, zero, few_shot, encoded, batch_size)
     return result
 
 
@@ -161,7 +209,8 @@ def write_outputs(result: ControlResult, out: RunOutputs) -> None:
     """The result and each method's mean ΔP per language (`dvc metrics`)."""
     out.json("controls.json", result.to_dict())
     metrics = {part: {f"{m}/{lang}": v for (m, lang), v in sorted(per_language_means(records).items())}
-               for part, records in (("lolo", result.lolo), ("specificity", result.specificity))}
+               for part, records in (("lolo", result.lolo), ("specificity", result.specificity),
+                                     ("baselines", result.baselines))}
     out.json("controls_metrics.json", {"controls_mean_delta_p": metrics})
 
 
@@ -205,6 +254,16 @@ def control_claims(controls: Mapping[str, Any], is_evaluation: Callable[[str], b
                 "every query of the held-out language (none reached either selection)",
                 {f: own[f] for f in donor if f in own}, donor, key="lolo_vs_same_relation_donor", metric="delta_p",
                 relation_of=relation_of))
+    base = controls.get("baselines", [])
+    if base:
+        scored, have_eval = scored_queries(base, is_evaluation)
+        out.append(make_claim(
+            "AMIG (baseline)", "AMIG's all-PAD baseline localises the fact better than the zero baseline (Dai et al.): "
+            "its set suppresses P(answer) more than the zero baseline's set of the same size",
+            f"ΔP/P {method_name('amig_k')} − {method_name('zero_k')} (suppress)", "less",
+            "evaluation queries of the fact" if have_eval else "all queries of the fact",
+            _suppression(base, "amig_k", scored), _suppression(base, "zero_k", scored),
+            key="amig_baseline_vs_zero", metric="delta_p", relation_of=relation_of))
     spec = controls.get("specificity", [])
     if spec:
         scored, have_eval = scored_queries(spec, is_evaluation)
@@ -241,6 +300,19 @@ def lolo_interval_table(controls: Mapping[str, Any], is_evaluation: Callable[[st
     return "\n".join(lines) + "\n"
 
 
+def baseline_table(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool], languages: Sequence[str],
+                   relation_of: RelationOf = relation_prefix) -> str:
+    """Suppression ΔP/P per language of AMIG's size-matched set and the zero baseline's (evaluation queries)."""
+    records = controls.get("baselines", [])
+    scored, _ = scored_queries(records, is_evaluation)
+    lines = ["| method | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]
+    for method in BASELINE_METHODS:
+        cells = [relation_mean(_suppression(records, method, lambda r, lang=lang: r["lang"] == lang and scored(r)),
+                               relation_of).format(2) for lang in languages]
+        lines.append(f"| {method_name(method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ---- its section of the report ------------------------------------------------------------------
 
 def section(run: RunResults) -> str:
@@ -261,4 +333,14 @@ def section(run: RunResults) -> str:
         + (". No attributed fact has another attributed fact of its relation, so the same-relation row has no data: "
            "it needs `attribute.facts_per_relation` ≥ 2.\n" if all(d["same_relation"] is None for d in donors.values())
            else ".\n")
+        + _baseline_section(run, controls, langs)
     )
+
+
+def _baseline_section(run: RunResults, controls: Mapping[str, Any], langs: Sequence[str]) -> str:
+    if not controls.get("baselines"):
+        return "\nAMIG's baseline against the zero baseline: no zero-baseline attribution in this run.\n"
+    return ("\nAMIG's baseline against the zero baseline (Dai et al.): the same first queries attributed with each, "
+            "turned into sets the same way (intersection over languages, top-k with k = MATRICE's count), suppressed "
+            f"(×0) on the fact's evaluation queries; ΔP/P per language, {CELL}:\n\n"
+            + baseline_table(controls, run.is_evaluation, langs, run.relation_of))

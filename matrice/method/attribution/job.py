@@ -1,6 +1,8 @@
 """One model's attribution run, as the pipeline makes it: the chosen facts' localisation queries with
 the run's baseline (SAIG by default), then AMIG's own attribution (one all-PAD baseline) of each fact's
-first query in every language, for the AMIG arm. Both are written as resumable shards, one per fact."""
+first query in every language, for the AMIG arm, and the same first queries under Dai et al.'s zero
+baseline, so AMIG's claim that its baseline localises better than the zero one can be tested on
+equal queries. All are written as resumable shards, one per fact."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from matrice.data.split import HeldOutSplit
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.probing import encode_all
 
-MAPS_DIR, AMIG_MAPS_DIR = "attributions", "attributions_amig"
+MAPS_DIR, AMIG_MAPS_DIR, ZERO_MAPS_DIR = "attributions", "attributions_amig", "attributions_zero"
 ANSWER_TOKEN_POLICIES = ("first",)
 
 
@@ -45,6 +47,12 @@ class AttributionJob:
         firsts = [(q, e) for q, e in zip(self.queries, self.encs) if q.template_id == 0]
         return [q for q, _ in firsts], [e for _, e in firsts], replace(self.cfg, baseline="amig")
 
+    @property
+    def zero(self) -> tuple[list[Query], list[Encoded], AttributionConfig]:
+        """AMIG's queries under the zero baseline (Dai et al.): the comparison AMIG makes."""
+        queries, encs, _ = self.amig
+        return queries, encs, replace(self.cfg, baseline="zero")
+
 
 def attribution_job(adapter: ModelAdapter, queries: Sequence[Query], facts: Sequence[str], split: HeldOutSplit,
                     cfg: AttributionConfig, settings: Mapping[str, Any], few_shot: bool) -> AttributionJob:
@@ -56,14 +64,15 @@ def attribution_job(adapter: ModelAdapter, queries: Sequence[Query], facts: Sequ
 
 def plan_job(adapter: ModelAdapter, job: AttributionJob, workers: int, store_dtype: str, measure_queries: int) -> RunPlan:
     _, amig_encs, amig_cfg = job.amig
-    return plan_run(adapter, [(job.encs, job.cfg), (amig_encs, amig_cfg)], len(job.facts),
+    _, zero_encs, zero_cfg = job.zero
+    return plan_run(adapter, [(job.encs, job.cfg), (amig_encs, amig_cfg), (zero_encs, zero_cfg)], len(job.facts),
                     len({q.lang for q in job.queries}), workers, store_dtype, measure_queries)
 
 
 def run_job(adapter: ModelAdapter, job: AttributionJob, out: Path, executor: ShardExecutor, store_dtype: str) -> None:
-    """Both arms, each fact's shard written as it finishes (a rerun resumes from the shards present)."""
+    """Every arm, each fact's shard written as it finishes (a rerun resumes from the shards present)."""
     run_attribution(adapter, job.queries, job.encs, plan_shards(job.queries, job.facts), job.cfg, dict(job.settings),
                     out / MAPS_DIR, executor, store_dtype)
-    amig_queries, amig_encs, amig_cfg = job.amig
-    run_attribution(adapter, amig_queries, amig_encs, plan_shards(amig_queries, job.facts), amig_cfg,
-                    {**job.settings, "baseline": "amig"}, out / AMIG_MAPS_DIR, executor, store_dtype)
+    for (queries, encs, cfg), folder in ((job.amig, AMIG_MAPS_DIR), (job.zero, ZERO_MAPS_DIR)):
+        run_attribution(adapter, queries, encs, plan_shards(queries, job.facts), cfg,
+                        {**job.settings, "baseline": cfg.baseline}, out / folder, executor, store_dtype)
