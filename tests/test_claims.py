@@ -323,3 +323,23 @@ def test_the_last_layers_of_fig4_are_a_declared_fraction_of_depth():
     assert "layers 15-17" in sixth.comparison and sixth.estimate.mean == pytest.approx(0 - 3 / 18)
     with pytest.raises(ValueError, match="top_layers"):
         layer_claims(sets, 18, top_fraction=1.0)
+
+
+def test_primary_rows_are_retested_without_flagged_relations():
+    from dataclasses import replace
+
+    from matrice.data.sources import relation_flags
+    from matrice.evaluation.claims import make_claim, sensitivity_table
+
+    flags = relation_flags("embedded")
+    assert flags["P37"] == {"copyable"} and flags["P463"] == {"many_answers"} and flags["P36"] == frozenset()
+    assert relation_flags("mlama") == {}
+    a = {f"{r}-e{i}": 1.0 for r in ("P36", "P30", "P17", "P19", "P1376", "P37", "P138", "P463") for i in range(2)}
+    b = {f: (0.0 if f.split("-")[0] in ("P37", "P138", "P463") else 1.0) for f in a}  # only flagged relations differ
+    claim = replace(make_claim("Fig. X", "t", "c", "greater", "q", a, b, key="row", metric="rate"), primary=True)
+    assert claim.units == tuple(sorted({f.split("-")[0] for f in a})) and len(claim.unit_diffs) == 8
+    table = sensitivity_table([claim], flags, 0.05)
+    assert "Left out: P138 (copyable), P37 (copyable), P463 (many_answers)" in table
+    row = next(line for line in table.splitlines() if line.startswith("| row | 0.375"))  # 3 of 8 relations differ by 1
+    assert row.split("|")[3].strip().startswith("0.000") and "(n=5)" in row  # without them: 0 over five relations
+    assert "nothing to leave out" in sensitivity_table([claim], {"P36": frozenset()}, 0.05)

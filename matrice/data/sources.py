@@ -205,6 +205,19 @@ def _complete(fact: Fact, languages: list[str]) -> bool:
     return all(lang in fact.subject and lang in fact.object for lang in languages)
 
 
+RELATION_FLAGS = ("copyable", "many_answers")
+
+
+def relation_flags(source: str) -> dict[str, frozenset[str]]:
+    """Relation -> the flags the dataset sets true for it (``RELATION_FLAGS``; embedded relations.jsonl).
+    Other sources carry none: every relation counts as plain recall."""
+    if source != "embedded":
+        return {}
+    path = Path(str(resources.files("matrice.data") / "embedded")) / "relations.jsonl"
+    return {str(require_field(obj, "relation", f"{path}:{lineno}")): frozenset(f for f in RELATION_FLAGS if obj.get(f) is True)
+            for lineno, obj in iter_jsonl(path)}
+
+
 def load_embedded(cfg: DatasetConfig, dropped: Tally) -> SourceData:
     """The dataset shipped with matrice: relations, templates, facts and one demo per relation."""
     root = embedded_dir(cfg)

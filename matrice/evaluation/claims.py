@@ -20,7 +20,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from matrice.evaluation.stats import Comparison, Direction, Estimate, Verdict, clustered_difference, holm, power, verdict
+from matrice.evaluation.stats import (Comparison, Direction, Estimate, Verdict, clustered_difference, holm, power,
+                                     sign_flip_estimate, verdict)
 
 RelationOf = Callable[[str], str]
 
@@ -65,6 +66,7 @@ class Claim:
     metric: str = ""  # which equivalence margin applies (params.yaml `verdicts.margins`)
     fact_estimate: Estimate | None = None  # over facts, beside the verdict's
     unit_diffs: tuple[float, ...] = ()  # the relation-level differences (power analysis)
+    units: tuple[str, ...] = ()  # the relations those differences belong to, in order (sensitivity analysis)
     untestable: str = ""  # why no verdict is possible ("" when one is)
     primary: bool = False
     p_holm: float | None = None
@@ -92,7 +94,7 @@ def make_claim(source: str, text: str, comparison: str, direction: Direction, qu
         note = ""
     return Claim(source, text, comparison, direction, queries, comp.relation,
                  verdict(comp.relation, direction, untestable=untestable), note, key, metric, comp.fact,
-                 comp.relation_diffs, untestable)
+                 comp.relation_diffs, comp.relations, untestable)
 
 
 def judge(claims: Sequence[Claim], primary: Sequence[str] = (), margins: Mapping[str, float] | None = None,
@@ -190,6 +192,33 @@ def power_table(claims: Sequence[Claim], alpha: float, facts_per_relation: float
             f"before any primary row can pass it" + (f" (this run has {n_rel}: no primary row can replicate or "
             "contradict here, whatever the effect)" if n_rel < floor else "") + ". Normal approximation for a paired "
             "mean, 80% power; facts at this run's facts per relation.\n\n" + "\n".join(lines) + "\n")
+
+
+FLAG_TEXT = {"copyable": "copyable (the object is often a copy of, or inside, the subject: copying can pass for "
+                         "knowledge)",
+             "many_answers": "many_answers (a subject has other right answers, which score as wrong)"}
+
+
+def sensitivity_table(claims: Sequence[Claim], flags: Mapping[str, frozenset[str]], alpha: float) -> str:
+    """Each testable primary row again without the relations the dataset flags (``flags``: relation ->
+    its flags), tested the same way at raw p: does a verdict rest on relations that measure something
+    else than recall?"""
+    flagged = {r for r, f in flags.items() if f}
+    family = [c for c in claims if c.primary and c.units and c.verdict not in ("not testable", "no data")]
+    present = sorted(flagged & {u for c in family for u in c.units})
+    if not present:
+        return "No relation of this run is flagged copyable or many_answers: nothing to leave out.\n"
+    lines = ["| row | with them | without them | p (raw) | verdict without them |", "|---|---|---|---|---|"]
+    for c in family:
+        kept = [d for u, d in zip(c.units, c.unit_diffs) if u not in flagged]
+        est = sign_flip_estimate(kept)
+        lines.append(f"| {c.key} | {c.estimate.format()} | {est.format()} | {_p(est.p)} "
+                     f"| {verdict(est, c.direction, alpha)} |")
+    kinds = sorted({f for r in present for f in flags[r]})
+    named = ", ".join(r + " (" + ", ".join(sorted(flags[r])) + ")" for r in present)
+    return (f"Left out: {named}; " + "; ".join(FLAG_TEXT[k] for k in kinds if k in FLAG_TEXT) + ". Each primary row's relation "
+            "differences without them, the same sign-flip test at raw p (a check on the verdict above, not a "
+            "second verdict).\n\n" + "\n".join(lines) + "\n")
 
 
 def missing_primary(claims: Sequence[Claim], primary: Sequence[str]) -> list[str]:

@@ -61,7 +61,8 @@ def _headline(claims: list) -> str:
 def replication_section(run: RunResults) -> str:
     """"Does the paper replicate here?": every claim as a paired difference tested over relation
     clusters, with Holm over the declared primary family (matrice.evaluation.claims)."""
-    from matrice.evaluation.claims import claims_table, missing_primary, power_table
+    from matrice.data.sources import relation_flags
+    from matrice.evaluation.claims import claims_table, missing_primary, power_table, sensitivity_table
 
     key, claims = run.key, run.claims
     primary, margins, alpha = _verdict_params(run.params)
@@ -87,6 +88,8 @@ def replication_section(run: RunResults) -> str:
         + (f"Declared primary rows this run has no data for: {', '.join(absent)}.\n\n" if absent else "")
         + claims_table(claims)
         + "\n#### Power\n\n" + power_table(claims, alpha, len(sets) / max(1, len(relations)))
+        + "\n#### Without copyable and many-answer relations\n\n"
+        + sensitivity_table(claims, relation_flags(run.params["dataset"]["source"]), alpha)
         + "\nScale: the paper uses four LLMs of 1.3B-13B parameters and 7,849 facts; a verdict here is about this "
         "run's model and facts only. An inconclusive row says the data cannot tell, not that the effect is absent.\n"
     )

@@ -195,6 +195,7 @@ class Comparison:
     relation: Estimate
     fact: Estimate
     relation_diffs: tuple[float, ...] = ()  # the relation means the test ran on (power analysis)
+    relations: tuple[str, ...] = ()  # whose means they are, in the same order (sensitivity analyses)
 
 
 def clustered_difference(a: Mapping[str, float | None], b: Mapping[str, float | None],
@@ -205,7 +206,7 @@ def clustered_difference(a: Mapping[str, float | None], b: Mapping[str, float | 
     relation_means = tuple(float(np.mean(v)) for v in groups.values())
     fact_diffs = [d for v in groups.values() for d in v]
     return Comparison(sign_flip_estimate(relation_means, level, seed), sign_flip_estimate(fact_diffs, level, seed),
-                      relation_means)
+                      relation_means, tuple(groups))
 
 
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:
