@@ -119,3 +119,31 @@ def test_held_out_editing_never_reads_an_attributed_query(tiny_run):
     assert sum(r["held_n"] for r in records) > 0
     for r in records:
         assert r["held_n"] <= unattributed.get((r["fact_id"], r["lang"]), 0)
+
+
+def test_the_api_locates_the_neurons_the_stages_selected(tiny_run):
+    """`matrice.api.locate` on a fact's localisation queries, with the run's params, gives the MATRICE
+    set the attribute, aggregate and select stages wrote for that fact."""
+    import numpy as np
+
+    import matrice.api as mx
+    from matrice.data.schema import load_queries
+    from matrice.data.split import HeldOutSplit
+    from matrice.method.attribution.common import AttributionConfig
+    from matrice.method.selection import SelectionConfig
+    from matrice.method.uncertainty import AggregationConfig
+
+    params = yaml.safe_load((tiny_run / "params.yaml").read_text())
+    sets = json.loads((tiny_run / "results/tiny/neurons.json").read_text())["facts"]
+    split = HeldOutSplit.from_params(params)
+    queries = load_queries(tiny_run / "data/dataset/queries.jsonl")
+    model = mx.load(params["models"]["tiny"]["source"], device="cpu")
+    for fact in sorted(sets)[:2]:
+        fqs = [q for q in queries if q.fact_id == fact and split.localises(q)]
+        neurons = mx.locate(model, fqs, attribution=AttributionConfig.from_params(params),
+                            aggregation=AggregationConfig(**{k: params[k] for k in ("layer_norm", "alpha1", "alpha2",
+                                                                                     "lang_norm", "beta1", "beta2")}),
+                            selection=SelectionConfig(tau=params["tau"], tau_amig=params["tau_amig"], seed=params["seed"]),
+                            few_shot=params["few_shot"])
+        stage = np.array(sets[fact]["matrice"], dtype=np.int64).reshape(-1, 2)
+        assert {tuple(p) for p in neurons.pairs.tolist()} == {tuple(p) for p in stage.tolist()}, fact
