@@ -228,6 +228,44 @@ def check_masked_update(original: nn.Module, trained: nn.Module, masks: Mapping[
             raise RuntimeError(f"masked fine-tuning changed parameter {name!r} outside the neuron mask")
 
 
+# ---- neuron-masked LoRA (MEMLA-style) -----------------------------------------------------------
+
+MASKED_LORA_SUFFIX = "_lora"  # "matrice_lora": LoRA confined to MATRICE's neurons
+
+
+def masked_lora(model: nn.Module, adapter: ModelAdapter, neurons: Pairs, r: int, alpha: int, conv1d: bool,
+                seed: int) -> tuple[nn.Module, list[nn.Parameter], list]:
+    """LoRA on the FFN projections of the neurons' layers whose update ΔW = B·A is confined to the
+    neurons: in an input projection the neuron is an output feature, so B's other rows are held at 0
+    (B starts at 0, their gradients are masked); in the output projection the neuron is an input
+    feature, so A's other columns are zeroed and masked. The merged ΔW is then 0 outside the neurons'
+    rows/columns, as in masked fine-tuning. Returns (the PEFT model, trainable parameters, hook handles)."""
+    from peft import LoraConfig, get_peft_model
+
+    by_layer = neurons_by_layer(neurons)
+    names = {id(m): n for n, m in model.named_modules()}
+    targets = [names[id(m)] for layer in by_layer for m in [*adapter.in_projs(layer), adapter.out_proj(layer)]]
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+                                                  target_modules=targets, fan_in_fan_out=conv1d))
+    handles = []
+    for layer, idx in by_layer.items():
+        for proj in adapter.in_projs(layer):
+            handles.append(_confine(proj.lora_B["default"].weight, idx, dim=0))  # [out = neurons, r]
+        handles.append(_confine(adapter.out_proj(layer).lora_A["default"].weight, idx, dim=1))  # [r, in = neurons]
+    return peft_model, [p for p in peft_model.parameters() if p.requires_grad], handles
+
+
+def _confine(weight: nn.Parameter, idx: list[int], dim: int) -> Any:
+    """Zero ``weight`` outside ``idx`` along ``dim`` and keep it there (gradient mask)."""
+    keep = torch.zeros(weight.shape[dim], dtype=weight.dtype, device=weight.device)
+    keep[torch.tensor(idx, device=weight.device)] = 1
+    keep = keep.view(-1, 1) if dim == 0 else keep.view(1, -1)
+    with torch.no_grad():
+        weight.mul_(keep)
+    return weight.register_hook(lambda g: g * keep)
+
+
 # ---- one variant of the injection experiment ---------------------------------------------------
 
 class VariantSettings(Protocol):
@@ -244,8 +282,8 @@ class VariantSettings(Protocol):
 def train_variant(adapter: ModelAdapter, variant: str, pairs: np.ndarray | None, encs_new: Sequence[Encoded],
                   cfg: VariantSettings, lr: float, progress: bool = True, seed: int | None = None
                   ) -> tuple[ModelAdapter, dict[str, Any]]:
-    """Fine-tune a deep copy of the caller's model as ``variant`` ("direct_ft", "lora", or masked on
-    ``pairs``) on ``encs_new`` with training seed ``seed`` (the config's when None: batch order, LoRA's
+    """Fine-tune a deep copy of the caller's model as ``variant`` ("direct_ft", "lora", "<method>_lora":
+    LoRA confined to ``pairs``, or masked fine-tuning on ``pairs``) on ``encs_new`` with training seed ``seed`` (the config's when None: batch order, LoRA's
     start); returns an adapter around the trained copy and {n_trainable, n_neurons, losses, lr}. The
     caller's model is not touched."""
     model = copy.deepcopy(adapter.model)
@@ -259,6 +297,16 @@ def train_variant(adapter: ModelAdapter, variant: str, pairs: np.ndarray | None,
         params = list(model.parameters())
         info["n_trainable"] = int(sum(p.numel() for p in params))
         info["losses"] = train_on_answers(work, encs_new, params, tcfg, desc=variant, progress=progress)
+    elif variant.endswith(MASKED_LORA_SUFFIX):
+        peft_model, params, handles = masked_lora(model, work, pairs, cfg.lora_r, cfg.lora_alpha, adapter.family.conv1d,
+                                                  tcfg.seed)
+        info["n_trainable"] = int(sum(p.numel() for p in params))
+        try:
+            info["losses"] = train_on_answers(work, encs_new, params, tcfg, model=peft_model, desc=variant,
+                                              progress=progress)
+        finally:
+            for h in handles:
+                h.remove()
     elif variant == "lora":
         from peft import LoraConfig, get_peft_model
 

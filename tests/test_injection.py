@@ -259,3 +259,40 @@ def test_random_ft_has_matrice_fts_count_in_every_layer_drawn_per_seed():
         assert len({tuple(p) for p in d.tolist()}) == len(d)
     assert len({d.tobytes() for d in draws}) == 3  # a fresh draw per seed
     assert runs.neurons("matrice", 0) is matrice
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_neuron_masked_lora_moves_nothing_outside_the_neurons_rows_and_columns(family):
+    a = tiny_adapter(family)
+    saved = state(a.model)
+    ps = pairs((0, 3), (2, 10), (2, 11))
+    encs = [encode_query(a, q) for q in QUERIES if q.lang == "en"]
+    trained, info = train_variant(a, "matrice_lora", ps, encs, InjectConfig(epochs=3, batch_size=4, lora_r=2), 1e-2,
+                                  progress=False)
+    assert_same_state(a.model, saved)  # the caller's model is untouched
+    assert info["losses"][-1] < info["losses"][0] and info["n_neurons"] == 3
+    masks = neuron_param_masks(a, ps)
+    moved, targeted = set(), set()
+    for name, module in trained.model.named_modules():
+        if "default" not in getattr(module, "lora_A", {}):
+            continue
+        key = f"{name}.weight"
+        assert key in masks, key  # LoRA only on the projections of the neurons' layers
+        targeted.add(key)
+        delta = module.get_delta_weight("default")
+        assert delta.shape == masks[key].shape and not delta[~masks[key]].any(), key  # nothing outside the neurons
+        if delta[masks[key]].any():
+            moved.add(key)
+    weights = {k for k in masks if k.endswith(".weight")}
+    assert targeted == weights and moved == weights  # every neuron projection learned something
+
+
+def test_inject_runs_a_neuron_masked_lora_variant_on_matrices_neurons():
+    a = tiny_adapter("llama")
+    probes = probe(a, QUERIES)
+    sets = {f.fact_id: {"matrice": pairs((2, 1), (2, 2))} for f in FACTS}
+    res = inject_knowledge(a, QUERIES, probes, sets, variants=("matrice_lora",),
+                           cfg=InjectConfig(lrs={"default": [1e-2]}, epochs=2, lora_r=2, seeds=(0,)),
+                           is_evaluation=lambda q: q.template_id >= 1, progress=False)
+    run = res.runs["matrice_lora"]["0.01"]
+    assert run["n_neurons"] == 2 and run["n_trainable"] > 0

@@ -16,7 +16,7 @@ SWEEP_SPLITS = (*SPLITS, "old_select")
 # ---- claims: the paper's statements about this experiment, tested (matrice.evaluation.claims) ----------------
 
 INJECT_NAMES = {"direct_ft": "Direct_FT", "matrice": "MATRICE_FT", "amig": "AMIG_FT", "random": "Random_FT",
-                "lora": "LoRA", "base": "unedited"}
+                "lora": "LoRA", "matrice_lora": "MATRICE_LoRA (LoRA confined to the neurons)", "base": "unedited"}
 
 
 

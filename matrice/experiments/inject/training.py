@@ -35,6 +35,9 @@ Variants (each starts from a deep copy of the caller's model, which is never mod
   weight decay then leaves every other entry bit-identical, which is verified after training
   (``verify``) against the caller's model.
 - ``"lora"``: PEFT LoRA on every layer's FFN input and output projections (rank ``lora_r``).
+- ``"<method>_lora"`` (e.g. ``"matrice_lora"``, MEMLA-style): LoRA of rank ``lora_r`` on the FFN
+  projections of the method's neurons' layers, its update confined to the neurons' rows and columns
+  (:func:`matrice.finetune.masked_lora`).
 - ``"random"`` (Random_FT), when ``"matrice"`` is a variant too: as many random neurons in each layer
   as MATRICE_FT's union has there (uniform within the layer, drawn afresh for each seed), so the two
   differ in which neurons they train, not in how many or where.
@@ -64,7 +67,7 @@ from matrice.experiments import (
     NeuronSetsLike, ProbesLike, _facts_of, as_probe_map, dataclass_dict, encode_all, experiment_rng, fact_neurons,
     original_queries,
 )
-from matrice.finetune import TrainConfig, train_variant
+from matrice.finetune import MASKED_LORA_SUFFIX, TrainConfig, train_variant
 from matrice.memo import Memo
 from matrice.method.selection import layer_matched_random
 from matrice.models.adapter import Encoded, ModelAdapter
@@ -384,7 +387,8 @@ def inject_knowledge(
                              n_old_select=len(old_select), unencodable=failed)
     # resolve every neuron set first, so a missing fact fails before hours of training
     unit_facts = sorted({u.fact_id for u in units})
-    unions = {v: union_neurons(sets, unit_facts, v, adapter) for v in variants if v not in ("direct_ft", "lora")}
+    unions = {v: union_neurons(sets, unit_facts, neuron_method(v), adapter) for v in variants
+              if v not in ("direct_ft", "lora")}
     evaluated: Evaluated = [(split, u, q) for split, key in (("trained", "train"), ("heldout", "heldout"),
                                                              ("transfer", "transfer")) for u, q in split_queries[key]]
     evaluated += [("old", None, q) for q in old_eval] + [("old_select", None, q) for q in old_select]
@@ -406,6 +410,11 @@ def inject_knowledge(
             result.records += [r for _, recs in by_seed.values() for r in recs]
             result.runs.setdefault(variant, {})[str(lr)] = _run_summary(by_seed)
     return result
+
+
+def neuron_method(variant: str) -> str:
+    """The neuron set a variant trains on: "matrice_lora" (LoRA confined to the neurons) uses "matrice"."""
+    return variant.removesuffix(MASKED_LORA_SUFFIX)
 
 
 def split_q_old(old_q: Sequence[Query], seed: int) -> tuple[list[Query], list[Query]]:
