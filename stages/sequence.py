@@ -71,15 +71,16 @@ def smoke_params(params: dict[str, Any], key: str = DEFAULT_KEY) -> dict[str, An
     enough for ten minutes on two busy cores, real enough that the model's own wiring is exercised.
     Beyond `reduced_params`, each experiment keeps every method but does less of it: three paraphrases
     per language (two localise, one is held out), two unrelated facts for locality, two λ in the
-    sweep, one learning rate (the grid's second) and two seeds per injection variant, six degenerate-neuron candidates. The attribution
-    batch stays the default's (a real model's rows run faster in large batches)."""
+    sweep, one learning rate (the grid's second) and one seed per injection variant, six
+    degenerate-neuron candidates. The attribution batch stays the default's (a real model's rows run
+    faster in large batches)."""
     smoke = reduced_params(params, key, EMBEDDED_SOURCE, "cpu")
     smoke["dataset"]["max_templates_per_language"] = 3
     smoke["attribute"].update(templates_per_language=2, batch_size=params["attribute"]["batch_size"])
     smoke["edit"]["locality_k"] = 2
     smoke["edit_sweep"]["lambdas"] = [1.0, 4.0]
     smoke["inject"]["lrs"] = {variant: sorted(rates)[1:2] or rates[:1] for variant, rates in params["inject"]["lrs"].items()}
-    smoke["inject"]["seeds"] = params["inject"]["seeds"][:2]
+    smoke["inject"]["seeds"] = params["inject"]["seeds"][:1]
     smoke["degenerate"]["max_candidates"] = 6
     return smoke
 
