@@ -5,8 +5,7 @@ baseline (equal-size sets); suppression ΔP per query."""
 from __future__ import annotations
 
 from matrice.experiments.controls import run_controls, write_outputs
-from matrice.method.attribution.job import ZERO_MAPS_DIR
-from matrice.method.attribution.runner import load_attributions
+from matrice.method.attribution.runner import ZERO_MAPS_DIR, load_attributions
 from matrice.method.selection import leave_one_out_from_json
 from stages.common import ModelStage
 

@@ -13,13 +13,12 @@ from typing import Any, Mapping, Sequence
 from matrice.method.attribution.common import AttributionConfig
 from matrice.method.attribution.executors import ShardExecutor
 from matrice.method.attribution.plan import RunPlan, plan_run
-from matrice.method.attribution.runner import plan_shards, run_attribution
+from matrice.method.attribution.runner import AMIG_MAPS_DIR, MAPS_DIR, ZERO_MAPS_DIR, plan_shards, run_attribution
 from matrice.data.schema import Query
 from matrice.data.split import HeldOutSplit
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.probing import encode_all
 
-MAPS_DIR, AMIG_MAPS_DIR, ZERO_MAPS_DIR = "attributions", "attributions_amig", "attributions_zero"
 ANSWER_TOKEN_POLICIES = ("first",)
 
 

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
+MAPS_DIR, AMIG_MAPS_DIR, ZERO_MAPS_DIR = "attributions", "attributions_amig", "attributions_zero"  # per-arm shard folders
+
 @dataclass(frozen=True)
 class Shard:
     name: str
