@@ -1,5 +1,6 @@
 """New-knowledge injection by fine-tuning (paper §IV-H, Table V): the runs
-(:mod:`~matrice.experiments.inject.training`, whose docstring states the design) and their evaluation
+(:mod:`~matrice.experiments.inject.training`, whose docstring states the design), what is injected and
+checked (:mod:`~matrice.experiments.inject.units`: units, Q_old and its halves) and their evaluation
 (:mod:`~matrice.experiments.inject.evaluation`: claims, tables, outputs, report section)."""
 
 from matrice.experiments.inject.evaluation import (  # noqa: F401 (the experiment's API)
