@@ -343,3 +343,16 @@ def test_primary_rows_are_retested_without_flagged_relations():
     row = next(line for line in table.splitlines() if line.startswith("| row | 0.375"))  # 3 of 8 relations differ by 1
     assert row.split("|")[3].strip().startswith("0.000") and "(n=5)" in row  # without them: 0 over five relations
     assert "nothing to leave out" in sensitivity_table([claim], {"P36": frozenset()}, 0.05)
+
+
+def test_masked_lora_is_compared_with_plain_lora():
+    from matrice.experiments.inject import injection_claims
+
+    records = [{"variant": v, "lr": 0.1, "split": split, "fact_id": f"P{f}-e1", "lang": "fr", "query_id": f"q{f}{split}",
+                "correct": v == "matrice_lora"} for f in range(4) for v in ("matrice", "lora", "matrice_lora")
+               for split in ("heldout", "old")]
+    claims = {c.key: c for c in injection_claims({"records": records,
+                                                  "selected": {"matrice": 0.1, "lora": 0.1, "matrice_lora": 0.1}})}
+    assert {"table5_heldout_matrice_lora_vs_lora", "table5_old_matrice_lora_vs_lora"} <= set(claims)
+    assert claims["table5_heldout_matrice_lora_vs_lora"].estimate.mean == 1.0
+    assert claims["table5_heldout_matrice_lora_vs_lora"].comparison == "heldout accuracy MATRICE_LoRA − LoRA"

@@ -52,14 +52,16 @@ def injection_claims(injection: Mapping[str, Any], relation_of: RelationOf = rel
     if "matrice" not in variants:
         return []
     out = []
-    rows = [("heldout", "learns the new fact (held-out paraphrase, never trained on) better than", m)
-            for m in ("random", "amig", "direct_ft")]
-    rows += [("transfer", "carries the new fact into the other languages more than", m) for m in ("random", "amig")]
-    rows += [("old", "forgets less of what the model knew (Q_old) than", m) for m in ("direct_ft", "random")]
+    learns = "learns the new fact (held-out paraphrase, never trained on) better than"
+    forgets = "forgets less of what the model knew (Q_old) than"
+    rows = [("heldout", learns, "matrice", m) for m in ("random", "amig", "direct_ft")]
+    rows += [("transfer", "carries the new fact into the other languages more than", "matrice", m) for m in ("random", "amig")]
+    rows += [("old", forgets, "matrice", m) for m in ("direct_ft", "random")]
+    rows += [("heldout", learns, "matrice_lora", "lora"), ("old", forgets, "matrice_lora", "lora")]  # MEMLA's question
     untrained = {v for v, lr in injection.get("selected", {}).items()
                  if injection.get("runs", {}).get(v, {}).get(str(lr), {}).get("n_trainable") == 0}
-    for split, text, other in rows:
-        if other in variants:
+    for split, text, me, other in rows:
+        if me in variants and other in variants:
             note = "each variant at its selected learning rate"
             if other in untrained:
                 note = (f"{INJECT_NAMES[other]} has no neurons for the injected facts and trained nothing: this row "
@@ -67,12 +69,14 @@ def injection_claims(injection: Mapping[str, Any], relation_of: RelationOf = rel
             where = {"heldout": "held-out paraphrases of the injected facts",
                      "transfer": "the injected facts' original queries in the other languages",
                      "old": "Q_old (facts not injected)"}[split]
-            mine, theirs = injection_accuracy(records, "matrice", split), injection_accuracy(records, other, split)
+            mine, theirs = injection_accuracy(records, me, split), injection_accuracy(records, other, split)
             facts = set(mine) | set(theirs)
-            not_trained = {INJECT_NAMES[v]: len(facts) for v in ("matrice", other) if v in untrained}
-            out.append(make_claim("Table V", f"MATRICE_FT {text} {INJECT_NAMES[other]}",
-                              f"{split} accuracy MATRICE_FT − {INJECT_NAMES[other]}", "greater", where, mine, theirs, note,
-                              key=f"table5_{split}_vs_{other}", metric="accuracy", relation_of=relation_of,
+            not_trained = {INJECT_NAMES[v]: len(facts) for v in (me, other) if v in untrained}
+            name = INJECT_NAMES[me].split(" (")[0]
+            out.append(make_claim("Table V", f"{name} {text} {INJECT_NAMES[other]}",
+                              f"{split} accuracy {name} − {INJECT_NAMES[other]}", "greater", where, mine, theirs, note,
+                              key=f"table5_{split}_vs_{other}" if me == "matrice" else f"table5_{split}_{me}_vs_{other}",
+                              metric="accuracy", relation_of=relation_of,
                               empty=not_trained, n_facts=len(facts)))
     for other in ("random", "amig", "direct_ft"):
         if other in variants:

@@ -72,7 +72,7 @@ from matrice.models.predict import greedy_decode, is_correct
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VARIANTS: tuple[str, ...] = ("direct_ft", "random", "amig", "matrice", "lora")
+DEFAULT_VARIANTS: tuple[str, ...] = ("direct_ft", "random", "amig", "matrice", "lora", "matrice_lora")
 
 
 @dataclass(frozen=True)
