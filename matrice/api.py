@@ -36,6 +36,7 @@ from matrice.experiments.manipulate import ManipulationRecord, manipulate
 from matrice.interventions import edited_output_weights, erasure_vectors, update_vectors
 from matrice.method.attribution.common import AttributionConfig
 from matrice.method.attribution.fast import fast_attribution_many
+from matrice.method.scores import group_by_fact
 from matrice.method.selection import SelectionConfig, select_fact
 from matrice.method.uncertainty import AggregationConfig, FactScores, aggregate_fact
 from matrice.models.adapter import ModelAdapter
@@ -60,7 +61,7 @@ class Fact:
 
 @dataclass(frozen=True)
 class Neurons:
-    """A fact's neurons: ``pairs`` [n, 2] (layer, neuron) sorted by (layer, neuron), their ``scores``
+    """A fact's neurons: ``pairs`` [n, 2] (layer, neuron) in the selection's order (score descending), their ``scores``
     (the method's score at each), the full ``score_map`` [layers, neurons], and every other method's
     set that the selection stage computes (``others``: AMIG, Random, the ablations, the size-matched ones)."""
 
@@ -131,13 +132,12 @@ def locate(model: ModelAdapter, fact_queries: Sequence[Query], tau: float | None
         raise ValueError("locate takes the queries of one fact")
     selection = selection or SelectionConfig()
     if tau is not None:
-        selection = SelectionConfig(tau=tau, tau_amig=selection.tau_amig, seed=selection.seed)
+        selection = replace(selection, tau=tau)
     raw = attribute(model, list(fact_queries), attribution, few_shot)
-    per_lang: dict[str, list[np.ndarray]] = {}
-    for q, m in sorted(zip(fact_queries, raw), key=lambda qm: (qm[0].lang, qm[0].template_id)):
-        per_lang.setdefault(q.lang, []).append(m)
-    scores: FactScores = aggregate_fact({lang: np.stack(ms) for lang, ms in per_lang.items()}, aggregation)
-    sets = select_fact(scores, selection, fact_queries[0].fact_id)
+    fact = fact_queries[0].fact_id
+    per_lang = group_by_fact(fact_queries, {q.query_id: m for q, m in zip(fact_queries, raw)})[fact]
+    scores: FactScores = aggregate_fact(per_lang, aggregation)
+    sets = select_fact(scores, selection, fact)
     pairs = sets["matrice"]
     return Neurons(pairs, scores.S[pairs[:, 0], pairs[:, 1]] if len(pairs) else np.zeros(0), scores.S, "matrice",
                    {m: s for m, s in sets.items() if m != "matrice"})
@@ -149,10 +149,14 @@ def answers(model: ModelAdapter, fact_queries: Sequence[Query], few_shot: bool =
     return [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in greedy_decode(model, encs)]
 
 
+def _as_pairs(neurons: Neurons | np.ndarray) -> np.ndarray:
+    """A located set, or any (layer, neuron) pairs, as the [n, 2] int64 array the interventions take."""
+    return neurons.pairs if isinstance(neurons, Neurons) else np.asarray(neurons, dtype=np.int64).reshape(-1, 2)
+
+
 def _manipulated(model: ModelAdapter, neurons: Neurons | np.ndarray, fact_queries: Sequence[Query], mode: str,
                  factor: float, few_shot: bool) -> list[ManipulationRecord]:
-    pairs = neurons.pairs if isinstance(neurons, Neurons) else np.asarray(neurons, dtype=np.int64).reshape(-1, 2)
-    sets = {fid: {"neurons": pairs} for fid in {q.fact_id for q in fact_queries}}
+    sets = {fid: {"neurons": _as_pairs(neurons)} for fid in {q.fact_id for q in fact_queries}}
     return manipulate(model, list(fact_queries), sets, ("neurons",), {mode: factor}, few_shot, progress=False).records
 
 
@@ -177,7 +181,7 @@ def edit(model: ModelAdapter, neurons: Neurons | np.ndarray, query: Query, new_o
     erasure. ``query`` gives o (and o' is tokenised in its context). On exit the weights are restored
     and checked bit for bit."""
     cfg = cfg or EditConfig()
-    pairs = neurons.pairs if isinstance(neurons, Neurons) else np.asarray(neurons, dtype=np.int64).reshape(-1, 2)
+    pairs = _as_pairs(neurons)
     old = encode_query(model, query, few_shot).answer_ids[0]
     if new_object is None:
         vectors = erasure_vectors(model, pairs)

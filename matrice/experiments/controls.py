@@ -82,7 +82,7 @@ def leave_one_language_out(
                 for f in {q.fact_id for q in held_out}}
         records += manipulate(adapter, held_out, sets, LOLO_METHODS, SUPPRESS, few_shot, encoded, batch_size,
                               progress=False).records
-        borrowed = {f: {LOLO_DONOR: lolo_sets[d][lang]["lolo"]} for f, d in _lolo_donors(donors, sets, lolo_sets, lang)}
+        borrowed = {f: {LOLO_DONOR: lolo_sets[d][lang]["lolo"]} for f, d in _lolo_donors(donors, sorted(sets), lolo_sets, lang)}
         if borrowed:
             records += manipulate(adapter, [q for q in held_out if q.fact_id in borrowed], borrowed, (LOLO_DONOR,),
                                   SUPPRESS, few_shot, encoded, batch_size, progress=False).records
@@ -92,7 +92,7 @@ def leave_one_language_out(
 def _lolo_donors(donors: Mapping[str, Mapping[str, str | None]] | None, facts: Sequence[str],
                  lolo_sets: Mapping[str, Mapping[str, Mapping[str, Any]]], lang: str) -> list[tuple[str, str]]:
     """(fact, its same-relation donor) where the donor has neurons selected without ``lang``."""
-    pairs = [(f, (donors or {}).get(f, {}).get("same_relation")) for f in sorted(facts)]
+    pairs = [(f, (donors or {}).get(f, {}).get("same_relation")) for f in facts]
     return [(f, d) for f, d in pairs if d is not None and lang in lolo_sets.get(d, {})]
 
 
@@ -130,12 +130,14 @@ def query_donors(queries: Sequence[Query], seed: int) -> dict[str, dict[str, str
 def specificity(
     adapter: ModelAdapter, queries: Sequence[Query], sets: NeuronSetsLike, seed: int, few_shot: bool,
     encoded: Mapping[str, Encoded] | None = None, batch_size: int = 32,
+    donors: Mapping[str, Mapping[str, str | None]] | None = None,
 ) -> tuple[list[ManipulationRecord], dict[str, dict[str, str | None]]]:
     """Suppress, on fact B's queries, MATRICE's neurons of B, of another fact of B's relation and of
     a fact of another relation, each donor's object different from B's in every language. A donor
-    that does not exist is left out (no record)."""
+    that does not exist is left out (no record). ``donors``: a choice made already (the run's, which
+    LOLO shares); default :func:`query_donors`."""
     relations = {q.fact_id: q.relation for q in queries}
-    donors = query_donors(queries, seed)
+    donors = query_donors(queries, seed) if donors is None else {f: dict(d) for f, d in donors.items()}
     records: list[ManipulationRecord] = []
     for method in SPECIFICITY_METHODS:
         chosen = {f: (f if method == "own" else donors[f][method]) for f in relations}
@@ -194,10 +196,11 @@ def run_controls(adapter: ModelAdapter, queries: Sequence[Query], lolo_sets: Map
     """Every control on the attributed facts' queries (each query encoded once for all); the baseline
     comparison only with ``zero_maps`` (query id -> raw zero-baseline map)."""
     encoded, _ = encode_all(adapter, queries, few_shot)
+    donors = query_donors(queries, seed)  # one choice for LOLO's and specificity's same-relation donor
     result = ControlResult()
-    result.lolo = leave_one_language_out(adapter, queries, lolo_sets, sets, few_shot, encoded, batch_size,
-                                         query_donors(queries, seed))
-    result.specificity, result.donors = specificity(adapter, queries, sets, seed, few_shot, encoded, batch_size)
+    result.lolo = leave_one_language_out(adapter, queries, lolo_sets, sets, few_shot, encoded, batch_size, donors)
+    result.specificity, result.donors = specificity(adapter, queries, sets, seed, few_shot, encoded, batch_size,
+                                                    donors)
     if zero_maps:
         zero = zero_baseline_sets(queries, zero_maps, sets, layer_norm)
         result.zero_sets = {f: z.tolist() for f, z in zero.items()}
