@@ -4,16 +4,18 @@ English and evaluated in every language (Tables III, IV)."""
 from __future__ import annotations
 
 from matrice.experiments.edit import EditConfig, edit_facts, write_outputs
+from matrice.memo import Memo
 from stages.common import ModelStage
 
 
 def main() -> None:
     stage = ModelStage.start(__doc__)
     sets = stage.sets
+    memo = Memo.for_model(stage.out / "edit_runs", stage.adapter.model)  # passes a sweep did not move: read back
     # locality samples unrelated facts from every query of the dataset
     result = edit_facts(stage.adapter, stage.queries, sets, stage.params["edit"]["methods"],
                         cfg=stage.config(EditConfig, "edit"), few_shot=stage.params["few_shot"], facts=sorted(sets.facts),
-                        is_evaluation=stage.rule)
+                        is_evaluation=stage.rule, memo=memo)
     write_outputs(result.to_dict(), stage.outputs, stage.relations)
 
 

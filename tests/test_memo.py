@@ -95,3 +95,71 @@ def test_a_lora_run_does_not_depend_on_the_runs_before_it():
     after = _inject(a, probes, SETS, ("direct_ft", "matrice", "lora"))
     assert alone.runs["lora"] == after.runs["lora"]
     assert [r for r in alone.records if r.variant == "lora"] == [r for r in after.records if r.variant == "lora"]
+
+
+EDIT_SETS = {f.fact_id: {"matrice": pairs((2, 1), (2, 2)), "amig": pairs((1, 3)), "random": pairs((0, 4))} for f in FACTS}
+
+
+def _counting_passes(monkeypatch) -> list[int]:
+    """How many scored passes (unedited or edited) the editing experiments run."""
+    import matrice.experiments.edit.passes as passes_module
+
+    runs: list[int] = []
+    real = passes_module.score_answers
+
+    def counted(adapter, encodings, *args, **kwargs):
+        runs.append(len(encodings))
+        return real(adapter, encodings, *args, **kwargs)
+
+    monkeypatch.setattr(passes_module, "score_answers", counted)
+    return runs
+
+
+def _edit(adapter, sets, memo=None):
+    from matrice.experiments.edit import EditConfig, edit_facts
+
+    return edit_facts(adapter, QUERIES, sets, methods=("matrice", "amig", "random"), cfg=EditConfig(locality_k=2),
+                      facts=sorted(sets), progress=False, is_evaluation=lambda qid: qid.endswith("-1"), memo=memo)
+
+
+def _sweep(adapter, sets, memo=None):
+    from matrice.experiments.edit import EditConfig
+    from matrice.experiments.edit_sweep import sweep_update
+
+    return sweep_update(adapter, QUERIES, sets, ("matrice", "amig", "random"), [0.5, 2.0], EditConfig(locality_k=2),
+                        facts=sorted(sets), progress=False, memo=memo)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_memoized_editing_equals_a_fresh_run_and_recomputes_only_moved_edits(tmp_path, monkeypatch, family):
+    a = tiny_adapter(family)
+    fresh = json.dumps(_edit(a, EDIT_SETS).to_dict(), sort_keys=True)
+    memo = Memo.for_model(tmp_path, a.model)
+    passes = _counting_passes(monkeypatch)
+    assert json.dumps(_edit(a, EDIT_SETS, memo).to_dict(), sort_keys=True) == fresh
+    operations = len(EDIT_SETS) + len(json.loads(fresh)["new_objects"])  # erasure of every fact, update where o' exists
+    assert len(passes) == operations * (1 + 3)  # per operation: the unedited pass and three edits
+    passes.clear()
+    assert json.dumps(_edit(a, EDIT_SETS, memo).to_dict(), sort_keys=True) == fresh  # every pass read back
+    assert passes == []
+    moved = {fid: {**per, "matrice": pairs((2, 1))} for fid, per in EDIT_SETS.items()}  # a τ sweep moved MATRICE
+    again = _edit(a, moved, memo)
+    assert len(passes) == operations * (1 + 1)  # per operation: the unedited pass (recorded) and MATRICE's edit
+    assert json.dumps(again.to_dict(), sort_keys=True) == json.dumps(_edit(a, moved).to_dict(), sort_keys=True)
+
+
+def test_memoized_lambda_sweep_equals_a_fresh_one_and_recomputes_only_moved_edits(tmp_path, monkeypatch):
+    a = tiny_adapter("gpt2")
+    fresh = json.dumps(_sweep(a, EDIT_SETS).to_dict(), sort_keys=True)
+    memo = Memo.for_model(tmp_path, a.model)
+    passes = _counting_passes(monkeypatch)
+    assert json.dumps(_sweep(a, EDIT_SETS, memo).to_dict(), sort_keys=True) == fresh
+    swept = len(passes)
+    assert swept > 0
+    passes.clear()
+    assert json.dumps(_sweep(a, EDIT_SETS, memo).to_dict(), sort_keys=True) == fresh
+    assert passes == []
+    moved = {fid: {**per, "random": pairs((1, 4))} for fid, per in EDIT_SETS.items()}
+    again = _sweep(a, moved, memo)
+    assert len(passes) == swept * (1 + 2) // (1 + 3 * 2)  # the unedited pass and Random's two λ, per fact
+    assert json.dumps(again.to_dict(), sort_keys=True) == json.dumps(_sweep(a, moved).to_dict(), sort_keys=True)

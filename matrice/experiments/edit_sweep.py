@@ -36,10 +36,10 @@ from matrice.data.schema import Query
 from matrice.experiments import NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, group_by_fact, original_queries
 from matrice.experiments.edit import EditConfig
 from matrice.experiments.edit_targets import NewObject, choose_new_object, locality_sampler, with_new_object
-from matrice.interventions import edited_output_weights, update_vectors
+from matrice.experiments.edit.passes import EditedPasses, WeightEdit
+from matrice.interventions import update_vectors
+from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.predict import score_answers
-from matrice.models.replay import recorded_blocks, replayed_below
 from matrice.evaluation.stats import Estimate, bootstrap_mean, pooled_ratio, relation_mean
 from matrice.evaluation.claims import Claim, RelationOf, make_claim, method_name, relation_prefix
 from matrice.io import RunOutputs
@@ -95,8 +95,12 @@ def sweep_update(
     facts: Sequence[str] | None = None,
     encoded: Mapping[str, Encoded] | None = None,
     progress: bool = True,
+    memo: Memo | None = None,
 ) -> SweepResult:
-    """Reliability and locality of the update edit for every (fact, method, λ); see the module doc."""
+    """Reliability and locality of the update edit for every (fact, method, λ); see the module doc.
+    With ``memo``, every scored pass (a fact's unedited pass, each (method, λ) edit) is stored under its
+    exact inputs and read back by a run that would compute it again (bit-identical: a pass's batches
+    are fixed by its inputs), so a τ sweep recomputes only the passes whose neurons moved."""
     cfg = cfg or EditConfig()
     grid = _check_lambdas(lambdas)
     encs, _ = encode_all(adapter, queries, few_shot, encoded)
@@ -110,11 +114,7 @@ def sweep_update(
     result = SweepResult(config={**cfg.__dict__, "methods": list(methods)}, lambdas=grid,
                          empty_facts={m: [] for m in methods}, skipped={"no_source_query": [], "no_new_object": []})
 
-    def score(encodings: list[Encoded]):
-        # the same batches and forward calls for every pass, so an edited pass can replay the unedited
-        # blocks below its edit (their cache entries for a shared demonstration prefix included)
-        return score_answers(adapter, encodings, batch_size=cfg.batch_size)
-
+    passes = EditedPasses(adapter, cfg.batch_size, memo, kind="edit_sweep_pass")
     for fid in tqdm(targets, desc="λ sweep", unit="fact", disable=not progress):
         src = originals[fid].get(cfg.source_lang)
         if src is None:
@@ -131,20 +131,24 @@ def sweep_update(
         loc = [(q.lang, encs[q.query_id]) for f in sample_locality(fid)
                for q in originals[f].values()]
         scored = [e for _, e in rel] + [e for _, e in loc]  # the unedited model on the batches the edits see
-        with recorded_blocks(adapter) as unedited_blocks:
-            loc_before = score(scored)[len(rel):]
-        for method in methods:
-            pairs = fact_neurons(sets, fid, method, adapter)
+        neurons = {method: fact_neurons(sets, fid, method, adapter) for method in methods}
+        for method, pairs in neurons.items():
             if len(pairs) == 0:
                 result.empty_facts[method].append(fid)
-                continue
-            for lam in grid:
-                vectors = update_vectors(adapter, pairs, gold_token, new.token, lam, lam, cfg.scaling)
-                with edited_output_weights(adapter, vectors), \
-                        replayed_below(adapter, unedited_blocks, int(pairs[:, 0].min())):
-                    after = score(scored)
-                result.records += _records(fid, relation, method, lam, len(pairs), rel, loc, after, loc_before)
+        edits = {(method, lam): _update(adapter, pairs, gold_token, new.token, lam, cfg.scaling)
+                 for method, pairs in neurons.items() if len(pairs) for lam in grid}
+        before, after = passes.run(scored, edits)
+        loc_before = before[len(rel):]
+        for (method, lam), edit in edits.items():
+            result.records += _records(fid, relation, method, lam, len(edit.pairs), rel, loc, after[method, lam],
+                                       loc_before)
     return result
+
+
+def _update(adapter: ModelAdapter, pairs, gold: int, new: int, lam: float, scaling: str) -> WeightEdit:
+    """The update edit of ``pairs`` at λ1 = λ2 = ``lam``."""
+    return WeightEdit(pairs, lambda: update_vectors(adapter, pairs, gold, new, lam, lam, scaling),
+                      {"gold_token": gold, "new_token": new, "lambda": lam, "scaling": scaling})
 
 
 def _relabelled_originals(adapter: ModelAdapter, originals: Mapping[str, Query], new: NewObject,

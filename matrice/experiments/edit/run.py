@@ -14,10 +14,11 @@ from tqdm.auto import tqdm
 from matrice.data.schema import Query
 from matrice.experiments import NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, group_by_fact, original_queries
 from matrice.experiments.edit_targets import NewObject, choose_new_object, locality_sampler, with_new_object
-from matrice.interventions import UPDATE_SCALINGS, edited_output_weights, erasure_vectors, update_vectors
+from matrice.experiments.edit.passes import EditedPasses, WeightEdit
+from matrice.interventions import UPDATE_SCALINGS, erasure_vectors, update_vectors
+from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.predict import AnswerScore, score_answers
-from matrice.models.replay import recorded_blocks, replayed_below
+from matrice.models.predict import AnswerScore
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +148,14 @@ def edit_facts(
     facts: Sequence[str] | None = None,
     progress: bool = True,
     is_evaluation: Callable[[str], bool] | None = None,
+    memo: Memo | None = None,
 ) -> EditResult:
     """Edit every fact (or the given ``facts``) with each method and operation; see the package doc.
     ``is_evaluation(query_id)``: the query was never attributed (its counts go to ``held_*`` too).
+    With ``memo``, each scored pass (a fact's unedited pass per operation, each (method, operation)
+    edit) is stored under its exact inputs and read back by a later run that would compute it again:
+    a τ sweep recomputes only the passes whose neurons moved (AMIG's sets and the unedited model are
+    read back). The batches of a pass are fixed by its inputs, so a read-back pass is bit-identical.
 
     Every edit runs inside :func:`matrice.interventions.edited_output_weights`, which restores the
     weights and asserts bit-for-bit restoration after each edit.
@@ -165,7 +171,7 @@ def edit_facts(
     if unknown:
         raise KeyError(f"facts {unknown[:5]} have no (encodable) queries")
     neurons = {fid: {m: fact_neurons(sets, fid, m, adapter) for m in methods} for fid in targets}  # fail before editing
-    run = _EditRun(adapter, cfg, few_shot, encs, by_fact, list(operations), is_evaluation or (lambda qid: False))
+    run = _EditRun(adapter, cfg, few_shot, encs, by_fact, list(operations), is_evaluation or (lambda qid: False), memo)
     result = EditResult(config=dict(cfg.__dict__), empty_facts={m: [] for m in methods})
     skipped = run.skipped
     skipped["unencodable_queries"] = len(failed)
@@ -191,16 +197,21 @@ class _FactProbes:
     new: NewObject | None
     probes: dict[str, tuple[list[str], list[Encoded]]]  # operation -> (query ids, encodings)
     base: dict[str, list[AnswerScore]] = field(default_factory=dict)  # operation -> unedited scores (+ locality)
-    unedited_blocks: dict[str, list] = field(default_factory=dict)
+
+    def scored(self, op: str) -> list[Encoded]:
+        """What every pass of ``op`` scores, in one batch order: the fact's probes, then the locality queries."""
+        return self.probes[op][1] + self.locality_encs
 
 
 class _EditRun:
     """The state every fact's edits share: encodings, each fact's original queries, the locality sampler."""
 
     def __init__(self, adapter: ModelAdapter, cfg: EditConfig, few_shot: bool, encs: Mapping[str, Encoded],
-                 by_fact: Mapping[str, list[Query]], operations: list[str], is_evaluation: Callable[[str], bool]) -> None:
+                 by_fact: Mapping[str, list[Query]], operations: list[str], is_evaluation: Callable[[str], bool],
+                 memo: Memo | None = None) -> None:
         self.adapter, self.cfg, self.few_shot, self.encs, self.by_fact = adapter, cfg, few_shot, encs, by_fact
         self.operations, self.is_evaluation = operations, is_evaluation
+        self.passes = EditedPasses(adapter, cfg.batch_size, memo, kind="edit_pass")
         self.originals = {fid: original_queries(fqs) for fid, fqs in by_fact.items()}
         self.sample_locality = locality_sampler(list(by_fact), cfg.locality_k, cfg.seed)
         self.by_relation: dict[str, list[str]] = defaultdict(list)
@@ -211,21 +222,18 @@ class _EditRun:
                                         "update_queries_same_first_token": 0}
         self.lang_of = {q.query_id: q.lang for fqs in by_fact.values() for q in fqs}
 
-    def score(self, encodings: list[Encoded]) -> list[AnswerScore]:
-        # the same batches and forward calls for every pass, so an edited pass can replay the unedited
-        # blocks below its edit (their cache entries for a shared demonstration prefix included)
-        return score_answers(self.adapter, encodings, batch_size=self.cfg.batch_size)
-
     def edit_fact(self, fid: str, neurons: Mapping[str, np.ndarray], result: EditResult) -> None:
         """Every method's edits of one fact, its records appended to ``result``."""
         fact = self.fact_probes(fid, result)
         if fact is None:
             return
+        after = {op: self.edited_passes(fact, op, neurons) for op in self.operations if op in fact.probes}
         for method, pairs in neurons.items():
             if len(pairs) == 0:
                 result.empty_facts[method].append(fid)
-            for op in fact.base:
-                fact_after, loc_after = self.edited_scores(fact, op, pairs)
+            for op in after:
+                n = len(fact.probes[op][0])
+                fact_after, loc_after = after[op][method][:n], after[op][method][n:]
                 counts = self.count(fact, op, fact_after, loc_after)
                 for lang in sorted(set(fact.languages) | set(counts)):
                     c = counts[lang]
@@ -258,16 +266,11 @@ class _EditRun:
                                            "old_token": int(gold_token)}
                 upd_encs = self.update_encodings(fqs, new)
         fact_ids = [q.query_id for q in fqs]
-        fact = _FactProbes(fid, fqs[0].relation, gold_token, {q.query_id for q in self.originals[fid].values()},
-                           sorted({q.lang for q in fqs}), loc_ids, [self.encs[q] for q in loc_ids], new,
-                           {"erasure": (fact_ids, [self.encs[q] for q in fact_ids]),
-                            "update": (list(upd_encs), list(upd_encs.values()))})
-        for op in self.operations:
-            if op == "update" and new is None:
-                continue
-            with recorded_blocks(self.adapter) as fact.unedited_blocks[op]:
-                fact.base[op] = self.score(fact.probes[op][1] + fact.locality_encs)
-        return fact
+        probes = {"erasure": (fact_ids, [self.encs[q] for q in fact_ids])}
+        if new is not None:
+            probes["update"] = (list(upd_encs), list(upd_encs.values()))
+        return _FactProbes(fid, fqs[0].relation, gold_token, {q.query_id for q in self.originals[fid].values()},
+                           sorted({q.lang for q in fqs}), loc_ids, [self.encs[q] for q in loc_ids], new, probes)
 
     def update_encodings(self, fqs: Sequence[Query], new: NewObject) -> dict[str, Encoded]:
         """Each query of the fact with o' (in its language) as the answer. Left out, and counted: no label
@@ -282,20 +285,24 @@ class _EditRun:
                 out[q.query_id] = enc
         return out
 
-    def edited_scores(self, fact: _FactProbes, op: str, pairs: np.ndarray
-                      ) -> tuple[list[AnswerScore], list[AnswerScore]]:
-        """(the fact's queries, the locality queries) scored with the edit (a no-op edit: the unedited scores)."""
-        cfg, n = self.cfg, len(fact.probes[op][0])
-        if len(pairs) == 0:
-            scores = fact.base[op]
-        else:
-            vectors = (erasure_vectors(self.adapter, pairs) if op == "erasure" else
-                       update_vectors(self.adapter, pairs, fact.gold_token, fact.new.token, cfg.lambda1, cfg.lambda2,
-                                      cfg.scaling))
-            with edited_output_weights(self.adapter, vectors), \
-                    replayed_below(self.adapter, fact.unedited_blocks[op], int(pairs[:, 0].min())):
-                scores = self.score(fact.probes[op][1] + fact.locality_encs)
-        return scores[:n], scores[n:]
+    def edited_passes(self, fact: _FactProbes, op: str, neurons: Mapping[str, np.ndarray]
+                      ) -> dict[str, list[AnswerScore]]:
+        """Each method's scores of ``op``'s batches under its edit (an empty set: the unedited scores,
+        which become ``fact.base[op]``), through the memo."""
+        cfg = self.cfg
+        key = {"operation": op, "gold_token": fact.gold_token}
+        if op == "update":
+            key.update(new_token=fact.new.token, lambda1=cfg.lambda1, lambda2=cfg.lambda2, scaling=cfg.scaling)
+
+        def vectors(pairs: np.ndarray) -> Callable[[], Any]:
+            if op == "erasure":
+                return lambda: erasure_vectors(self.adapter, pairs)
+            return lambda: update_vectors(self.adapter, pairs, fact.gold_token, fact.new.token, cfg.lambda1,
+                                          cfg.lambda2, cfg.scaling)
+
+        edits = {m: WeightEdit(pairs, vectors(pairs), key) for m, pairs in neurons.items() if len(pairs)}
+        fact.base[op], after = self.passes.run(fact.scored(op), edits)
+        return {m: after.get(m, fact.base[op]) for m in neurons}
 
     def count(self, fact: _FactProbes, op: str, fact_after: Sequence[AnswerScore], loc_after: Sequence[AnswerScore]
               ) -> dict[str, dict[str, int]]:

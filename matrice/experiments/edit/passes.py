@@ -1,0 +1,84 @@
+"""A fact's scored passes under output-weight edits, stored in a memo so a sweep recomputes only the
+passes whose edit changed.
+
+Editing (and its λ sweep) scores one fixed list of encodings per fact: once unedited, then once
+under each method's edit. The batches of a pass are fixed by its encodings and batch size, so a pass
+is a pure function of (encodings, batch size, the edit, the model, the code): stored under a hash of
+those (:class:`matrice.memo.Memo`), a read-back pass is bit-identical to a recomputed one. A τ sweep
+moves MATRICE's neurons (and the baselines matched to them), not AMIG's or the unedited model's:
+those passes are read back.
+
+The unedited pass runs only when some edit must be computed, and then it is recorded, so each edited
+pass replays the unedited blocks below its lowest edited layer (:mod:`matrice.models.replay`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Mapping, Sequence, TypeVar
+
+import numpy as np
+
+from matrice.interventions import edited_output_weights
+from matrice.memo import Memo
+from matrice.models.adapter import Encoded, ModelAdapter
+from matrice.models.predict import AnswerScore, score_answers
+from matrice.models.replay import recorded_blocks, replayed_below
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class WeightEdit:
+    """One edit of neurons' output vectors: the neurons, the vectors (built only when the pass runs)
+    and everything besides the neurons that the vectors depend on (the memo key)."""
+
+    pairs: np.ndarray
+    vectors: Callable[[], Any]
+    key: Mapping[str, Any]
+
+
+class EditedPasses:
+    """Scores of one list of encodings unedited and under several edits, through the memo when given."""
+
+    def __init__(self, adapter: ModelAdapter, batch_size: int, memo: Memo | None, kind: str) -> None:
+        self.adapter, self.batch_size, self.memo, self.kind = adapter, batch_size, memo, kind
+
+    def score(self, encodings: list[Encoded]) -> list[AnswerScore]:
+        # the same batches and forward calls for every pass, so an edited pass can replay the unedited
+        # blocks below its edit (their cache entries for a shared demonstration prefix included)
+        return score_answers(self.adapter, encodings, batch_size=self.batch_size)
+
+    def run(self, scored: list[Encoded], edits: Mapping[K, WeightEdit]
+            ) -> tuple[list[AnswerScore], dict[K, list[AnswerScore]]]:
+        """(the unedited scores, {name: the scores under that edit}); every edit must have neurons."""
+        keys = {name: self.key(scored, {"pairs": e.pairs, **e.key}) for name, e in edits.items()}
+        after = {name: self.load(k) for name, k in keys.items()}
+        base_key = self.key(scored, None)
+        before = self.load(base_key)
+        missing = [name for name, s in after.items() if s is None]
+        if not missing and before is not None:
+            return before, after
+        with recorded_blocks(self.adapter) as unedited_blocks:
+            before = self.score(scored)
+        self.store(base_key, before)
+        for name in missing:
+            edit = edits[name]
+            with edited_output_weights(self.adapter, edit.vectors()), \
+                    replayed_below(self.adapter, unedited_blocks, int(edit.pairs[:, 0].min())):
+                after[name] = self.score(scored)
+            self.store(keys[name], after[name])
+        return before, after
+
+    def key(self, scored: list[Encoded], edit: Mapping[str, Any] | None) -> str | None:
+        if self.memo is None:
+            return None
+        return self.memo.key(kind=self.kind, scored=scored, batch_size=self.batch_size, edit=edit)
+
+    def load(self, key: str | None) -> list[AnswerScore] | None:
+        stored = None if key is None else self.memo.load(key)
+        return None if stored is None else [AnswerScore(float(p), int(r), int(t)) for p, r, t in stored]
+
+    def store(self, key: str | None, scores: Sequence[AnswerScore]) -> None:
+        if key is not None:
+            self.memo.store(key, [[s.prob, s.rank, s.top_token] for s in scores])
