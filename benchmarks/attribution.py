@@ -13,7 +13,10 @@ queries with the one-shot prefix.
 Reports per engine rows/s (one row = one (layer, baseline, step) forward+backward), queries/min,
 speed-up, max relative difference of scores, the fast engine's achieved FLOP/s against the measured
 matmul peak of the same device and dtype, peak memory, and where its time goes (profiler). With
-`--agreement`, bfloat16 against float32 per query: Spearman and top-50 overlap.
+`--agreement`, bfloat16 against float32 per query: Spearman and top-50 overlap. With
+`--answer-tokens`, `answer_token: all` against `first` on the prepared model's queries of one relation
+in every language (answers of 1 to several tokens): rows/s, seconds per query and answer tokens per
+query, both policies in the same run.
 """
 
 from __future__ import annotations
@@ -240,6 +243,31 @@ def agreement(path: str, device: str, args: argparse.Namespace) -> dict:
             "per_query": rows_out}
 
 
+def answer_token_cost(path: str, device: str, args: argparse.Namespace) -> dict:
+    """``answer_token: all`` against ``first`` on the same queries (P36, the first paraphrase in every
+    language): a query costs one row set per answer token, so the ratio should follow the tokens."""
+    from matrice.data.build import build_dataset
+    from matrice.data.sources import DatasetConfig
+    from matrice.models.encoding import encode_query
+    from matrice.models.loading import load_adapter
+
+    adapter = load_adapter(path, device, args.dtype)
+    queries = [q for q in build_dataset(DatasetConfig()).queries
+               if q.relation == "P36" and q.template_id == 0][: args.queries * 7]
+    encs = [encode_query(adapter, q, few_shot=True) for q in queries]
+    out: dict = {"queries": len(encs), "answer_tokens_per_query": round(sum(len(e.answer_ids) for e in encs) / len(encs), 3)}
+    for policy in ("first", "all"):
+        cfg = AttributionConfig(steps=args.steps, baseline="saig", batch_size=max(args.batch_sizes), answer_token=policy)
+        tokens = [len(e.answer_ids) if policy == "all" else 1 for e in encs]
+        rows = sum(len(e.baseline_positions) * k for e, k in zip(encs, tokens)) * adapter.n_layers * args.steps
+        _, seconds = timed(lambda: list(fast_attribution_many(adapter, encs, cfg)), adapter.device)
+        out[policy] = {"seconds": round(seconds, 2), "seconds_per_query": round(seconds / len(encs), 3),
+                       "rows": rows, "rows_per_s": round(rows / seconds, 1)}
+        print(policy, json.dumps(out[policy]), flush=True)
+    out["all_over_first_seconds"] = round(out["all"]["seconds"] / out["first"]["seconds"], 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/gemma3_270m", help="prepared model dir for the `prepared` shape")
@@ -255,6 +283,7 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true", help="skip the peer-style engine")
     parser.add_argument("--agreement", action="store_true", help="bfloat16 vs float32 on the prepared model")
     parser.add_argument("--agreement-queries", type=int, default=4)
+    parser.add_argument("--answer-tokens", action="store_true", help="answer_token all vs first on the prepared model")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--peak-n", type=int, default=None, help="side of the peak-measuring matmul (default 2048 CPU, 8192 GPU)")
     parser.add_argument("--cudnn-attention", action="store_true",
@@ -289,6 +318,9 @@ def main() -> None:
     if args.agreement:
         report["bfloat16_agreement"] = agreement(args.model, args.device, args)
         print(json.dumps(report["bfloat16_agreement"]), flush=True)
+    if args.answer_tokens:
+        report["answer_token"] = answer_token_cost(args.model, args.device, args)
+        print(json.dumps(report["answer_token"]), flush=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 

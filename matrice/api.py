@@ -15,7 +15,10 @@ Every number is the stages' own: :func:`attribute` is the attribution engine the
 runs (raw map, summed over baselines), :func:`locate` aggregates with UaQ/UaL and thresholds with τ
 exactly as the aggregate and select stages do, :func:`suppress`/:func:`enhance` are the manipulation
 stage's, :func:`edit` the edit stage's update (or erasure) of the neurons' output columns.
-Answers are first tokens (``answer_token: first``), as in the pipeline.
+Attribution reads the answer's first token by default; ``AttributionConfig(answer_token="all")`` given
+to :func:`attribute` or :func:`locate` attributes every answer token (teacher-forced, maps averaged, as
+the attribute stage under ``answer_token: all``). :func:`suppress`, :func:`enhance` and :func:`edit`
+score the first answer token.
 """
 
 from __future__ import annotations

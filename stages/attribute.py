@@ -11,13 +11,13 @@ from stages.common import ModelStage
 
 
 def main() -> None:
-    stage = ModelStage.start(__doc__, _options)
+    stage = ModelStage.start(__doc__, _options, whole_answers=True)
     params, s, plan = stage.params, stage.params["attribute"], stage.args.plan
     cfg, store = stage.config(AttributionConfig, "attribution"), s.get("store_dtype", "float32")
     local = s.get("executor", "local") == "local"  # a Ray driver only encodes and writes shards
     load = stage.loader(dtype=s["dtype"])
     try:
-        settings = run_settings(stage.key, stage.model["source"], s["dtype"], cfg, params["answer_token"], params["few_shot"])
+        settings = run_settings(stage.key, stage.model["source"], s["dtype"], cfg, params["few_shot"])
         facts = choose_facts(stage.queries, s["facts_per_relation"], params["seed"], s["fact_policy"],
                              stage.probes if s["fact_policy"] == "known" else None, s.get("fact_language", "en"))
         adapter = load(weights=local or plan)

@@ -415,3 +415,92 @@ def test_attribution_config_validation():
         AttributionConfig(baseline="ig")
     with pytest.raises(ValueError, match="batch_size"):
         AttributionConfig(batch_size=0)
+
+
+# ---- whole answers (answer_token: all) ------------------------------------------------------------------
+
+
+def whole_answer_query(adapter: ModelAdapter, n_tokens: int, text: str = "The capital of France is") -> Encoded:
+    """A query whose gold answer has exactly `n_tokens` tokens (masked: as many [MASK]s), built by hand."""
+    tok = adapter.tokenizer
+    answer = list(tok(" Paris, the city of light and of the river", add_special_tokens=False)["input_ids"])[:n_tokens]
+    assert len(answer) == n_tokens
+    ids = list(tok(text if adapter.causal else text + tok.mask_token * n_tokens + ".")["input_ids"])
+    target = len(ids) - 1 if adapter.causal else ids.index(tok.mask_token_id)
+    special = set(tok.all_special_ids)
+    return Encoded(ids, target, answer, [p for p, i in enumerate(ids) if i not in special])
+
+
+@pytest.mark.parametrize("n_tokens", [1, 2, 4])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_whole_answer_fast_equals_reference(tiny, family, n_tokens):
+    """The fast engine (a causal step truncated after its gold prefix, every step in one stream) equals
+    the reference run on the whole teacher-forced sequence, token by token, then averaged."""
+    adapter = tiny(family)
+    enc = whole_answer_query(adapter, n_tokens)
+    cfg = AttributionConfig(steps=2, baseline="saig", batch_size=48, answer_token="all")
+    ref = reference_attribution(adapter, enc, cfg)
+    fast = fast_attribution(adapter, enc, cfg)
+    assert ref.shape == fast.shape == (len(enc.baseline_positions), adapter.n_layers, adapter.n_neurons)
+    assert ref.abs().max() > 0
+    assert rel_err(fast, ref) <= 1e-4
+    first = reference_attribution(adapter, enc, AttributionConfig(steps=2, baseline="saig"))
+    if n_tokens == 1:
+        torch.testing.assert_close(ref, first, rtol=0, atol=0)  # one token: the paper's Eq. 3 exactly
+    else:
+        assert rel_err(first, ref) > 1e-3  # later tokens change the map
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3", "bert"])
+def test_whole_answer_is_the_mean_of_its_tokens_and_streams_across_queries(tiny, family):
+    """The combination rule (mean over tokens of P(t_k | query, gold t_<k) attributions), and queries of
+    different answer lengths sharing batches keep their own maps, in order."""
+    from matrice.method.attribution.common import answer_steps
+
+    adapter = tiny(family)
+    encs = [whole_answer_query(adapter, 3), whole_answer_query(adapter, 2, "Helsinki is the capital of")]
+    cfg = AttributionConfig(steps=2, baseline="amig", batch_size=5, answer_token="all")
+    got = list(fast_attribution_many(adapter, encs, cfg))
+    first = AttributionConfig(steps=2, baseline="amig", batch_size=5)
+    for enc, attr in zip(encs, got):
+        steps = answer_steps(adapter, enc, whole_sequence=True)
+        assert [s.answer_ids[0] for s in steps] == enc.answer_ids
+        mean = torch.stack([reference_attribution(adapter, s, first) for s in steps]).mean(dim=0)
+        assert rel_err(attr, mean) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom", "xlm-roberta"])
+def test_completeness_holds_per_answer_token(tiny, family):
+    """For every answer token, Σ_j Attr over a layer's neurons → P(t_k) at w̄ − P(t_k) at the baseline
+    (the gold prefix kept) as the steps grow."""
+    from matrice.method.attribution.common import answer_steps
+
+    adapter = tiny(family)
+    for step in answer_steps(adapter, whole_answer_query(adapter, 3)):
+        delta = completeness_delta(adapter, step, "saig")
+        assert delta.abs().max() > 1e-6
+        errors = completeness_errors(adapter, step, "saig", (2, 32), "riemann_right")
+        assert errors[1] < errors[0] / 4 and errors[1] < 0.1 * float(delta.abs().max())
+
+
+def test_answer_steps_teacher_force_the_gold_prefix(tiny):
+    from matrice.method.attribution.common import answer_steps
+
+    causal, masked = tiny("llama"), tiny("bert")
+    enc = whole_answer_query(causal, 3)
+    short, whole = answer_steps(causal, enc), answer_steps(causal, enc, whole_sequence=True)
+    assert [s.input_ids for s in short] == [enc.input_ids + enc.answer_ids[:k] for k in range(3)]
+    assert all(s.target_pos == len(s.input_ids) - 1 for s in short)
+    assert all(w.input_ids == enc.input_ids + enc.answer_ids[:2] for w in whole)
+    assert [w.target_pos for w in whole] == [s.target_pos for s in short]
+    assert all(s.baseline_positions == enc.baseline_positions for s in short + whole)  # the answer is never PADded
+    enc = whole_answer_query(masked, 3)
+    steps = answer_steps(masked, enc)
+    mask = masked.tokenizer.mask_token_id
+    for k, s in enumerate(steps):
+        assert s.input_ids[enc.target_pos: enc.target_pos + k] == enc.answer_ids[:k]  # filled left to right
+        assert s.input_ids[s.target_pos] == mask and s.target_pos == enc.target_pos + k
+    with pytest.raises(ValueError, match="not contiguous"):
+        answer_steps(masked, Encoded(enc.input_ids, enc.target_pos + 1, enc.answer_ids, enc.baseline_positions))
+    with pytest.raises(ValueError, match="answer_token"):
+        AttributionConfig(answer_token="last")

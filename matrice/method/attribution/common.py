@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 import torch
@@ -15,6 +15,8 @@ BaselineKind = Literal["saig", "amig", "zero"]
 BASELINE_KINDS = ("saig", "amig", "zero")
 Integration = Literal["riemann_right", "gauss_legendre"]
 INTEGRATIONS = ("riemann_right", "gauss_legendre")
+AnswerToken = Literal["first", "all"]
+ANSWER_TOKENS = ("first", "all")
 
 
 @dataclass(frozen=True)
@@ -26,11 +28,13 @@ class AttributionConfig:
     baseline: BaselineKind = "saig"
     batch_size: int = 512  # rows (layer, baseline, step) per forward/backward, across queries, in the fast engine
     integration: Integration = "riemann_right"  # the paper's Eq. 4; gauss_legendre: same rows, smaller error
+    answer_token: AnswerToken = "first"  # all: every answer token, teacher-forced, maps averaged (answer_steps)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "AttributionConfig":
         return cls(steps=params["steps"], baseline=params["baseline"], batch_size=params["attribute"]["batch_size"],
-                   integration=params.get("integration", "riemann_right"))
+                   integration=params.get("integration", "riemann_right"),
+                   answer_token=params.get("answer_token", "first"))
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -41,6 +45,46 @@ class AttributionConfig:
             raise ValueError(f"integration must be one of {INTEGRATIONS}, got {self.integration!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.answer_token not in ANSWER_TOKENS:
+            raise ValueError(f"answer_token must be one of {ANSWER_TOKENS}, got {self.answer_token!r}")
+
+
+def answer_steps(adapter: ModelAdapter, enc: Encoded, whole_sequence: bool = False) -> list[Encoded]:
+    """One query per answer token, teacher-forced on the gold answer: step k predicts answer token k
+    (``answer_ids[0]`` of the step) with the gold tokens before it in place.
+
+    Causal: the context followed by the first k answer tokens, the target its last token;
+    ``whole_sequence`` keeps the whole teacher-forced sequence (context + answer but its last token)
+    with the target at k, which a causal model scores the same (what the reference engine runs, so
+    the fast engine's truncation is checked, not assumed). Masked: the cloze's masks filled left to
+    right, the first k with the gold tokens, the target the (k+1)-th mask. Baseline positions stay the
+    query's own tokens: a baseline replaces query tokens, never the answer's gold prefix."""
+    answer, k_max = list(enc.answer_ids), len(enc.answer_ids)
+    base = list(enc.baseline_positions)
+    if adapter.causal:
+        if whole_sequence:
+            ids = list(enc.input_ids) + answer[:-1]
+            return [Encoded(ids, enc.target_pos + k, answer[k:], base) for k in range(k_max)]
+        return [Encoded(list(enc.input_ids) + answer[:k], enc.target_pos + k, answer[k:], base) for k in range(k_max)]
+    masks = [enc.target_pos + k for k in range(k_max)]
+    mask_id = adapter.tokenizer.mask_token_id
+    if masks[-1] >= len(enc.input_ids) or any(enc.input_ids[p] != mask_id for p in masks):
+        raise ValueError(f"the answer's {k_max} mask tokens are not contiguous from position {enc.target_pos}")
+    steps = []
+    for k in range(k_max):
+        ids = list(enc.input_ids)
+        ids[enc.target_pos : enc.target_pos + k] = answer[:k]
+        steps.append(Encoded(ids, enc.target_pos + k, answer[k:], base))
+    return steps
+
+
+def over_answer_tokens(attribute: Callable[[Encoded], torch.Tensor], adapter: ModelAdapter, enc: Encoded,
+                       cfg: AttributionConfig) -> torch.Tensor:
+    """``attribute(enc)`` for ``answer_token: first``; for ``all`` the mean of the per-token maps over
+    the whole teacher-forced sequence (:func:`answer_steps`), the reference engines' rule."""
+    if cfg.answer_token == "first":
+        return attribute(enc)
+    return torch.stack([attribute(step) for step in answer_steps(adapter, enc, whole_sequence=True)]).mean(dim=0)
 
 
 def all_layers(adapter: ModelAdapter) -> list[int]:

@@ -23,6 +23,7 @@ import torch
 from matrice.method.attribution.common import (
     AttributionConfig,
     all_layers,
+    answer_steps,
     baseline_activations,
     integrate,
     step_points,
@@ -253,7 +254,23 @@ def fast_attribution_many(
     query). Within a batch each query's rows run the blocks from their lowest patched layer up (a row
     joins at its own layer), then every row of the batch goes through one fused LM-head pass and one
     backward. A query's state lives only while its rows are in flight.
+
+    ``answer_token: all``: each query becomes one query per answer token (:func:`answer_steps`, the
+    causal ones truncated after the token's gold prefix so the target is last), all in the same
+    stream, and a query's map is the mean of its tokens' maps.
     """
+    if cfg.answer_token == "first":
+        yield from _stream(adapter, encs, cfg, layers)
+        return
+    steps = [answer_steps(adapter, enc) for enc in encs]
+    maps = _stream(adapter, [step for per_query in steps for step in per_query], cfg, layers)
+    for per_query in steps:
+        yield torch.stack([next(maps) for _ in per_query]).mean(dim=0)
+
+
+def _stream(adapter: ModelAdapter, encs: Sequence[Encoded], cfg: AttributionConfig, layers: list[int] | None
+            ) -> Iterator[torch.Tensor]:
+    """Per-baseline attributions [B, L, N] of each query's first answer token, in turn."""
     layers = sorted(layers) if layers is not None else all_layers(adapter)  # rows ordered by layer
     if not layers:
         raise ValueError("no layers to attribute")

@@ -19,16 +19,12 @@ from matrice.data.split import HeldOutSplit
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.probing import encode_all
 
-ANSWER_TOKEN_POLICIES = ("first",)
 
 
-def run_settings(model: str, source: str, dtype: str, cfg: AttributionConfig, answer_token: str, few_shot: bool
-                 ) -> dict[str, Any]:
+def run_settings(model: str, source: str, dtype: str, cfg: AttributionConfig, few_shot: bool) -> dict[str, Any]:
     """What a shard's fingerprint records (a change to any recomputes it)."""
-    if answer_token not in ANSWER_TOKEN_POLICIES:
-        raise ValueError(f"answer_token must be one of {ANSWER_TOKEN_POLICIES}, got {answer_token!r}")
     return {"model": model, "source": source, "dtype": dtype, "steps": cfg.steps, "integration": cfg.integration,
-            "baseline": cfg.baseline, "answer_token": answer_token, "few_shot": few_shot}
+            "baseline": cfg.baseline, "answer_token": cfg.answer_token, "few_shot": few_shot}
 
 
 @dataclass(frozen=True)

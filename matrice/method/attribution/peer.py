@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from matrice.method.attribution.common import (AttributionConfig, all_layers, answer_probability, integrate,
-                                               query_activations, step_points)
+                                               over_answer_tokens, query_activations, step_points)
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.hooks import neuron_hooks, replace_with
 
@@ -17,7 +17,12 @@ from matrice.models.hooks import neuron_hooks, replace_with
 def peer_attribution(
     adapter: ModelAdapter, enc: Encoded, cfg: AttributionConfig, layers: list[int] | None = None
 ) -> torch.Tensor:
-    """Per-baseline attributions [B, L, N] (float32; unselected layers are 0)."""
+    """Per-baseline attributions [B, L, N] (float32; unselected layers are 0), per answer token as the
+    reference engine (``answer_token``)."""
+    return over_answer_tokens(lambda e: _one_token(adapter, e, cfg, layers), adapter, enc, cfg)
+
+
+def _one_token(adapter: ModelAdapter, enc: Encoded, cfg: AttributionConfig, layers: list[int] | None) -> torch.Tensor:
     ids, original, base = query_activations(adapter, enc, cfg.baseline)
     positions = torch.tensor([enc.target_pos])
     attr = torch.zeros(base.shape, dtype=torch.float32)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from matrice.method.attribution.common import (AttributionConfig, all_layers, answer_probability, integrate,
-                                               query_activations, step_points)
+                                               over_answer_tokens, query_activations, step_points)
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.hooks import neuron_hooks, replace_with
 
@@ -17,7 +17,13 @@ from matrice.models.hooks import neuron_hooks, replace_with
 def reference_attribution(
     adapter: ModelAdapter, enc: Encoded, cfg: AttributionConfig, layers: list[int] | None = None
 ) -> torch.Tensor:
-    """Per-baseline attributions Attr_i(n_j^l): [B, L, N] (float32; unselected layers are 0)."""
+    """Per-baseline attributions Attr_i(n_j^l): [B, L, N] (float32; unselected layers are 0); with
+    ``answer_token: all`` the mean over the answer's tokens, each on the whole teacher-forced sequence."""
+    return over_answer_tokens(lambda e: _one_token(adapter, e, cfg, layers), adapter, enc, cfg)
+
+
+def _one_token(adapter: ModelAdapter, enc: Encoded, cfg: AttributionConfig, layers: list[int] | None) -> torch.Tensor:
+    """The attribution of P(answer_ids[0]) at the target position."""
     ids, original, base = query_activations(adapter, enc, cfg.baseline)  # [1, T], [L, N], [B, L, N]
     position = torch.tensor([enc.target_pos])
     attr = torch.zeros(base.shape, dtype=torch.float32)
