@@ -153,9 +153,9 @@ class ModelStage:
         args = model_args(description, options)
         params = load_params()
         if params.get("answer_token", "first") != "first" and not whole_answers:
-            raise SystemExit(f"params.yaml: answer_token: {params['answer_token']} is implemented for attribute, "
-                             f"consistency and inject; {description.split(':')[0]} still scores the first answer token "
-                             "(set answer_token: first)")
+            raise SystemExit(f"params.yaml: answer_token: {params['answer_token']} is not implemented for "
+                             f"{description.split(':')[0]}, which scores the first answer token (set answer_token: "
+                             "first; docs/method.md lists the stages that read whole answers)")
         return cls(args.model, params, args)
 
     def config(self, cls: type[T], section: str) -> T:

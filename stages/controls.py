@@ -11,14 +11,14 @@ from stages.common import ModelStage
 
 
 def main() -> None:
-    stage = ModelStage.start(__doc__)
+    stage = ModelStage.start(__doc__, whole_answers=True)
     path = stage.out / "lolo_neurons.json"
     if not path.exists():
         raise SystemExit(f"{path} is missing: run the select stage for model {stage.key} first (dvc repro)")
     _, zero_maps = load_attributions(stage.out / ZERO_MAPS_DIR)  # AMIG's queries under the zero baseline
     result = run_controls(stage.adapter, stage.attributed_queries, leave_one_out_from_json(path), stage.sets,
                           stage.params["seed"], stage.params["few_shot"], stage.params["manipulate"]["batch_size"],
-                          zero_maps, stage.params["layer_norm"])
+                          zero_maps, stage.params["layer_norm"], stage.params["answer_token"])
     write_outputs(result, stage.outputs)
 
 

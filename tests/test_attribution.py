@@ -455,7 +455,7 @@ def test_whole_answer_fast_equals_reference(tiny, family, n_tokens):
 def test_whole_answer_is_the_mean_of_its_tokens_and_streams_across_queries(tiny, family):
     """The combination rule (mean over tokens of P(t_k | query, gold t_<k) attributions), and queries of
     different answer lengths sharing batches keep their own maps, in order."""
-    from matrice.method.attribution.common import answer_steps
+    from matrice.models.encoding import answer_steps
 
     adapter = tiny(family)
     encs = [whole_answer_query(adapter, 3), whole_answer_query(adapter, 2, "Helsinki is the capital of")]
@@ -473,7 +473,7 @@ def test_whole_answer_is_the_mean_of_its_tokens_and_streams_across_queries(tiny,
 def test_completeness_holds_per_answer_token(tiny, family):
     """For every answer token, Σ_j Attr over a layer's neurons → P(t_k) at w̄ − P(t_k) at the baseline
     (the gold prefix kept) as the steps grow."""
-    from matrice.method.attribution.common import answer_steps
+    from matrice.models.encoding import answer_steps
 
     adapter = tiny(family)
     for step in answer_steps(adapter, whole_answer_query(adapter, 3)):
@@ -484,7 +484,7 @@ def test_completeness_holds_per_answer_token(tiny, family):
 
 
 def test_answer_steps_teacher_force_the_gold_prefix(tiny):
-    from matrice.method.attribution.common import answer_steps
+    from matrice.models.encoding import answer_steps
 
     causal, masked = tiny("llama"), tiny("bert")
     enc = whole_answer_query(causal, 3)

@@ -18,7 +18,8 @@ they specific to their fact?
   differs.
 
 All reuse :func:`matrice.experiments.manipulate.manipulate`, so ΔP means exactly what it means
-in Fig. 5 (relative change of P(gold first token)); records carry the method names below.
+in Fig. 5 (relative change of P(gold first token), or of P(whole answer) under ``answer_token: all``);
+records carry the method names below.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class ControlResult:
 def leave_one_language_out(
     adapter: ModelAdapter, queries: Sequence[Query], lolo_sets: Mapping[str, Mapping[str, Mapping[str, Any]]],
     full_sets: NeuronSetsLike, few_shot: bool, encoded: Mapping[str, Encoded] | None = None, batch_size: int = 32,
-    donors: Mapping[str, Mapping[str, str | None]] | None = None,
+    donors: Mapping[str, Mapping[str, str | None]] | None = None, answer_token: str = "first",
 ) -> list[ManipulationRecord]:
     """Suppression in each held-out language k of the neurons selected without k (see module doc);
     with ``donors`` (fact -> {"same_relation": fact}), also the donor's neurons selected without k."""
@@ -81,11 +82,11 @@ def leave_one_language_out(
         sets = {f: {**lolo_sets[f][lang], "matrice": fact_neurons(full_sets, f, "matrice")}
                 for f in {q.fact_id for q in held_out}}
         records += manipulate(adapter, held_out, sets, LOLO_METHODS, SUPPRESS, few_shot, encoded, batch_size,
-                              progress=False).records
+                              progress=False, answer_token=answer_token).records
         borrowed = {f: {LOLO_DONOR: lolo_sets[d][lang]["lolo"]} for f, d in _lolo_donors(donors, sorted(sets), lolo_sets, lang)}
         if borrowed:
             records += manipulate(adapter, [q for q in held_out if q.fact_id in borrowed], borrowed, (LOLO_DONOR,),
-                                  SUPPRESS, few_shot, encoded, batch_size, progress=False).records
+                                  SUPPRESS, few_shot, encoded, batch_size, progress=False, answer_token=answer_token).records
     return records
 
 
@@ -130,7 +131,7 @@ def query_donors(queries: Sequence[Query], seed: int) -> dict[str, dict[str, str
 def specificity(
     adapter: ModelAdapter, queries: Sequence[Query], sets: NeuronSetsLike, seed: int, few_shot: bool,
     encoded: Mapping[str, Encoded] | None = None, batch_size: int = 32,
-    donors: Mapping[str, Mapping[str, str | None]] | None = None,
+    donors: Mapping[str, Mapping[str, str | None]] | None = None, answer_token: str = "first",
 ) -> tuple[list[ManipulationRecord], dict[str, dict[str, str | None]]]:
     """Suppress, on fact B's queries, MATRICE's neurons of B, of another fact of B's relation and of
     a fact of another relation, each donor's object different from B's in every language. A donor
@@ -146,7 +147,7 @@ def specificity(
             continue
         borrowed = {f: {method: fact_neurons(sets, d, "matrice")} for f, d in chosen.items()}
         records += manipulate(adapter, [q for q in queries if q.fact_id in chosen], borrowed, (method,), SUPPRESS,
-                              few_shot, encoded, batch_size, progress=False).records
+                              few_shot, encoded, batch_size, progress=False, answer_token=answer_token).records
     return records, donors
 
 
@@ -180,31 +181,34 @@ def zero_baseline_sets(queries: Sequence[Query], zero_maps: Mapping[str, np.ndar
 
 def baseline_comparison(adapter: ModelAdapter, queries: Sequence[Query], sets: NeuronSetsLike,
                         zero_sets: Mapping[str, np.ndarray], few_shot: bool, encoded: Mapping[str, Encoded] | None = None,
-                        batch_size: int = 32) -> list[ManipulationRecord]:
+                        batch_size: int = 32, answer_token: str = "first") -> list[ManipulationRecord]:
     """Suppression of ``amig_k`` and ``zero_k`` (equal sizes) on the queries of the facts with both."""
     both = {f: {"amig_k": fact_neurons(sets, f, "amig_k"), "zero_k": z} for f, z in zero_sets.items()}
     chosen = [q for q in queries if q.fact_id in both]
     if not chosen:
         return []
     return manipulate(adapter, chosen, both, BASELINE_METHODS, SUPPRESS, few_shot, encoded, batch_size,
-                      progress=False).records
+                      progress=False, answer_token=answer_token).records
 
 
 def run_controls(adapter: ModelAdapter, queries: Sequence[Query], lolo_sets: Mapping[str, Mapping[str, Mapping[str, Any]]],
                  sets: NeuronSetsLike, seed: int, few_shot: bool, batch_size: int = 32,
-                 zero_maps: Mapping[str, np.ndarray] | None = None, layer_norm: str = "abs") -> ControlResult:
+                 zero_maps: Mapping[str, np.ndarray] | None = None, layer_norm: str = "abs",
+                 answer_token: str = "first") -> ControlResult:
     """Every control on the attributed facts' queries (each query encoded once for all); the baseline
-    comparison only with ``zero_maps`` (query id -> raw zero-baseline map)."""
+    comparison only with ``zero_maps`` (query id -> raw zero-baseline map). ``answer_token``: ΔP of
+    the first token or of the whole answer, as in manipulation."""
     encoded, _ = encode_all(adapter, queries, few_shot)
     donors = query_donors(queries, seed)  # one choice for LOLO's and specificity's same-relation donor
     result = ControlResult()
-    result.lolo = leave_one_language_out(adapter, queries, lolo_sets, sets, few_shot, encoded, batch_size, donors)
+    result.lolo = leave_one_language_out(adapter, queries, lolo_sets, sets, few_shot, encoded, batch_size, donors,
+                                         answer_token)
     result.specificity, result.donors = specificity(adapter, queries, sets, seed, few_shot, encoded, batch_size,
-                                                    donors)
+                                                    donors, answer_token)
     if zero_maps:
         zero = zero_baseline_sets(queries, zero_maps, sets, layer_norm)
         result.zero_sets = {f: z.tolist() for f, z in zero.items()}
-        result.baselines = baseline_comparison(adapter, queries, sets, zero, few_shot, encoded, batch_size)
+        result.baselines = baseline_comparison(adapter, queries, sets, zero, few_shot, encoded, batch_size, answer_token)
     return result
 
 

@@ -168,7 +168,7 @@ def _records(fid: str, relation: str, method: str, lam: float, n_neurons: int, r
         counts[lang]["rel_ok"] += int(s.rank == 0)
     for (lang, _), s, b in zip(loc, after[len(rel):], loc_before):
         counts[lang]["loc_n"] += 1
-        counts[lang]["loc_ok"] += int(s.top_token == b.top_token)
+        counts[lang]["loc_ok"] += int(s.same_top(b))
     return [SweepRecord(fid, relation, method, lam, lang, n_neurons, c["rel_n"], c["rel_ok"], c["loc_n"], c["loc_ok"])
             for lang, c in sorted(counts.items())]
 

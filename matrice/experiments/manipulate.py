@@ -5,8 +5,10 @@ fact (all languages and paraphrases, in one batch): ×0 suppresses, ×2 enhances
 
     ΔP = (P_after − P_before) / P_before
 
-with P the probability of the gold answer's first token (docs/method.md §Objects). P_before is
-recomputed here with the same batching, so ΔP = 0 exactly when nothing changes.
+with P the probability of the gold answer's first token (docs/method.md §Objects), or with
+``answer_token: all`` of the whole answer, teacher-forced (Π_k P(t_k | q, t_<k)), each token's factor
+with the neurons scaled at the position that predicts it (:mod:`matrice.models.whole_answer`).
+P_before is recomputed here with the same batching, so ΔP = 0 exactly when nothing changes.
 
 Choices where the paper is silent (all visible in the result):
 - A fact whose set is empty for a method gets ΔP = 0 by construction (no forward pass); such facts
@@ -35,6 +37,7 @@ from matrice.experiments import (
 )
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.scaled_rows import scaling_set, score_scaled_rows
+from matrice.models.whole_answer import AnswerSteps
 from matrice.evaluation.stats import Estimate, per_fact_mean, relation_mean
 from matrice.io import RunOutputs
 from matrice.evaluation.report import RunResults, not_drawn_note, ordered_langs, plot_manipulation, split_empty, wide_rows
@@ -114,15 +117,19 @@ def _summarise(records: Sequence[ManipulationRecord], keys: tuple[str, ...]) -> 
 
 def _score_all(adapter: ModelAdapter, encs: Mapping[str, Encoded], by_fact: Mapping[str, Sequence[Query]],
                neurons: Mapping[tuple[str, str], Any], methods: Sequence[str], modes: Mapping[str, float],
-               batch_size: int, progress: bool) -> dict[tuple[str, Any], list[float]]:
+               batch_size: int, progress: bool, answer_token: str = "first") -> dict[tuple[str, Any], list[float]]:
     """P(gold) of every fact's queries unedited (key (fact, None)) and under each non-empty
-    (method, mode) scaling (key (fact, (method, mode))): all facts' rows in shared batches."""
+    (method, mode) scaling (key (fact, (method, mode))): all facts' rows in shared batches. Whole
+    answers: every answer token's row, scaled at its own position, folded into P(answer)."""
     plan = fact_rows(by_fact, lambda fid: [((m, mode), scaling_set(neurons[(fid, m)], f))
                                            for m in methods for mode, f in modes.items()])
-    log.info("manipulation: %d facts, %d (query, edit) rows", len(by_fact), len(plan.rows))
-    scores = score_scaled_rows(adapter, [encs[q] for q in plan.query_ids], plan.scalings, plan.rows, batch_size,
+    steps = AnswerSteps.of(adapter, [encs[q] for q in plan.query_ids], answer_token)
+    rows, spans = steps.rows(plan.rows)
+    log.info("manipulation: %d facts, %d (query, edit) rows, %d scored (answer_token %s)", len(by_fact),
+             len(plan.rows), len(rows), answer_token)
+    scores = score_scaled_rows(adapter, steps.encs, plan.scalings, rows, batch_size,
                                progress="manipulation" if progress else None)
-    return plan.per_key([s.prob for s in scores])
+    return plan.per_key([s.prob for s in steps.fold(scores, spans)])
 
 
 def manipulate(
@@ -135,8 +142,10 @@ def manipulate(
     encoded: Mapping[str, Encoded] | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    answer_token: str = "first",
 ) -> ManipulationResult:
-    """Suppress / enhance each fact's neurons for each method and measure ΔP on all its queries.
+    """Suppress / enhance each fact's neurons for each method and measure ΔP on all its queries
+    (``answer_token: all``: on the whole answer's probability, module doc).
 
     ``modes`` maps a mode name to the activation factor (default suppress ×0, enhance ×2). Raises
     :class:`~matrice.experiments.MissingNeuronSetError` for a fact the neuron sets do not cover.
@@ -148,7 +157,7 @@ def manipulate(
     neurons = {(fid, m): fact_neurons(sets, fid, m, adapter) for fid in by_fact for m in methods}
     result = ManipulationResult(modes=modes, unencodable=failed, empty_facts={m: [] for m in methods})
 
-    scored = _score_all(adapter, encs, by_fact, neurons, methods, modes, batch_size, progress)
+    scored = _score_all(adapter, encs, by_fact, neurons, methods, modes, batch_size, progress, answer_token)
     for fid, fqs in by_fact.items():
         before = scored[(fid, None)]
         for method in methods:

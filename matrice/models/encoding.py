@@ -78,3 +78,32 @@ def encode_masked(adapter: ModelAdapter, query: Query) -> Encoded:
 
 def encode_query(adapter: ModelAdapter, query: Query, few_shot: bool = False) -> Encoded:
     return encode_causal(adapter, query, few_shot) if adapter.causal else encode_masked(adapter, query)
+
+
+def answer_steps(adapter: ModelAdapter, enc: Encoded, whole_sequence: bool = False) -> list[Encoded]:
+    """One query per answer token, teacher-forced on the gold answer: step k predicts answer token k
+    (``answer_ids[0]`` of the step) with the gold tokens before it in place.
+
+    Causal: the context followed by the first k answer tokens, the target its last token;
+    ``whole_sequence`` keeps the whole teacher-forced sequence (context + answer but its last token)
+    with the target at k, which a causal model scores the same (what the reference engine runs, so
+    the fast engine's truncation is checked, not assumed). Masked: the cloze's masks filled left to
+    right, the first k with the gold tokens, the target the (k+1)-th mask. Baseline positions stay the
+    query's own tokens: a baseline replaces query tokens, never the answer's gold prefix."""
+    answer, k_max = list(enc.answer_ids), len(enc.answer_ids)
+    base = list(enc.baseline_positions)
+    if adapter.causal:
+        if whole_sequence:
+            ids = list(enc.input_ids) + answer[:-1]
+            return [Encoded(ids, enc.target_pos + k, answer[k:], base) for k in range(k_max)]
+        return [Encoded(list(enc.input_ids) + answer[:k], enc.target_pos + k, answer[k:], base) for k in range(k_max)]
+    masks = [enc.target_pos + k for k in range(k_max)]
+    mask_id = adapter.tokenizer.mask_token_id
+    if masks[-1] >= len(enc.input_ids) or any(enc.input_ids[p] != mask_id for p in masks):
+        raise ValueError(f"the answer's {k_max} mask tokens are not contiguous from position {enc.target_pos}")
+    steps = []
+    for k in range(k_max):
+        ids = list(enc.input_ids)
+        ids[enc.target_pos : enc.target_pos + k] = answer[:k]
+        steps.append(Encoded(ids, enc.target_pos + k, answer[k:], base))
+    return steps

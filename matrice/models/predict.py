@@ -71,9 +71,19 @@ def target_logits(adapter: ModelAdapter, batch: Batch, edits: Mapping[int, Edit]
 
 @dataclass(frozen=True)
 class AnswerScore:
-    prob: float  # P(first gold token | query) at the target position
-    rank: int  # 0 = the model's top-1 token
+    """One query's answer score. First token: P(gold first token) at the target, its rank, the top
+    token. A whole answer (:mod:`matrice.models.whole_answer`): the product of its tokens' teacher-forced
+    probabilities, rank 0 when every token is top-1 (the greedy output is the answer), the top token of
+    each step (``top_token`` the first's, ``top_rest`` the others')."""
+
+    prob: float  # P(first gold token | query) at the target position, or P(whole answer | query)
+    rank: int  # 0 = the model's top-1 token (every token's, for a whole answer)
     top_token: int
+    top_rest: tuple[int, ...] = ()
+
+    def same_top(self, other: "AnswerScore") -> bool:
+        """The same top token at every step (locality: the edit left this query's prediction alone)."""
+        return self.top_token == other.top_token and self.top_rest == other.top_rest
 
 
 def _scores_from_logits(logits: torch.Tensor, chunk: Sequence[Encoded]) -> list[AnswerScore]:

@@ -328,5 +328,5 @@ class _EditRun:
         for qid, s, b in zip(fact.locality_ids, loc_after, fact.base[op][len(probe_ids):]):
             c = counts[self.lang_of[qid]]
             c["loc_n"] += 1
-            c["loc_ok"] += int(s.top_token == b.top_token)
+            c["loc_ok"] += int(s.same_top(b))
         return counts

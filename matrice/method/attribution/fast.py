@@ -23,7 +23,6 @@ import torch
 from matrice.method.attribution.common import (
     AttributionConfig,
     all_layers,
-    answer_steps,
     baseline_activations,
     integrate,
     step_points,
@@ -31,6 +30,7 @@ from matrice.method.attribution.common import (
 from matrice.method.attribution.head import fused_answer_probability, head_input, linear_head
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.cache import broadcast_cache
+from matrice.models.encoding import answer_steps
 from matrice.models.hooks import Edit, instance_forward, neuron_hooks, restore_forward
 
 
