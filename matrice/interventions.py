@@ -48,21 +48,29 @@ def erasure_vectors(adapter: ModelAdapter, neurons: Pairs) -> dict[tuple[int, in
 UPDATE_SCALINGS = ("raw", "column_norm")
 
 
+def answer_direction(adapter: ModelAdapter, answer: int | Sequence[int]) -> torch.Tensor:
+    """E(o), float32: the unembedding row of o's first token (an int), or for a whole answer (its token
+    ids) the mean of its tokens' rows, so every token of o' is pushed up and the norm stays a row's."""
+    if isinstance(answer, (int, np.integer)):
+        return adapter.unembedding(int(answer)).detach().float()
+    return torch.stack([adapter.unembedding(int(t)).detach().float() for t in answer]).mean(dim=0)
+
+
 def update_vectors(
-    adapter: ModelAdapter, neurons: Pairs, old_token: int, new_token: int, lambda1: float = 1.0, lambda2: float = 1.0,
-    scaling: str = "raw",
+    adapter: ModelAdapter, neurons: Pairs, old_token: int | Sequence[int], new_token: int | Sequence[int],
+    lambda1: float = 1.0, lambda2: float = 1.0, scaling: str = "raw",
 ) -> dict[tuple[int, int], torch.Tensor]:
     """Update: ``W − λ1·E(o) + λ2·E(o')`` (Eq. 15; ``scaling="raw"``, the default, as Dai et al.'s
     code adds raw embeddings), or with ``scaling="column_norm"`` λk' = λk·‖W‖/‖E‖ per column, so each
     term has norm λk·‖W‖ (our option: the same λ means the same relative change in every layer).
 
-    E is the output (unembedding) row of a token. Computed in float32, cast to the weight's dtype.
+    E is the output (unembedding) row of a token, or the mean row of a whole answer's tokens
+    (:func:`answer_direction`). Computed in float32, cast to the weight's dtype.
     With column_norm, a column with ‖W‖ = 0 is left unchanged (both terms vanish).
     """
     if scaling not in UPDATE_SCALINGS:
         raise ValueError(f"update scaling must be one of {UPDATE_SCALINGS}, got {scaling!r}")
-    e_old = adapter.unembedding(old_token).detach().float()
-    e_new = adapter.unembedding(new_token).detach().float()
+    e_old, e_new = answer_direction(adapter, old_token), answer_direction(adapter, new_token)
     n_old, n_new = e_old.norm(), e_new.norm()
     if n_old == 0 or n_new == 0:
         raise ValueError(f"token {old_token if n_old == 0 else new_token} has a zero unembedding vector")

@@ -9,13 +9,13 @@ from stages.common import ModelStage
 
 
 def main() -> None:
-    stage = ModelStage.start(__doc__)
+    stage = ModelStage.start(__doc__, whole_answers=True)
     sets = stage.sets
     memo = Memo.for_model(stage.out / "edit_runs", stage.adapter.model)  # passes a sweep did not move: read back
     # locality samples unrelated facts from every query of the dataset
     result = edit_facts(stage.adapter, stage.queries, sets, stage.params["edit"]["methods"],
                         cfg=stage.config(EditConfig, "edit"), few_shot=stage.params["few_shot"], facts=sorted(sets.facts),
-                        is_evaluation=stage.rule, memo=memo)
+                        is_evaluation=stage.rule, memo=memo, answer_token=stage.params["answer_token"])
     write_outputs(result.to_dict(), stage.outputs, stage.relations)
 
 

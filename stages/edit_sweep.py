@@ -10,13 +10,13 @@ from stages.common import ModelStage
 
 
 def main() -> None:
-    stage = ModelStage.start(__doc__)
+    stage = ModelStage.start(__doc__, whole_answers=True)
     sweep, sets = stage.params["edit_sweep"], stage.sets
     memo = Memo.for_model(stage.out / "edit_sweep_runs", stage.adapter.model)  # passes a sweep did not move: read back
     try:
         result = sweep_update(stage.adapter, stage.queries, sets, sweep.get("methods") or stage.params["edit"]["methods"],
                               sweep["lambdas"], stage.config(EditConfig, "edit"), few_shot=stage.params["few_shot"],
-                              facts=sorted(sets.facts), memo=memo)
+                              facts=sorted(sets.facts), memo=memo, answer_token=stage.params["answer_token"])
     except ValueError as exc:
         raise SystemExit(f"params.yaml: edit_sweep.lambdas: {exc}") from exc
     write_outputs(result.to_dict(), stage.outputs)

@@ -40,6 +40,7 @@ from matrice.experiments.edit.passes import EditedPasses, WeightEdit
 from matrice.interventions import update_vectors
 from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
+from matrice.models.whole_answer import AnswerSteps
 from matrice.evaluation.stats import Estimate, bootstrap_mean, pooled_ratio, relation_mean
 from matrice.evaluation.claims import Claim, RelationOf, make_claim, method_name, relation_prefix
 from matrice.io import RunOutputs
@@ -96,11 +97,14 @@ def sweep_update(
     encoded: Mapping[str, Encoded] | None = None,
     progress: bool = True,
     memo: Memo | None = None,
+    answer_token: str = "first",
 ) -> SweepResult:
     """Reliability and locality of the update edit for every (fact, method, λ); see the module doc.
     With ``memo``, every scored pass (a fact's unedited pass, each (method, λ) edit) is stored under its
     exact inputs and read back by a run that would compute it again (bit-identical: a pass's batches
-    are fixed by its inputs), so a τ sweep recomputes only the passes whose neurons moved."""
+    are fixed by its inputs), so a τ sweep recomputes only the passes whose neurons moved.
+    ``answer_token: all``: reliability is o' as the greedy output in full, locality every step's top
+    token, E(o) and E(o') the mean unembedding of their tokens (as the edit stage)."""
     cfg = cfg or EditConfig()
     grid = _check_lambdas(lambdas)
     encs, _ = encode_all(adapter, queries, few_shot, encoded)
@@ -115,19 +119,21 @@ def sweep_update(
                          empty_facts={m: [] for m in methods}, skipped={"no_source_query": [], "no_new_object": []})
 
     passes = EditedPasses(adapter, cfg.batch_size, memo, kind="edit_sweep_pass")
+    whole = answer_token == "all"
     for fid in tqdm(targets, desc="λ sweep", unit="fact", disable=not progress):
         src = originals[fid].get(cfg.source_lang)
         if src is None:
             result.skipped["no_source_query"].append(fid)
             continue
-        gold_token = encs[src.query_id].answer_ids[0]
+        gold_ids = encs[src.query_id].answer_ids
         relation = by_fact[fid][0].relation
-        new = choose_new_object(adapter, fid, by_fact, gold_token, cfg.source_lang, cfg.seed, few_shot,
-                                pool=by_relation[relation])
+        new = choose_new_object(adapter, fid, by_fact, gold_ids[0], cfg.source_lang, cfg.seed, few_shot,
+                                pool=by_relation[relation], gold_answer=gold_ids if whole else None)
         if new is None:
             result.skipped["no_new_object"].append(fid)
             continue
-        rel = _relabelled_originals(adapter, originals[fid], new, encs, few_shot)
+        gold = tuple(gold_ids) if whole else gold_ids[0]
+        rel = _relabelled_originals(adapter, originals[fid], new, encs, few_shot, whole)
         loc = [(q.lang, encs[q.query_id]) for f in sample_locality(fid)
                for q in originals[f].values()]
         scored = [e for _, e in rel] + [e for _, e in loc]  # the unedited model on the batches the edits see
@@ -135,9 +141,11 @@ def sweep_update(
         for method, pairs in neurons.items():
             if len(pairs) == 0:
                 result.empty_facts[method].append(fid)
-        edits = {(method, lam): _update(adapter, pairs, gold_token, new.token, lam, cfg.scaling)
+        edits = {(method, lam): _update(adapter, pairs, gold, new.target(whole), lam, cfg.scaling)
                  for method, pairs in neurons.items() if len(pairs) for lam in grid}
-        before, after = passes.run(scored, edits)
+        steps = AnswerSteps.of(adapter, scored, answer_token)
+        before, after = passes.run(steps.encs, edits)
+        before, after = steps.fold(before), {e: steps.fold(s) for e, s in after.items()}
         loc_before = before[len(rel):]
         for (method, lam), edit in edits.items():
             result.records += _records(fid, relation, method, lam, len(edit.pairs), rel, loc, after[method, lam],
@@ -145,17 +153,19 @@ def sweep_update(
     return result
 
 
-def _update(adapter: ModelAdapter, pairs, gold: int, new: int, lam: float, scaling: str) -> WeightEdit:
+def _update(adapter: ModelAdapter, pairs, gold: int | tuple[int, ...], new: int | tuple[int, ...], lam: float,
+            scaling: str) -> WeightEdit:
     """The update edit of ``pairs`` at λ1 = λ2 = ``lam``."""
     return WeightEdit(pairs, lambda: update_vectors(adapter, pairs, gold, new, lam, lam, scaling),
                       {"gold_token": gold, "new_token": new, "lambda": lam, "scaling": scaling})
 
 
 def _relabelled_originals(adapter: ModelAdapter, originals: Mapping[str, Query], new: NewObject,
-                          encs: Mapping[str, Encoded], few_shot: bool) -> list[tuple[str, Encoded]]:
+                          encs: Mapping[str, Encoded], few_shot: bool, whole: bool = False) -> list[tuple[str, Encoded]]:
     """Each language's original query with o' as the answer (as the edit stage scores reliability);
     a language where the edit stage would not score the update (:func:`with_new_object`) is left out."""
-    relabelled = ((lang, with_new_object(adapter, q, new, encs[q.query_id].answer_ids[0], few_shot)[0])
+    relabelled = ((lang, with_new_object(adapter, q, new, encs[q.query_id].answer_ids[0], few_shot,
+                                         encs[q.query_id].answer_ids if whole else None)[0])
                   for lang, q in sorted(originals.items()))
     return [(lang, enc) for lang, enc in relabelled if enc is not None]
 

@@ -20,11 +20,16 @@ class NewObject:
     fact_id: str
     labels: dict[str, str]  # lang -> label
     token: int  # first token of o' in the source language, in the edited fact's context
+    tokens: tuple[int, ...] = ()  # all of o''s tokens there
+
+    def target(self, whole: bool) -> int | tuple[int, ...]:
+        """What the update writes: o''s first token, or its whole answer (``answer_token: all``)."""
+        return self.tokens if whole else self.token
 
 
-def _first_token(adapter: ModelAdapter, query: Query, label: str, few_shot: bool) -> int | None:
+def _answer_ids(adapter: ModelAdapter, query: Query, label: str, few_shot: bool) -> list[int] | None:
     try:
-        return encode_query(adapter, replace(query, answer=label), few_shot).answer_ids[0]
+        return encode_query(adapter, replace(query, answer=label), few_shot).answer_ids
     except ValueError:
         return None
 
@@ -38,9 +43,12 @@ def choose_new_object(
     seed: int = 0,
     few_shot: bool = False,
     pool: Sequence[str] | None = None,
+    gold_answer: Sequence[int] | None = None,
 ) -> NewObject | None:
     """Seeded o' for ``fact_id``: another fact of the same relation with a different source-language
     label and a different first token (in the edited fact's source-language context); None if none.
+    With ``gold_answer`` (o's tokens there; whole answers) o' needs different tokens, not a different
+    first token: an update from "Buenos Aires" to "Buenos Tiempos" is scored on its whole answer.
 
     Uniform among the valid candidates: the candidates (``pool``, default every fact of the relation)
     are visited in a seeded random order and the first valid one is taken, so only as many are
@@ -61,10 +69,10 @@ def choose_new_object(
         label = labels.get(source_lang)
         if label is None or normalize_answer(label) == gold_norm:
             continue
-        token = _first_token(adapter, src, label, few_shot)
-        if token is None or token == gold_token:
+        ids = _answer_ids(adapter, src, label, few_shot)
+        if ids is None or (ids[0] == gold_token if gold_answer is None else list(ids) == list(gold_answer)):
             continue
-        return NewObject(other, labels, int(token))
+        return NewObject(other, labels, int(ids[0]), tuple(int(t) for t in ids))
     return None
 
 
@@ -87,12 +95,13 @@ def locality_sampler(all_facts: Sequence[str], k: int, seed: int) -> Callable[[s
     return sample
 
 
-def with_new_object(adapter: ModelAdapter, query: Query, new: NewObject, gold_first: int, few_shot: bool
-                    ) -> tuple[Encoded | None, str]:
+def with_new_object(adapter: ModelAdapter, query: Query, new: NewObject, gold_first: int, few_shot: bool,
+                    gold_answer: Sequence[int] | None = None) -> tuple[Encoded | None, str]:
     """``query`` with o' (its label in the query's language) as the answer, re-encoded in context, or
     None and why an update cannot be scored there: ``without_label``, ``unencodable``, or
     ``same_first_token`` (o' starts with o's first token ``gold_first`` there, so "o' is top-1" would
-    only mean o still is)."""
+    only mean o still is). With ``gold_answer`` (o's tokens there; whole answers) only o' = o in every
+    token is left out (``same_answer``): a shared first token is scored on the whole answer."""
     label = new.labels.get(query.lang)
     if label is None:
         return None, "without_label"
@@ -100,4 +109,6 @@ def with_new_object(adapter: ModelAdapter, query: Query, new: NewObject, gold_fi
         enc = encode_query(adapter, replace(query, answer=label), few_shot)
     except ValueError:
         return None, "unencodable"
+    if gold_answer is not None:
+        return (None, "same_answer") if list(enc.answer_ids) == list(gold_answer) else (enc, "")
     return (None, "same_first_token") if enc.answer_ids[0] == gold_first else (enc, "")

@@ -19,6 +19,7 @@ from matrice.interventions import UPDATE_SCALINGS, erasure_vectors, update_vecto
 from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.predict import AnswerScore
+from matrice.models.whole_answer import AnswerSteps
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +150,12 @@ def edit_facts(
     progress: bool = True,
     is_evaluation: Callable[[str], bool] | None = None,
     memo: Memo | None = None,
+    answer_token: str = "first",
 ) -> EditResult:
     """Edit every fact (or the given ``facts``) with each method and operation; see the package doc.
     ``is_evaluation(query_id)``: the query was never attributed (its counts go to ``held_*`` too).
+    ``answer_token: all``: whole answers (erasure: o is no longer the greedy output; update: o' is, in
+    full; E(o), E(o') the mean unembedding of their tokens; locality: every step's top token).
     With ``memo``, each scored pass (a fact's unedited pass per operation, each (method, operation)
     edit) is stored under its exact inputs and read back by a later run that would compute it again:
     a τ sweep recomputes only the passes whose neurons moved (AMIG's sets and the unedited model are
@@ -171,7 +175,8 @@ def edit_facts(
     if unknown:
         raise KeyError(f"facts {unknown[:5]} have no (encodable) queries")
     neurons = {fid: {m: fact_neurons(sets, fid, m, adapter) for m in methods} for fid in targets}  # fail before editing
-    run = _EditRun(adapter, cfg, few_shot, encs, by_fact, list(operations), is_evaluation or (lambda qid: False), memo)
+    run = _EditRun(adapter, cfg, few_shot, encs, by_fact, list(operations), is_evaluation or (lambda qid: False), memo,
+                   answer_token)
     result = EditResult(config=dict(cfg.__dict__), empty_facts={m: [] for m in methods})
     skipped = run.skipped
     skipped["unencodable_queries"] = len(failed)
@@ -189,7 +194,7 @@ class _FactProbes:
 
     fact_id: str
     relation: str
-    gold_token: int
+    gold: int | tuple[int, ...]  # o in the source language: its first token, or its tokens (whole answers)
     original_ids: set[str]
     languages: list[str]
     locality_ids: list[str]
@@ -208,10 +213,11 @@ class _EditRun:
 
     def __init__(self, adapter: ModelAdapter, cfg: EditConfig, few_shot: bool, encs: Mapping[str, Encoded],
                  by_fact: Mapping[str, list[Query]], operations: list[str], is_evaluation: Callable[[str], bool],
-                 memo: Memo | None = None) -> None:
+                 memo: Memo | None = None, answer_token: str = "first") -> None:
         self.adapter, self.cfg, self.few_shot, self.encs, self.by_fact = adapter, cfg, few_shot, encs, by_fact
         self.operations, self.is_evaluation = operations, is_evaluation
         self.passes = EditedPasses(adapter, cfg.batch_size, memo, kind="edit_pass")
+        self.answer_token, self.whole = answer_token, answer_token == "all"
         self.originals = {fid: original_queries(fqs) for fid, fqs in by_fact.items()}
         self.sample_locality = locality_sampler(list(by_fact), cfg.locality_k, cfg.seed)
         self.by_relation: dict[str, list[str]] = defaultdict(list)
@@ -253,23 +259,27 @@ class _EditRun:
         if src is None:
             self.skipped["no_source_query"].append(fid)
             return None
-        gold_token = self.encs[src.query_id].answer_ids[0]
+        gold_ids = self.encs[src.query_id].answer_ids
+        gold_token = gold_ids[0]
         loc_ids = [q.query_id for f in self.sample_locality(fid) for q in self.originals[f].values()]
         new, upd_encs = None, {}
         if "update" in self.operations:
             new = choose_new_object(self.adapter, fid, self.by_fact, gold_token, cfg.source_lang, cfg.seed,
-                                    self.few_shot, pool=self.by_relation[fqs[0].relation])
+                                    self.few_shot, pool=self.by_relation[fqs[0].relation],
+                                    gold_answer=gold_ids if self.whole else None)
             if new is None:
                 self.skipped["no_new_object"].append(fid)
             else:
                 result.new_objects[fid] = {"from_fact": new.fact_id, "labels": new.labels, "token": new.token,
-                                           "old_token": int(gold_token)}
+                                           "old_token": int(gold_token),
+                                           **({"tokens": list(new.tokens), "old_tokens": list(gold_ids)} if self.whole else {})}
                 upd_encs = self.update_encodings(fqs, new)
         fact_ids = [q.query_id for q in fqs]
         probes = {"erasure": (fact_ids, [self.encs[q] for q in fact_ids])}
         if new is not None:
             probes["update"] = (list(upd_encs), list(upd_encs.values()))
-        return _FactProbes(fid, fqs[0].relation, gold_token, {q.query_id for q in self.originals[fid].values()},
+        gold = tuple(gold_ids) if self.whole else gold_token
+        return _FactProbes(fid, fqs[0].relation, gold, {q.query_id for q in self.originals[fid].values()},
                            sorted({q.lang for q in fqs}), loc_ids, [self.encs[q] for q in loc_ids], new, probes)
 
     def update_encodings(self, fqs: Sequence[Query], new: NewObject) -> dict[str, Encoded]:
@@ -278,9 +288,10 @@ class _EditRun:
         mean o is still top-1)."""
         out: dict[str, Encoded] = {}
         for q in fqs:
-            enc, why = with_new_object(self.adapter, q, new, self.encs[q.query_id].answer_ids[0], self.few_shot)
+            gold = self.encs[q.query_id].answer_ids
+            enc, why = with_new_object(self.adapter, q, new, gold[0], self.few_shot, gold if self.whole else None)
             if enc is None:
-                self.skipped[f"update_queries_{why}"] += 1
+                self.skipped[f"update_queries_{why}"] = self.skipped.get(f"update_queries_{why}", 0) + 1
             else:
                 out[q.query_id] = enc
         return out
@@ -290,19 +301,21 @@ class _EditRun:
         """Each method's scores of ``op``'s batches under its edit (an empty set: the unedited scores,
         which become ``fact.base[op]``), through the memo."""
         cfg = self.cfg
-        key = {"operation": op, "gold_token": fact.gold_token}
+        new = None if fact.new is None else fact.new.target(self.whole)
+        key = {"operation": op, "gold_token": fact.gold}
         if op == "update":
-            key.update(new_token=fact.new.token, lambda1=cfg.lambda1, lambda2=cfg.lambda2, scaling=cfg.scaling)
+            key.update(new_token=new, lambda1=cfg.lambda1, lambda2=cfg.lambda2, scaling=cfg.scaling)
 
         def vectors(pairs: np.ndarray) -> Callable[[], Any]:
             if op == "erasure":
                 return lambda: erasure_vectors(self.adapter, pairs)
-            return lambda: update_vectors(self.adapter, pairs, fact.gold_token, fact.new.token, cfg.lambda1,
-                                          cfg.lambda2, cfg.scaling)
+            return lambda: update_vectors(self.adapter, pairs, fact.gold, new, cfg.lambda1, cfg.lambda2, cfg.scaling)
 
         edits = {m: WeightEdit(pairs, vectors(pairs), key) for m, pairs in neurons.items() if len(pairs)}
-        fact.base[op], after = self.passes.run(fact.scored(op), edits)
-        return {m: after.get(m, fact.base[op]) for m in neurons}
+        steps = AnswerSteps.of(self.adapter, fact.scored(op), self.answer_token)
+        base, after = self.passes.run(steps.encs, edits)
+        fact.base[op] = steps.fold(base)
+        return {m: steps.fold(after[m]) if m in after else fact.base[op] for m in neurons}
 
     def count(self, fact: _FactProbes, op: str, fact_after: Sequence[AnswerScore], loc_after: Sequence[AnswerScore]
               ) -> dict[str, dict[str, int]]:

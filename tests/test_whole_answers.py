@@ -1,0 +1,135 @@
+"""Whole answers (`answer_token: all`) in scoring and editing: rank 0 is the greedy output in full, an
+update to an object that shares the gold's first token is scored on the whole object, and the edit
+stage's counts equal greedy decoding under the same edit."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import replace
+
+import pytest
+
+from conftest import tiny_on_device
+from implant import IMPLANT, QUERIES, pairs, sets_for
+from matrice.experiments import encode_all, group_by_fact
+from matrice.experiments.edit import EditConfig, edit_facts
+from matrice.experiments.edit.run import _EditRun
+from matrice.experiments.edit_targets import NewObject, with_new_object
+from matrice.interventions import edited_output_weights, erasure_vectors, update_vectors
+from matrice.models.adapter import Encoded
+from matrice.models.predict import greedy_decode, score_answers
+from matrice.models.whole_answer import AnswerSteps, whole_score
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _whole(adapter, encs):
+    steps = AnswerSteps.of(adapter, encs, "all")
+    return steps.fold(score_answers(adapter, steps.encs))
+
+
+def _query(adapter, n_tokens: int) -> Encoded:
+    tok = adapter.tokenizer
+    ids = list(tok("The capital of France is" if adapter.causal else "The capital of France is" + tok.mask_token * n_tokens)
+               ["input_ids"])
+    target = len(ids) - 1 if adapter.causal else ids.index(tok.mask_token_id)
+    return Encoded(ids, target, [0] * n_tokens, [p for p, i in enumerate(ids) if i not in set(tok.all_special_ids)])
+
+
+def _fill_left_to_right(adapter, enc: Encoded) -> list[int]:
+    """Greedy filling of a masked query's masks one at a time, left to right (independent of the steps)."""
+    import torch
+
+    ids, out = list(enc.input_ids), []
+    for k in range(len(enc.answer_ids)):
+        with torch.no_grad():
+            logits = adapter.model(input_ids=torch.tensor([ids], device=adapter.device)).logits[0, enc.target_pos + k]
+        out.append(int(logits.argmax()))
+        ids[enc.target_pos + k] = out[-1]
+    return out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3", "bert"])
+def test_rank_zero_is_the_greedy_output_in_full(family):
+    a = tiny_on_device(family)
+    enc = _query(a, 3)
+    greedy = greedy_decode(a, [enc])[0] if a.causal else _fill_left_to_right(a, enc)
+    own = replace(enc, answer_ids=list(greedy))
+    near = replace(enc, answer_ids=[greedy[0], greedy[1], (greedy[2] + 1) % a.model.config.vocab_size])
+    whole = _whole(a, [own, near])
+    assert whole[0].rank == 0 and whole[1].rank > 0  # a different last token is a different answer
+    first = score_answers(a, [own, near])
+    assert first[0].rank == first[1].rank == 0  # first-token scoring cannot tell them apart
+    steps = AnswerSteps.of(a, [own], "all")
+    per_token = score_answers(a, steps.encs)
+    assert whole[0].prob == pytest.approx(per_token[0].prob * per_token[1].prob * per_token[2].prob, rel=1e-4)
+    assert (whole[0].top_token, *whole[0].top_rest) == tuple(greedy)
+
+
+def test_whole_score_of_one_token_is_the_token_score_and_locality_compares_every_step():
+    from matrice.models.predict import AnswerScore
+
+    one = AnswerScore(0.3, 2, 7)
+    assert whole_score([one]) is one
+    a = whole_score([AnswerScore(0.5, 0, 7), AnswerScore(0.4, 3, 9)])
+    b = whole_score([AnswerScore(0.5, 0, 7), AnswerScore(0.1, 0, 4)])
+    assert a.rank == 3 and a.prob == pytest.approx(0.2) and not a.same_top(b)
+    assert a.same_top(whole_score([AnswerScore(0.9, 0, 7), AnswerScore(0.2, 1, 9)]))
+
+
+def test_an_update_to_an_object_sharing_the_first_token_is_scored_on_the_whole_object(gpt2_implant):
+    """o = "Paris", o' = "Parisian" (same first token): first-token scoring has to leave such queries out
+    (o' top-1 would only mean o still is); whole answers keep them and count success only when the
+    greedy output is o' in full, which the unedited model's is not."""
+    a, _ = gpt2_implant
+    encs, _ = encode_all(a, QUERIES)
+    f1 = [q for q in QUERIES if q.fact_id == "f1" and q.lang in ("en", "fr")]
+    runs = {policy: _EditRun(a, EditConfig(), False, encs, group_by_fact(QUERIES), ["update"], lambda qid: False,
+                             answer_token=policy) for policy in ("first", "all")}
+    gold = encs[f1[0].query_id].answer_ids
+    tokens = tuple(with_new_object(a, f1[0], NewObject("f2", {"en": "Parisian"}, 0), -1, False)[0].answer_ids)
+    assert tokens[0] == gold[0] and len(tokens) > 1
+    new = NewObject("f2", {"en": "Parisian", "fr": "Parisian"}, tokens[0], tokens)
+    assert runs["first"].update_encodings(f1, new) == {}
+    assert runs["first"].skipped["update_queries_same_first_token"] == len(f1)
+    kept = runs["all"].update_encodings(f1, new)
+    assert set(kept) == {q.query_id for q in f1}
+    encodings = list(kept.values())
+    first, whole, greedy = score_answers(a, encodings), _whole(a, encodings), greedy_decode(a, encodings)
+    assert all(s.rank == 0 for s in first)  # "done" by its first token
+    assert [w.rank == 0 for w in whole] == [g == e.answer_ids for g, e in zip(greedy, encodings)]
+    assert not any(w.rank == 0 for w in whole)  # the model says " Paris", not "Parisian"
+    same = NewObject("f2", {"fi": "Pariisi"}, 0, ())
+    fi = next(q for q in QUERIES if q.fact_id == "f1" and q.lang == "fi")
+    assert runs["all"].update_encodings([fi], same) == {} and runs["all"].skipped["update_queries_same_answer"] == 1
+
+
+def test_whole_answer_editing_counts_equal_greedy_decoding_under_the_same_edit(gpt2_implant):
+    a, _ = gpt2_implant
+    sets = sets_for({"f1": {"matrice": pairs(IMPLANT)}})
+    cfg = EditConfig(locality_k=2, seed=0, scaling="column_norm", lambda1=2.0, lambda2=2.0)
+    res = edit_facts(a, QUERIES, sets, methods=("matrice",), cfg=cfg, facts=["f1"], progress=False, answer_token="all")
+    info = res.new_objects["f1"]
+    new = NewObject(info["from_fact"], info["labels"], info["token"], tuple(info["tokens"]))
+    encs, _ = encode_all(a, QUERIES)
+    vectors = update_vectors(a, pairs(IMPLANT), tuple(info["old_tokens"]), new.tokens, cfg.lambda1, cfg.lambda2,
+                             cfg.scaling)
+    expected: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    with edited_output_weights(a, vectors):
+        for q in (q for q in QUERIES if q.fact_id == "f1"):
+            gold = encs[q.query_id].answer_ids
+            enc, _ = with_new_object(a, q, new, gold[0], False, gold)
+            if enc is not None:
+                expected[q.lang][0] += 1
+                expected[q.lang][1] += int(greedy_decode(a, [enc])[0] == enc.answer_ids)
+    got = {r.lang: [r.rel_n + r.gen_n, r.rel_ok + r.gen_ok] for r in res.records if r.operation == "update"}
+    assert got == dict(expected)
+    erased: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # o answered in full before, no longer after
+    f1 = [q for q in QUERIES if q.fact_id == "f1"]
+    before = {q.query_id: greedy_decode(a, [encs[q.query_id]])[0] == encs[q.query_id].answer_ids for q in f1}
+    with edited_output_weights(a, erasure_vectors(a, pairs(IMPLANT))):
+        for q in (q for q in f1 if before[q.query_id]):
+            erased[q.lang][0] += 1
+            erased[q.lang][1] += int(greedy_decode(a, [encs[q.query_id]])[0] != encs[q.query_id].answer_ids)
+    got = {r.lang: [r.rel_n + r.gen_n, r.rel_ok + r.gen_ok] for r in res.records if r.operation == "erasure" and r.rel_n + r.gen_n}
+    assert got == dict(erased) and sum(ok for _, ok in got.values()) > 0  # the implant's erasure removes " Paris"
