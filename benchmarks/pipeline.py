@@ -3,6 +3,7 @@
     make smoke                                        # = python benchmarks/pipeline.py --config smoke
     python benchmarks/pipeline.py --config reduced --out pipeline.json --keep /tmp/run
     python benchmarks/pipeline.py --config smoke --reuse-model   # link models/<key> instead of converting
+    python benchmarks/pipeline.py --config smoke --set answer_token=all   # any params.yaml value on top
 
 Why: `dvc repro` on the default params takes hours on a laptop, and the unit tests run the stages on a
 random tiny model only. This runs the same commands `dvc repro` would, in dvc.yaml's order
@@ -34,7 +35,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -79,6 +80,24 @@ CONFIGS = {
         f"{_MODEL}.source", f"{_MODEL}.device", f"{_MODEL}.dtype", "dataset.relations",
         "dataset.max_facts_per_relation", "attribute.facts_per_relation"})),
 }
+
+
+def with_overrides(params: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``params`` with each ``dotted.key=value`` of ``overrides`` set (the value read as YAML), as
+    `dvc exp run -S` would set it; a key that is not in params.yaml is an error."""
+    params = yaml.safe_load(yaml.safe_dump(params))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        *path, leaf = key.split(".")
+        node = params
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise SystemExit(f"--set {item!r}: {key} is not a parameter of params.yaml")
+        node[leaf] = yaml.safe_load(text)
+    return params
 
 
 def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -313,11 +332,11 @@ def auto_threads(cpus: int, load: float) -> int:
 
 
 def run_config(name: str, root: Path, reuse_model: bool, record: Benchmark,
-               save: Callable[[], None]) -> list[StageRun]:
-    """The config's params in a project copy at `root`, every stage run there (prepare_model skipped
-    only when `reuse_model` and a prepared model of the same source could be linked)."""
+               save: Callable[[], None], overrides: Sequence[str] = ()) -> list[StageRun]:
+    """The config's params (and ``overrides``) in a project copy at `root`, every stage run there
+    (prepare_model skipped only when `reuse_model` and a prepared model of the same source could be linked)."""
     base = yaml.safe_load((REPO / "params.yaml").read_text())
-    params = CONFIGS[name].build(base)
+    params = with_overrides(CONFIGS[name].build(base), overrides)
     project_copy(root, params)
     keys = list(params["models"])
     skip = {f"prepare_model@{k}" for k in keys
@@ -400,6 +419,8 @@ def parse_args() -> argparse.Namespace:
                         help="link the prepared models/<key> and skip prepare_model (not an honest total)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per stage (OMP_NUM_THREADS); default: the cores the load average leaves free")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params.yaml value on top of the config, as `dvc exp run -S` (e.g. answer_token=all)")
     parser.add_argument("--work", action="store_true",
                         help="afterwards rerun each model stage under torch's FLOP counter and set its floor "
                              "(FLOPs at the measured matmul rate) beside its time")
@@ -412,7 +433,7 @@ def main() -> int:
     cpus, load = os.cpu_count() or 1, [round(x, 2) for x in os.getloadavg()]
     threads = args.threads or auto_threads(cpus, load[0])
     os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))  # the stages inherit it
-    record = Benchmark(args.config, sorted(changed_leaves(base, CONFIGS[args.config].build(base))), False,
+    record = Benchmark(args.config, sorted(changed_leaves(base, with_overrides(CONFIGS[args.config].build(base), args.set))), False,
                        cpus, threads, load, datetime.datetime.now().isoformat(" ", "seconds"))
     save = (lambda: write_json(Path(args.out), record)) if args.out else (lambda: None)
     root = workspace(args.keep)
@@ -420,7 +441,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     log(f"load average before: {load} on {cpus} CPUs; {threads} torch thread(s) per stage")
     try:
-        runs = run_config(args.config, root, args.reuse_model, record, save)
+        runs = run_config(args.config, root, args.reuse_model, record, save, args.set)
         record.total_seconds = round(sum(r.seconds for r in runs), 1)
         record.load_after = [round(x, 2) for x in os.getloadavg()]
         print("\n" + stage_table(runs) + "\n", flush=True)

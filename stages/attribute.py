@@ -11,7 +11,7 @@ from stages.common import ModelStage
 
 
 def main() -> None:
-    stage = ModelStage.start(__doc__, _options, whole_answers=True)
+    stage = ModelStage.start(__doc__, _options)
     params, s, plan = stage.params, stage.params["attribute"], stage.args.plan
     cfg, store = stage.config(AttributionConfig, "attribution"), s.get("store_dtype", "float32")
     local = s.get("executor", "local") == "local"  # a Ray driver only encodes and writes shards

@@ -16,7 +16,8 @@ def main() -> None:
     except ValueError as exc:
         raise SystemExit(f"params.yaml: case_study.fact: {exc}") from exc
     study = case_study(stage.adapter, stage.queries, sets, fact, section["method"], section["factor"],
-                       section["new_object"], stage.config(EditConfig, "edit"), stage.params["few_shot"])
+                       section["new_object"], stage.config(EditConfig, "edit"), stage.params["few_shot"],
+                       answer_token=stage.params["answer_token"])
     write_outputs(study, stage.outputs)
 
 

@@ -145,18 +145,11 @@ class ModelStage:
     args: argparse.Namespace | None = None  # the stage's own command-line options, if it has any
 
     @classmethod
-    def start(cls, description: str, options: Callable[[argparse.ArgumentParser], None] | None = None,
-              whole_answers: bool = False) -> "ModelStage":
-        """Logging set up, the model key (and any `options`) parsed from the command line, params read.
-        ``whole_answers``: the stage handles ``answer_token: all``; any other stage refuses it."""
+    def start(cls, description: str, options: Callable[[argparse.ArgumentParser], None] | None = None) -> "ModelStage":
+        """Logging set up, the model key (and any `options`) parsed from the command line, params read."""
         setup_logging()
         args = model_args(description, options)
-        params = load_params()
-        if params.get("answer_token", "first") != "first" and not whole_answers:
-            raise SystemExit(f"params.yaml: answer_token: {params['answer_token']} is not implemented for "
-                             f"{description.split(':')[0]}, which scores the first answer token (set answer_token: "
-                             "first; docs/method.md lists the stages that read whole answers)")
-        return cls(args.model, params, args)
+        return cls(args.model, load_params(), args)
 
     def config(self, cls: type[T], section: str) -> T:
         return config_from_params(cls, self.params, section)

@@ -9,7 +9,7 @@ from stages.common import ModelStage
 
 
 def main() -> None:
-    stage = ModelStage.start(__doc__, whole_answers=True)
+    stage = ModelStage.start(__doc__)
     section = stage.params["consistency"]
     lang_of = {q.query_id: q.lang for q in stage.queries}
     try:

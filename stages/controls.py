@@ -11,7 +11,7 @@ from stages.common import ModelStage
 
 
 def main() -> None:
-    stage = ModelStage.start(__doc__, whole_answers=True)
+    stage = ModelStage.start(__doc__)
     path = stage.out / "lolo_neurons.json"
     if not path.exists():
         raise SystemExit(f"{path} is missing: run the select stage for model {stage.key} first (dvc repro)")

@@ -15,7 +15,7 @@ def main() -> None:
     adapter, sets = stage.adapter, stage.sets
     scores = ScoreStore(stage.out / "scores")
     records = search_facts(adapter, stage.queries, scores, sets.facts, stage.split,
-                           stage.params["tau"], stage.params["few_shot"], cfg)
+                           stage.params["tau"], stage.params["few_shot"], cfg, stage.params["answer_token"])
     write_outputs(records, len(scores.languages), cfg, stage.outputs)
 
 

@@ -9,7 +9,7 @@ from stages.common import ModelStage
 
 
 def main() -> None:
-    stage = ModelStage.start(__doc__, whole_answers=True)
+    stage = ModelStage.start(__doc__)
     sets = stage.sets
     memo = Memo.for_model(stage.out / "edit_runs", stage.adapter.model)  # passes a sweep did not move: read back
     # locality samples unrelated facts from every query of the dataset

@@ -10,7 +10,7 @@ from stages.common import ModelStage
 
 
 def main() -> None:
-    stage = ModelStage.start(__doc__, whole_answers=True)
+    stage = ModelStage.start(__doc__)
     sweep, sets = stage.params["edit_sweep"], stage.sets
     memo = Memo.for_model(stage.out / "edit_sweep_runs", stage.adapter.model)  # passes a sweep did not move: read back
     try:

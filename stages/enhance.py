@@ -11,7 +11,8 @@ def main() -> None:
     stage = ModelStage.start(__doc__)
     section = stage.params["enhance"]
     result = enhance_low_resource(stage.adapter, stage.attributed_queries, stage.probes, stage.sets, section["methods"],
-                                  section["languages"], section["factor"], few_shot=stage.params["few_shot"])
+                                  section["languages"], section["factor"], few_shot=stage.params["few_shot"],
+                                  answer_token=stage.params["answer_token"])
     write_outputs(result.to_dict(), stage.outputs, stage.rule, stage.relations, stage.sets)
 
 

@@ -11,7 +11,7 @@ from stages.common import ModelStage
 
 
 def main() -> None:
-    stage = ModelStage.start(__doc__, whole_answers=True)
+    stage = ModelStage.start(__doc__)
     cfg = stage.config(InjectConfig, "inject")
     probes, adapter, rule = stage.probes, stage.adapter, stage.rule
     memo = Memo.for_model(stage.out / "inject_runs", adapter.model)  # runs a sweep did not change are read back

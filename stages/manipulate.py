@@ -9,7 +9,7 @@ from stages.common import ModelStage
 
 
 def main() -> None:
-    stage = ModelStage.start(__doc__, whole_answers=True)
+    stage = ModelStage.start(__doc__)
     result = manipulate(stage.adapter, stage.attributed_queries, stage.sets, METHODS, few_shot=stage.params["few_shot"],
                         batch_size=stage.params["manipulate"]["batch_size"], answer_token=stage.params["answer_token"])
     write_outputs(result.to_dict(), stage.outputs, stage.rule, stage.relations, stage.sets)

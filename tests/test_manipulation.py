@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from implant import IMPLANT, QUERIES, pairs, sets_for
+from whole_reference import teacher_forced
 from matrice.experiments import MissingNeuronSetError
 from matrice.experiments.manipulate import manipulate
 from matrice.interventions import edited_output_weights
@@ -64,39 +65,6 @@ def test_manipulation_layer_and_missing_fact(llama):
                    methods=("matrice",), progress=False)
 
 
-def _whole_answer_probability(adapter, enc, neurons, factor: float) -> float:
-    """Π_k P(t_k) teacher-forced, each token's factor with `neurons` scaled by `factor` at the position
-    predicting it, with plain forward pre-hooks (no matrice hooks, no step encodings)."""
-    import torch
-
-    prob = 1.0
-    for k, token in enumerate(enc.answer_ids):
-        position = enc.target_pos + k
-        if adapter.causal:
-            ids = list(enc.input_ids) + list(enc.answer_ids[:-1])
-        else:
-            ids = list(enc.input_ids)
-            ids[enc.target_pos: enc.target_pos + k] = enc.answer_ids[:k]
-        handles = []
-        for layer in sorted({int(l) for l, _ in neurons}):
-            units = [int(i) for l, i in neurons if l == layer]
-
-            def scale(module, args, units=units):
-                x = args[0].clone()
-                x[:, position, units] *= factor
-                return (x, *args[1:])
-
-            handles.append(adapter.out_proj(layer).register_forward_pre_hook(scale))
-        try:
-            with torch.no_grad():
-                logits = adapter.model(input_ids=torch.tensor([ids], device=adapter.device)).logits[0, position]
-        finally:
-            for h in handles:
-                h.remove()
-        prob *= float(torch.softmax(logits.float(), dim=-1)[token])
-    return prob
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 def test_whole_answer_manipulation_is_the_product_of_its_tokens_probabilities(family):
     from conftest import tiny_on_device
@@ -111,11 +79,11 @@ def test_whole_answer_manipulation_is_the_product_of_its_tokens_probabilities(fa
     for q in qs:
         enc = encode_query(a, q)
         lengths.append(len(enc.answer_ids))
-        before = _whole_answer_probability(a, enc, neurons, 1.0)
+        before = teacher_forced(a, enc, neurons, 1.0)[0]
         for mode, factor in (("suppress", 0.0), ("enhance", 2.0)):
             r = by_key[q.query_id, mode]
             assert r.p_before == pytest.approx(before, rel=1e-4)
-            assert r.p_after == pytest.approx(_whole_answer_probability(a, enc, neurons, factor), rel=1e-4)
+            assert r.p_after == pytest.approx(teacher_forced(a, enc, neurons, factor)[0], rel=1e-4)
     assert max(lengths) > 1  # multi-token answers were scored
     first = manipulate(a, qs, {f: {"matrice": neurons} for f in ("f1", "f3")}, methods=("matrice",), progress=False)
     single = {(r.query_id, r.mode): r for r in first.records}

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from pipeline import (CONFIGS, Benchmark, auto_threads, changed_leaves, check_report, claims_possible,  # noqa: E402
-                      judge, leaves, verdict_tables)
+                      judge, leaves, verdict_tables, with_overrides)
 from stages.sequence import DEFAULT_KEY, EMBEDDED_SOURCE, StageRun, stage_commands  # noqa: E402
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -40,6 +40,15 @@ def test_a_config_keeps_params_yaml_shape_and_changes_only_what_it_declares(name
     assert changed <= CONFIGS[name].changes, changed - CONFIGS[name].changes
     assert params["models"] == {DEFAULT_KEY: {"source": EMBEDDED_SOURCE, "device": "cpu", "dtype": "float32"}}
     assert PARAMS == yaml.safe_load((REPO / "params.yaml").read_text())  # the builder copied, never mutated
+
+
+def test_set_changes_one_params_leaf_as_dvc_exp_run_would_and_refuses_unknown_keys():
+    params = with_overrides(CONFIGS["smoke"].build(PARAMS), ["answer_token=all", "edit.lambda1=2"])
+    assert changed_leaves(CONFIGS["smoke"].build(PARAMS), params) == {"answer_token", "edit.lambda1"}
+    assert params["answer_token"] == "all" and params["edit"]["lambda1"] == 2
+    for bad in ("answer_tokens=all", "edit.nothing=1", "answer_token"):
+        with pytest.raises(SystemExit, match="--set"):
+            with_overrides(PARAMS, [bad])
 
 
 def test_the_configs_are_the_documented_ones():

@@ -128,18 +128,3 @@ def test_every_stage_depends_on_the_code_it_runs():
             covered = any(rel == d or rel.startswith(d.rstrip("/") + "/") for d in deps)
             assert covered, f"dvc.yaml stage {name!r} runs {rel} but does not list it in deps"
 
-
-def test_a_stage_that_scores_first_tokens_refuses_whole_answers(monkeypatch):
-    """Under `answer_token: all` the stages that still score the first answer token stop with an error
-    naming the setting (no mix of whole-answer neurons and first-token scores); the others start."""
-    import sys
-
-    import stages.common as common
-
-    monkeypatch.setattr(common, "load_params", lambda: {"answer_token": "all"})
-    monkeypatch.setattr(sys, "argv", ["stage", "some_model"])
-    with pytest.raises(SystemExit, match="answer_token: all is not implemented for degenerate"):
-        common.ModelStage.start("degenerate: degenerate knowledge neurons")
-    assert common.ModelStage.start("manipulate: maps", whole_answers=True).params == {"answer_token": "all"}
-    monkeypatch.setattr(common, "load_params", lambda: {"answer_token": "first"})
-    assert common.ModelStage.start("degenerate: groups").key == "some_model"

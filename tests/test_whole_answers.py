@@ -11,6 +11,7 @@ import pytest
 
 from conftest import tiny_on_device
 from implant import IMPLANT, QUERIES, pairs, sets_for
+from whole_reference import teacher_forced
 from matrice.experiments import encode_all, group_by_fact
 from matrice.experiments.edit import EditConfig, edit_facts
 from matrice.experiments.edit.run import _EditRun
@@ -133,3 +134,75 @@ def test_whole_answer_editing_counts_equal_greedy_decoding_under_the_same_edit(g
             erased[q.lang][1] += int(greedy_decode(a, [encs[q.query_id]])[0] != encs[q.query_id].answer_ids)
     got = {r.lang: [r.rel_n + r.gen_n, r.rel_ok + r.gen_ok] for r in res.records if r.operation == "erasure" and r.rel_n + r.gen_n}
     assert got == dict(erased) and sum(ok for _, ok in got.values()) > 0  # the implant's erasure removes " Paris"
+
+
+def test_whole_answer_enhancement_is_every_token_top1_with_the_neurons_scaled_at_its_position():
+    from implant import implanted_gpt2, probe
+    from matrice.experiments.enhance import enhance_low_resource
+    from matrice.models.encoding import encode_query
+
+    a, _ = implanted_gpt2(scale=0.5)  # too weak to make " Paris" top-1; ×20 on the neuron makes it
+    qs = [q for q in QUERIES if q.lang in ("en", "fi")]
+    probes = probe(a, qs)
+    neurons = pairs(IMPLANT, (1, 3))
+    sets = {f: {"matrice": neurons} for f in {q.fact_id for q in qs}}
+    res = enhance_low_resource(a, qs, probes, sets, methods=("matrice",), languages=("en", "fi"), factor=20.0,
+                               progress=False, answer_token="all")
+    assert res.records and any(r.correct_after for r in res.records)
+    by_id = {q.query_id: q for q in qs}
+    lengths = set()
+    for r in res.records:
+        enc = encode_query(a, by_id[r.query_id])
+        lengths.add(len(enc.answer_ids))
+        assert r.correct_after == teacher_forced(a, enc, neurons, 20.0)[1], r.query_id
+    assert max(lengths) > 1
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_degenerate_search_on_whole_answers_suppresses_each_token_at_its_position(family):
+    from matrice.experiments.degenerate.search import Suppressor
+    from matrice.models.encoding import encode_query
+
+    a = tiny_on_device(family)
+    q = next(q for q in QUERIES if q.fact_id == "f2" and q.lang == "en")  # " Berlin": more than one token
+    enc = encode_query(a, q)
+    assert len(enc.answer_ids) > 1
+    groups = [[(1, 2)], [(1, 2), (2, 0)], [(0, 4), (1, 5), (2, 3)]]
+    p0, ratios = Suppressor(a, rows=2, answer_token="all").ratios(enc, groups)
+    assert p0 == pytest.approx(teacher_forced(a, enc)[0], rel=1e-4)
+    for group, ratio in zip(groups, ratios):
+        assert ratio == pytest.approx(teacher_forced(a, enc, group, 0.0)[0] / p0, rel=1e-4)
+
+
+def test_case_study_on_whole_answers_reads_each_language_as_the_teacher_forced_reference(gpt2_implant):
+    from matrice.experiments.case_study import case_study
+    from matrice.models.encoding import encode_query
+
+    a, _ = gpt2_implant
+    sets = sets_for({"f2": {"matrice": pairs(IMPLANT, (1, 4))}})
+    study = case_study(a, QUERIES, sets, "f2", factor=3.0, answer_token="all")
+    originals = {q.lang: q for q in QUERIES if q.fact_id == "f2" and q.template_id == 0}
+    for lang, d in study.languages.items():
+        enc = encode_query(a, originals[lang])
+        prob, top1 = teacher_forced(a, enc)
+        assert d["before"]["p_gold"] == pytest.approx(prob, rel=1e-4) and d["before"]["correct"] == top1
+        assert d["enhanced"]["correct"] == teacher_forced(a, enc, pairs(IMPLANT, (1, 4)), 3.0)[1]
+    assert max(len(encode_query(a, q).answer_ids) for q in originals.values()) > 1
+
+
+def test_fact_checking_on_whole_answers_scores_the_whole_object_and_may_pair_a_shared_first_token(gpt2_implant):
+    from matrice.experiments.fact_check.detectors import build_statements, probability_scores
+    from matrice.models.encoding import encode_query
+
+    a, _ = gpt2_implant
+    f1 = [q for q in QUERIES if q.fact_id == "f1" and q.lang == "en"][:1]
+    pool = f1 + [replace(f1[0], fact_id="fx", answer="Parisian")]  # the only other object shares " Paris"
+    assert build_statements(a, f1, pool, 0, False) == []  # first tokens: no false object to pair with
+    pairs_ = build_statements(a, f1, pool, 0, False, whole=True)
+    assert [s.true for s, _ in pairs_] == [True, False] and pairs_[1][0].obj == "Parisian"
+    encs = [e for _, e in pairs_]
+    assert encs[0].answer_ids[0] == encs[1].answer_ids[0]
+    probs = probability_scores(a, encs, answer_token="all")
+    assert probs == pytest.approx([teacher_forced(a, e)[0] for e in encs], rel=1e-4)
+    assert probs[1] < probs[0] == pytest.approx(probability_scores(a, encs)[0], rel=1e-4)  # one-token " Paris"
+    assert encode_query(a, f1[0]).answer_ids == encs[0].answer_ids

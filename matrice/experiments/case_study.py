@@ -7,6 +7,11 @@ models the query is re-encoded with the new object's number of masks). Probabili
 first token of the gold object and of the new object, each tokenised in that language and context.
 The new object is ``new_object`` (labels per language) if given, else the seeded choice of
 :func:`matrice.experiments.edit_targets.choose_new_object` (the same one the editing experiment uses).
+
+``answer_token: all``: probabilities and ranks are the whole answer's (teacher-forced, folded as in
+:mod:`matrice.models.whole_answer`), enhancement scales the neurons at every answer token's position,
+the update writes the mean unembedding of the objects' tokens, and a prediction is the top token of
+each teacher-forced step (the greedy output wherever it is right; "correct" and "is new" are rank 0).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from matrice.interventions import edited_output_weights, update_vectors
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.hooks import neuron_edits
-from matrice.models.predict import greedy_decode, is_correct, score_answers
+from matrice.models.predict import AnswerScore, greedy_decode, is_correct, score_answers
+from matrice.models.whole_answer import AnswerSteps
 from matrice.evaluation.report import RunResults, markdown_table, ordered_langs
 from matrice.io import RunOutputs
 
@@ -57,9 +63,11 @@ def case_study(
     cfg: EditConfig | None = None,
     few_shot: bool = False,
     encoded: Mapping[str, Encoded] | None = None,
+    answer_token: str = "first",
 ) -> CaseStudy:
     """Before / enhanced / updated predictions of ``fact_id`` in every language (module docstring)."""
     cfg = cfg or EditConfig()
+    whole = answer_token == "all"
     by_fact = group_by_fact(queries)
     if fact_id not in by_fact:
         raise KeyError(f"fact {fact_id!r} has no queries")
@@ -69,31 +77,45 @@ def case_study(
     src = orig.get(cfg.source_lang)
     if src is None or src.query_id not in encs:
         raise ValueError(f"fact {fact_id!r} has no encodable {cfg.source_lang!r} query to edit with")
-    gold_token = encs[src.query_id].answer_ids[0]
+    gold_ids = encs[src.query_id].answer_ids
+    gold_token = gold_ids[0]
 
-    new_from, labels = _new_object(adapter, fact_id, by_fact, gold_token, new_object, cfg, few_shot)
-    new_token = None
+    new_from, labels = _new_object(adapter, fact_id, by_fact, gold_token, new_object, cfg, few_shot,
+                                   gold_ids if whole else None)
+    new_token, new_ids = None, None
     if labels is not None:
-        new_token = encode_query(adapter, replace(src, answer=labels[cfg.source_lang]), few_shot).answer_ids[0]
+        new_ids = encode_query(adapter, replace(src, answer=labels[cfg.source_lang]), few_shot).answer_ids
+        new_token = new_ids[0]
 
     langs = [lang for lang in sorted(orig) if orig[lang].query_id in encs]
     gold_encs = [encs[orig[lang].query_id] for lang in langs]
     new_encs = _with_new_answers(adapter, {lang: orig[lang] for lang in langs}, labels, few_shot)
     new_langs = [lang for lang in langs if lang in new_encs]
 
+    def scored(encodings: list[Encoded], edits) -> list[AnswerScore]:
+        steps = AnswerSteps.of(adapter, encodings, answer_token)
+        return steps.fold(score_answers(adapter, steps.encs, edits))
+
     def snapshot(edits, on_new: bool) -> dict[str, dict[str, Any]]:
-        decode_encs = [new_encs[l] for l in new_langs] if on_new else gold_encs
-        decode_langs = new_langs if on_new else langs
-        texts = {l: g for l, g in zip(decode_langs, greedy_decode(adapter, decode_encs, edits))}
-        s_gold = dict(zip(langs, score_answers(adapter, gold_encs, edits)))
-        s_new = dict(zip(new_langs, score_answers(adapter, [new_encs[l] for l in new_langs], edits)))
+        s_gold = dict(zip(langs, scored(gold_encs, edits)))
+        s_new = dict(zip(new_langs, scored([new_encs[l] for l in new_langs], edits)))
+        if whole:  # each step's top token; right exactly where the greedy output is
+            texts = {l: [s.top_token, *s.top_rest] for l, s in (s_new if on_new else s_gold).items()}
+            correct = {l: s_gold[l].rank == 0 for l in texts}
+            is_new = {l: s_new[l].rank == 0 for l in texts if l in s_new}
+        else:
+            decode_encs = [new_encs[l] for l in new_langs] if on_new else gold_encs
+            decode_langs = new_langs if on_new else langs
+            texts = {l: g for l, g in zip(decode_langs, greedy_decode(adapter, decode_encs, edits))}
+            correct = {l: bool(is_correct(adapter, g, orig[l].answer)) for l, g in texts.items()}
+            is_new = {l: bool(is_correct(adapter, g, labels[l])) for l, g in texts.items() if l in new_encs}
         out = {}
         for lang in langs:
             g = texts.get(lang)
             out[lang] = {
                 "text": None if g is None else adapter.tokenizer.decode(list(g), skip_special_tokens=True),
-                "correct": None if g is None else bool(is_correct(adapter, g, orig[lang].answer)),
-                "is_new": None if (g is None or lang not in new_encs) else bool(is_correct(adapter, g, labels[lang])),
+                "correct": correct.get(lang),
+                "is_new": is_new.get(lang),
                 "p_gold": s_gold[lang].prob,
                 "rank_gold": s_gold[lang].rank,
                 "p_new": s_new[lang].prob if lang in s_new else None,
@@ -105,7 +127,8 @@ def case_study(
     enhanced = snapshot(neuron_edits(pairs, factor) if len(pairs) else None, on_new=False)
     updated = None
     if new_token is not None:
-        vectors = update_vectors(adapter, pairs, gold_token, new_token, cfg.lambda1, cfg.lambda2, cfg.scaling)
+        vectors = update_vectors(adapter, pairs, tuple(gold_ids) if whole else gold_token,
+                                 tuple(new_ids) if whole else new_token, cfg.lambda1, cfg.lambda2, cfg.scaling)
         with edited_output_weights(adapter, vectors):
             updated = snapshot(None, on_new=True)
 
@@ -125,14 +148,15 @@ def case_study(
 
 
 def _new_object(adapter: ModelAdapter, fact_id: str, by_fact: Mapping[str, Sequence[Query]], gold_token: int,
-                new_object: Mapping[str, str] | None, cfg: EditConfig, few_shot: bool
-                ) -> tuple[str | None, dict[str, str] | None]:
+                new_object: Mapping[str, str] | None, cfg: EditConfig, few_shot: bool,
+                gold_answer: Sequence[int] | None = None) -> tuple[str | None, dict[str, str] | None]:
     """(the fact o' is borrowed from, o' per language): the caller's, or chosen as the edit stage does."""
     if new_object is not None:
         if cfg.source_lang not in new_object:
             raise ValueError(f"new_object needs a {cfg.source_lang!r} label (the edit is made in that language)")
         return None, dict(new_object)
-    chosen = choose_new_object(adapter, fact_id, by_fact, gold_token, cfg.source_lang, cfg.seed, few_shot)
+    chosen = choose_new_object(adapter, fact_id, by_fact, gold_token, cfg.source_lang, cfg.seed, few_shot,
+                               gold_answer=gold_answer)
     return (None, None) if chosen is None else (chosen.fact_id, chosen.labels)
 
 

@@ -32,7 +32,8 @@ from matrice.experiments import (
 )
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.predict import is_correct
-from matrice.models.scaled_rows import decode_scaled_rows, scaling_set
+from matrice.models.scaled_rows import decode_scaled_rows, scaling_set, score_scaled_rows
+from matrice.models.whole_answer import AnswerSteps
 from matrice.evaluation.stats import Estimate, per_fact_mean, relation_mean
 from matrice.io import RunOutputs
 from matrice.evaluation.report import RunResults, not_drawn_note, plot_enhancement, split_empty, wide_rows
@@ -112,15 +113,33 @@ def q_error(queries: Sequence[Query], probes: ProbesLike, languages: Sequence[st
     return chosen, unprobed
 
 
-def _decode_all(adapter: ModelAdapter, encs: Mapping[str, Encoded], by_fact: Mapping[str, Sequence[Query]],
+Answer = tuple[list[int], bool]  # (the answer's tokens as predicted, correct)
+
+
+def _answer_all(adapter: ModelAdapter, encs: Mapping[str, Encoded], by_fact: Mapping[str, Sequence[Query]],
                 neurons: Mapping[tuple[str, str], Any], methods: Sequence[str], factor: float, batch_size: int,
-                progress: bool) -> dict[tuple[str, str | None], list[list[int]]]:
-    """Greedy answers of every fact's queries unedited (key (fact, None)) and with each non-empty
-    method's neurons scaled (key (fact, method)): all facts' rows in shared batches."""
+                progress: bool, answer_token: str = "first") -> dict[tuple[str, str | None], list[Answer]]:
+    """Every fact's queries answered unedited (key (fact, None)) and with each non-empty method's neurons
+    scaled (key (fact, method)): all facts' rows in shared batches. First token: greedy decoding with
+    the neurons scaled at the target, correct as the probe judges it. Whole answers: each answer token's
+    teacher-forced row scaled at its own position; correct when every token is top-1 (the greedy
+    output is the answer), the prediction the top token of each step."""
     plan = fact_rows(by_fact, lambda fid: [(m, scaling_set(neurons[(fid, m)], factor)) for m in methods])
-    log.info("enhancement: %d facts, %d (query, edit) rows", len(by_fact), len(plan.rows))
-    return plan.per_key(decode_scaled_rows(adapter, [encs[q] for q in plan.query_ids], plan.scalings, plan.rows,
-                                           batch_size, progress="enhancement" if progress else None))
+    query_of = {q.query_id: q for fqs in by_fact.values() for q in fqs}
+    queries = [query_of[qid] for qid in plan.query_ids]
+    label = "enhancement" if progress else None
+    if answer_token == "first":
+        log.info("enhancement: %d facts, %d (query, edit) rows", len(by_fact), len(plan.rows))
+        decoded = decode_scaled_rows(adapter, [encs[q] for q in plan.query_ids], plan.scalings, plan.rows, batch_size,
+                                     progress=label)
+        answers = [(g, bool(is_correct(adapter, g, queries[q].answer))) for g, (q, _) in zip(decoded, plan.rows)]
+        return plan.per_key(answers)
+    steps = AnswerSteps.of(adapter, [encs[q] for q in plan.query_ids], answer_token)
+    rows, spans = steps.rows(plan.rows)
+    log.info("enhancement: %d facts, %d (query, edit) rows, %d scored (whole answers)", len(by_fact), len(plan.rows),
+             len(rows))
+    scores = steps.fold(score_scaled_rows(adapter, steps.encs, plan.scalings, rows, batch_size, progress=label), spans)
+    return plan.per_key([([s.top_token, *s.top_rest], s.rank == 0) for s in scores])
 
 
 def enhance_low_resource(
@@ -135,8 +154,10 @@ def enhance_low_resource(
     encoded: Mapping[str, Encoded] | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    answer_token: str = "first",
 ) -> EnhancementResult:
-    """Accuracy gained on Q_error by scaling each fact's neurons by ``factor`` (module docstring)."""
+    """Accuracy gained on Q_error by scaling each fact's neurons by ``factor`` (module docstring);
+    ``answer_token: all`` scales them at every answer token's position (:func:`_answer_all`)."""
     errors, unprobed = q_error(queries, probes, languages)
     encs, failed = encode_all(adapter, errors, few_shot, encoded)
     by_fact = group_by_fact(q for q in errors if q.query_id in encs)
@@ -148,18 +169,17 @@ def enhance_low_resource(
         log.warning("%d queries in %s have no probe record and are not in Q_error", unprobed, list(languages))
 
     tok = adapter.tokenizer
-    decoded = _decode_all(adapter, encs, by_fact, neurons, methods, factor, batch_size, progress)
+    answered = _answer_all(adapter, encs, by_fact, neurons, methods, factor, batch_size, progress, answer_token)
     for fid, fqs in by_fact.items():
-        base = decoded[(fid, None)]
-        result.n_probe_mismatch += sum(is_correct(adapter, g, q.answer) for g, q in zip(base, fqs))
+        base = answered[(fid, None)]
+        result.n_probe_mismatch += sum(ok for _, ok in base)
         for method in methods:
             pairs = neurons[(fid, method)]
             if len(pairs) == 0:
                 result.empty_facts[method].append(fid)
-                outs, oks = base, [False] * len(fqs)  # no-op: as wrong as the probe says
+                outs, oks = [g for g, _ in base], [False] * len(fqs)  # no-op: as wrong as the probe says
             else:
-                outs = decoded[(fid, method)]
-                oks = [is_correct(adapter, g, q.answer) for g, q in zip(outs, fqs)]
+                outs, oks = [g for g, _ in answered[(fid, method)]], [ok for _, ok in answered[(fid, method)]]
             for q, g, ok in zip(fqs, outs, oks):
                 result.records.append(EnhancementRecord(
                     q.query_id, fid, q.relation, q.lang, method, int(len(pairs)), bool(ok),

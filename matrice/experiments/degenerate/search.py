@@ -15,7 +15,7 @@ from tqdm import tqdm
 from matrice.data.schema import Query
 from matrice.data.split import HeldOutSplit
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.encoding import encode_query
+from matrice.models.encoding import answer_steps, encode_query
 from matrice.models.hooks import neuron_edits
 from matrice.models.predict import PromptCache, score_answers_many
 from matrice.models.scaled_rows import per_row_scalings
@@ -62,17 +62,26 @@ class Suppressor:
     its target runs once and is kept (:class:`matrice.models.predict.PromptCache`; the search asks
     about the same few queries again and again, and :meth:`prepare` runs a fact's prompts together);
     each forward then runs only the target token, one candidate group per row, rows of several
-    queries together. Masked models: one edit set per group (slower, same numbers)."""
+    queries together. Masked models: one edit set per group (slower, same numbers).
 
-    def __init__(self, adapter: ModelAdapter, batch_size: int = 32, rows: int = 64):
+    ``answer_token: all``: P is the whole answer's, Π_k P(t_k | q, t_<k), each token's row (the gold
+    prefix in place) with the group suppressed at its own position."""
+
+    def __init__(self, adapter: ModelAdapter, batch_size: int = 32, rows: int = 64, answer_token: str = "first"):
         self.adapter = adapter
         self.batch_size = batch_size
         self.rows = rows
+        self.whole = answer_token == "all"
         self._prompts: list[PromptCache] = []
         self._where: dict[tuple[int, ...], tuple[int, int]] = {}  # prompt -> (cache, its row there)
 
+    def steps(self, enc: Encoded) -> list[Encoded]:
+        """What is scored for a query: itself, or its answer tokens' teacher-forced queries."""
+        return answer_steps(self.adapter, enc) if self.whole else [enc]
+
     def prepare(self, encs: Sequence[Encoded]) -> None:
         """Run the prompts not yet kept, together (one left-padded batch)."""
+        encs = [step for enc in encs for step in self.steps(enc)]
         new = list({tuple(e.input_ids): e for e in encs if tuple(e.input_ids) not in self._where}.values())
         if not new:
             return
@@ -86,12 +95,18 @@ class Suppressor:
 
     def ratios_many(self, requests: Sequence[tuple[Encoded, Sequence[Sequence[Neuron]]]]) -> list[tuple[float, np.ndarray]]:
         """:meth:`ratios` of every (query, groups) request, the rows of all of them in shared forwards."""
+        expanded = [[(step, groups) for step in self.steps(enc)] for enc, groups in requests]
+        flat = [request for per_query in expanded for request in per_query]
         if not (self.adapter.causal and all(len(e.input_ids) > 1 and e.target_pos == len(e.input_ids) - 1
-                                            for e, _ in requests)):
-            probs = [self._masked(enc, groups) for enc, groups in requests]
+                                            for e, _ in flat)):
+            step_probs = [self._masked(enc, groups) for enc, groups in flat]
         else:
-            self.prepare([enc for enc, _ in requests])
-            probs = self._split(self._row_probs(requests), requests)
+            self.prepare([enc for enc, _ in flat])
+            step_probs = self._split(self._row_probs(flat), flat)
+        probs, at = [], 0
+        for per_query in expanded:  # a whole answer's P is the product of its tokens'
+            probs.append(np.prod(step_probs[at: at + len(per_query)], axis=0))
+            at += len(per_query)
         return [(float(p[0]), p[1:] / p[0] if p[0] > 0 else np.full(len(p) - 1, np.nan)) for p in probs]
 
     @torch.no_grad()
@@ -249,12 +264,12 @@ class DegenerateRecord:
 
 def search_fact(adapter: ModelAdapter, fact_id: str, relation: str, search: dict[str, Encoded],
                 held_out: dict[str, Encoded], lakns: Sequence[Neuron], own_sets: dict[str, Sequence[Neuron]],
-                cfg: DegenerateConfig) -> list[DegenerateRecord]:
+                cfg: DegenerateConfig, answer_token: str = "first") -> list[DegenerateRecord]:
     """Every search of one fact: its LAKNs on each language's search query (groups then re-checked on
     the other languages' queries: is the degeneracy shared?), and each language's own set there;
     every group re-checked on the language's held-out paraphrase. The searches run together
     (:func:`run_lockstep`), then all the checks."""
-    scorer = Suppressor(adapter, cfg.batch_size, rows=256)  # one per fact: it keeps the fact's prompts
+    scorer = Suppressor(adapter, cfg.batch_size, rows=256, answer_token=answer_token)  # one per fact: it keeps its prompts
     scorer.prepare([*search.values(), *held_out.values()])
     runs = [(kind, lang, enc, list(sets.get(lang, [])))
             for kind, sets in (("lakn", {lang: lakns for lang in search}), ("language", own_sets))
@@ -301,7 +316,8 @@ def fact_queries(adapter: ModelAdapter, queries: Sequence[Query], split: HeldOut
 
 
 def search_facts(adapter: ModelAdapter, queries: Sequence[Query], scores: Any, lakn_sets: Mapping[str, Any],
-                 split: HeldOutSplit, tau: float, few_shot: bool, cfg: DegenerateConfig) -> list[DegenerateRecord]:
+                 split: HeldOutSplit, tau: float, few_shot: bool, cfg: DegenerateConfig,
+                 answer_token: str = "first") -> list[DegenerateRecord]:
     """Every attributed fact (``scores``: its per-language scores, a :class:`matrice.method.scores.ScoreStore`):
     its LAKNs (``lakn_sets[fact]["matrice"]``) and each language's own knowledge neurons (the language's
     score above ``tau``), searched with :func:`search_fact`."""
@@ -316,5 +332,5 @@ def search_facts(adapter: ModelAdapter, queries: Sequence[Query], scores: Any, l
         own = {lang: [tuple(n) for n in select_by_threshold(fs.s_per_lang[k], tau).tolist()]
                for k, lang in enumerate(fs.languages)}
         lakns = [tuple(n) for n in lakn_sets[fact]["matrice"].tolist()]
-        records += search_fact(adapter, fact, by_fact[fact][0].relation, search, held_out, lakns, own, cfg)
+        records += search_fact(adapter, fact, by_fact[fact][0].relation, search, held_out, lakns, own, cfg, answer_token)
     return records

@@ -20,6 +20,7 @@ from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.predict import normalize_answer, score_answers
+from matrice.models.whole_answer import AnswerSteps
 
 Neuron = tuple[int, int]
 DETECTORS = ("dkn_attribution", "kn_activation", "probability", "random_attribution", "dkn_share")
@@ -50,11 +51,12 @@ class DetectorNeurons:
 
 
 def build_statements(adapter: ModelAdapter, queries: Sequence[Query], pool: Iterable[Query], seed: int,
-                     few_shot: bool) -> list[tuple[Statement, Encoded]]:
+                     few_shot: bool, whole: bool = False) -> list[tuple[Statement, Encoded]]:
     """A true and a false statement per query in `queries` (one per fact and language); the false
     object is drawn (seeded per fact and language) from `pool`'s objects of the same relation and
-    language that differ from the true object in text and first token. A query with no such object,
-    or whose object the tokenizer cannot encode, gives no statement (never one without its pair)."""
+    language that differ from the true object in text and first token (``whole``: in text and tokens,
+    so a false object may share the true one's first token). A query with no such object, or whose
+    object the tokenizer cannot encode, gives no statement (never one without its pair)."""
     objects: dict[tuple[str, str], set[str]] = defaultdict(set)
     for q in pool:
         objects[(q.relation, q.lang)].add(q.answer)
@@ -71,7 +73,8 @@ def build_statements(adapter: ModelAdapter, queries: Sequence[Query], pool: Iter
                 false_enc = encode_query(adapter, replace(q, answer=obj), few_shot)
             except ValueError:
                 continue
-            if false_enc.answer_ids[0] == true_enc.answer_ids[0]:
+            if (false_enc.answer_ids == true_enc.answer_ids if whole
+                    else false_enc.answer_ids[0] == true_enc.answer_ids[0]):
                 continue
             out += [(Statement(q.fact_id, q.relation, q.lang, q.query_id, q.answer, True), true_enc),
                     (Statement(q.fact_id, q.relation, q.lang, q.query_id, obj, False), false_enc)]
@@ -201,8 +204,11 @@ def activation_scores(adapter: ModelAdapter, encs: Sequence[Encoded], neurons: f
     return out
 
 
-def probability_scores(adapter: ModelAdapter, encs: Sequence[Encoded], batch_size: int = 32) -> list[float]:
-    return [s.prob for s in score_answers(adapter, encs, batch_size=batch_size)]
+def probability_scores(adapter: ModelAdapter, encs: Sequence[Encoded], batch_size: int = 32,
+                       answer_token: str = "first") -> list[float]:
+    """P(object): its first token's, or the whole object's (teacher-forced, ``answer_token: all``)."""
+    steps = AnswerSteps.of(adapter, encs, answer_token)
+    return [s.prob for s in steps.fold(score_answers(adapter, steps.encs, batch_size=batch_size))]
 
 
 # ---- decisions and metrics -----------------------------------------------------------------------

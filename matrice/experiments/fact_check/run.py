@@ -36,9 +36,10 @@ def check_facts(adapter: ModelAdapter, queries: Sequence[Query], lakn_sets: Mapp
                 degenerate_records: Sequence[Mapping], source: str, split: HeldOutSplit, cfg: AttributionConfig,
                 seed: int, few_shot: bool, batch_size: int, memo: Memo | None = None) -> FactCheckRun:
     """A true and a false statement per attributed fact and language on a held-out paraphrase, each
-    scored by every detector, then flagged leave-one-fact-out."""
+    scored by every detector, then flagged leave-one-fact-out. ``cfg.answer_token``: the object's
+    first token or the whole object, in the attribution and the probability alike."""
     checked = held_out_queries(queries, set(lakn_sets), split)
-    statements = build_statements(adapter, checked, queries, seed, few_shot)
+    statements = build_statements(adapter, checked, queries, seed, few_shot, whole=cfg.answer_token == "all")
     neurons = with_random_controls(detector_neurons(
         {q.fact_id: q.relation for q in checked}, degenerate_neurons(degenerate_records),
         {f: frozenset(map(tuple, per["matrice"].tolist())) for f, per in lakn_sets.items()}, source),
@@ -52,7 +53,7 @@ def check_facts(adapter: ModelAdapter, queries: Sequence[Query], lakn_sets: Mapp
         scores = neuron_attribution_scores(adapter, encs, {"dkn_attribution": neurons[fact].dkn,
                                                            "random_attribution": neurons[fact].random}, cfg, memo)
         scores["kn_activation"] = activation_scores(adapter, encs, neurons[fact].kn)
-        scores["probability"] = probability_scores(adapter, encs, batch_size)
+        scores["probability"] = probability_scores(adapter, encs, batch_size, cfg.answer_token)
         scores["dkn_share"] = share_scores(scores["dkn_attribution"], scores["probability"])
         rows += [{**asdict(s), "scores": {d: scores[d][i] for d in DETECTORS}} for i, s in enumerate(stmts)]
     for detector in DETECTORS:
