@@ -15,10 +15,9 @@ Every number is the stages' own: :func:`attribute` is the attribution engine the
 runs (raw map, summed over baselines), :func:`locate` aggregates with UaQ/UaL and thresholds with τ
 exactly as the aggregate and select stages do, :func:`suppress`/:func:`enhance` are the manipulation
 stage's, :func:`edit` the edit stage's update (or erasure) of the neurons' output columns.
-Attribution reads the answer's first token by default; ``AttributionConfig(answer_token="all")`` given
-to :func:`attribute` or :func:`locate` attributes every answer token (teacher-forced, maps averaged, as
-the attribute stage under ``answer_token: all``). :func:`suppress`, :func:`enhance` and :func:`edit`
-score the first answer token.
+Answers are read at their first token by default; ``AttributionConfig(answer_token="all")`` given to
+:func:`attribute` or :func:`locate`, and ``answer_token="all"`` to :func:`suppress`, :func:`enhance` and
+:func:`edit`, read the whole answer, as the stages do under ``answer_token: all``.
 """
 
 from __future__ import annotations
@@ -158,42 +157,47 @@ def _as_pairs(neurons: Neurons | np.ndarray) -> np.ndarray:
 
 
 def _manipulated(model: ModelAdapter, neurons: Neurons | np.ndarray, fact_queries: Sequence[Query], mode: str,
-                 factor: float, few_shot: bool) -> list[ManipulationRecord]:
+                 factor: float, few_shot: bool, answer_token: str) -> list[ManipulationRecord]:
     sets = {fid: {"neurons": _as_pairs(neurons)} for fid in {q.fact_id for q in fact_queries}}
-    return manipulate(model, list(fact_queries), sets, ("neurons",), {mode: factor}, few_shot, progress=False).records
+    return manipulate(model, list(fact_queries), sets, ("neurons",), {mode: factor}, few_shot, progress=False,
+                      answer_token=answer_token).records
 
 
 def suppress(model: ModelAdapter, neurons: Neurons | np.ndarray, fact_queries: Sequence[Query],
-             few_shot: bool = False) -> list[ManipulationRecord]:
+             few_shot: bool = False, answer_token: str = "first") -> list[ManipulationRecord]:
     """The neurons' activations set to 0 at the answer position: P(answer) before and after, and
-    ΔP/P, per query (Fig. 5's measure)."""
-    return _manipulated(model, neurons, fact_queries, "suppress", 0.0, few_shot)
+    ΔP/P, per query (Fig. 5's measure); ``answer_token="all"``: of the whole answer, the neurons set
+    to 0 at each answer token's position."""
+    return _manipulated(model, neurons, fact_queries, "suppress", 0.0, few_shot, answer_token)
 
 
 def enhance(model: ModelAdapter, neurons: Neurons | np.ndarray, fact_queries: Sequence[Query], factor: float = 2.0,
-            few_shot: bool = False) -> list[ManipulationRecord]:
-    """The neurons' activations multiplied by ``factor`` (default 2) at the answer position."""
-    return _manipulated(model, neurons, fact_queries, "enhance", factor, few_shot)
+            few_shot: bool = False, answer_token: str = "first") -> list[ManipulationRecord]:
+    """The neurons' activations multiplied by ``factor`` (default 2) at the answer position (each
+    answer token's with ``answer_token="all"``)."""
+    return _manipulated(model, neurons, fact_queries, "enhance", factor, few_shot, answer_token)
 
 
 @contextlib.contextmanager
 def edit(model: ModelAdapter, neurons: Neurons | np.ndarray, query: Query, new_object: str | None = None,
-         cfg: EditConfig | None = None, few_shot: bool = False) -> Iterator[ModelAdapter]:
+         cfg: EditConfig | None = None, few_shot: bool = False, answer_token: str = "first") -> Iterator[ModelAdapter]:
     """Edit the fact through its neurons' output columns, for the ``with`` block: the update
     (o → ``new_object``: −λ1·E(o) + λ2·E(o'), the edit stage's scaling) or, with no new object, the
-    erasure. ``query`` gives o (and o' is tokenised in its context). On exit the weights are restored
-    and checked bit for bit."""
+    erasure. ``query`` gives o (and o' is tokenised in its context); E is a first token's unembedding,
+    or with ``answer_token="all"`` the mean over the object's tokens (the edit stage's rule). On exit
+    the weights are restored and checked bit for bit."""
     cfg = cfg or EditConfig()
     pairs = _as_pairs(neurons)
-    old = encode_query(model, query, few_shot).answer_ids[0]
+    whole = answer_token == "all"
+    old_ids = encode_query(model, query, few_shot).answer_ids
     if new_object is None:
         vectors = erasure_vectors(model, pairs)
     else:
-        relabelled = replace(query, answer=new_object)
-        new = encode_query(model, relabelled, few_shot).answer_ids[0]
-        if new == old:
-            raise ValueError(f"{new_object!r} starts with the same token as {query.answer!r}: the update could not be "
-                             "told from the old answer")
+        new_ids = encode_query(model, replace(query, answer=new_object), few_shot).answer_ids
+        if (new_ids == old_ids) if whole else (new_ids[0] == old_ids[0]):
+            raise ValueError(f"{new_object!r} {'is' if whole else 'starts with the same token as'} {query.answer!r} "
+                             "in this context: the update could not be told from the old answer")
+        old, new = (tuple(old_ids), tuple(new_ids)) if whole else (old_ids[0], new_ids[0])
         vectors = update_vectors(model, pairs, old, new, cfg.lambda1, cfg.lambda2, cfg.scaling)
     with edited_output_weights(model, vectors):
         yield model

@@ -12,26 +12,44 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def _run_every_stage(root: Path, **overrides) -> Path:
     from matrice.models.tiny import tiny_adapter
     from stages.sequence import project_copy, reduced_params, run_stages
 
-    root = tmp_path_factory.mktemp("run")
     model_dir = root / "tiny_model"
     adapter = tiny_adapter("llama")
     adapter.model.save_pretrained(model_dir)
     adapter.tokenizer.save_pretrained(model_dir)
     params = reduced_params(yaml.safe_load((REPO / "params.yaml").read_text()), "tiny", str(model_dir), "cpu")
-    runs = run_stages(project_copy(root, params), ["tiny"])
+    runs = run_stages(project_copy(root, {**params, **overrides}), ["tiny"])
     failed = [r for r in runs if r.returncode]
     assert not failed, f"{failed[0].cmd} failed:\n{failed[0].stderr_tail}"
     return root
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return _run_every_stage(tmp_path_factory.mktemp("run"))
+
+
+def test_every_stage_runs_on_whole_answers(tmp_path):
+    """`answer_token: all` through every stage: the shards record it, multi-token answers get maps that
+    differ from the first-token run's, and the report says which policy produced it."""
+    import numpy as np
+
+    from matrice.method.attribution.runner import load_attributions
+
+    root = _run_every_stage(tmp_path, answer_token="all")
+    report = (root / "reports" / "report.md").read_text()
+    assert "Answers are whole (`answer_token: all`)" in report and "## Does the paper replicate here?" in report
+    manifest, raw = load_attributions(root / "results/tiny/attributions")
+    assert manifest["settings"]["answer_token"] == "all" and raw
+    assert all(np.isfinite(m).all() for m in raw.values())
+
+
 def test_every_stage_runs_and_the_report_judges(tiny_run):
     report = (tiny_run / "reports" / "report.md").read_text()
-    assert "## Does the paper replicate here?" in report
+    assert "## Does the paper replicate here?" in report and "(`answer_token: first`)" in report
     for section in ("Controls: leave-one-language-out", "Table III — erasure", "Accuracy gained on Q_error",
                     "Update edit: reliability against locality over λ", "| MATRICE | 0.25 |",
                     "Query localisation: are facts localised consistently?", "Degenerate knowledge neurons (AMIG)",

@@ -206,3 +206,27 @@ def test_fact_checking_on_whole_answers_scores_the_whole_object_and_may_pair_a_s
     assert probs == pytest.approx([teacher_forced(a, e)[0] for e in encs], rel=1e-4)
     assert probs[1] < probs[0] == pytest.approx(probability_scores(a, encs)[0], rel=1e-4)  # one-token " Paris"
     assert encode_query(a, f1[0]).answer_ids == encs[0].answer_ids
+
+
+def test_the_api_reads_whole_answers_when_asked(gpt2_implant):
+    import matrice.api as mx
+    from matrice.models.encoding import encode_query
+
+    a, _ = gpt2_implant
+    qs = [q for q in QUERIES if q.fact_id == "f2"]
+    neurons = pairs(IMPLANT, (1, 4))
+    by_id = {q.query_id: q for q in qs}
+    records = mx.suppress(a, neurons, qs, answer_token="all")
+    assert sorted(r.query_id for r in records) == sorted(by_id)
+    for r in records:
+        enc = encode_query(a, by_id[r.query_id])
+        assert r.p_after == pytest.approx(teacher_forced(a, enc, neurons, 0.0)[0], rel=1e-4)
+    paris = next(q for q in QUERIES if q.query_id == "f1|en|0")
+    with pytest.raises(ValueError, match="starts with the same token"):
+        with mx.edit(a, neurons, paris, "Parisian"):
+            pass
+    with mx.edit(a, neurons, paris, "Parisian", answer_token="all"):  # shares " Paris", differs as a whole
+        pass
+    with pytest.raises(ValueError, match="is 'Paris'"):
+        with mx.edit(a, neurons, paris, "Paris", answer_token="all"):
+            pass

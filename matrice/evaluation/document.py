@@ -116,6 +116,15 @@ def model_section(run: RunResults) -> str:
     return "\n".join(parts)
 
 
+def answer_policy_note(params: Mapping) -> str:
+    """Which part of each answer every number reads (``answer_token``)."""
+    if params.get("answer_token", "first") == "all":
+        return ("Answers are whole (`answer_token: all`): every answer token is attributed and scored, teacher-forced "
+                "on the gold answer, and P(answer) is the product of its tokens' probabilities.")
+    return ("Answers are read at their first token (`answer_token: first`): attribution, ΔP, editing and fact "
+            "checking use the first answer token; correctness and injection use the whole answer.")
+
+
 def write_report(params: dict, runs: Mapping[str, RunResults], dataset_stats: str, report: Path, verdicts: Path) -> None:
     """``runs``: each model's results, judged (:func:`judge`); ``dataset_stats``: the dataset stage's
     Table I in markdown."""
@@ -123,7 +132,8 @@ def write_report(params: dict, runs: Mapping[str, RunResults], dataset_stats: st
         "# MATRICE report\n",
         "Language-agnostic knowledge neurons found with MATRICE (SAIG attribution + uncertainty across queries and "
         "languages) and the experiments of the paper's section IV, on this run's models and data. Every number "
-        "below was computed by `dvc repro` from `params.yaml`; nothing is copied from the paper.\n",
+        "below was computed by `dvc repro` from `params.yaml`; nothing is copied from the paper. "
+        + answer_policy_note(params) + "\n",
         "## Does the paper replicate here?\n",
         *(replication_section(run) for run in runs.values()),
         "## Dataset (Table I)\n" + "".join(line for line in dataset_stats.splitlines(keepends=True) if not line.startswith("# ")),
