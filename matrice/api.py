@@ -45,6 +45,7 @@ from matrice.models.adapter import ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.predict import greedy_decode
 from matrice.models.loading import EMBEDDED_GEMMA, convert_embedded_gemma, load_adapter
+from matrice.models.whole_answer import check_policy, told_apart
 
 __all__ = ["Fact", "Neurons", "load", "queries", "attribute", "locate", "answers", "suppress", "enhance", "edit"]
 
@@ -188,15 +189,15 @@ def edit(model: ModelAdapter, neurons: Neurons | np.ndarray, query: Query, new_o
     the weights are restored and checked bit for bit."""
     cfg = cfg or EditConfig()
     pairs = _as_pairs(neurons)
-    whole = answer_token == "all"
+    whole = check_policy(answer_token) == "all"
     old_ids = encode_query(model, query, few_shot).answer_ids
     if new_object is None:
         vectors = erasure_vectors(model, pairs)
     else:
         new_ids = encode_query(model, replace(query, answer=new_object), few_shot).answer_ids
-        if (new_ids == old_ids) if whole else (new_ids[0] == old_ids[0]):
-            raise ValueError(f"{new_object!r} {'is' if whole else 'starts with the same token as'} {query.answer!r} "
-                             "in this context: the update could not be told from the old answer")
+        if not told_apart(new_ids, old_ids, whole):
+            raise ValueError(f"{new_object!r} {'is or starts (or is started by)' if whole else 'starts with the same token as'} "
+                             f"{query.answer!r} in this context: the update could not be told from the old answer")
         old, new = (tuple(old_ids), tuple(new_ids)) if whole else (old_ids[0], new_ids[0])
         vectors = update_vectors(model, pairs, old, new, cfg.lambda1, cfg.lambda2, cfg.scaling)
     with edited_output_weights(model, vectors):

@@ -50,7 +50,8 @@ UPDATE_SCALINGS = ("raw", "column_norm")
 
 def answer_direction(adapter: ModelAdapter, answer: int | Sequence[int]) -> torch.Tensor:
     """E(o), float32: the unembedding row of o's first token (an int), or for a whole answer (its token
-    ids) the mean of its tokens' rows, so every token of o' is pushed up and the norm stays a row's."""
+    ids) the mean of its tokens' rows: every token of o' is pushed up, each by about 1/K of a row
+    (docs/method.md, Whole answers)."""
     if isinstance(answer, (int, np.integer)):
         return adapter.unembedding(int(answer)).detach().float()
     return torch.stack([adapter.unembedding(int(t)).detach().float() for t in answer]).mean(dim=0)

@@ -32,19 +32,30 @@ def tiny_run(tmp_path_factory):
     return _run_every_stage(tmp_path_factory.mktemp("run"))
 
 
-def test_every_stage_runs_on_whole_answers(tmp_path):
-    """`answer_token: all` through every stage: the shards record it, multi-token answers get maps that
-    differ from the first-token run's, and the report says which policy produced it."""
+def test_every_stage_runs_on_whole_answers(tmp_path, tiny_run):
+    """`answer_token: all` through every stage: the shards record it, a query's map is the first-token
+    run's exactly when its answer is one token and differs otherwise, the report says which policy."""
     import numpy as np
 
     from matrice.method.attribution.runner import load_attributions
+    from matrice.models.encoding import encode_query
+    from matrice.models.loading import load_adapter
+    from matrice.data.schema import load_queries
 
     root = _run_every_stage(tmp_path, answer_token="all")
     report = (root / "reports" / "report.md").read_text()
     assert "Answers are whole (`answer_token: all`)" in report and "## Does the paper replicate here?" in report
-    manifest, raw = load_attributions(root / "results/tiny/attributions")
-    assert manifest["settings"]["answer_token"] == "all" and raw
-    assert all(np.isfinite(m).all() for m in raw.values())
+    manifest, whole = load_attributions(root / "results/tiny/attributions")
+    _, first = load_attributions(tiny_run / "results/tiny/attributions")
+    assert manifest["settings"]["answer_token"] == "all" and set(whole) == set(first)
+    adapter = load_adapter(str(root / "tiny_model"), "cpu", "float32")
+    queries = {q.query_id: q for q in load_queries(root / "data/dataset/queries.jsonl")}
+    lengths = {qid: len(encode_query(adapter, queries[qid], True).answer_ids) for qid in whole}
+    assert any(n > 1 for n in lengths.values())  # multi-token answers were attributed (the tiny tokenizer splits most)
+    for qid, n in lengths.items():
+        scale = np.abs(first[qid]).max()
+        differs = np.abs(whole[qid] - first[qid]).max() > 1e-3 * scale
+        assert differs == (n > 1), (qid, n)
 
 
 def test_every_stage_runs_and_the_report_judges(tiny_run):

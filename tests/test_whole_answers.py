@@ -79,30 +79,33 @@ def test_whole_score_of_one_token_is_the_token_score_and_locality_compares_every
 
 
 def test_an_update_to_an_object_sharing_the_first_token_is_scored_on_the_whole_object(gpt2_implant):
-    """o = "Paris", o' = "Parisian" (same first token): first-token scoring has to leave such queries out
-    (o' top-1 would only mean o still is); whole answers keep them and count success only when the
-    greedy output is o' in full, which the unedited model's is not."""
+    """o = "Berlin", o' = "Bern" (same first token, neither a prefix of the other): first-token scoring
+    has to leave such queries out (o' top-1 would only mean o still is); whole answers keep them and
+    count success only when the greedy output is o' in full. "Berlinale" starts with o's tokens: with
+    no end-of-answer term it cannot be told from o, so it is left out under either policy."""
     a, _ = gpt2_implant
     encs, _ = encode_all(a, QUERIES)
-    f1 = [q for q in QUERIES if q.fact_id == "f1" and q.lang in ("en", "fr")]
+    f2 = [q for q in QUERIES if q.fact_id == "f2" and q.lang in ("en", "fr")]
     runs = {policy: _EditRun(a, EditConfig(), False, encs, group_by_fact(QUERIES), ["update"], lambda qid: False,
                              answer_token=policy) for policy in ("first", "all")}
-    gold = encs[f1[0].query_id].answer_ids
-    tokens = tuple(with_new_object(a, f1[0], NewObject("f2", {"en": "Parisian"}, 0), -1, False)[0].answer_ids)
-    assert tokens[0] == gold[0] and len(tokens) > 1
-    new = NewObject("f2", {"en": "Parisian", "fr": "Parisian"}, tokens[0], tokens)
-    assert runs["first"].update_encodings(f1, new) == {}
-    assert runs["first"].skipped["update_queries_same_first_token"] == len(f1)
-    kept = runs["all"].update_encodings(f1, new)
-    assert set(kept) == {q.query_id for q in f1}
+    gold = encs[f2[0].query_id].answer_ids
+    tokens = tuple(with_new_object(a, f2[0], NewObject("f1", {"en": "Bern"}, 0), -1, False)[0].answer_ids)
+    assert tokens[0] == gold[0] and tokens[: len(gold)] != tuple(gold)
+    new = NewObject("f1", {"en": "Bern", "fr": "Bern"}, tokens[0], tokens)
+    assert runs["first"].update_encodings(f2, new) == {}
+    assert runs["first"].skipped["update_queries_same_first_token"] == len(f2)
+    kept = runs["all"].update_encodings(f2, new)
+    assert set(kept) == {q.query_id for q in f2}
     encodings = list(kept.values())
     first, whole, greedy = score_answers(a, encodings), _whole(a, encodings), greedy_decode(a, encodings)
-    assert all(s.rank == 0 for s in first)  # "done" by its first token
     assert [w.rank == 0 for w in whole] == [g == e.answer_ids for g, e in zip(greedy, encodings)]
-    assert not any(w.rank == 0 for w in whole)  # the model says " Paris", not "Parisian"
-    same = NewObject("f2", {"fi": "Pariisi"}, 0, ())
-    fi = next(q for q in QUERIES if q.fact_id == "f1" and q.lang == "fi")
-    assert runs["all"].update_encodings([fi], same) == {} and runs["all"].skipped["update_queries_same_answer"] == 1
+    assert [w.prob for w in whole] == pytest.approx([teacher_forced(a, e)[0] for e in encodings], rel=1e-4)
+    assert not any(w.rank == 0 for w in whole) and first[0].prob > whole[0].prob
+    prefixed = NewObject("f1", {"en": "Berlinale"}, tokens[0], ())
+    en = [q for q in f2 if q.lang == "en"]
+    assert runs["all"].update_encodings(en, prefixed) == {}
+    assert runs["all"].skipped["update_queries_prefix_answer"] == len(en)
+    assert "update_queries_same_first_token" not in runs["all"].skipped
 
 
 def test_whole_answer_editing_counts_equal_greedy_decoding_under_the_same_edit(gpt2_implant):
@@ -125,6 +128,13 @@ def test_whole_answer_editing_counts_equal_greedy_decoding_under_the_same_edit(g
                 expected[q.lang][1] += int(greedy_decode(a, [enc])[0] == enc.answer_ids)
     got = {r.lang: [r.rel_n + r.gen_n, r.rel_ok + r.gen_ok] for r in res.records if r.operation == "update"}
     assert got == dict(expected)
+    run = _EditRun(a, cfg, False, encs, group_by_fact(QUERIES), ["update"], lambda qid: False, answer_token="all")
+    fact = run.fact_probes("f1", res)
+    after = run.edited_passes(fact, "update", {"matrice": pairs(IMPLANT)})["matrice"]
+    with edited_output_weights(a, vectors):  # the edited scores are the edited model's, token by token
+        reference = [teacher_forced(a, e)[0] for e in fact.scored("update")]
+    assert [s.prob for s in after] == pytest.approx(reference, rel=1e-4)
+    assert len({round(p, 12) for p in reference}) > 1
     erased: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # o answered in full before, no longer after
     f1 = [q for q in QUERIES if q.fact_id == "f1"]
     before = {q.query_id: greedy_decode(a, [encs[q.query_id]])[0] == encs[q.query_id].answer_ids for q in f1}
@@ -192,23 +202,33 @@ def test_case_study_on_whole_answers_reads_each_language_as_the_teacher_forced_r
 
 def test_fact_checking_on_whole_answers_scores_the_whole_object_and_may_pair_a_shared_first_token(gpt2_implant):
     from matrice.experiments.fact_check.detectors import build_statements, probability_scores
-    from matrice.models.encoding import encode_query
 
     a, _ = gpt2_implant
-    f1 = [q for q in QUERIES if q.fact_id == "f1" and q.lang == "en"][:1]
-    pool = f1 + [replace(f1[0], fact_id="fx", answer="Parisian")]  # the only other object shares " Paris"
-    assert build_statements(a, f1, pool, 0, False) == []  # first tokens: no false object to pair with
-    pairs_ = build_statements(a, f1, pool, 0, False, whole=True)
-    assert [s.true for s, _ in pairs_] == [True, False] and pairs_[1][0].obj == "Parisian"
+    f2 = [q for q in QUERIES if q.fact_id == "f2" and q.lang == "en"][:1]
+    near = [replace(f2[0], fact_id="fx", answer="Bern")]  # shares " Ber" with "Berlin", not a prefix
+    prefixed = [replace(f2[0], fact_id="fy", answer="Berlinale")]  # starts with "Berlin": cannot be told apart
+    assert build_statements(a, f2, f2 + near, 0, False) == []  # first tokens: no false object to pair with
+    assert build_statements(a, f2, f2 + prefixed, 0, False, whole=True) == []
+    pairs_ = build_statements(a, f2, f2 + near, 0, False, whole=True)
+    assert [s.true for s, _ in pairs_] == [True, False] and pairs_[1][0].obj == "Bern"
     encs = [e for _, e in pairs_]
     assert encs[0].answer_ids[0] == encs[1].answer_ids[0]
-    probs = probability_scores(a, encs, answer_token="all")
+    probs, token_mean = probability_scores(a, encs, answer_token="all")
     assert probs == pytest.approx([teacher_forced(a, e)[0] for e in encs], rel=1e-4)
-    assert probs[1] < probs[0] == pytest.approx(probability_scores(a, encs)[0], rel=1e-4)  # one-token " Paris"
-    assert encode_query(a, f1[0]).answer_ids == encs[0].answer_ids
+
+    def token_probability(enc, k):  # P(t_k | q, t_<k) from two products of the reference
+        head = teacher_forced(a, replace(enc, answer_ids=enc.answer_ids[:k]))[0] if k else 1.0
+        return teacher_forced(a, replace(enc, answer_ids=enc.answer_ids[: k + 1]))[0] / head
+
+    expected = [sum(token_probability(e, k) for k in range(len(e.answer_ids))) / len(e.answer_ids) for e in encs]
+    assert token_mean == pytest.approx(expected, rel=1e-4)
+    first, same = probability_scores(a, encs)
+    assert first == same and first[1] == pytest.approx(teacher_forced(a, replace(encs[1], answer_ids=encs[1].answer_ids[:1]))[0], rel=1e-4)
 
 
 def test_the_api_reads_whole_answers_when_asked(gpt2_implant):
+    import torch
+
     import matrice.api as mx
     from matrice.models.encoding import encode_query
 
@@ -221,12 +241,21 @@ def test_the_api_reads_whole_answers_when_asked(gpt2_implant):
     for r in records:
         enc = encode_query(a, by_id[r.query_id])
         assert r.p_after == pytest.approx(teacher_forced(a, enc, neurons, 0.0)[0], rel=1e-4)
-    paris = next(q for q in QUERIES if q.query_id == "f1|en|0")
+    berlin = next(q for q in QUERIES if q.query_id == "f2|en|0")
     with pytest.raises(ValueError, match="starts with the same token"):
-        with mx.edit(a, neurons, paris, "Parisian"):
+        with mx.edit(a, neurons, berlin, "Bern"):
             pass
-    with mx.edit(a, neurons, paris, "Parisian", answer_token="all"):  # shares " Paris", differs as a whole
-        pass
-    with pytest.raises(ValueError, match="is 'Paris'"):
-        with mx.edit(a, neurons, paris, "Paris", answer_token="all"):
+    before = a.out_proj(IMPLANT[0]).weight.detach().clone()
+    gold, new = encode_query(a, berlin).answer_ids, encode_query(a, replace(berlin, answer="Bern")).answer_ids
+    expected = update_vectors(a, neurons, tuple(gold), tuple(new))
+    with mx.edit(a, neurons, berlin, "Bern", answer_token="all"):  # shares " Ber", differs as a whole
+        for (layer, unit), vector in expected.items():
+            assert torch.equal(a.output_weight(layer, unit), vector)  # the mean-direction update
+    assert torch.equal(a.out_proj(IMPLANT[0]).weight, before)
+    for same in ("Berlin", "Berlinale"):
+        with pytest.raises(ValueError, match="could not be told"):
+            with mx.edit(a, neurons, berlin, same, answer_token="all"):
+                pass
+    with pytest.raises(ValueError, match="answer_token"):
+        with mx.edit(a, neurons, berlin, "Bern", answer_token="All"):
             pass

@@ -120,7 +120,8 @@ def answer_policy_note(params: Mapping) -> str:
     """Which part of each answer every number reads (``answer_token``)."""
     if params.get("answer_token", "first") == "all":
         return ("Answers are whole (`answer_token: all`): every answer token is attributed and scored, teacher-forced "
-                "on the gold answer, and P(answer) is the product of its tokens' probabilities.")
+                "on the gold answer, and P(answer) is the product of its tokens' probabilities (the probe and "
+                "injection decode the whole answer greedily under either policy).")
     return ("Answers are read at their first token (`answer_token: first`): attribution, ΔP, editing and fact "
             "checking use the first answer token; correctness and injection use the whole answer.")
 

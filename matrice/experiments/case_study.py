@@ -8,8 +8,9 @@ first token of the gold object and of the new object, each tokenised in that lan
 The new object is ``new_object`` (labels per language) if given, else the seeded choice of
 :func:`matrice.experiments.edit_targets.choose_new_object` (the same one the editing experiment uses).
 
-``answer_token: all``: probabilities and ranks are the whole answer's (teacher-forced, folded as in
-:mod:`matrice.models.whole_answer`), enhancement scales the neurons at every answer token's position,
+``answer_token: all``: probabilities are the whole answer's (teacher-forced, folded as in
+:mod:`matrice.models.whole_answer`), a rank is 0 when every token is top-1 and otherwise the rank of the
+first token that is not, enhancement scales the neurons at every answer token's position,
 the update writes the mean unembedding of the objects' tokens, and a prediction is the top token of
 each teacher-forced step (the greedy output wherever it is right; "correct" and "is new" are rank 0).
 """

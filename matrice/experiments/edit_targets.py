@@ -11,6 +11,7 @@ from matrice.experiments import experiment_rng, original_queries
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.predict import normalize_answer
+from matrice.models.whole_answer import told_apart
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,9 @@ def choose_new_object(
 ) -> NewObject | None:
     """Seeded o' for ``fact_id``: another fact of the same relation with a different source-language
     label and a different first token (in the edited fact's source-language context); None if none.
-    With ``gold_answer`` (o's tokens there; whole answers) o' needs different tokens, not a different
-    first token: an update from "Buenos Aires" to "Buenos Tiempos" is scored on its whole answer.
+    With ``gold_answer`` (o's tokens there; whole answers) o' needs tokens that neither are nor start
+    o's (nor o's of o'), not a different first token: an update from "Buenos Aires" to "Buenos Tiempos"
+    is scored on its whole answer.
 
     Uniform among the valid candidates: the candidates (``pool``, default every fact of the relation)
     are visited in a seeded random order and the first valid one is taken, so only as many are
@@ -70,7 +72,8 @@ def choose_new_object(
         if label is None or normalize_answer(label) == gold_norm:
             continue
         ids = _answer_ids(adapter, src, label, few_shot)
-        if ids is None or (ids[0] == gold_token if gold_answer is None else list(ids) == list(gold_answer)):
+        if ids is None or not told_apart(ids, [gold_token] if gold_answer is None else gold_answer,
+                                         gold_answer is not None):
             continue
         return NewObject(other, labels, int(ids[0]), tuple(int(t) for t in ids))
     return None
@@ -100,8 +103,9 @@ def with_new_object(adapter: ModelAdapter, query: Query, new: NewObject, gold_fi
     """``query`` with o' (its label in the query's language) as the answer, re-encoded in context, or
     None and why an update cannot be scored there: ``without_label``, ``unencodable``, or
     ``same_first_token`` (o' starts with o's first token ``gold_first`` there, so "o' is top-1" would
-    only mean o still is). With ``gold_answer`` (o's tokens there; whole answers) only o' = o in every
-    token is left out (``same_answer``): a shared first token is scored on the whole answer."""
+    only mean o still is). With ``gold_answer`` (o's tokens there; whole answers) only an o' whose tokens
+    equal o's or one of them starts the other is left out (``prefix_answer``): a shared first token is
+    scored on the whole answer."""
     label = new.labels.get(query.lang)
     if label is None:
         return None, "without_label"
@@ -110,5 +114,5 @@ def with_new_object(adapter: ModelAdapter, query: Query, new: NewObject, gold_fi
     except ValueError:
         return None, "unencodable"
     if gold_answer is not None:
-        return (None, "same_answer") if list(enc.answer_ids) == list(gold_answer) else (enc, "")
+        return (enc, "") if told_apart(enc.answer_ids, gold_answer, True) else (None, "prefix_answer")
     return (None, "same_first_token") if enc.answer_ids[0] == gold_first else (enc, "")

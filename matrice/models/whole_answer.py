@@ -35,9 +35,7 @@ class AnswerSteps:
 
     @classmethod
     def of(cls, adapter: ModelAdapter, encs: Sequence[Encoded], policy: str) -> "AnswerSteps":
-        if policy not in ANSWER_POLICIES:
-            raise ValueError(f"answer_token must be one of {ANSWER_POLICIES}, got {policy!r}")
-        if policy == "first":
+        if check_policy(policy) == "first":
             return cls(list(encs), [(i, i + 1) for i in range(len(encs))])
         steps, spans = [], []
         for enc in encs:
@@ -58,6 +56,22 @@ class AnswerSteps:
     def fold(self, scores: Sequence[AnswerScore], spans: Sequence[tuple[int, int]] | None = None) -> list[AnswerScore]:
         """One score per query (or per row, with the spans :meth:`rows` gave) from its steps' scores."""
         return [whole_score(scores[start:stop]) for start, stop in (self.spans if spans is None else spans)]
+
+
+def check_policy(policy: str) -> str:
+    if policy not in ANSWER_POLICIES:
+        raise ValueError(f"answer_token must be one of {ANSWER_POLICIES}, got {policy!r}")
+    return policy
+
+
+def told_apart(a: Sequence[int], b: Sequence[int], whole: bool) -> bool:
+    """Whether scoring can tell answer ``a`` from ``b``: different first tokens, or for whole answers
+    neither a token prefix of the other (with no end-of-answer term, the shorter one would be "the
+    greedy output" whenever the longer one is, and always the more probable)."""
+    if not whole:
+        return a[0] != b[0]
+    n = min(len(a), len(b))
+    return list(a[:n]) != list(b[:n])
 
 
 def whole_score(steps: Sequence[AnswerScore]) -> AnswerScore:

@@ -16,6 +16,7 @@ from matrice.data.schema import Query
 from matrice.data.split import HeldOutSplit
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import answer_steps, encode_query
+from matrice.models.whole_answer import check_policy
 from matrice.models.hooks import neuron_edits
 from matrice.models.predict import PromptCache, score_answers_many
 from matrice.models.scaled_rows import per_row_scalings
@@ -71,7 +72,7 @@ class Suppressor:
         self.adapter = adapter
         self.batch_size = batch_size
         self.rows = rows
-        self.whole = answer_token == "all"
+        self.whole = check_policy(answer_token) == "all"
         self._prompts: list[PromptCache] = []
         self._where: dict[tuple[int, ...], tuple[int, int]] = {}  # prompt -> (cache, its row there)
 

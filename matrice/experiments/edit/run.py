@@ -19,7 +19,7 @@ from matrice.interventions import UPDATE_SCALINGS, erasure_vectors, update_vecto
 from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.predict import AnswerScore
-from matrice.models.whole_answer import AnswerSteps
+from matrice.models.whole_answer import AnswerSteps, check_policy
 
 log = logging.getLogger(__name__)
 
@@ -217,15 +217,17 @@ class _EditRun:
         self.adapter, self.cfg, self.few_shot, self.encs, self.by_fact = adapter, cfg, few_shot, encs, by_fact
         self.operations, self.is_evaluation = operations, is_evaluation
         self.passes = EditedPasses(adapter, cfg.batch_size, memo, kind="edit_pass")
-        self.answer_token, self.whole = answer_token, answer_token == "all"
+        self.answer_token, self.whole = check_policy(answer_token), answer_token == "all"
         self.originals = {fid: original_queries(fqs) for fid, fqs in by_fact.items()}
         self.sample_locality = locality_sampler(list(by_fact), cfg.locality_k, cfg.seed)
         self.by_relation: dict[str, list[str]] = defaultdict(list)
         for f, fqs in by_fact.items():
             self.by_relation[fqs[0].relation].append(f)
+        # whole answers: a shared first token is scored; an o' that is (or starts, or is started by) o is not
+        told_apart_skip = "update_queries_prefix_answer" if self.whole else "update_queries_same_first_token"
         self.skipped: dict[str, Any] = {"unencodable_queries": 0, "no_source_query": [], "no_new_object": [],
                                         "update_queries_without_label": 0, "update_queries_unencodable": 0,
-                                        "update_queries_same_first_token": 0}
+                                        told_apart_skip: 0}
         self.lang_of = {q.query_id: q.lang for fqs in by_fact.values() for q in fqs}
 
     def edit_fact(self, fid: str, neurons: Mapping[str, np.ndarray], result: EditResult) -> None:

@@ -20,7 +20,7 @@ from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.predict import normalize_answer, score_answers
-from matrice.models.whole_answer import AnswerSteps
+from matrice.models.whole_answer import AnswerSteps, told_apart
 
 Neuron = tuple[int, int]
 DETECTORS = ("dkn_attribution", "kn_activation", "probability", "random_attribution", "dkn_share")
@@ -54,8 +54,9 @@ def build_statements(adapter: ModelAdapter, queries: Sequence[Query], pool: Iter
                      few_shot: bool, whole: bool = False) -> list[tuple[Statement, Encoded]]:
     """A true and a false statement per query in `queries` (one per fact and language); the false
     object is drawn (seeded per fact and language) from `pool`'s objects of the same relation and
-    language that differ from the true object in text and first token (``whole``: in text and tokens,
-    so a false object may share the true one's first token). A query with no such object, or whose
+    language that differ from the true object in text and first token (``whole``: in text, and neither
+    object's tokens start the other's, so a false object may share the true one's first token but
+    cannot be a token prefix of it). A query with no such object, or whose
     object the tokenizer cannot encode, gives no statement (never one without its pair)."""
     objects: dict[tuple[str, str], set[str]] = defaultdict(set)
     for q in pool:
@@ -73,8 +74,7 @@ def build_statements(adapter: ModelAdapter, queries: Sequence[Query], pool: Iter
                 false_enc = encode_query(adapter, replace(q, answer=obj), few_shot)
             except ValueError:
                 continue
-            if (false_enc.answer_ids == true_enc.answer_ids if whole
-                    else false_enc.answer_ids[0] == true_enc.answer_ids[0]):
+            if not told_apart(false_enc.answer_ids, true_enc.answer_ids, whole):
                 continue
             out += [(Statement(q.fact_id, q.relation, q.lang, q.query_id, q.answer, True), true_enc),
                     (Statement(q.fact_id, q.relation, q.lang, q.query_id, obj, False), false_enc)]
@@ -205,10 +205,14 @@ def activation_scores(adapter: ModelAdapter, encs: Sequence[Encoded], neurons: f
 
 
 def probability_scores(adapter: ModelAdapter, encs: Sequence[Encoded], batch_size: int = 32,
-                       answer_token: str = "first") -> list[float]:
-    """P(object): its first token's, or the whole object's (teacher-forced, ``answer_token: all``)."""
+                       answer_token: str = "first") -> tuple[list[float], list[float]]:
+    """(P(object), the mean of its tokens' probabilities): its first token's P twice, or under
+    ``answer_token: all`` the whole object's (teacher-forced product) and the mean over its tokens of
+    P(t_k | q, t_<k), the scale of a whole-answer attribution (a mean over tokens) for ``dkn_share``."""
     steps = AnswerSteps.of(adapter, encs, answer_token)
-    return [s.prob for s in steps.fold(score_answers(adapter, steps.encs, batch_size=batch_size))]
+    per_token = score_answers(adapter, steps.encs, batch_size=batch_size)
+    means = [sum(s.prob for s in per_token[a:b]) / (b - a) for a, b in steps.spans]
+    return [s.prob for s in steps.fold(per_token)], means
 
 
 # ---- decisions and metrics -----------------------------------------------------------------------

@@ -53,8 +53,8 @@ def check_facts(adapter: ModelAdapter, queries: Sequence[Query], lakn_sets: Mapp
         scores = neuron_attribution_scores(adapter, encs, {"dkn_attribution": neurons[fact].dkn,
                                                            "random_attribution": neurons[fact].random}, cfg, memo)
         scores["kn_activation"] = activation_scores(adapter, encs, neurons[fact].kn)
-        scores["probability"] = probability_scores(adapter, encs, batch_size, cfg.answer_token)
-        scores["dkn_share"] = share_scores(scores["dkn_attribution"], scores["probability"])
+        scores["probability"], token_mean = probability_scores(adapter, encs, batch_size, cfg.answer_token)
+        scores["dkn_share"] = share_scores(scores["dkn_attribution"], token_mean)  # attribution's own scale
         rows += [{**asdict(s), "scores": {d: scores[d][i] for d in DETECTORS}} for i, s in enumerate(stmts)]
     for detector in DETECTORS:
         flags = leave_one_fact_out([r["fact_id"] for r in rows], [r["scores"][detector] for r in rows],

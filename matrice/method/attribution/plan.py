@@ -55,7 +55,9 @@ class RunPlan:
 
 
 def count_rows(encs: Sequence[Encoded], cfg: AttributionConfig, n_layers: int) -> int:
-    return sum(_n_baselines(e, cfg) for e in encs) * n_layers * max(1, cfg.steps)
+    """(layer, baseline, step) rows of ``encs``: one set per answer token under ``answer_token: all``."""
+    tokens = (lambda e: len(e.answer_ids)) if cfg.answer_token == "all" else (lambda e: 1)
+    return sum(_n_baselines(e, cfg) * tokens(e) for e in encs) * n_layers * max(1, cfg.steps)
 
 
 def measure_rows_per_s(adapter: ModelAdapter, encs: Sequence[Encoded], cfg: AttributionConfig) -> tuple[float, int]:
