@@ -34,6 +34,7 @@ from torch import nn
 from matrice.data.schema import Fact as _Fact
 from matrice.data.schema import Query, make_query
 from matrice.experiments.edit import EditConfig
+from matrice.experiments.edit_targets import edit_target
 from matrice.experiments.manipulate import ManipulationRecord, manipulate
 from matrice.interventions import edited_output_weights, erasure_vectors, update_vectors
 from matrice.method.attribution.common import AttributionConfig
@@ -198,7 +199,7 @@ def edit(model: ModelAdapter, neurons: Neurons | np.ndarray, query: Query, new_o
         if not told_apart(new_ids, old_ids, whole):
             raise ValueError(f"{new_object!r} {'is or starts (or is started by)' if whole else 'starts with the same token as'} "
                              f"{query.answer!r} in this context: the update could not be told from the old answer")
-        old, new = (tuple(old_ids), tuple(new_ids)) if whole else (old_ids[0], new_ids[0])
-        vectors = update_vectors(model, pairs, old, new, cfg.lambda1, cfg.lambda2, cfg.scaling)
+        vectors = update_vectors(model, pairs, edit_target(old_ids, whole), edit_target(new_ids, whole), cfg.lambda1,
+                                 cfg.lambda2, cfg.scaling)
     with edited_output_weights(model, vectors):
         yield model

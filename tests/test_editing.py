@@ -58,9 +58,9 @@ def test_edit_seeded_choices_and_skips(gpt2_implant):
     from matrice.experiments import group_by_fact
 
     by_fact = group_by_fact(QUERIES)
-    picks = {choose_new_object(a, "f1", by_fact, gold, seed=s).fact_id for s in range(8)}
-    assert picks <= {"f2", "f3"} and choose_new_object(a, "f1", by_fact, gold, seed=3) == choose_new_object(a, "f1", by_fact, gold, seed=3)
-    assert choose_new_object(a, "f4", by_fact, 0) is None  # the only fact of its relation
+    picks = {choose_new_object(a, "f1", by_fact, [gold], seed=s).fact_id for s in range(8)}
+    assert picks <= {"f2", "f3"} and choose_new_object(a, "f1", by_fact, [gold], seed=3) == choose_new_object(a, "f1", by_fact, [gold], seed=3)
+    assert choose_new_object(a, "f4", by_fact, [0]) is None  # the only fact of its relation
     assert locality_sampler(["f1", "f2", "f3", "f4"], 2, 0)("f1") == locality_sampler(["f4", "f3", "f2", "f1"], 2, 0)("f1")
     assert "f1" not in locality_sampler(["f1", "f2", "f3", "f4"], 10, 0)("f1")
     fids = [f"g{i:03d}" for i in range(50)]

@@ -19,14 +19,13 @@ from matrice.experiments.edit_targets import NewObject, with_new_object
 from matrice.interventions import edited_output_weights, erasure_vectors, update_vectors
 from matrice.models.adapter import Encoded
 from matrice.models.predict import greedy_decode, score_answers
-from matrice.models.whole_answer import AnswerSteps, whole_score
+from matrice.models.whole_answer import AnswerSteps, answer_scores, whole_score
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _whole(adapter, encs):
-    steps = AnswerSteps.of(adapter, encs, "all")
-    return steps.fold(score_answers(adapter, steps.encs))
+    return answer_scores(adapter, encs, "all")
 
 
 def _query(adapter, n_tokens: int) -> Encoded:
@@ -89,7 +88,7 @@ def test_an_update_to_an_object_sharing_the_first_token_is_scored_on_the_whole_o
     runs = {policy: _EditRun(a, EditConfig(), False, encs, group_by_fact(QUERIES), ["update"], lambda qid: False,
                              answer_token=policy) for policy in ("first", "all")}
     gold = encs[f2[0].query_id].answer_ids
-    tokens = tuple(with_new_object(a, f2[0], NewObject("f1", {"en": "Bern"}, 0), -1, False)[0].answer_ids)
+    tokens = tuple(with_new_object(a, f2[0], NewObject("f1", {"en": "Bern"}, 0), [-1], False)[0].answer_ids)
     assert tokens[0] == gold[0] and tokens[: len(gold)] != tuple(gold)
     new = NewObject("f1", {"en": "Bern", "fr": "Bern"}, tokens[0], tokens)
     assert runs["first"].update_encodings(f2, new) == {}
@@ -122,7 +121,7 @@ def test_whole_answer_editing_counts_equal_greedy_decoding_under_the_same_edit(g
     with edited_output_weights(a, vectors):
         for q in (q for q in QUERIES if q.fact_id == "f1"):
             gold = encs[q.query_id].answer_ids
-            enc, _ = with_new_object(a, q, new, gold[0], False, gold)
+            enc, _ = with_new_object(a, q, new, gold, False, whole=True)
             if enc is not None:
                 expected[q.lang][0] += 1
                 expected[q.lang][1] += int(greedy_decode(a, [enc])[0] == enc.answer_ids)

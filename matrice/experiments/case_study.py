@@ -23,13 +23,13 @@ from typing import Any, Mapping, Sequence
 from matrice.data.schema import Query
 from matrice.experiments import NeuronSetsLike, encode_all, fact_neurons, group_by_fact, original_queries
 from matrice.experiments.edit import EditConfig
-from matrice.experiments.edit_targets import choose_new_object
+from matrice.experiments.edit_targets import choose_new_object, edit_target
 from matrice.interventions import edited_output_weights, update_vectors
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
 from matrice.models.hooks import neuron_edits
-from matrice.models.predict import AnswerScore, greedy_decode, is_correct, score_answers
-from matrice.models.whole_answer import AnswerSteps
+from matrice.models.predict import greedy_decode, is_correct
+from matrice.models.whole_answer import answer_scores
 from matrice.evaluation.report import RunResults, markdown_table, ordered_langs
 from matrice.io import RunOutputs
 
@@ -79,10 +79,8 @@ def case_study(
     if src is None or src.query_id not in encs:
         raise ValueError(f"fact {fact_id!r} has no encodable {cfg.source_lang!r} query to edit with")
     gold_ids = encs[src.query_id].answer_ids
-    gold_token = gold_ids[0]
 
-    new_from, labels = _new_object(adapter, fact_id, by_fact, gold_token, new_object, cfg, few_shot,
-                                   gold_ids if whole else None)
+    new_from, labels = _new_object(adapter, fact_id, by_fact, gold_ids, new_object, cfg, few_shot, whole)
     new_token, new_ids = None, None
     if labels is not None:
         new_ids = encode_query(adapter, replace(src, answer=labels[cfg.source_lang]), few_shot).answer_ids
@@ -93,13 +91,9 @@ def case_study(
     new_encs = _with_new_answers(adapter, {lang: orig[lang] for lang in langs}, labels, few_shot)
     new_langs = [lang for lang in langs if lang in new_encs]
 
-    def scored(encodings: list[Encoded], edits) -> list[AnswerScore]:
-        steps = AnswerSteps.of(adapter, encodings, answer_token)
-        return steps.fold(score_answers(adapter, steps.encs, edits))
-
     def snapshot(edits, on_new: bool) -> dict[str, dict[str, Any]]:
-        s_gold = dict(zip(langs, scored(gold_encs, edits)))
-        s_new = dict(zip(new_langs, scored([new_encs[l] for l in new_langs], edits)))
+        s_gold = dict(zip(langs, answer_scores(adapter, gold_encs, answer_token, edits)))
+        s_new = dict(zip(new_langs, answer_scores(adapter, [new_encs[l] for l in new_langs], answer_token, edits)))
         if whole:  # each step's top token; right exactly where the greedy output is
             texts = {l: [s.top_token, *s.top_rest] for l, s in (s_new if on_new else s_gold).items()}
             correct = {l: s_gold[l].rank == 0 for l in texts}
@@ -128,8 +122,8 @@ def case_study(
     enhanced = snapshot(neuron_edits(pairs, factor) if len(pairs) else None, on_new=False)
     updated = None
     if new_token is not None:
-        vectors = update_vectors(adapter, pairs, tuple(gold_ids) if whole else gold_token,
-                                 tuple(new_ids) if whole else new_token, cfg.lambda1, cfg.lambda2, cfg.scaling)
+        vectors = update_vectors(adapter, pairs, edit_target(gold_ids, whole), edit_target(new_ids, whole),
+                                 cfg.lambda1, cfg.lambda2, cfg.scaling)
         with edited_output_weights(adapter, vectors):
             updated = snapshot(None, on_new=True)
 
@@ -148,16 +142,15 @@ def case_study(
     return study
 
 
-def _new_object(adapter: ModelAdapter, fact_id: str, by_fact: Mapping[str, Sequence[Query]], gold_token: int,
+def _new_object(adapter: ModelAdapter, fact_id: str, by_fact: Mapping[str, Sequence[Query]], gold: Sequence[int],
                 new_object: Mapping[str, str] | None, cfg: EditConfig, few_shot: bool,
-                gold_answer: Sequence[int] | None = None) -> tuple[str | None, dict[str, str] | None]:
+                whole: bool = False) -> tuple[str | None, dict[str, str] | None]:
     """(the fact o' is borrowed from, o' per language): the caller's, or chosen as the edit stage does."""
     if new_object is not None:
         if cfg.source_lang not in new_object:
             raise ValueError(f"new_object needs a {cfg.source_lang!r} label (the edit is made in that language)")
         return None, dict(new_object)
-    chosen = choose_new_object(adapter, fact_id, by_fact, gold_token, cfg.source_lang, cfg.seed, few_shot,
-                               gold_answer=gold_answer)
+    chosen = choose_new_object(adapter, fact_id, by_fact, gold, cfg.source_lang, cfg.seed, few_shot, whole=whole)
     return (None, None) if chosen is None else (chosen.fact_id, chosen.labels)
 
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from matrice.data.schema import Query
 from matrice.experiments import NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, group_by_fact, original_queries
 from matrice.experiments.edit import EditConfig
-from matrice.experiments.edit_targets import NewObject, choose_new_object, locality_sampler, with_new_object
+from matrice.experiments.edit_targets import NewObject, choose_new_object, edit_target, locality_sampler, with_new_object
 from matrice.experiments.edit.passes import EditedPasses, WeightEdit
 from matrice.interventions import update_vectors
 from matrice.memo import Memo
@@ -127,12 +127,12 @@ def sweep_update(
             continue
         gold_ids = encs[src.query_id].answer_ids
         relation = by_fact[fid][0].relation
-        new = choose_new_object(adapter, fid, by_fact, gold_ids[0], cfg.source_lang, cfg.seed, few_shot,
-                                pool=by_relation[relation], gold_answer=gold_ids if whole else None)
+        new = choose_new_object(adapter, fid, by_fact, gold_ids, cfg.source_lang, cfg.seed, few_shot,
+                                pool=by_relation[relation], whole=whole)
         if new is None:
             result.skipped["no_new_object"].append(fid)
             continue
-        gold = tuple(gold_ids) if whole else gold_ids[0]
+        gold = edit_target(gold_ids, whole)
         rel = _relabelled_originals(adapter, originals[fid], new, encs, few_shot, whole)
         loc = [(q.lang, encs[q.query_id]) for f in sample_locality(fid)
                for q in originals[f].values()]
@@ -164,8 +164,7 @@ def _relabelled_originals(adapter: ModelAdapter, originals: Mapping[str, Query],
                           encs: Mapping[str, Encoded], few_shot: bool, whole: bool = False) -> list[tuple[str, Encoded]]:
     """Each language's original query with o' as the answer (as the edit stage scores reliability);
     a language where the edit stage would not score the update (:func:`with_new_object`) is left out."""
-    relabelled = ((lang, with_new_object(adapter, q, new, encs[q.query_id].answer_ids[0], few_shot,
-                                         encs[q.query_id].answer_ids if whole else None)[0])
+    relabelled = ((lang, with_new_object(adapter, q, new, encs[q.query_id].answer_ids, few_shot, whole)[0])
                   for lang, q in sorted(originals.items()))
     return [(lang, enc) for lang, enc in relabelled if enc is not None]
 

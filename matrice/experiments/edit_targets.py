@@ -14,6 +14,14 @@ from matrice.models.predict import normalize_answer
 from matrice.models.whole_answer import told_apart
 
 
+UNTOLD = {False: "same_first_token", True: "prefix_answer"}  # why o' cannot be scored apart from o
+
+
+def edit_target(answer_ids: Sequence[int], whole: bool) -> int | tuple[int, ...]:
+    """What Eq. 15's E(·) reads of an object: its first token, or its tokens (whole answers)."""
+    return tuple(int(t) for t in answer_ids) if whole else int(answer_ids[0])
+
+
 @dataclass(frozen=True)
 class NewObject:
     """The update target o': borrowed from another fact of the same relation."""
@@ -39,18 +47,18 @@ def choose_new_object(
     adapter: ModelAdapter,
     fact_id: str,
     by_fact: Mapping[str, Sequence[Query]],
-    gold_token: int,
+    gold: Sequence[int],
     source_lang: str = "en",
     seed: int = 0,
     few_shot: bool = False,
     pool: Sequence[str] | None = None,
-    gold_answer: Sequence[int] | None = None,
+    whole: bool = False,
 ) -> NewObject | None:
     """Seeded o' for ``fact_id``: another fact of the same relation with a different source-language
-    label and a different first token (in the edited fact's source-language context); None if none.
-    With ``gold_answer`` (o's tokens there; whole answers) o' needs tokens that neither are nor start
-    o's (nor o's of o'), not a different first token: an update from "Buenos Aires" to "Buenos Tiempos"
-    is scored on its whole answer.
+    label whose tokens scoring can tell from ``gold`` (o's tokens in the edited fact's source-language
+    context; :func:`matrice.models.whole_answer.told_apart`): a different first token, or with ``whole``
+    (whole answers) tokens that neither start o's nor are started by them, so an update from "Buenos
+    Aires" to "Buenos Tiempos" is scored on its whole answer. None if there is no such fact.
 
     Uniform among the valid candidates: the candidates (``pool``, default every fact of the relation)
     are visited in a seeded random order and the first valid one is taken, so only as many are
@@ -72,8 +80,7 @@ def choose_new_object(
         if label is None or normalize_answer(label) == gold_norm:
             continue
         ids = _answer_ids(adapter, src, label, few_shot)
-        if ids is None or not told_apart(ids, [gold_token] if gold_answer is None else gold_answer,
-                                         gold_answer is not None):
+        if ids is None or not told_apart(ids, gold, whole):
             continue
         return NewObject(other, labels, int(ids[0]), tuple(int(t) for t in ids))
     return None
@@ -98,14 +105,14 @@ def locality_sampler(all_facts: Sequence[str], k: int, seed: int) -> Callable[[s
     return sample
 
 
-def with_new_object(adapter: ModelAdapter, query: Query, new: NewObject, gold_first: int, few_shot: bool,
-                    gold_answer: Sequence[int] | None = None) -> tuple[Encoded | None, str]:
+def with_new_object(adapter: ModelAdapter, query: Query, new: NewObject, gold: Sequence[int], few_shot: bool,
+                    whole: bool = False) -> tuple[Encoded | None, str]:
     """``query`` with o' (its label in the query's language) as the answer, re-encoded in context, or
-    None and why an update cannot be scored there: ``without_label``, ``unencodable``, or
-    ``same_first_token`` (o' starts with o's first token ``gold_first`` there, so "o' is top-1" would
-    only mean o still is). With ``gold_answer`` (o's tokens there; whole answers) only an o' whose tokens
-    equal o's or one of them starts the other is left out (``prefix_answer``): a shared first token is
-    scored on the whole answer."""
+    None and why an update cannot be scored there: ``without_label``, ``unencodable``, or when scoring
+    cannot tell o' from o (``gold``, o's tokens there; :func:`matrice.models.whole_answer.told_apart`):
+    ``same_first_token`` (o' starts with o's first token, so "o' is top-1" would only mean o still is)
+    or with ``whole`` ``prefix_answer`` (o''s tokens start o's or are started by them; a shared first
+    token is scored on the whole answer)."""
     label = new.labels.get(query.lang)
     if label is None:
         return None, "without_label"
@@ -113,6 +120,6 @@ def with_new_object(adapter: ModelAdapter, query: Query, new: NewObject, gold_fi
         enc = encode_query(adapter, replace(query, answer=label), few_shot)
     except ValueError:
         return None, "unencodable"
-    if gold_answer is not None:
-        return (enc, "") if told_apart(enc.answer_ids, gold_answer, True) else (None, "prefix_answer")
-    return (None, "same_first_token") if enc.answer_ids[0] == gold_first else (enc, "")
+    if told_apart(enc.answer_ids, gold, whole):
+        return enc, ""
+    return None, UNTOLD[whole]

@@ -32,8 +32,8 @@ from matrice.experiments import (
 )
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.predict import is_correct
-from matrice.models.scaled_rows import decode_scaled_rows, scaling_set, score_scaled_rows
-from matrice.models.whole_answer import AnswerSteps
+from matrice.models.scaled_rows import decode_scaled_rows, scaling_set
+from matrice.models.whole_answer import score_rows
 from matrice.evaluation.stats import Estimate, per_fact_mean, relation_mean
 from matrice.io import RunOutputs
 from matrice.evaluation.report import RunResults, not_drawn_note, plot_enhancement, split_empty, wide_rows
@@ -125,20 +125,15 @@ def _answer_all(adapter: ModelAdapter, encs: Mapping[str, Encoded], by_fact: Map
     teacher-forced row scaled at its own position; correct when every token is top-1 (the greedy
     output is the answer), the prediction the top token of each step."""
     plan = fact_rows(by_fact, lambda fid: [(m, scaling_set(neurons[(fid, m)], factor)) for m in methods])
-    query_of = {q.query_id: q for fqs in by_fact.values() for q in fqs}
-    queries = [query_of[qid] for qid in plan.query_ids]
-    label = "enhancement" if progress else None
+    log.info("enhancement: %d facts, %d (query, edit) rows (answer_token %s)", len(by_fact), len(plan.rows),
+             answer_token)
+    encodings, label = [encs[q] for q in plan.query_ids], "enhancement" if progress else None
     if answer_token == "first":
-        log.info("enhancement: %d facts, %d (query, edit) rows", len(by_fact), len(plan.rows))
-        decoded = decode_scaled_rows(adapter, [encs[q] for q in plan.query_ids], plan.scalings, plan.rows, batch_size,
-                                     progress=label)
-        answers = [(g, bool(is_correct(adapter, g, queries[q].answer))) for g, (q, _) in zip(decoded, plan.rows)]
-        return plan.per_key(answers)
-    steps = AnswerSteps.of(adapter, [encs[q] for q in plan.query_ids], answer_token)
-    rows, spans = steps.rows(plan.rows)
-    log.info("enhancement: %d facts, %d (query, edit) rows, %d scored (whole answers)", len(by_fact), len(plan.rows),
-             len(rows))
-    scores = steps.fold(score_scaled_rows(adapter, steps.encs, plan.scalings, rows, batch_size, progress=label), spans)
+        query_of = {q.query_id: q for fqs in by_fact.values() for q in fqs}
+        answers = [query_of[plan.query_ids[q]].answer for q, _ in plan.rows]
+        decoded = decode_scaled_rows(adapter, encodings, plan.scalings, plan.rows, batch_size, progress=label)
+        return plan.per_key([(g, bool(is_correct(adapter, g, a))) for g, a in zip(decoded, answers)])
+    scores = score_rows(adapter, encodings, plan.scalings, plan.rows, answer_token, batch_size, progress=label)
     return plan.per_key([([s.top_token, *s.top_rest], s.rank == 0) for s in scores])
 
 

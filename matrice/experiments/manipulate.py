@@ -36,8 +36,8 @@ from matrice.experiments import (
     NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, fact_rows, group_by_fact, mean_or_none,
 )
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.scaled_rows import scaling_set, score_scaled_rows
-from matrice.models.whole_answer import AnswerSteps
+from matrice.models.scaled_rows import scaling_set
+from matrice.models.whole_answer import score_rows
 from matrice.evaluation.stats import Estimate, per_fact_mean, relation_mean
 from matrice.io import RunOutputs
 from matrice.evaluation.report import RunResults, not_drawn_note, ordered_langs, plot_manipulation, split_empty, wide_rows
@@ -123,13 +123,11 @@ def _score_all(adapter: ModelAdapter, encs: Mapping[str, Encoded], by_fact: Mapp
     answers: every answer token's row, scaled at its own position, folded into P(answer)."""
     plan = fact_rows(by_fact, lambda fid: [((m, mode), scaling_set(neurons[(fid, m)], f))
                                            for m in methods for mode, f in modes.items()])
-    steps = AnswerSteps.of(adapter, [encs[q] for q in plan.query_ids], answer_token)
-    rows, spans = steps.rows(plan.rows)
-    log.info("manipulation: %d facts, %d (query, edit) rows, %d scored (answer_token %s)", len(by_fact),
-             len(plan.rows), len(rows), answer_token)
-    scores = score_scaled_rows(adapter, steps.encs, plan.scalings, rows, batch_size,
-                               progress="manipulation" if progress else None)
-    return plan.per_key([s.prob for s in steps.fold(scores, spans)])
+    log.info("manipulation: %d facts, %d (query, edit) rows (answer_token %s)", len(by_fact), len(plan.rows),
+             answer_token)
+    scores = score_rows(adapter, [encs[q] for q in plan.query_ids], plan.scalings, plan.rows, answer_token,
+                        batch_size, progress="manipulation" if progress else None)
+    return plan.per_key([s.prob for s in scores])
 
 
 def manipulate(

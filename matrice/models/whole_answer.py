@@ -20,7 +20,8 @@ from typing import Sequence
 
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import answer_steps
-from matrice.models.predict import AnswerScore
+from matrice.models.predict import AnswerScore, score_answers
+from matrice.models.scaled_rows import Scaling, score_scaled_rows
 
 ANSWER_POLICIES: tuple[str, ...] = ("first", "all")
 
@@ -56,6 +57,23 @@ class AnswerSteps:
     def fold(self, scores: Sequence[AnswerScore], spans: Sequence[tuple[int, int]] | None = None) -> list[AnswerScore]:
         """One score per query (or per row, with the spans :meth:`rows` gave) from its steps' scores."""
         return [whole_score(scores[start:stop]) for start, stop in (self.spans if spans is None else spans)]
+
+
+def answer_scores(adapter: ModelAdapter, encs: Sequence[Encoded], policy: str, edits=None, batch_size: int = 32
+          ) -> list[AnswerScore]:
+    """:func:`matrice.models.predict.score_answers` of each query's answer under ``policy``."""
+    steps = AnswerSteps.of(adapter, encs, policy)
+    return steps.fold(score_answers(adapter, steps.encs, edits, batch_size))
+
+
+def score_rows(adapter: ModelAdapter, encs: Sequence[Encoded], scalings: Sequence[Sequence[Scaling]],
+               rows: Sequence[tuple[int, int]], policy: str, batch_size: int = 32, progress: str | None = None
+               ) -> list[AnswerScore]:
+    """:func:`matrice.models.scaled_rows.score_scaled_rows` of (query, scaling set) rows under ``policy``:
+    a whole answer's rows are its tokens' (each scaled at its own position), folded."""
+    steps = AnswerSteps.of(adapter, encs, policy)
+    step_rows, spans = steps.rows(rows)
+    return steps.fold(score_scaled_rows(adapter, steps.encs, scalings, step_rows, batch_size, progress=progress), spans)
 
 
 def check_policy(policy: str) -> str:

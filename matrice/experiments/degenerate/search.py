@@ -15,8 +15,8 @@ from tqdm import tqdm
 from matrice.data.schema import Query
 from matrice.data.split import HeldOutSplit
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.encoding import answer_steps, encode_query
-from matrice.models.whole_answer import check_policy
+from matrice.models.encoding import encode_query
+from matrice.models.whole_answer import AnswerSteps, check_policy
 from matrice.models.hooks import neuron_edits
 from matrice.models.predict import PromptCache, score_answers_many
 from matrice.models.scaled_rows import per_row_scalings
@@ -72,17 +72,13 @@ class Suppressor:
         self.adapter = adapter
         self.batch_size = batch_size
         self.rows = rows
-        self.whole = check_policy(answer_token) == "all"
+        self.answer_token = check_policy(answer_token)
         self._prompts: list[PromptCache] = []
         self._where: dict[tuple[int, ...], tuple[int, int]] = {}  # prompt -> (cache, its row there)
 
-    def steps(self, enc: Encoded) -> list[Encoded]:
-        """What is scored for a query: itself, or its answer tokens' teacher-forced queries."""
-        return answer_steps(self.adapter, enc) if self.whole else [enc]
-
     def prepare(self, encs: Sequence[Encoded]) -> None:
         """Run the prompts not yet kept, together (one left-padded batch)."""
-        encs = [step for enc in encs for step in self.steps(enc)]
+        encs = AnswerSteps.of(self.adapter, encs, self.answer_token).encs
         new = list({tuple(e.input_ids): e for e in encs if tuple(e.input_ids) not in self._where}.values())
         if not new:
             return
@@ -96,18 +92,15 @@ class Suppressor:
 
     def ratios_many(self, requests: Sequence[tuple[Encoded, Sequence[Sequence[Neuron]]]]) -> list[tuple[float, np.ndarray]]:
         """:meth:`ratios` of every (query, groups) request, the rows of all of them in shared forwards."""
-        expanded = [[(step, groups) for step in self.steps(enc)] for enc, groups in requests]
-        flat = [request for per_query in expanded for request in per_query]
+        steps = AnswerSteps.of(self.adapter, [enc for enc, _ in requests], self.answer_token)
+        flat = [(step, groups) for (_, groups), (a, b) in zip(requests, steps.spans) for step in steps.encs[a:b]]
         if not (self.adapter.causal and all(len(e.input_ids) > 1 and e.target_pos == len(e.input_ids) - 1
                                             for e, _ in flat)):
             step_probs = [self._masked(enc, groups) for enc, groups in flat]
         else:
             self.prepare([enc for enc, _ in flat])
             step_probs = self._split(self._row_probs(flat), flat)
-        probs, at = [], 0
-        for per_query in expanded:  # a whole answer's P is the product of its tokens'
-            probs.append(np.prod(step_probs[at: at + len(per_query)], axis=0))
-            at += len(per_query)
+        probs = [np.prod(step_probs[a:b], axis=0) for a, b in steps.spans]  # a whole answer's: its tokens' product
         return [(float(p[0]), p[1:] / p[0] if p[0] > 0 else np.full(len(p) - 1, np.nan)) for p in probs]
 
     @torch.no_grad()

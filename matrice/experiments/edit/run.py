@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from matrice.data.schema import Query
 from matrice.experiments import NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, group_by_fact, original_queries
-from matrice.experiments.edit_targets import NewObject, choose_new_object, locality_sampler, with_new_object
+from matrice.experiments.edit_targets import (UNTOLD, NewObject, choose_new_object, edit_target, locality_sampler,
+                                              with_new_object)
 from matrice.experiments.edit.passes import EditedPasses, WeightEdit
 from matrice.interventions import UPDATE_SCALINGS, erasure_vectors, update_vectors
 from matrice.memo import Memo
@@ -223,11 +224,9 @@ class _EditRun:
         self.by_relation: dict[str, list[str]] = defaultdict(list)
         for f, fqs in by_fact.items():
             self.by_relation[fqs[0].relation].append(f)
-        # whole answers: a shared first token is scored; an o' that is (or starts, or is started by) o is not
-        told_apart_skip = "update_queries_prefix_answer" if self.whole else "update_queries_same_first_token"
         self.skipped: dict[str, Any] = {"unencodable_queries": 0, "no_source_query": [], "no_new_object": [],
                                         "update_queries_without_label": 0, "update_queries_unencodable": 0,
-                                        told_apart_skip: 0}
+                                        f"update_queries_{UNTOLD[self.whole]}": 0}
         self.lang_of = {q.query_id: q.lang for fqs in by_fact.values() for q in fqs}
 
     def edit_fact(self, fid: str, neurons: Mapping[str, np.ndarray], result: EditResult) -> None:
@@ -266,9 +265,8 @@ class _EditRun:
         loc_ids = [q.query_id for f in self.sample_locality(fid) for q in self.originals[f].values()]
         new, upd_encs = None, {}
         if "update" in self.operations:
-            new = choose_new_object(self.adapter, fid, self.by_fact, gold_token, cfg.source_lang, cfg.seed,
-                                    self.few_shot, pool=self.by_relation[fqs[0].relation],
-                                    gold_answer=gold_ids if self.whole else None)
+            new = choose_new_object(self.adapter, fid, self.by_fact, gold_ids, cfg.source_lang, cfg.seed,
+                                    self.few_shot, pool=self.by_relation[fqs[0].relation], whole=self.whole)
             if new is None:
                 self.skipped["no_new_object"].append(fid)
             else:
@@ -280,7 +278,7 @@ class _EditRun:
         probes = {"erasure": (fact_ids, [self.encs[q] for q in fact_ids])}
         if new is not None:
             probes["update"] = (list(upd_encs), list(upd_encs.values()))
-        gold = tuple(gold_ids) if self.whole else gold_token
+        gold = edit_target(gold_ids, self.whole)
         return _FactProbes(fid, fqs[0].relation, gold, {q.query_id for q in self.originals[fid].values()},
                            sorted({q.lang for q in fqs}), loc_ids, [self.encs[q] for q in loc_ids], new, probes)
 
@@ -290,8 +288,7 @@ class _EditRun:
         mean o is still top-1)."""
         out: dict[str, Encoded] = {}
         for q in fqs:
-            gold = self.encs[q.query_id].answer_ids
-            enc, why = with_new_object(self.adapter, q, new, gold[0], self.few_shot, gold if self.whole else None)
+            enc, why = with_new_object(self.adapter, q, new, self.encs[q.query_id].answer_ids, self.few_shot, self.whole)
             if enc is None:
                 self.skipped[f"update_queries_{why}"] = self.skipped.get(f"update_queries_{why}", 0) + 1
             else:

@@ -11,13 +11,13 @@ import torch
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import answer_steps
 from matrice.models.hooks import neuron_hooks
+from matrice.models.whole_answer import check_policy
 
 BaselineKind = Literal["saig", "amig", "zero"]
 BASELINE_KINDS = ("saig", "amig", "zero")
 Integration = Literal["riemann_right", "gauss_legendre"]
 INTEGRATIONS = ("riemann_right", "gauss_legendre")
-AnswerToken = Literal["first", "all"]
-ANSWER_TOKENS = ("first", "all")
+AnswerToken = Literal["first", "all"]  # matrice.models.whole_answer.ANSWER_POLICIES
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,7 @@ class AttributionConfig:
             raise ValueError(f"integration must be one of {INTEGRATIONS}, got {self.integration!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.answer_token not in ANSWER_TOKENS:
-            raise ValueError(f"answer_token must be one of {ANSWER_TOKENS}, got {self.answer_token!r}")
+        check_policy(self.answer_token)
 
 
 def over_answer_tokens(attribute: Callable[[Encoded], torch.Tensor], adapter: ModelAdapter, enc: Encoded,
