@@ -42,6 +42,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from stages import warm  # noqa: E402
 from stages.sequence import (DEFAULT_KEY, EMBEDDED_SOURCE, StageRun, project_copy, run_stages,  # noqa: E402
                              smoke_params, stage_commands, stage_env)
 
@@ -293,6 +294,7 @@ class Benchmark:
     failed_stderr_tail: str = ""
     report_problems: list[str] = field(default_factory=list)
     ok: bool = False
+    warm_start: bool = True  # model stages forked by the warm-start server (False: --cold)
     matmul_gflops: float | None = None  # --work: the ceiling the floors use
     startup_seconds: float | None = None  # --work: a model stage's start-up
     work: list[dict[str, Any]] = field(default_factory=list)  # --work: StageWork per counted stage
@@ -421,6 +423,8 @@ def parse_args() -> argparse.Namespace:
                         help="torch threads per stage (OMP_NUM_THREADS); default: the cores the load average leaves free")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a params.yaml value on top of the config, as `dvc exp run -S` (e.g. answer_token=all)")
+    parser.add_argument("--cold", action="store_true",
+                        help="every stage in a fresh process (MATRICE_WARM=0), as without the warm-start server")
     parser.add_argument("--work", action="store_true",
                         help="afterwards rerun each model stage under torch's FLOP counter and set its floor "
                              "(FLOPs at the measured matmul rate) beside its time")
@@ -433,8 +437,13 @@ def main() -> int:
     cpus, load = os.cpu_count() or 1, [round(x, 2) for x in os.getloadavg()]
     threads = args.threads or auto_threads(cpus, load[0])
     os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))  # the stages inherit it
+    # the model stages' warm-start server (stages/warm.py) lives in a folder of this run's own: stopped and
+    # removed at the end, so a benchmark or CI run leaves no process behind; --cold turns warm start off
+    warm_dir = Path(tempfile.mkdtemp(prefix="matrice-warm-"))
+    os.environ.update({warm.DIR_ENV: str(warm_dir), warm.ENABLE_ENV: "0" if args.cold else "1"})
     record = Benchmark(args.config, sorted(changed_leaves(base, with_overrides(CONFIGS[args.config].build(base), args.set))), False,
                        cpus, threads, load, datetime.datetime.now().isoformat(" ", "seconds"))
+    record.warm_start = not args.cold
     save = (lambda: write_json(Path(args.out), record)) if args.out else (lambda: None)
     root = workspace(args.keep)
     # SIGTERM (a CI time-out, make interrupted) unwinds like Ctrl-C: the running stage is killed, the copy removed
@@ -452,6 +461,8 @@ def main() -> int:
             + (f"; kept in {root}" if args.keep else ""))
         save()
     finally:
+        warm.stop_servers(warm_dir)
+        shutil.rmtree(warm_dir, ignore_errors=True)
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
     return 0 if record.ok else 1

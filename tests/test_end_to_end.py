@@ -4,7 +4,10 @@ the stages' wiring (file names, params, the report) is exercised, not only the l
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -27,9 +30,61 @@ def _run_every_stage(root: Path, **overrides) -> Path:
     return root
 
 
+@contextmanager
+def _warm_start(directory: Path, on: bool) -> Iterator[None]:
+    """The model stages started warm (stages/warm.py) from a server in ``directory``, or cold; the
+    server is stopped afterwards, so no test leaves a process behind."""
+    from stages import warm
+
+    saved = {k: os.environ.get(k) for k in (warm.DIR_ENV, warm.ENABLE_ENV)}
+    os.environ.update({warm.DIR_ENV: str(directory), warm.ENABLE_ENV: "1" if on else "0"})
+    try:
+        yield
+    finally:
+        warm.stop_servers(directory)
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    return _run_every_stage(tmp_path_factory.mktemp("run"))
+def warm_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("warm")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, warm_dir):
+    """Every stage as `dvc repro` runs them, the model stages after the first started warm."""
+    with _warm_start(warm_dir, on=True):
+        root = _run_every_stage(tmp_path_factory.mktemp("run"))
+        (warm_dir / "servers-seen").write_text("\n".join(p.name for p in warm_dir.glob("*.sock")))
+    return root
+
+
+def _outputs(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for top in ("results", "reports") for p in sorted((root / top).rglob("*")) if p.is_file()}
+
+
+def test_warm_started_stages_write_what_cold_ones_write(tmp_path, tiny_run, warm_dir):
+    """The warm-start server changes which process runs a stage, never a byte of what it writes."""
+    assert (warm_dir / "servers-seen").read_text(), "no warm-start server was up during the run: it ran cold"
+    with _warm_start(tmp_path / "unused", on=False):
+        cold = _run_every_stage(tmp_path / "cold")
+    warm, cold_out = _outputs(tiny_run), _outputs(cold)
+    assert set(warm) == set(cold_out)
+    differ = [name for name in warm if not _same_output(tiny_run / name, cold / name, cold, tiny_run)]
+    assert not differ, f"warm and cold runs wrote different bytes: {differ[:5]}"
+
+
+def _same_output(a: Path, b: Path, b_root: Path, a_root: Path) -> bool:
+    """Byte-identical once the project's own path is the same; attribution shards (compressed, their
+    fingerprint a hash of settings that name the model's path) by every array but the fingerprint."""
+    import numpy as np
+
+    if a.suffix != ".npz":
+        return a.read_bytes() == b.read_bytes().replace(str(b_root).encode(), str(a_root).encode())
+    with np.load(a) as x, np.load(b) as y:
+        return set(x.files) == set(y.files) and all(np.array_equal(x[k], y[k]) for k in x.files if k != "fingerprint")
 
 
 def test_every_stage_runs_on_whole_answers(tmp_path, tiny_run):

@@ -6,7 +6,8 @@ tokenizer, about 4 s). Unpickling the object it built gives the same object in l
 The key is every file of the directory that is not a weight file, with the transformers and
 tokenizers versions, so any change to the tokenizer or the libraries builds it again. A hub id (not
 a local directory) is left to transformers' own cache. The cache lives in `$MATRICE_CACHE`
-(default `~/.cache/matrice`); a cache that cannot be read or written is ignored.
+(default `~/.cache/matrice`); a cache that cannot be read or written is ignored. A stage forked by
+the warm-start server (`stages/warm.py`) finds the server's already unpickled copy of the same file.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import logging
 import os
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "MATRICE_CACHE"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+WARM_REGISTRY = "_matrice_warm"  # stages/warm.py's server module, present only in a process it forked
+LOADED_PICKLES: set[str] = set()  # cache files this process read: the warm server preloads them
 
 
 def cache_dir() -> Path:
@@ -50,8 +54,15 @@ def load_tokenizer(path_or_id: str) -> Any:
     if not directory.is_dir():
         return AutoTokenizer.from_pretrained(path_or_id)
     cached = cache_dir() / f"{tokenizer_key(directory)}.pkl"
+    warm = getattr(sys.modules.get(WARM_REGISTRY), "TOKENIZERS", {}).pop(str(cached), None)
+    if warm is not None:  # the key names the file's content: the server's copy is this very tokenizer (taken
+        # out of the registry, so a second load in this process gets its own object, as it would cold)
+        LOADED_PICKLES.add(str(cached))
+        return warm
     try:
-        return pickle.loads(cached.read_bytes())
+        tokenizer = pickle.loads(cached.read_bytes())
+        LOADED_PICKLES.add(str(cached))
+        return tokenizer
     except FileNotFoundError:
         pass
     except Exception as exc:  # a damaged or foreign file: build again and replace it
