@@ -42,6 +42,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from matrice.io import read_params, read_yaml  # noqa: E402
 from stages import warm  # noqa: E402
 from stages.sequence import (DEFAULT_KEY, EMBEDDED_SOURCE, StageRun, project_copy, run_stages,  # noqa: E402
                              smoke_params, stage_commands, stage_env)
@@ -97,7 +98,7 @@ def with_overrides(params: dict[str, Any], overrides: Sequence[str]) -> dict[str
             node = node.get(part) if isinstance(node, dict) else None
         if not isinstance(node, dict) or leaf not in node:
             raise SystemExit(f"--set {item!r}: {key} is not a parameter of params.yaml")
-        node[leaf] = yaml.safe_load(text)
+        node[leaf] = read_yaml(text)
     return params
 
 
@@ -337,7 +338,7 @@ def run_config(name: str, root: Path, reuse_model: bool, record: Benchmark,
                save: Callable[[], None], overrides: Sequence[str] = ()) -> list[StageRun]:
     """The config's params (and ``overrides``) in a project copy at `root`, every stage run there
     (prepare_model skipped only when `reuse_model` and a prepared model of the same source could be linked)."""
-    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    base = read_params(REPO / "params.yaml")
     params = with_overrides(CONFIGS[name].build(base), overrides)
     project_copy(root, params)
     keys = list(params["models"])
@@ -362,7 +363,7 @@ def report_problems(root: Path) -> list[str]:
     report = root / "reports" / "report.md"
     if not report.exists():
         return [f"{report} is missing"]
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = read_params(root / "params.yaml")
     relations = params["dataset"].get("relations")
     alpha = float((params.get("verdicts") or {}).get("alpha", 0.05))
     return check_report(report.read_text(encoding="utf-8"), len(relations) if relations else None, alpha)
@@ -433,7 +434,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    base = read_params(REPO / "params.yaml")
     cpus, load = os.cpu_count() or 1, [round(x, 2) for x in os.getloadavg()]
     threads = args.threads or auto_threads(cpus, load[0])
     os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))  # the stages inherit it

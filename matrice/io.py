@@ -130,3 +130,34 @@ class RunOutputs:
     def read_json(self, name: str) -> Any:
         """A result an earlier stage wrote (its absence named, with the stage to run)."""
         return json.loads(read_output(self.results / name))
+
+
+# YAML 1.1 (PyYAML) reads a float written without a dot, such as 3e-05, as a string; DVC writes floats
+# that way when `dvc exp run -S` sets them. Read such values as numbers, as YAML 1.2 does.
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+
+
+def _params_loader() -> type:
+    import yaml
+
+    class ParamsLoader(yaml.SafeLoader):
+        pass
+
+    ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+    return ParamsLoader
+
+
+def read_yaml(text: str) -> Any:
+    """``yaml.safe_load``, with exponent floats without a dot (3e-05) read as floats."""
+    import yaml
+
+    return yaml.load(text, Loader=_params_loader())  # noqa: S506 (a SafeLoader subclass)
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """A params file (params.yaml) as a dict; empty file -> {}."""
+    return read_yaml(Path(path).read_text(encoding="utf-8")) or {}

@@ -11,7 +11,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-import yaml
 
 if TYPE_CHECKING:  # torch and transformers cost seconds to import: only stages that load a model pay
     from matrice.models.adapter import ModelAdapter
@@ -25,8 +24,9 @@ REPORTS_DIR = Path("reports")
 
 
 def load_params(path: Path = PARAMS) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f) or {}
+    from matrice.io import read_params
+
+    return read_params(path)
 
 
 def setup_logging() -> None:

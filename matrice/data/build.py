@@ -220,15 +220,14 @@ def write_dataset(ds: BuiltDataset, out_dir: str | Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     """`python -m matrice.data --params params.yaml --out DIR`: build from the `dataset` section (the
     seed is params.yaml's top-level `seed`, as the build_dataset stage uses it)."""
-    import yaml
+    from matrice.io import read_params
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--section", default="dataset")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    with open(args.params, encoding="utf-8") as f:
-        params = yaml.safe_load(f) or {}
+    params = read_params(args.params)
     section = params.get(args.section)
     if not isinstance(section, dict):
         raise SystemExit(f"{args.params}: no '{args.section}' section")
