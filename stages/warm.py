@@ -51,6 +51,7 @@ PRELOADED_PACKAGES = frozenset({
 CHILD_ENV = "_MATRICE_WARM_CHILD"  # set in a forked stage: its own `stages` import must not hand off again
 VOLATILE_ENV = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "TERM", "COLUMNS", "LINES", CHILD_ENV})
 PROJECT_PACKAGES = ("matrice", "stages")
+MAX_SOCKET_PATH = 100  # bytes: sockaddr_un holds 108 on Linux, 104 on macOS, with the terminating NUL
 # The server loads this file by path under REGISTRY, with no project directory on sys.path (run as a
 # script, `stages/` would be on it and shadow the standard library's `select`).
 SERVER_MAIN = f"""
@@ -141,6 +142,8 @@ def hand_off(module: str, argv: list[str], path: Path | None = None) -> int | No
     """Run ``python -m module argv...`` in a warm process; its exit status, or None when no server
     answered (one is started for the next stage; the caller runs cold)."""
     path = path or socket_path()
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        return None  # a Unix socket's path cannot be this long: run cold rather than start servers that cannot bind
     if path.with_suffix(".off").exists():
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

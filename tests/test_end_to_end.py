@@ -87,7 +87,7 @@ def _same_output(a: Path, b: Path, b_root: Path, a_root: Path) -> bool:
         return set(x.files) == set(y.files) and all(np.array_equal(x[k], y[k]) for k in x.files if k != "fingerprint")
 
 
-def test_every_stage_runs_on_whole_answers(tmp_path, tiny_run):
+def test_every_stage_runs_on_whole_answers(tmp_path, tiny_run, warm_dir):
     """`answer_token: all` through every stage: the shards record it, a query's map is the first-token
     run's exactly when its answer is one token and differs otherwise, the report says which policy."""
     import numpy as np
@@ -97,7 +97,8 @@ def test_every_stage_runs_on_whole_answers(tmp_path, tiny_run):
     from matrice.models.loading import load_adapter
     from matrice.data.schema import load_queries
 
-    root = _run_every_stage(tmp_path, answer_token="all")
+    with _warm_start(warm_dir, on=True):  # a short folder: a socket's path has ~100 bytes at most
+        root = _run_every_stage(tmp_path / "run", answer_token="all")
     report = (root / "reports" / "report.md").read_text()
     assert "Answers are whole (`answer_token: all`)" in report and "## Does the paper replicate here?" in report
     manifest, whole = load_attributions(root / "results/tiny/attributions")

@@ -202,3 +202,10 @@ def test_stop_servers_ends_a_server_before_its_idle_time(tmp_path):
     assert warm.stop_servers(tmp_path) == 1
     assert proc.wait(30) == 0
     assert not path.exists()
+
+
+def test_a_socket_path_too_long_to_bind_runs_cold_without_starting_a_server(tmp_path):
+    path = tmp_path / ("d" * 120) / "x.sock"
+    assert warm.hand_off("probe_mod", [], path) is None
+    time.sleep(1)
+    assert not path.parent.exists() or not any(path.parent.iterdir())
