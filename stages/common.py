@@ -11,7 +11,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-
 if TYPE_CHECKING:  # torch and transformers cost seconds to import: only stages that load a model pay
     from matrice.models.adapter import ModelAdapter
 

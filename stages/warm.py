@@ -122,8 +122,8 @@ def socket_dir() -> Path:
     return path
 
 
-def socket_path(key: str | None = None) -> Path:
-    return socket_dir() / f"{key or server_key()}.sock"
+def socket_path() -> Path:
+    return socket_dir() / f"{server_key()}.sock"
 
 
 # ---- the stage's side ----------------------------------------------------------------------------
@@ -180,12 +180,7 @@ def _wait_for(sock: socket.socket, pid: int) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, forward)
     try:
-        while True:
-            try:
-                done = _recv(sock)
-                break
-            except InterruptedError:
-                continue
+        done = _recv(sock)  # a forwarded signal does not interrupt it: recv retries after the handler (PEP 475)
     finally:
         sock.close()
     if done is None:
@@ -205,38 +200,34 @@ def start_server(path: Path) -> None:
         pass
 
 
+def _notify(path: Path, kind: bytes, message: dict[str, Any] | None = None) -> bool:
+    """Send the server at ``path`` a request that needs no answer (learn, stop); whether it was reached."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+        socket.send_fds(sock, [kind], [])
+        if message is not None:
+            _send(sock, message)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
 def teach(path: Path | None = None) -> None:
     """Tell the server which third-party modules and cached tokenizers this process used, so the
     next stage's process has them already."""
     modules = [m for m in list(sys.modules) if m.split(".")[0] in PRELOADED_PACKAGES]
     cache = sys.modules.get("matrice.models.tokenizer_cache")
     pickles = sorted(getattr(cache, "LOADED_PICKLES", ()))
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(path or socket_path()))
-        socket.send_fds(sock, [b"L"], [])
-        _send(sock, {"modules": modules, "tokenizers": pickles})
-    except OSError:
-        pass
-    finally:
-        sock.close()
+    _notify(path or socket_path(), b"L", {"modules": modules, "tokenizers": pickles})
 
 
 def stop_servers(directory: Path) -> int:
     """Ask every server with a socket in ``directory`` to leave once its stages are done (a benchmark
     or CI run that started them does not leave them behind); how many were asked."""
-    asked = 0
-    for path in sorted(directory.glob("*.sock")):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(str(path))
-            socket.send_fds(sock, [b"S"], [])
-            asked += 1
-        except OSError:
-            pass
-        finally:
-            sock.close()
-    return asked
+    return sum(_notify(path, b"S") for path in sorted(directory.glob("*.sock")))
 
 
 def run_stage_warm() -> None:

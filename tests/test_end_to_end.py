@@ -43,7 +43,10 @@ def _warm_start(directory: Path, on: bool) -> Iterator[None]:
     finally:
         warm.stop_servers(directory)
         for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

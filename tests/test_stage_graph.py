@@ -106,7 +106,7 @@ def _files_run_by(module: str) -> set[Path]:
 
 # file loading and writing only: they move bytes, never change a number (the dataset's own code is a
 # dep of build_dataset, whose output every later stage depends on); stages.warm decides which process
-# runs a stage, not what it computes (tests/test_warm.py: outputs equal to a cold run's)
+# runs a stage, not what it computes (tests/test_end_to_end.py: warm outputs equal a cold run's)
 _LOADERS = {"stages.common", "matrice.io", "matrice.data", "matrice.data.schema", "stages.warm"}
 
 

@@ -4,6 +4,7 @@ caller, and the server goes away when idle."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -79,8 +80,6 @@ def call(server: Path, project: Path, *args: str, **kwargs) -> subprocess.Comple
 
 
 def report(done: subprocess.CompletedProcess) -> dict:
-    import json
-
     return json.loads(done.stdout.strip().splitlines()[0])
 
 
@@ -113,8 +112,6 @@ def test_a_signal_to_the_caller_ends_the_stage(server, project):
     env = {**os.environ, "WARM_TEST": "x"}
     proc = subprocess.Popen([sys.executable, "-c", CLIENT, str(REPO), str(server), "sleep"], cwd=project, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    import json
-
     pid = json.loads(proc.stdout.readline())["pid"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) != 0
@@ -135,7 +132,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_no_server_runs_cold_and_starts_one_that_leaves_when_idle(tmp_path, project, monkeypatch):
+def test_no_server_runs_cold_and_starts_one_that_leaves_when_idle(tmp_path, project):
     path = tmp_path / "absent.sock"
     env = {**os.environ, warm.IDLE_ENV: "1"}
     started = subprocess.run([sys.executable, "-c", CLIENT, str(REPO), str(path), "0"], cwd=project, env=env,
