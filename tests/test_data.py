@@ -32,7 +32,8 @@ from matrice.data.stats import query_length
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MLAMA = SHARED / "mlama1.1"
 MPARAREL = SHARED / "mpararel" / "patterns"
-EMBEDDED_RELATIONS = ["P36", "P1376", "P37", "P30", "P17", "P463", "P19", "P138"]
+EMBEDDED_RELATIONS = ["P36", "P1376", "P37", "P30", "P17", "P463", "P19", "P138", "P20", "P27", "P103", "P140", "P131",
+                      "P159", "P740", "P937", "P176", "P178", "P364", "P495", "P1303", "P106", "P127", "P108"]
 TAIL_AFTER_Y = re.compile(r"^(\.|。|です。|입니다\.)?$")  # what may follow [Y] in an embedded template
 
 
@@ -108,7 +109,7 @@ def test_embedded_demos_not_among_facts(embedded):
 
 
 def test_embedded_build_causal_keeps_every_template(embedded):
-    ds = build_dataset(DatasetConfig(causal=True))
+    ds = build_dataset(DatasetConfig(relations=None, causal=True))  # every embedded relation
     assert "templates_x_after_y" not in ds.dropped
     assert ds.dropped == {} and ds.repaired == {}
     raw = Counter((t["relation"], t["lang"]) for t in embedded["templates"])
@@ -120,7 +121,7 @@ def test_embedded_build_causal_keeps_every_template(embedded):
 
 
 def test_embedded_queries_are_consistent():
-    ds = build_dataset(DatasetConfig())
+    ds = build_dataset(DatasetConfig(relations=None))
     ids = [q.query_id for q in ds.queries]
     assert len(ids) == len(set(ids))
     facts = {f.fact_id: f for f in ds.facts}
@@ -183,7 +184,7 @@ def test_sample_facts_is_seeded_and_ordered():
 
 
 def test_write_dataset_round_trip_and_determinism(tmp_path):
-    cfg = DatasetConfig(max_facts_per_relation=5, seed=1)
+    cfg = DatasetConfig(relations=None, max_facts_per_relation=5, seed=1)
     write_dataset(build_dataset(cfg), tmp_path / "a")
     write_dataset(build_dataset(cfg), tmp_path / "b")
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
@@ -194,8 +195,11 @@ def test_write_dataset_round_trip_and_determinism(tmp_path):
     assert load_queries(tmp_path / "a" / "queries.jsonl") == ds.queries
     assert load_facts(tmp_path / "a" / "facts.jsonl") == ds.facts
     stats = json.loads((tmp_path / "a" / "stats.json").read_text(encoding="utf-8"))
-    assert stats["per_language"]["en"]["facts"] == 40 and stats["per_language"]["zh"]["length_unit"] == "characters"
-    assert json.loads((tmp_path / "a" / "dropped.json").read_text()) == {"facts_over_max_per_relation": 144 - 40}
+    n_relations, n_facts = len(EMBEDDED_RELATIONS), len(ds.facts)
+    assert n_facts == 5 * n_relations
+    assert stats["per_language"]["en"]["facts"] == n_facts and stats["per_language"]["zh"]["length_unit"] == "characters"
+    embedded_facts = len(rows(embedded_dir(DatasetConfig()) / "facts.jsonl"))
+    assert json.loads((tmp_path / "a" / "dropped.json").read_text()) == {"facts_over_max_per_relation": embedded_facts - n_facts}
     md = (tmp_path / "a" / "stats.md").read_text(encoding="utf-8")
     assert "| Language | #Facts | #Queries | #Relations | Avg. query length |" in md
     assert "in characters" in md and "for zh, ja" in md
@@ -251,7 +255,7 @@ def mini(tmp_path):
 
 def mini_cfg(mini, **kw) -> DatasetConfig:
     m, p, _ = mini
-    base = dict(source="mlama", mlama_dir=str(m), mpararel_dir=str(p), languages=["en", "zh"])
+    base = dict(source="mlama", mlama_dir=str(m), mpararel_dir=str(p), languages=["en", "zh"], relations=None)
     return DatasetConfig(**{**base, **kw})
 
 
@@ -405,7 +409,8 @@ def test_embedded_bad_fact_and_missing_language(emb_copy):
     path.write_text("".join(json.dumps(f, ensure_ascii=False) + "\n" for f in facts), encoding="utf-8")
     ds = build_dataset(DatasetConfig(embedded_dir=str(root)))
     assert ds.dropped == {"facts_missing_language": 1}
-    assert len(build_dataset(DatasetConfig(embedded_dir=str(root), languages=["en", "ja"])).facts) == len(facts)
+    every = build_dataset(DatasetConfig(embedded_dir=str(root), relations=None, languages=["en", "ja"]))
+    assert len(every.facts) == len(facts)
     facts[1]["object"] = {"en": ""}
     path.write_text("".join(json.dumps(f, ensure_ascii=False) + "\n" for f in facts), encoding="utf-8")
     with pytest.raises(DatasetError, match=re.escape(f"{path}:2: object['en'] must be a non-empty string")):
@@ -499,7 +504,7 @@ def test_real_causal_drop_counts(real):
 def test_real_all_relations_cover_sources_md():
     if not (MLAMA / "en" / "P36.jsonl").is_file():
         pytest.skip(f"reference data not found at {SHARED}")
-    ds = build_dataset(DatasetConfig(source="mlama", mlama_dir=str(MLAMA), mpararel_dir=str(MPARAREL),
+    ds = build_dataset(DatasetConfig(source="mlama", mlama_dir=str(MLAMA), mpararel_dir=str(MPARAREL), relations=None,
                                      max_facts_per_relation=3, max_templates_per_language=2))
     sources_md = {"P17": 108, "P19": 97, "P20": 168, "P27": 121, "P30": 227, "P36": 411, "P37": 712, "P103": 266,
                   "P138": 228, "P140": 204, "P463": 78, "P1376": 217, "P1412": 230}
