@@ -18,8 +18,6 @@ from matrice.data.schema import DatasetError, Fact, iter_jsonl, template_problem
 
 ALL_LANGUAGES = ["en", "fr", "zh", "fi", "hu", "ja", "ko"]
 SOURCES = ("embedded", "mlama")
-# the default run's relations (params.yaml dataset.relations): 8 of the embedded 24, all of them mLAMA's
-DEFAULT_RELATIONS = ("P17", "P19", "P30", "P36", "P37", "P138", "P463", "P1376")
 
 
 @dataclass
@@ -28,7 +26,7 @@ class DatasetConfig:
 
     source: str = "embedded"
     languages: list[str] = field(default_factory=lambda: list(ALL_LANGUAGES))
-    relations: list[str] | None = field(default_factory=lambda: list(DEFAULT_RELATIONS))  # None: every relation
+    relations: list[str] | None = None  # None: every relation
     max_facts_per_relation: int | None = None
     max_templates_per_language: int | None = 4
     seed: int = 0

@@ -33,8 +33,8 @@ import numpy as np
 
 from matrice.data.schema import Query
 from matrice.evaluation.claims import CELL, Claim, RelationOf, make_claim, method_name, relation_prefix, scored_queries
-from matrice.experiments import NeuronSetsLike, _facts_of, dataclass_dict, encode_all, fact_neurons
-from matrice.experiments.manipulate import ManipulationRecord, manipulate
+from matrice.experiments import NeuronSetsLike, _facts_of, dataclass_dict, fact_neurons
+from matrice.experiments.manipulate import ManipulationRecord, Request, manipulate_many
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.evaluation.stats import relation_mean
 from matrice.method.selection import intersection_score, top_k
@@ -67,6 +67,24 @@ class ControlResult:
                 "zero_sets": self.zero_sets}
 
 
+def lolo_requests(queries: Sequence[Query], lolo_sets: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                  full_sets: NeuronSetsLike, donors: Mapping[str, Mapping[str, str | None]] | None = None) -> list[Request]:
+    """Per held-out language k: suppress the neurons selected without k (and, with ``donors``, the
+    same-relation donor's selected without k) on k's queries."""
+    requests = []
+    for lang in sorted({q.lang for q in queries}):
+        held_out = [q for q in queries if q.lang == lang and q.fact_id in lolo_sets]
+        if not held_out:
+            continue
+        sets = {f: {**lolo_sets[f][lang], "matrice": fact_neurons(full_sets, f, "matrice")}
+                for f in {q.fact_id for q in held_out}}
+        requests.append(Request(held_out, sets, LOLO_METHODS))
+        borrowed = {f: {LOLO_DONOR: lolo_sets[d][lang]["lolo"]} for f, d in _lolo_donors(donors, sorted(sets), lolo_sets, lang)}
+        if borrowed:
+            requests.append(Request([q for q in held_out if q.fact_id in borrowed], borrowed, (LOLO_DONOR,)))
+    return requests
+
+
 def leave_one_language_out(
     adapter: ModelAdapter, queries: Sequence[Query], lolo_sets: Mapping[str, Mapping[str, Mapping[str, Any]]],
     full_sets: NeuronSetsLike, few_shot: bool, encoded: Mapping[str, Encoded] | None = None, batch_size: int = 32,
@@ -74,20 +92,18 @@ def leave_one_language_out(
 ) -> list[ManipulationRecord]:
     """Suppression in each held-out language k of the neurons selected without k (see module doc);
     with ``donors`` (fact -> {"same_relation": fact}), also the donor's neurons selected without k."""
-    records: list[ManipulationRecord] = []
-    for lang in sorted({q.lang for q in queries}):
-        held_out = [q for q in queries if q.lang == lang and q.fact_id in lolo_sets]
-        if not held_out:
-            continue
-        sets = {f: {**lolo_sets[f][lang], "matrice": fact_neurons(full_sets, f, "matrice")}
-                for f in {q.fact_id for q in held_out}}
-        records += manipulate(adapter, held_out, sets, LOLO_METHODS, SUPPRESS, few_shot, encoded, batch_size,
-                              progress=False, answer_token=answer_token).records
-        borrowed = {f: {LOLO_DONOR: lolo_sets[d][lang]["lolo"]} for f, d in _lolo_donors(donors, sorted(sets), lolo_sets, lang)}
-        if borrowed:
-            records += manipulate(adapter, [q for q in held_out if q.fact_id in borrowed], borrowed, (LOLO_DONOR,),
-                                  SUPPRESS, few_shot, encoded, batch_size, progress=False, answer_token=answer_token).records
-    return records
+    return _suppressed(adapter, lolo_requests(queries, lolo_sets, full_sets, donors), few_shot, encoded, batch_size,
+                       answer_token)
+
+
+def _suppressed(adapter: ModelAdapter, requests: Sequence[Request], few_shot: bool, encoded: Mapping[str, Encoded] | None,
+                batch_size: int, answer_token: str) -> list[ManipulationRecord]:
+    """Every request's suppression records, all requests scored together."""
+    if not requests:
+        return []
+    results = manipulate_many(adapter, requests, SUPPRESS, few_shot, encoded, batch_size, progress=False,
+                              answer_token=answer_token)
+    return [r for result in results for r in result.records]
 
 
 def _lolo_donors(donors: Mapping[str, Mapping[str, str | None]] | None, facts: Sequence[str],
@@ -128,6 +144,21 @@ def query_donors(queries: Sequence[Query], seed: int) -> dict[str, dict[str, str
     return choose_donors({q.fact_id: q.relation for q in queries}, seed, {f: frozenset(o) for f, o in objects.items()})
 
 
+def specificity_requests(queries: Sequence[Query], sets: NeuronSetsLike,
+                         donors: Mapping[str, Mapping[str, str | None]]) -> list[Request]:
+    """Per kind of donor (own, same relation, other relation): suppress the donor's MATRICE neurons on
+    each fact's queries; a donor that does not exist is left out."""
+    relations = {q.fact_id: q.relation for q in queries}
+    requests = []
+    for method in SPECIFICITY_METHODS:
+        chosen = {f: (f if method == "own" else donors[f][method]) for f in relations}
+        chosen = {f: d for f, d in chosen.items() if d is not None}
+        if chosen:
+            borrowed = {f: {method: fact_neurons(sets, d, "matrice")} for f, d in chosen.items()}
+            requests.append(Request([q for q in queries if q.fact_id in chosen], borrowed, (method,)))
+    return requests
+
+
 def specificity(
     adapter: ModelAdapter, queries: Sequence[Query], sets: NeuronSetsLike, seed: int, few_shot: bool,
     encoded: Mapping[str, Encoded] | None = None, batch_size: int = 32,
@@ -137,18 +168,9 @@ def specificity(
     a fact of another relation, each donor's object different from B's in every language. A donor
     that does not exist is left out (no record). ``donors``: a choice made already (the run's, which
     LOLO shares); default :func:`query_donors`."""
-    relations = {q.fact_id: q.relation for q in queries}
     donors = query_donors(queries, seed) if donors is None else {f: dict(d) for f, d in donors.items()}
-    records: list[ManipulationRecord] = []
-    for method in SPECIFICITY_METHODS:
-        chosen = {f: (f if method == "own" else donors[f][method]) for f in relations}
-        chosen = {f: d for f, d in chosen.items() if d is not None}
-        if not chosen:
-            continue
-        borrowed = {f: {method: fact_neurons(sets, d, "matrice")} for f, d in chosen.items()}
-        records += manipulate(adapter, [q for q in queries if q.fact_id in chosen], borrowed, (method,), SUPPRESS,
-                              few_shot, encoded, batch_size, progress=False, answer_token=answer_token).records
-    return records, donors
+    return _suppressed(adapter, specificity_requests(queries, sets, donors), few_shot, encoded, batch_size,
+                       answer_token), donors
 
 
 def per_language_means(records: Sequence[ManipulationRecord | Mapping[str, Any]]) -> dict[tuple[str, str], float]:
@@ -179,16 +201,18 @@ def zero_baseline_sets(queries: Sequence[Query], zero_maps: Mapping[str, np.ndar
     return out
 
 
+def baseline_requests(queries: Sequence[Query], sets: NeuronSetsLike, zero_sets: Mapping[str, np.ndarray]) -> list[Request]:
+    """Suppression of ``amig_k`` and ``zero_k`` (equal sizes) on the queries of the facts with both."""
+    both = {f: {"amig_k": fact_neurons(sets, f, "amig_k"), "zero_k": z} for f, z in zero_sets.items()}
+    chosen = [q for q in queries if q.fact_id in both]
+    return [Request(chosen, both, BASELINE_METHODS)] if chosen else []
+
+
 def baseline_comparison(adapter: ModelAdapter, queries: Sequence[Query], sets: NeuronSetsLike,
                         zero_sets: Mapping[str, np.ndarray], few_shot: bool, encoded: Mapping[str, Encoded] | None = None,
                         batch_size: int = 32, answer_token: str = "first") -> list[ManipulationRecord]:
     """Suppression of ``amig_k`` and ``zero_k`` (equal sizes) on the queries of the facts with both."""
-    both = {f: {"amig_k": fact_neurons(sets, f, "amig_k"), "zero_k": z} for f, z in zero_sets.items()}
-    chosen = [q for q in queries if q.fact_id in both]
-    if not chosen:
-        return []
-    return manipulate(adapter, chosen, both, BASELINE_METHODS, SUPPRESS, few_shot, encoded, batch_size,
-                      progress=False, answer_token=answer_token).records
+    return _suppressed(adapter, baseline_requests(queries, sets, zero_sets), few_shot, encoded, batch_size, answer_token)
 
 
 def run_controls(adapter: ModelAdapter, queries: Sequence[Query], lolo_sets: Mapping[str, Mapping[str, Mapping[str, Any]]],
@@ -198,17 +222,18 @@ def run_controls(adapter: ModelAdapter, queries: Sequence[Query], lolo_sets: Map
     """Every control on the attributed facts' queries (each query encoded once for all); the baseline
     comparison only with ``zero_maps`` (query id -> raw zero-baseline map). ``answer_token``: ΔP of
     the first token or of the whole answer, as in manipulation."""
-    encoded, _ = encode_all(adapter, queries, few_shot)
     donors = query_donors(queries, seed)  # one choice for LOLO's and specificity's same-relation donor
-    result = ControlResult()
-    result.lolo = leave_one_language_out(adapter, queries, lolo_sets, sets, few_shot, encoded, batch_size, donors,
-                                         answer_token)
-    result.specificity, result.donors = specificity(adapter, queries, sets, seed, few_shot, encoded, batch_size,
-                                                    donors, answer_token)
-    if zero_maps:
-        zero = zero_baseline_sets(queries, zero_maps, sets, layer_norm)
-        result.zero_sets = {f: z.tolist() for f, z in zero.items()}
-        result.baselines = baseline_comparison(adapter, queries, sets, zero, few_shot, encoded, batch_size, answer_token)
+    result = ControlResult(donors=donors)
+    zero = zero_baseline_sets(queries, zero_maps, sets, layer_norm) if zero_maps else {}
+    result.zero_sets = {f: z.tolist() for f, z in zero.items()}
+    parts = {"lolo": lolo_requests(queries, lolo_sets, sets, donors),
+             "specificity": specificity_requests(queries, sets, donors),
+             "baselines": baseline_requests(queries, sets, zero)}
+    # every control's rows in one scoring call: each query's prompt and unedited row once
+    scored = iter(manipulate_many(adapter, [r for rs in parts.values() for r in rs], SUPPRESS, few_shot,
+                                  batch_size=batch_size, progress=False, answer_token=answer_token))
+    for name, requests in parts.items():
+        setattr(result, name, [record for _ in requests for record in next(scored).records])
     return result
 
 

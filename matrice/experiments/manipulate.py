@@ -33,7 +33,7 @@ from matrice.data.schema import Query
 from matrice.evaluation.claims import (BASELINES, CELL, Claim, RelationOf, empty_counts, empty_note, make_claim, method_name,
                             relation_prefix, scored_queries)
 from matrice.experiments import (
-    NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, fact_rows, group_by_fact, mean_or_none,
+    NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, group_by_fact, mean_or_none,
 )
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.scaled_rows import scaling_set
@@ -115,19 +115,85 @@ def _summarise(records: Sequence[ManipulationRecord], keys: tuple[str, ...]) -> 
     return rows
 
 
-def _score_all(adapter: ModelAdapter, encs: Mapping[str, Encoded], by_fact: Mapping[str, Sequence[Query]],
-               neurons: Mapping[tuple[str, str], Any], methods: Sequence[str], modes: Mapping[str, float],
-               batch_size: int, progress: bool, answer_token: str = "first") -> dict[tuple[str, Any], list[float]]:
-    """P(gold) of every fact's queries unedited (key (fact, None)) and under each non-empty
-    (method, mode) scaling (key (fact, (method, mode))): all facts' rows in shared batches. Whole
-    answers: every answer token's row, scaled at its own position, folded into P(answer)."""
-    plan = fact_rows(by_fact, lambda fid: [((m, mode), scaling_set(neurons[(fid, m)], f))
-                                           for m in methods for mode, f in modes.items()])
-    log.info("manipulation: %d facts, %d (query, edit) rows (answer_token %s)", len(by_fact), len(plan.rows),
-             answer_token)
-    scores = score_rows(adapter, [encs[q] for q in plan.query_ids], plan.scalings, plan.rows, answer_token,
-                        batch_size, progress="manipulation" if progress else None)
-    return plan.per_key([s.prob for s in scores])
+@dataclass(frozen=True)
+class Request:
+    """What one :func:`manipulate` call asks: these queries, each fact's sets, these methods."""
+
+    queries: Sequence[Query]
+    sets: NeuronSetsLike
+    methods: Sequence[str]
+
+
+def _records(request_facts: Mapping[str, Sequence[Query]], neurons: Mapping[tuple[str, str], Any],
+             methods: Sequence[str], modes: Mapping[str, float], before: Mapping[str, float],
+             after: Mapping[tuple[str, str, str], list[float]]) -> list[ManipulationRecord]:
+    """One record per (fact, method, mode, query), in that order; an empty set changes nothing."""
+    records = []
+    for fid, fqs in request_facts.items():
+        for method in methods:
+            pairs = neurons[(fid, method)]
+            for mode in modes:
+                scored = after.get((fid, method, mode))
+                for i, q in enumerate(fqs):
+                    pb = before[q.query_id]
+                    pa = pb if scored is None else scored[i]
+                    dp = (pa - pb) / pb if pb > 0 else None
+                    if dp is not None and not math.isfinite(dp):
+                        dp = None
+                    records.append(ManipulationRecord(q.query_id, fid, q.relation, q.lang, method, mode, int(len(pairs)),
+                                                      float(pb), float(pa), dp))
+    return records
+
+
+def manipulate_many(
+    adapter: ModelAdapter,
+    requests: Sequence[Request],
+    modes: Mapping[str, float] | None = None,
+    few_shot: bool = False,
+    encoded: Mapping[str, Encoded] | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+    answer_token: str = "first",
+) -> list[ManipulationResult]:
+    """Several :func:`manipulate` calls scored together: every request's (query, scaling set) rows in
+    shared batches, each query's prompt run and its unedited row scored once however many requests
+    name it (the controls ask for the same queries under many sets). One result per request."""
+    modes = dict(DEFAULT_MODES if modes is None else modes)
+    encs, failed = encode_all(adapter, [q for r in requests for q in r.queries], few_shot, encoded)
+    facts = [group_by_fact(q for q in r.queries if q.query_id in encs) for r in requests]
+    # check coverage before any forward pass, so a mismatch fails fast
+    neurons = [{(fid, m): fact_neurons(r.sets, fid, m, adapter) for fid in by_fact for m in r.methods}
+               for r, by_fact in zip(requests, facts)]
+    query_ids = list(dict.fromkeys(q.query_id for by_fact in facts for fqs in by_fact.values() for q in fqs))
+    where = {qid: i for i, qid in enumerate(query_ids)}
+    scalings: list[list[tuple[int, int, float]]] = [[]]
+    rows = [(i, 0) for i in range(len(query_ids))]  # every query unedited, once
+    spans: dict[tuple[int, str, str, str], tuple[int, int]] = {}
+    for k, (r, by_fact) in enumerate(zip(requests, facts)):
+        for fid, fqs in by_fact.items():
+            for method in r.methods:
+                for mode, factor in modes.items():
+                    scaling = scaling_set(neurons[k][(fid, method)], factor)
+                    if scaling:
+                        spans[(k, fid, method, mode)] = (len(rows), len(fqs))
+                        rows += [(where[q.query_id], len(scalings)) for q in fqs]
+                        scalings.append(scaling)
+    log.info("manipulation: %d requests, %d queries, %d (query, edit) rows (answer_token %s)", len(requests),
+             len(query_ids), len(rows), answer_token)
+    probs = [s.prob for s in score_rows(adapter, [encs[q] for q in query_ids], scalings, rows, answer_token, batch_size,
+                                        progress="manipulation" if progress else None)]
+    before = dict(zip(query_ids, probs))
+    results = []
+    for k, (r, by_fact) in enumerate(zip(requests, facts)):
+        after = {(fid, m, mode): probs[a:a + n] for (j, fid, m, mode), (a, n) in spans.items() if j == k}
+        result = ManipulationResult(modes=modes, unencodable={q.query_id: failed[q.query_id] for q in r.queries
+                                                              if q.query_id in failed},
+                                    empty_facts={m: [f for f in by_fact if len(neurons[k][(f, m)]) == 0] for m in r.methods})
+        result.records = _records(by_fact, neurons[k], r.methods, modes, before, after)
+        result.summary = _summarise(result.records, ("method", "mode", "lang"))
+        result.overall = _summarise(result.records, ("method", "mode"))
+        results.append(result)
+    return results
 
 
 def manipulate(
@@ -148,34 +214,12 @@ def manipulate(
     ``modes`` maps a mode name to the activation factor (default suppress ×0, enhance ×2). Raises
     :class:`~matrice.experiments.MissingNeuronSetError` for a fact the neuron sets do not cover.
     """
-    modes = dict(DEFAULT_MODES if modes is None else modes)
-    encs, failed = encode_all(adapter, queries, few_shot, encoded)
-    by_fact = group_by_fact(q for q in queries if q.query_id in encs)
-    # check coverage before any forward pass, so a mismatch fails fast
-    neurons = {(fid, m): fact_neurons(sets, fid, m, adapter) for fid in by_fact for m in methods}
-    result = ManipulationResult(modes=modes, unencodable=failed, empty_facts={m: [] for m in methods})
-
-    scored = _score_all(adapter, encs, by_fact, neurons, methods, modes, batch_size, progress, answer_token)
-    for fid, fqs in by_fact.items():
-        before = scored[(fid, None)]
-        for method in methods:
-            pairs = neurons[(fid, method)]
-            if len(pairs) == 0:
-                result.empty_facts[method].append(fid)
-            for mode in modes:
-                after = scored.get((fid, (method, mode)), before)  # an empty set changes nothing
-                for q, pb, pa in zip(fqs, before, after):
-                    dp = (pa - pb) / pb if pb > 0 else None
-                    if dp is not None and not math.isfinite(dp):
-                        dp = None
-                    result.records.append(ManipulationRecord(
-                        q.query_id, fid, q.relation, q.lang, method, mode, int(len(pairs)), float(pb), float(pa), dp,
-                    ))
+    result = manipulate_many(adapter, [Request(queries, sets, methods)], modes, few_shot, encoded, batch_size,
+                             progress, answer_token)[0]
     for m, fids in result.empty_facts.items():
         if fids:
-            log.info("method %s: %d of %d facts have no neurons (ΔP = 0 for them)", m, len(fids), len(by_fact))
-    result.summary = _summarise(result.records, ("method", "mode", "lang"))
-    result.overall = _summarise(result.records, ("method", "mode"))
+            log.info("method %s: %d of %d facts have no neurons (ΔP = 0 for them)", m, len(fids),
+                     len({q.fact_id for q in queries}))
     return result
 
 
