@@ -49,3 +49,11 @@ def test_a_file_that_is_not_a_verdict_table_is_refused(tmp_path, capsys):
     bad.write_text("[1, 2]")
     assert main([str(bad), str(bad)]) == 2
     assert "not a verdicts.json" in capsys.readouterr().err
+
+
+def test_every_verdict_the_report_gives_is_counted(tmp_path, capsys):
+    a = write(tmp_path / "a.json", [row("x", "no data", None, n=0), row("y", "not judged")])
+    assert main([str(a), str(a)]) == 0
+    out = capsys.readouterr().out
+    assert "| no data | 1 | 1 |" in out and "| not judged | 1 | 1 |" in out and "– (n=0)" in out
+    assert "| replicates |" not in out  # a verdict neither run gives is left out of the counts

@@ -15,9 +15,9 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, get_args
 
-VERDICTS = ("replicates", "contradicts", "equivalent", "inconclusive", "not testable")
+from matrice.evaluation.stats import Estimate, Verdict
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,8 @@ def verdict(row: Mapping[str, Any] | None) -> str:
 
 
 def estimate_text(row: Mapping[str, Any] | None) -> str:
-    """mean [low, high] (n) of the relation-level estimate, or – without a row."""
-    if row is None:
-        return "–"
-    e = row["estimate"]
-    if e.get("mean") is None:
-        return f"– (n={e.get('n', 0)})"
-    return f"{e['mean']:.3f} [{e['low']:.3f}, {e['high']:.3f}] (n={e['n']})"
+    """The relation-level estimate as the report prints it, or – without a row."""
+    return "–" if row is None else Estimate(**row["estimate"]).format()
 
 
 def load_verdicts(path: str | Path) -> dict[str, list[Mapping[str, Any]]]:
@@ -75,7 +70,7 @@ def comparison_section(pairs: Sequence[RowPair], labels: tuple[str, str]) -> str
     la, lb = labels
     counts = [Counter(verdict(p.a) for p in pairs), Counter(verdict(p.b) for p in pairs)]
     lines = [f"| verdict | {la} | {lb} |", "|---|---:|---:|"]
-    lines += [f"| {v} | {counts[0][v]} | {counts[1][v]} |" for v in VERDICTS]
+    lines += [f"| {v} | {counts[0][v]} | {counts[1][v]} |" for v in get_args(Verdict) if counts[0][v] or counts[1][v]]
     changed = [p for p in pairs if p.changed]
     lines += ["", f"{len(changed)} of {len(pairs)} rows change verdict between {la} and {lb}.", "",
               f"| model | source | we estimate | {la} | {lb} | verdict |", "|---|---|---|---|---|---|"]
