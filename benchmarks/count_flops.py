@@ -19,9 +19,11 @@ import os
 import re
 import runpy
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 # a module path that ends in a numbered child of a block list: Gemma/LLaMA/Qwen `layers.N`,
 # GPT-2/BLOOM `h.N`, BERT/XLM-R `layer.N`
@@ -41,6 +43,25 @@ def by_operator(counts: Mapping[str, Mapping[Any, int]]) -> dict[str, int]:
     return {str(op): int(n) for op, n in counts.get("Global", {}).items()}
 
 
+@contextmanager
+def fresh_memos() -> Iterator[None]:
+    """Stored results (matrice.memo: editing passes, injection runs, fact checking's attributions) are
+    not read back: each memo folder becomes an empty one of its own for the duration, so the counted
+    rerun does all the work the timed run did instead of reading back what that run stored."""
+    from matrice.memo import Memo
+
+    original = Memo.__dict__["for_model"]
+    with tempfile.TemporaryDirectory(prefix="count-flops-memo-") as scratch:
+        def in_scratch(cls: type, directory: str | Path, model: Any) -> Memo:
+            return original.__func__(cls, Path(scratch) / Path(directory).name, model)
+
+        Memo.for_model = classmethod(in_scratch)
+        try:
+            yield
+        finally:
+            Memo.for_model = original
+
+
 def run_counted(module: str, args: list[str]) -> dict[str, Any]:
     """`python -m module *args` in this process under the counter; the stage's exit code is kept."""
     import torch  # noqa: F401  (imported before the counter so its own start-up is not counted as work)
@@ -51,7 +72,7 @@ def run_counted(module: str, args: list[str]) -> dict[str, Any]:
     counter = FlopCounterMode(display=False)
     returncode = 0
     start = time.perf_counter()
-    with counter:
+    with fresh_memos(), counter:
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
         except SystemExit as exc:  # a stage's clear error, or sys.exit(0)

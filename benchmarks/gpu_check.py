@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 PARTS = ("environment", "engine_bf16", "engine_fp32", "engine_reference", "tests", "ray", "pipeline")
 # Seconds per part on a GPU (sum 475: the whole check stays under 8 minutes); the CPU dry run is tiny.
 # The pipeline does not finish in its box on one H100 yet: it records the stages it reached.
-GPU_BUDGETS = {"environment": 25, "engine_bf16": 100, "engine_fp32": 45, "engine_reference": 30, "tests": 60,
+GPU_BUDGETS = {"environment": 25, "engine_bf16": 100, "engine_fp32": 45, "engine_reference": 30, "tests": 90,
                "ray": 15, "pipeline": 200}
 CPU_BUDGETS = {"environment": 60, "engine_bf16": 120, "engine_fp32": 120, "engine_reference": 180, "tests": 180,
                "ray": 180, "pipeline": 600}
@@ -117,7 +117,8 @@ def part_tests(args: argparse.Namespace) -> dict[str, Any]:
     if args.device == "cpu":  # the dry run: a handful, CI runs the whole suite anyway
         targets = ["tests/test_device_map.py", "-k", "validation or skeleton or refused"]
     else:
-        targets = ["tests", "--ignore=tests/test_scaleout.py", "--ignore=tests/test_end_to_end.py"]
+        targets = ["tests", "--ignore=tests/test_scaleout.py", "--ignore=tests/test_end_to_end.py",
+                   "--ignore=tests/test_gpu_check.py"]  # this check's own CPU dry run: CI runs it
     workers = ["-n", "8"] if args.device == "cuda" and _importable("xdist") else []
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *workers, *targets]
     env = {**os.environ, "MATRICE_TEST_DEVICE": args.device}  # PYTHONPATH: the orchestrator's (repo first)

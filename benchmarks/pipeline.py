@@ -199,7 +199,8 @@ STARTUP = ("import sys\nfrom stages.common import load_params, load_prepared\n"
 class StageWork:
     """A stage's timed seconds beside the FLOPs a counted rerun executed and what they need at the
     machine's matmul rate (`floor_seconds`); `floor_share` = floor / seconds (1 is the ceiling), and
-    the same after taking the start-up (imports, tokenizer and weights) off the seconds."""
+    the same after taking the start-up (imports, tokenizer and weights) off the seconds (None: a
+    warm-started run, whose start-up is about a second and is not taken off)."""
 
     stage: str
     seconds: float
@@ -207,7 +208,7 @@ class StageWork:
     gflop_outside: float
     floor_seconds: float
     floor_share: float
-    floor_share_after_startup: float
+    floor_share_after_startup: float | None
     counted_returncode: int
 
 
@@ -243,7 +244,7 @@ def stage_work(run: StageRun, counted: dict[str, Any], rate: float, startup: flo
     floor = flops["total"] / rate
     return StageWork(run.stage, run.seconds, round(flops["blocks"] / 1e9, 1), round(flops["outside"] / 1e9, 1),
                      round(floor, 2), round(floor / run.seconds, 3),
-                     round(floor / max(run.seconds - startup, 1e-9), 3), counted["returncode"])
+                     round(floor / max(run.seconds - startup, 1e-9), 3) if startup else None, counted["returncode"])
 
 
 def count_work(root: Path, runs: list[StageRun], rate: float, startup: float) -> list[StageWork]:
@@ -266,11 +267,14 @@ def count_work(root: Path, runs: list[StageRun], rate: float, startup: float) ->
 def work_table(work: list[StageWork], rate: float, startup: float) -> str:
     """The floor beside each stage's time; the ceiling and the start-up named in the header."""
     width = max([len(w.stage) for w in work] + [len("stage")])
-    lines = [f"matmul ceiling {rate / 1e9:.1f} GFLOP/s; start-up {startup:.1f} s per model stage",
+    start = (f"start-up {startup:.1f} s per model stage" if startup else
+             "model stages warm-started (start-up about 1 s, not taken off)")
+    lines = [f"matmul ceiling {rate / 1e9:.1f} GFLOP/s; {start}",
              f"{'stage':<{width}}  {'seconds':>8}  {'GFLOP blocks':>12}  {'GFLOP outside':>13}  {'floor s':>8}  "
              f"{'floor/time':>10}  {'after start-up':>14}"]
     lines += [f"{w.stage:<{width}}  {w.seconds:>8.1f}  {w.gflop_blocks:>12.1f}  {w.gflop_outside:>13.1f}  "
-              f"{w.floor_seconds:>8.1f}  {w.floor_share:>10.2f}  {w.floor_share_after_startup:>14.2f}"
+              f"{w.floor_seconds:>8.1f}  {w.floor_share:>10.2f}  "
+              + (f"{w.floor_share_after_startup:>14.2f}" if w.floor_share_after_startup is not None else f"{'–':>14}")
               + ("  (counted rerun FAILED)" if w.counted_returncode else "") for w in work]
     return "\n".join(lines)
 
@@ -406,7 +410,8 @@ def judge(runs: list[StageRun], root: Path, record: Benchmark) -> None:
 def measure_work(root: Path, runs: list[StageRun], threads: int, record: Benchmark) -> None:
     """--work: the machine's matmul rate, a model stage's start-up and every counted stage's FLOPs into `record`."""
     rate = matmul_rate(threads)
-    startup = startup_seconds(root, next(r.stage for r in runs if "@" in r.stage).split("@")[1])
+    # a cold run pays a model load per stage (measured, taken off in a second column); a warm one about a second
+    startup = 0.0 if record.warm_start else startup_seconds(root, next(r.stage for r in runs if "@" in r.stage).split("@")[1])
     work = count_work(root, runs, rate, startup)
     record.matmul_gflops, record.startup_seconds = round(rate / 1e9, 1), round(startup, 2)
     record.work = [asdict(w) for w in work]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_on_device as tiny_adapter
+from conftest import SHAPE_TOLERANCE, across_shapes, tiny_on_device as tiny_adapter
 from implant import FACTS, IMPLANT, QUERIES, TEMPLATES, assert_same_state, state
 import matrice.api as mx
 from matrice.experiments.edit import EditConfig
@@ -29,7 +29,13 @@ def test_attribute_is_the_attribute_stages_map(family):
     cfg = AttributionConfig(steps=2, batch_size=64)
     stage = compute_shard(a, ShardJob("s", "f1", [encode_query(a, q) for q in qs]), cfg).raw
     assert np.array_equal(mx.attribute(a, qs, cfg), stage)
-    assert np.array_equal(mx.attribute(a, qs[1], cfg), stage[1])
+    alone = mx.attribute(a, qs[1], cfg)  # a batch of one: on a GPU its GEMMs may take other kernels
+    if SHAPE_TOLERANCE == 1.0:
+        assert np.array_equal(alone, stage[1])
+    else:
+        scale = float(np.abs(stage[1]).max())
+        torch.testing.assert_close(torch.from_numpy(alone), torch.from_numpy(stage[1]),
+                                   **across_shapes(atol=1e-6 * scale, rtol=1e-6))
 
 
 def test_queries_are_the_datasets_queries():

@@ -172,3 +172,37 @@ def test_the_floor_is_the_counted_work_at_the_measured_rate():
     work = stage_work(runs[1], counted, rate=1e9, startup=10.0)
     assert (work.floor_seconds, work.floor_share, work.floor_share_after_startup) == (10.0, 0.5, 1.0)
     assert (work.gflop_blocks, work.gflop_outside) == (6.0, 4.0)
+
+
+MEMO_STAGE = '''
+import sys
+import torch
+from matrice.memo import Memo
+
+memo = Memo.for_model("results/m/edit_runs", torch.nn.Linear(2, 2))
+value = memo.get_or_compute(lambda: float((torch.randn(8, 8) @ torch.randn(8, 8)).sum()), kind="pass")
+print("stored" if memo.directory.name == "edit_runs" else "elsewhere")
+'''
+
+
+def test_the_counted_rerun_computes_what_the_timed_run_stored(tmp_path, monkeypatch):
+    import torch
+    from count_flops import run_counted
+    from matrice.memo import Memo
+
+    (tmp_path / "memo_stage.py").write_text(MEMO_STAGE)
+    monkeypatch.chdir(tmp_path)
+    # the timed run stored its result: a plain rerun would read it back and multiply nothing
+    Memo.for_model(tmp_path / "results/m/edit_runs", torch.nn.Linear(2, 2)).get_or_compute(lambda: 1.0, kind="pass")
+    assert run_counted("memo_stage", [])["flops"]["total"] == 2 * 8 * 8 * 8
+    assert Memo.for_model(tmp_path / "x", torch.nn.Linear(2, 2)).directory == tmp_path / "x"  # restored afterwards
+    assert len(list((tmp_path / "results/m/edit_runs").iterdir())) == 1  # the timed run's entry, untouched
+
+
+def test_a_warm_run_takes_no_start_up_off_its_stages():
+    from pipeline import stage_work, work_table
+
+    run = StageRun("edit@m", "python -m stages.edit m", 8.0, 0)
+    work = stage_work(run, {"flops": {"blocks": 2e9, "outside": 2e9, "total": 4e9}, "returncode": 0}, rate=1e9, startup=0.0)
+    assert (work.floor_share, work.floor_share_after_startup) == (0.5, None)
+    assert "warm-started" in work_table([work], 1e9, 0.0)
