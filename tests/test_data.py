@@ -28,6 +28,7 @@ from matrice.data.build import sample_facts, to_simplified
 from matrice.data.mlama import clean_pattern
 from matrice.data.sources import embedded_dir
 from matrice.data.stats import query_length
+from matrice.io import read_jsonl
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MLAMA = SHARED / "mlama1.1"
@@ -35,10 +36,6 @@ MPARAREL = SHARED / "mpararel" / "patterns"
 EMBEDDED_RELATIONS = ["P36", "P1376", "P37", "P30", "P17", "P463", "P19", "P138", "P20", "P27", "P103", "P140", "P131",
                       "P159", "P740", "P937", "P176", "P178", "P364", "P495", "P1303", "P106", "P127", "P108"]
 TAIL_AFTER_Y = re.compile(r"^(\.|。|です。|입니다\.)?$")  # what may follow [Y] in an embedded template
-
-
-def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def assert_empty(out: Path) -> None:
@@ -55,7 +52,7 @@ def build_into(cfg: DatasetConfig, out: Path) -> None:
 @pytest.fixture(scope="module")
 def embedded():
     root = embedded_dir(DatasetConfig())
-    return {name: rows(root / f"{name}.jsonl") for name in ("relations", "templates", "facts", "demos")}
+    return {name: read_jsonl(root / f"{name}.jsonl") for name in ("relations", "templates", "facts", "demos")}
 
 
 def test_embedded_relations_and_fact_counts(embedded):
@@ -198,7 +195,7 @@ def test_write_dataset_round_trip_and_determinism(tmp_path):
     n_relations, n_facts = len(EMBEDDED_RELATIONS), len(ds.facts)
     assert n_facts == 5 * n_relations
     assert stats["per_language"]["en"]["facts"] == n_facts and stats["per_language"]["zh"]["length_unit"] == "characters"
-    embedded_facts = len(rows(embedded_dir(DatasetConfig()) / "facts.jsonl"))
+    embedded_facts = len(read_jsonl(embedded_dir(DatasetConfig()) / "facts.jsonl"))
     assert json.loads((tmp_path / "a" / "dropped.json").read_text()) == {"facts_over_max_per_relation": embedded_facts - n_facts}
     md = (tmp_path / "a" / "stats.md").read_text(encoding="utf-8")
     assert "| Language | #Facts | #Queries | #Relations | Avg. query length |" in md
@@ -404,7 +401,7 @@ def test_embedded_bad_template(emb_copy):
 def test_embedded_bad_fact_and_missing_language(emb_copy):
     root, out = emb_copy
     path = root / "facts.jsonl"
-    facts = rows(path)
+    facts = read_jsonl(path)
     del facts[0]["subject"]["fi"]  # a fact without a Finnish label is dropped, not an error
     path.write_text("".join(json.dumps(f, ensure_ascii=False) + "\n" for f in facts), encoding="utf-8")
     ds = build_dataset(DatasetConfig(embedded_dir=str(root)))
@@ -476,7 +473,7 @@ def test_real_template_cleanup_counts(real):
         for relation in ("P36", "P1376", "P37"):
             path = lang_dir / f"{relation}.jsonl"
             if path.is_file():
-                expected[lang_dir.name] += sum(stray(r["pattern"]) for r in rows(path))
+                expected[lang_dir.name] += sum(stray(r["pattern"]) for r in read_jsonl(path))
     assert +expected == {"fi": 17}  # ko's bracket noise is in other relations
     assert real.repaired["templates_stray_brackets"] == 17
     assert real.repaired_detail["templates_stray_brackets"] == {"P1376/fi": 6, "P36/fi": 7, "P37/fi": 4}

@@ -9,7 +9,6 @@ the reason, in the dataset's `label_review.jsonl`; entities mLAMA lacks are list
 
 from __future__ import annotations
 
-import json
 import unicodedata
 from collections import defaultdict
 from functools import cache
@@ -20,16 +19,13 @@ import pytest
 from matrice.data import ALL_LANGUAGES, DatasetConfig
 from matrice.data.build import to_simplified
 from matrice.data.sources import embedded_dir
+from matrice.io import read_jsonl
 
 MLAMA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mlama1.1"
 ROOT = embedded_dir(DatasetConfig())
 REVIEW = ROOT / "label_review.jsonl"
 
 Key = tuple[str, str, str]  # (English label, language, our label)
-
-
-def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def comparable(lang: str, label: str) -> str:
@@ -51,7 +47,7 @@ def mlama_labels() -> tuple[dict[str, dict[str, str]], dict[str, set[str]]]:
     english: dict[str, set[str]] = defaultdict(set)
     for lang in ALL_LANGUAGES:
         for path in sorted((MLAMA / lang).glob("P*.jsonl")):
-            for row in rows(path):
+            for row in read_jsonl(path):
                 for side in ("sub", "obj"):
                     by_id[lang][row[f"{side}_uri"]] = row[f"{side}_label"]
                     if lang == "en":
@@ -65,7 +61,7 @@ def disagreements() -> tuple[dict[Key, set[str]], list[str]]:
     by_id, english = mlama_labels()
     differ: dict[Key, set[str]] = {}
     missing: set[str] = set()
-    for fact in rows(ROOT / "facts.jsonl") + rows(ROOT / "demos.jsonl"):
+    for fact in read_jsonl(ROOT / "facts.jsonl") + read_jsonl(ROOT / "demos.jsonl"):
         for side in ("subject", "object"):
             labels = fact[side]
             ids = english.get(labels["en"].casefold())
@@ -80,7 +76,7 @@ def disagreements() -> tuple[dict[Key, set[str]], list[str]]:
 
 
 def reviewed() -> dict[Key, str]:
-    return {(r["en"], r["lang"], r["label"]): r["why"] for r in rows(REVIEW)}
+    return {(r["en"], r["lang"], r["label"]): r["why"] for r in read_jsonl(REVIEW)}
 
 
 def test_every_label_mlama_disagrees_with_is_reviewed():
@@ -96,7 +92,7 @@ def test_every_label_mlama_disagrees_with_is_reviewed():
 
 
 def test_review_entries_are_unique_and_give_a_reason():
-    entries = rows(REVIEW)
+    entries = read_jsonl(REVIEW)
     keys = [(r["en"], r["lang"], r["label"]) for r in entries]
     assert len(keys) == len(set(keys))
     assert all(r["lang"] in ALL_LANGUAGES and r["lang"] != "en" and r["why"].strip() for r in entries)
@@ -111,7 +107,7 @@ def test_the_comparison_accepts_short_forms_and_script_variants_only():
 
 def test_an_entity_has_one_label_per_language_across_relations():
     labels: dict[tuple[str, str], set[str]] = defaultdict(set)
-    for fact in rows(ROOT / "facts.jsonl") + rows(ROOT / "demos.jsonl"):
+    for fact in read_jsonl(ROOT / "facts.jsonl") + read_jsonl(ROOT / "demos.jsonl"):
         for side in ("subject", "object"):
             for lang, label in fact[side].items():
                 labels[(fact[side]["en"], lang)].add(label)
