@@ -126,18 +126,32 @@ def test_baseline_comparison_suppresses_both_equal_size_sets_and_makes_a_row(gpt
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_requests_scored_together_equal_one_call_each(family, tiny):
-    """Controls score every request in one call (each prompt and unedited row once): the records equal
-    one :func:`manipulate` call per request, in the same order, up to batching's float rounding."""
+def test_requests_scored_together_equal_one_call_each(family, tiny, monkeypatch):
+    """Controls score every request in one call (each prompt and unedited row once, a (queries, set)
+    pair that two requests repeat once): the records equal one :func:`manipulate` call per request, in
+    the same order, up to batching's float rounding."""
+    import matrice.experiments.manipulate as manipulation
     from matrice.experiments.manipulate import Request, manipulate_many
 
+    scored_rows: list[int] = []
+    real_score_rows = manipulation.score_rows
+    monkeypatch.setattr(manipulation, "score_rows",
+                        lambda adapter, encs, scalings, rows, *args, **kw: scored_rows.append(len(rows))
+                        or real_score_rows(adapter, encs, scalings, rows, *args, **kw))
     a = tiny(family)
     sets = {"f1": {"x": pairs((0, 1), (1, 2)), "y": pairs((1, 5))}, "f2": {"x": pairs((0, 3)), "y": pairs()},
             "f3": {"x": pairs((1, 0)), "y": pairs((0, 4), (0, 6))}, "f4": {"x": pairs((0, 7)), "y": pairs((1, 1))}}
     requests = [Request([q for q in QUERIES if q.lang == "en"], sets, ("x",)),
                 Request(QUERIES, sets, ("y", "x")),
-                Request([q for q in QUERIES if q.fact_id in ("f2", "f3")], sets, ("y",))]
+                Request([q for q in QUERIES if q.fact_id in ("f2", "f3")], sets, ("y",)),
+                Request(QUERIES, sets, ("x",))]  # the second request's x rows again
     together = manipulate_many(a, requests, {"suppress": 0.0, "enhance": 2.0}, progress=False)
+    per_fact = {f: sum(q.fact_id == f for q in QUERIES) for f in sets}
+    en = {f: sum(q.fact_id == f and q.lang == "en" for q in QUERIES) for f in sets}
+    edited = (sum(2 * en[f] for f in sets)  # request 1: x, both modes, English queries
+              + sum(2 * per_fact[f] * (1 + (f != "f2")) for f in sets))  # request 2: x, and y where it is not empty
+    # request 3 (y of f3 on all of f3's queries; f2's y is empty) and request 4 repeat request 2's rows
+    assert scored_rows == [len(QUERIES) + edited]
     for request, got in zip(requests, together):
         alone = manipulate(a, request.queries, request.sets, request.methods, {"suppress": 0.0, "enhance": 2.0},
                            progress=False)

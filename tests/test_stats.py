@@ -121,6 +121,22 @@ def test_monte_carlo_sign_flips_agree_with_every_pattern(monkeypatch):
             assert (est.p < 0.05) == (not est.low <= 0.0 <= est.high)
 
 
+def test_monte_carlo_interval_ends_where_p_crosses_alpha():
+    """At 24 relations (Monte Carlo) the interval's ends are the shifts where p crosses 0.05 exactly:
+    p and the interval use the same seeded patterns, so p at an end is not 0.05 ± Monte Carlo error
+    (p of d − μ equals the interval's p at μ: the patterns depend on n and the seed only). A p of
+    exactly 0.05, which Monte Carlo can give (5,000 of 100,000), is not rejected: 1 − 0.95 in floats
+    is above 0.05."""
+    rng = np.random.default_rng(11)
+    for shift in (0.0, 0.2):
+        d = rng.normal(shift, 0.6, size=24)
+        est = sign_flip_estimate(d, seed=3)
+        eps = 1e-9 * float(d.max() - d.min())
+        # ±eps: exactly at an end a pattern ties the observed sum to within the 1e-12 rounding allowance
+        assert sign_flip_p(d - (est.low + eps), seed=3) >= 0.05 > sign_flip_p(d - (est.low - eps), seed=3)
+        assert sign_flip_p(d - (est.high - eps), seed=3) >= 0.05 > sign_flip_p(d - (est.high + eps), seed=3)
+
+
 def test_sign_flip_p_is_scipys_exact_permutation_test():
     """The reference: scipy's paired permutation test, every sign pattern, two-sided."""
     from scipy.stats import permutation_test

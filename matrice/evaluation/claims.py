@@ -4,7 +4,7 @@ states its own claims in its module, and `matrice.experiments.registry` gathers 
 
 Each claim is a paired per-fact difference (MATRICE − X, or a share − its uniform value) whose sign
 the paper asserts, tested over relation clusters (`matrice.evaluation.stats.clustered_difference`: each
-relation's facts averaged first, exact sign-flip test) with the fact-level estimate beside it. A row
+relation's facts averaged first, sign-flip test: exact up to 20 relations, Monte Carlo beyond) with the fact-level estimate beside it. A row
 is *not testable* when a side selected or trained nothing for at least half the facts, or both sides
 sit at one value in every fact. `judge` gives the verdicts: Holm over the declared primary family,
 raw p for the exploratory rows, equivalence within the declared margins. Manipulation and
@@ -20,8 +20,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from matrice.evaluation.stats import (Comparison, Direction, Estimate, Verdict, clustered_difference, holm, power,
-                                     sign_flip_estimate, verdict)
+from matrice.evaluation.stats import (SIGN_FLIP_EXACT_UP_TO, SIGN_FLIP_MONTE_CARLO, Comparison, Direction, Estimate,
+                                     Verdict, clustered_difference, holm, power, sign_flip_estimate, verdict)
 
 RelationOf = Callable[[str], str]
 
@@ -156,7 +156,7 @@ def _p(p: float | None) -> str:
 
 def claims_table(claims: Sequence[Claim]) -> str:
     """Markdown: one row per claim; the verdict's estimate is over relations (each relation's facts
-    averaged first), the fact-level one beside it; p is the exact sign-flip p over relations, Holm
+    averaged first), the fact-level one beside it; p is the sign-flip p over relations, Holm
     the family-wise adjusted one (primary rows only)."""
     lines = ["| source | the paper's claim | we estimate | on | paper's sign | relations: mean [95% CI] (n) "
              "| facts: mean [95% CI] (n) | p | Holm p | family | verdict |",
@@ -188,7 +188,8 @@ def power_table(claims: Sequence[Claim], alpha: float, facts_per_relation: float
                      f"| {pw.relations_needed or '–'} | {pw.facts_needed or '–'} |")
     n_rel = max(c.estimate.n for c in family)
     return (f"Two-sided α = {alpha} over {len(family)} primary rows: Holm's first step tests at {level:.4f}. With n "
-            f"relations the exact sign-flip p cannot go below 1/2^(n−1), so at least **{floor} relations** are needed "
+            f"relations the sign-flip p cannot go below 1/2^(n−1) (nor 1/{SIGN_FLIP_MONTE_CARLO + 1:,} where it is "
+            f"estimated from random sign patterns, beyond {SIGN_FLIP_EXACT_UP_TO} relations), so at least **{floor} relations** are needed "
             f"before any primary row can pass it" + (f" (this run has {n_rel}: no primary row can replicate or "
             "contradict here, whatever the effect)" if n_rel < floor else "") + ". Normal approximation for a paired "
             "mean, 80% power; facts at this run's facts per relation.\n\n" + "\n".join(lines) + "\n")

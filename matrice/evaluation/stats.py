@@ -2,9 +2,9 @@
 
 The verdict's unit is the *relation*: facts of one relation share their neurons (specificity is
 relation-level, some share their object), so they are not independent; each relation's per-fact
-differences are averaged first and the relation means are the units of an exact paired sign-flip
-permutation test (`sign_flip_p`: every sign pattern up to 20 units, the observed one and 99,999 seeded
-ones beyond; checked against scipy.stats.permutation_test). Its 95% interval is the test inverted
+differences are averaged first and the relation means are the units of a paired sign-flip
+permutation test (`sign_flip_p`: exact, every sign pattern, up to 20 units; beyond that Monte Carlo,
+the observed pattern and 99,999 seeded ones; checked against scipy.stats.permutation_test). Its 95% interval is the test inverted
 (`sign_flip_interval`: the shifts it does not reject, over the same patterns), so "the interval
 excludes 0" and "p < 0.05" say the same thing at any n. The fact-level
 estimate is shown beside it. A verdict is one of five, read off that estimate (`verdict`), never
@@ -165,7 +165,8 @@ def sign_flip_interval(diffs: Sequence[float | None], level: float = 0.95, seed:
     if len(d) == 0:
         raise ValueError("no differences to build an interval from")
     null = _SignFlips(d, seed)
-    alpha, span = 1 - level, float(d.max() - d.min()) + 1.0
+    # rounded: 1 − 0.95 is 0.05000000000000004 in floats, which would reject a Monte Carlo p of exactly 0.05
+    alpha, span = round(1 - level, 12), float(d.max() - d.min()) + 1.0
     if null.p(float(d.min()) - span) >= alpha:  # even all-one-sign differences are not rejected
         return -math.inf, math.inf
 

@@ -17,7 +17,8 @@ they specific to their fact?
   ``amig_k`` and ``zero_k``), suppressed on the fact's queries. Equal sizes, so only the baseline
   differs.
 
-All reuse :func:`matrice.experiments.manipulate.manipulate`, so ΔP means exactly what it means
+All are scored by :func:`matrice.experiments.manipulate.manipulate_many` (one call for every
+control), so ΔP means exactly what it means
 in Fig. 5 (relative change of P(gold first token), or of P(whole answer) under ``answer_token: all``);
 records carry the method names below.
 """

@@ -159,7 +159,8 @@ def manipulate_many(
     shared batches, each query's prompt run and its unedited row scored once however many requests
     name it (the controls ask for the same queries under many sets). One result per request."""
     modes = dict(DEFAULT_MODES if modes is None else modes)
-    encs, failed = encode_all(adapter, [q for r in requests for q in r.queries], few_shot, encoded)
+    unique = {q.query_id: q for r in requests for q in r.queries}  # the controls name each query in ~6 requests
+    encs, failed = encode_all(adapter, list(unique.values()), few_shot, encoded)
     facts = [group_by_fact(q for q in r.queries if q.query_id in encs) for r in requests]
     # check coverage before any forward pass, so a mismatch fails fast
     neurons = [{(fid, m): fact_neurons(r.sets, fid, m, adapter) for fid in by_fact for m in r.methods}
@@ -169,15 +170,20 @@ def manipulate_many(
     scalings: list[list[tuple[int, int, float]]] = [[]]
     rows = [(i, 0) for i in range(len(query_ids))]  # every query unedited, once
     spans: dict[tuple[int, str, str, str], tuple[int, int]] = {}
+    scored: dict[tuple, tuple[int, int]] = {}  # (queries, scaling) -> its rows: requests that repeat one share it
     for k, (r, by_fact) in enumerate(zip(requests, facts)):
         for fid, fqs in by_fact.items():
             for method in r.methods:
                 for mode, factor in modes.items():
                     scaling = scaling_set(neurons[k][(fid, method)], factor)
-                    if scaling:
-                        spans[(k, fid, method, mode)] = (len(rows), len(fqs))
+                    if not scaling:
+                        continue
+                    key = (tuple(q.query_id for q in fqs), tuple(scaling))
+                    if key not in scored:
+                        scored[key] = (len(rows), len(fqs))
                         rows += [(where[q.query_id], len(scalings)) for q in fqs]
                         scalings.append(scaling)
+                    spans[(k, fid, method, mode)] = scored[key]
     log.info("manipulation: %d requests, %d queries, %d (query, edit) rows (answer_token %s)", len(requests),
              len(query_ids), len(rows), answer_token)
     probs = [s.prob for s in score_rows(adapter, [encs[q] for q in query_ids], scalings, rows, answer_token, batch_size,
