@@ -3,14 +3,18 @@ changed: `dvc exp run -S tau=0.3` changes MATRICE's neurons, not the fine-tuning
 LoRA or AMIG's threshold sets, and those runs are read back instead of repeated.
 
 A key covers the inputs the caller names, the model's weights (:func:`model_digest`) and the code
-(:func:`code_fingerprint`: every source file of the package and the versions of the numerical
-libraries), so an entry can only be reused by a run that would compute the same thing; a changed
-file anywhere in the package invalidates every entry. Entries are JSON files written atomically; a
-killed run leaves whole entries or none. Arrays are stored as ``.npy`` (exact, compact).
+(:func:`code_fingerprint`: the module that computes the stored values, every project module it
+imports, transitively, the whole model package, and the versions of the numerical libraries), so an
+entry can only be reused by a run that would compute the same thing. A change to code the values do
+not run (the verdicts' statistics, the report, attribution for an editing pass) keeps the entries:
+such a change reruns a stage in DVC, and the stage reads its passes and trainings back instead of
+recomputing hours of them. Entries are JSON files written atomically; a killed run leaves whole
+entries or none. Arrays are stored as ``.npy`` (exact, compact).
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
@@ -18,7 +22,7 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -32,13 +36,71 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 _LIBRARIES = ("torch", "transformers", "peft", "numpy", "accelerate")
 
 
-@lru_cache(maxsize=1)
-def code_fingerprint() -> str:
-    """sha256 of every ``.py`` file of the package (path and content) and the library versions."""
+PACKAGE = PACKAGE_DIR.name
+ALWAYS_FINGERPRINTED = ("models",)  # subpackages in every fingerprint: how the model is loaded and run
+
+
+def module_file(name: str, root: Path) -> Path | None:
+    """The source file of module ``name`` under ``root`` (the directory holding the package), if any."""
+    base = root.joinpath(*name.split("."))
+    for path in (base / "__init__.py", base.with_suffix(".py")):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imports(name: str, path: Path) -> list[tuple[str, str | None]]:
+    """What each import statement of the file loads, function-level imports included: (a module, the
+    module to take instead when the first is not one). ``from a import b`` takes the submodule a.b
+    where there is one (a is then only its container), else the name b from a's own code."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: list[tuple[str, str | None]] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found += [(f"{base}.{alias.name}", base) for alias in node.names]
+    return found
+
+
+def module_sources(modules: Iterable[str], root: Path = PACKAGE_DIR.parent, package: str = PACKAGE) -> list[Path]:
+    """The source files of ``modules`` and of every module of ``package`` they import, transitively,
+    read statically (no import runs). A package's ``__init__`` counts where names are taken from it,
+    not for being a parent or a container: a value depends on the functions its code calls, and
+    those are the names it imports."""
+    seen: dict[str, Path] = {}
+    todo: list[tuple[str, str | None]] = [(m, None) for m in modules]
+    while todo:
+        wanted, instead = todo.pop()
+        path = module_file(wanted, root)
+        name = wanted if path is not None or instead is None else instead
+        path = path or module_file(name, root)
+        if path is None or name in seen or not (name == package or name.startswith(package + ".")):
+            continue
+        seen[name] = path
+        todo.extend(_imports(name, path))
+    return sorted(set(seen.values()))
+
+
+@lru_cache(maxsize=None)
+def code_fingerprint(*modules: str) -> str:
+    """sha256 of the code behind a stored value: the source (path and content) of ``modules``, what
+    they import from the package (:func:`module_sources`) and every file of the model package; every
+    ``.py`` file of the package when no module is named. Then the numerical libraries' versions."""
     from importlib.metadata import PackageNotFoundError, version
 
+    if modules:
+        always = [path for sub in ALWAYS_FINGERPRINTED for path in (PACKAGE_DIR / sub).rglob("*.py")]
+        paths = sorted(set(module_sources(modules)) | set(always))
+    else:
+        paths = sorted(PACKAGE_DIR.rglob("*.py"))
     h = hashlib.sha256()
-    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+    for path in paths:
         h.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     for name in _LIBRARIES:
         try:
@@ -86,8 +148,10 @@ class Memo:
     salt: str
 
     @classmethod
-    def for_model(cls, directory: str | Path, model: nn.Module) -> "Memo":
-        return cls(Path(directory), f"{code_fingerprint()}:{model_digest(model)}")
+    def for_model(cls, directory: str | Path, model: nn.Module, code: Iterable[str] = ()) -> "Memo":
+        """Entries for ``model`` whose values are computed by the modules named in ``code`` (every
+        module of the package when none is named: any change then invalidates every entry)."""
+        return cls(Path(directory), f"{code_fingerprint(*code)}:{model_digest(model)}")
 
     def key(self, **parts: Any) -> str:
         text = json.dumps({"salt": self.salt, "parts": _canonical(parts)}, sort_keys=True, separators=(",", ":"))

@@ -4,6 +4,7 @@ English and evaluated in every language (Tables III, IV)."""
 from __future__ import annotations
 
 from matrice.experiments.edit import EditConfig, edit_facts, write_outputs
+from matrice.experiments.edit.passes import EditedPasses
 from matrice.memo import Memo
 from stages.common import ModelStage
 
@@ -11,7 +12,8 @@ from stages.common import ModelStage
 def main() -> None:
     stage = ModelStage.start(__doc__)
     sets = stage.sets
-    memo = Memo.for_model(stage.out / "edit_runs", stage.adapter.model)  # passes a sweep did not move: read back
+    # passes a sweep did not move: read back; a change to code the values do not run keeps them
+    memo = Memo.for_model(stage.out / "edit_runs", stage.adapter.model, code=[EditedPasses.__module__])
     # locality samples unrelated facts from every query of the dataset
     result = edit_facts(stage.adapter, stage.queries, sets, stage.params["edit"]["methods"],
                         cfg=stage.config(EditConfig, "edit"), few_shot=stage.params["few_shot"], facts=sorted(sets.facts),

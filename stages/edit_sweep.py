@@ -4,6 +4,7 @@ with the edit stage's o', locality sample, scaling and neurons."""
 from __future__ import annotations
 
 from matrice.experiments.edit import EditConfig
+from matrice.experiments.edit.passes import EditedPasses
 from matrice.experiments.edit_sweep import sweep_update, write_outputs
 from matrice.memo import Memo
 from stages.common import ModelStage
@@ -12,7 +13,8 @@ from stages.common import ModelStage
 def main() -> None:
     stage = ModelStage.start(__doc__)
     sweep, sets = stage.params["edit_sweep"], stage.sets
-    memo = Memo.for_model(stage.out / "edit_sweep_runs", stage.adapter.model)  # passes a sweep did not move: read back
+    # passes a sweep did not move: read back; a change to code the values do not run keeps them
+    memo = Memo.for_model(stage.out / "edit_sweep_runs", stage.adapter.model, code=[EditedPasses.__module__])
     try:
         result = sweep_update(stage.adapter, stage.queries, sets, sweep.get("methods") or stage.params["edit"]["methods"],
                               sweep["lambdas"], stage.config(EditConfig, "edit"), few_shot=stage.params["few_shot"],

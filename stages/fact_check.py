@@ -4,7 +4,7 @@ and plain knowledge-neuron activation, on held-out paraphrases (matrice.experime
 from __future__ import annotations
 
 from matrice.method.attribution.common import AttributionConfig
-from matrice.experiments.fact_check import NEURON_SOURCES, check_facts, write_outputs
+from matrice.experiments.fact_check import NEURON_SOURCES, check_facts, detectors, write_outputs
 from matrice.memo import Memo
 from stages.common import ModelStage
 
@@ -20,7 +20,8 @@ def main() -> None:
                          "first (dvc repro)")
     degenerate = stage.outputs.read_json("degenerate.json")["records"]
     adapter = stage.adapter
-    memo = Memo.for_model(stage.out / "fact_check_attributions", adapter.model)  # layers a sweep did not move: read back
+    # layers a sweep did not move: read back; a change to code the values do not run keeps them
+    memo = Memo.for_model(stage.out / "fact_check_attributions", adapter.model, code=[detectors.__name__])
     run = check_facts(adapter, stage.queries, stage.sets.facts, degenerate, source, stage.split,
                       cfg, params["seed"], params["few_shot"], params["manipulate"]["batch_size"], memo)
     write_outputs(run.rows, run.neurons, source, params["seed"], stage.outputs)

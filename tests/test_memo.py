@@ -10,7 +10,7 @@ import torch
 
 import matrice.experiments.inject.training as inject_module
 from matrice.experiments.inject import InjectConfig, inject_knowledge
-from matrice.memo import Memo, code_fingerprint, model_digest
+from matrice.memo import PACKAGE_DIR, Memo, code_fingerprint, model_digest, module_sources
 from conftest import tiny_on_device as tiny_adapter  # on MATRICE_TEST_DEVICE
 from implant import FACTS, QUERIES, pairs, probe
 
@@ -36,6 +36,53 @@ def test_model_digest_sees_one_changed_weight_and_code_fingerprint_is_stable():
         a.layers[1].mlp.c_proj.weight[3, 2] += 1e-6
     assert model_digest(a.model) != before
     assert code_fingerprint() == code_fingerprint() and len(code_fingerprint()) == 64
+
+
+def _package(root, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_module_sources_follow_imports_transitively_and_nothing_else(tmp_path):
+    _package(tmp_path, {
+        "pkg/__init__.py": "from pkg import unrelated\n",
+        "pkg/a.py": "import os\n\ndef f():\n    from . import b  # a function-level, relative import\n    return b\n",
+        "pkg/b.py": "from pkg.sub.c import g\nimport numpy\n",
+        "pkg/sub/__init__.py": "",
+        "pkg/sub/c.py": "from ..sub import d\n\ndef g():\n    return d\n",
+        "pkg/sub/d.py": "X = 1\n",
+        "pkg/unrelated.py": "import pkg.a\n",
+    })
+    found = [p.relative_to(tmp_path).as_posix() for p in module_sources(["pkg.a"], root=tmp_path, package="pkg")]
+    assert found == ["pkg/a.py", "pkg/b.py", "pkg/sub/c.py", "pkg/sub/d.py"]  # no parent or container __init__
+    assert [p.name for p in module_sources(["pkg.unrelated"], root=tmp_path, package="pkg")] == \
+        ["a.py", "b.py", "c.py", "d.py", "unrelated.py"]
+    _package(tmp_path, {"pkg/sub/c.py": "from pkg.sub import h\n", "pkg/sub/__init__.py": "h = 1\n"})
+    assert "pkg/sub/__init__.py" in [p.relative_to(tmp_path).as_posix()  # a name taken from a package's own code
+                                     for p in module_sources(["pkg.a"], root=tmp_path, package="pkg")]
+
+
+def test_an_editing_pass_is_fingerprinted_by_the_code_it_runs_not_by_the_verdicts():
+    """A change to the statistics or the report reruns the editing stages in DVC; their passes must
+    be read back, and a change to the edit or the model code must not be."""
+    sources = {p.relative_to(PACKAGE_DIR).as_posix() for p in module_sources(["matrice.experiments.edit.passes"])}
+    assert {"experiments/edit/passes.py", "interventions.py", "models/predict.py", "models/replay.py"} <= sources
+    assert not sources & {"evaluation/claims.py", "evaluation/stats.py", "evaluation/report.py",
+                          "method/attribution/runner.py", "experiments/edit/evaluation.py"}
+    named = code_fingerprint("matrice.experiments.edit.passes")
+    assert named == code_fingerprint("matrice.experiments.edit.passes") != code_fingerprint()
+    assert named != code_fingerprint("matrice.experiments.inject.training")
+
+
+def test_every_memo_of_a_stage_names_the_code_that_computes_its_values():
+    from pathlib import Path
+
+    stages = Path(__file__).resolve().parents[1] / "stages"
+    uses = [line for path in sorted(stages.glob("*.py")) for line in path.read_text().splitlines()
+            if "Memo.for_model(" in line]
+    assert len(uses) == 4 and all("code=[" in line for line in uses), uses
 
 
 def test_unreadable_entry_is_recomputed(tmp_path):

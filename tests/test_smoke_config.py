@@ -179,7 +179,7 @@ import sys
 import torch
 from matrice.memo import Memo
 
-memo = Memo.for_model("results/m/edit_runs", torch.nn.Linear(2, 2))
+memo = Memo.for_model("results/m/edit_runs", torch.nn.Linear(2, 2), code=["matrice.experiments.edit.passes"])
 value = memo.get_or_compute(lambda: float((torch.randn(8, 8) @ torch.randn(8, 8)).sum()), kind="pass")
 print("stored" if memo.directory.name == "edit_runs" else "elsewhere")
 '''
@@ -193,7 +193,8 @@ def test_the_counted_rerun_computes_what_the_timed_run_stored(tmp_path, monkeypa
     (tmp_path / "memo_stage.py").write_text(MEMO_STAGE)
     monkeypatch.chdir(tmp_path)
     # the timed run stored its result: a plain rerun would read it back and multiply nothing
-    Memo.for_model(tmp_path / "results/m/edit_runs", torch.nn.Linear(2, 2)).get_or_compute(lambda: 1.0, kind="pass")
+    Memo.for_model(tmp_path / "results/m/edit_runs", torch.nn.Linear(2, 2),
+                   code=["matrice.experiments.edit.passes"]).get_or_compute(lambda: 1.0, kind="pass")
     assert run_counted("memo_stage", [])["flops"]["total"] == 2 * 8 * 8 * 8
     assert Memo.for_model(tmp_path / "x", torch.nn.Linear(2, 2)).directory == tmp_path / "x"  # restored afterwards
     assert len(list((tmp_path / "results/m/edit_runs").iterdir())) == 1  # the timed run's entry, untouched
