@@ -33,7 +33,7 @@ from matrice.io import atomic_write_bytes, atomic_write_json
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-_LIBRARIES = ("torch", "transformers", "peft", "numpy", "accelerate")
+_LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "numpy", "accelerate")
 
 
 PACKAGE = PACKAGE_DIR.name
@@ -95,6 +95,10 @@ def code_fingerprint(*modules: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     if modules:
+        unknown = [name for name in modules if not name.startswith(PACKAGE + ".")
+                   or module_file(name, PACKAGE_DIR.parent) is None]
+        if unknown:
+            raise ValueError(f"memo code {unknown}: no such module in the {PACKAGE} package")
         always = [path for sub in ALWAYS_FINGERPRINTED for path in (PACKAGE_DIR / sub).rglob("*.py")]
         paths = sorted(set(module_sources(modules)) | set(always))
     else:
@@ -111,8 +115,13 @@ def code_fingerprint(*modules: str) -> str:
 
 
 def model_digest(model: nn.Module) -> str:
-    """sha256 of the model's state (names, dtypes, shapes, bytes) and its device type: ~1 s per GB."""
+    """sha256 of the model's state (names, dtypes, shapes, bytes), its device type and its config
+    (the attention implementation included): ~1 s per GB."""
     h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        h.update(config.to_json_string(use_diff=False).encode())
+        h.update(f"attention={getattr(config, '_attn_implementation', None)}\0".encode())
     for name, tensor in model.state_dict().items():
         t = tensor.detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{t.device.type}\0".encode())

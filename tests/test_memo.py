@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 
 import numpy as np
@@ -76,13 +77,56 @@ def test_an_editing_pass_is_fingerprinted_by_the_code_it_runs_not_by_the_verdict
     assert named != code_fingerprint("matrice.experiments.inject.training")
 
 
-def test_every_memo_of_a_stage_names_the_code_that_computes_its_values():
+def test_every_memo_of_a_stage_names_its_code_and_hashes_it_before_the_model_loads():
     from pathlib import Path
 
     stages = Path(__file__).resolve().parents[1] / "stages"
-    uses = [line for path in sorted(stages.glob("*.py")) for line in path.read_text().splitlines()
-            if "Memo.for_model(" in line]
-    assert len(uses) == 4 and all("code=[" in line for line in uses), uses
+    users = [p.read_text() for p in sorted(stages.glob("*.py")) if "Memo.for_model(" in p.read_text()]
+    assert len(users) == 4
+    for text in users:
+        assert "code=code)" in text and "code = [" in text
+        assert text.index("code_fingerprint(*code)") < text.index("ModelStage.start("), "hashed after the model loaded"
+
+
+def test_a_memo_code_module_outside_the_package_is_an_error():
+    with pytest.raises(ValueError, match="no such module"):
+        code_fingerprint("matrice.experiments.edit.pases")
+    with pytest.raises(ValueError, match="no such module"):
+        code_fingerprint("stages.edit")
+
+
+def _mutates_at_import(node) -> bool:
+    import ast
+
+    if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return False
+    if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return not all(isinstance(t, (ast.Name, ast.Tuple)) for t in targets)
+    if isinstance(node, ast.Expr):
+        return not (isinstance(node.value, ast.Constant) and isinstance(node.value.value, str))
+    if isinstance(node, ast.If):
+        return ast.unparse(node.test) not in ("TYPE_CHECKING", "__name__ == '__main__'")
+    return True
+
+
+def test_no_module_of_the_package_changes_state_when_imported():
+    """A memo's code is what its module imports by name (a parent package's __init__ is not followed):
+    sound only while importing a module changes nothing (no torch flags set, nothing patched)."""
+    import ast
+
+    found = [f"{path.relative_to(PACKAGE_DIR)}:{node.lineno}" for path in sorted(PACKAGE_DIR.rglob("*.py"))
+             if path.name != "__main__.py" for node in ast.parse(path.read_text()).body if _mutates_at_import(node)]
+    assert not found, f"top-level statements that run at import: {found}"
+    assert _mutates_at_import(ast.parse("import torch\ntorch.backends.cuda.matmul.allow_tf32 = True").body[1])
+    assert _mutates_at_import(ast.parse("torch.manual_seed(0)").body[0])
+
+
+def test_the_model_digest_sees_the_attention_implementation():
+    a = tiny_adapter("llama")
+    before = model_digest(a.model)
+    a.model.config._attn_implementation = "eager" if a.model.config._attn_implementation != "eager" else "sdpa"
+    assert model_digest(a.model) != before
 
 
 def test_unreadable_entry_is_recomputed(tmp_path):

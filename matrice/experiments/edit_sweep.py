@@ -36,8 +36,7 @@ from matrice.data.schema import Query
 from matrice.experiments import NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, group_by_fact, original_queries
 from matrice.experiments.edit import EditConfig
 from matrice.experiments.edit_targets import NewObject, choose_new_object, edit_target, locality_sampler, with_new_object
-from matrice.experiments.edit.passes import EditedPasses, WeightEdit
-from matrice.interventions import update_vectors
+from matrice.experiments.edit.passes import EditedPasses, update_edit
 from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.whole_answer import AnswerSteps
@@ -141,8 +140,8 @@ def sweep_update(
         for method, pairs in neurons.items():
             if len(pairs) == 0:
                 result.empty_facts[method].append(fid)
-        edits = {(method, lam): _update(adapter, pairs, gold, new.target(whole), lam, cfg.scaling)
-                 for method, pairs in neurons.items() if len(pairs) for lam in grid}
+        edits = {(method, lam): update_edit(adapter, pairs, gold, new.target(whole), lam, lam, cfg.scaling)
+                 for method, pairs in neurons.items() if len(pairs) for lam in grid}  # λ1 = λ2 = λ
         steps = AnswerSteps.of(adapter, scored, answer_token)
         before, after = passes.run(steps.encs, edits)
         before, after = steps.fold(before), {e: steps.fold(s) for e, s in after.items()}
@@ -151,13 +150,6 @@ def sweep_update(
             result.records += _records(fid, relation, method, lam, len(edit.pairs), rel, loc, after[method, lam],
                                        loc_before)
     return result
-
-
-def _update(adapter: ModelAdapter, pairs, gold: int | tuple[int, ...], new: int | tuple[int, ...], lam: float,
-            scaling: str) -> WeightEdit:
-    """The update edit of ``pairs`` at λ1 = λ2 = ``lam``."""
-    return WeightEdit(pairs, lambda: update_vectors(adapter, pairs, gold, new, lam, lam, scaling),
-                      {"gold_token": gold, "new_token": new, "lambda": lam, "scaling": scaling})
 
 
 def _relabelled_originals(adapter: ModelAdapter, originals: Mapping[str, Query], new: NewObject,

@@ -8,6 +8,10 @@ those (:class:`matrice.memo.Memo`), a read-back pass is bit-identical to a recom
 moves MATRICE's neurons (and the baselines matched to them), not AMIG's or the unedited model's:
 those passes are read back.
 
+An edit is built only by :func:`erasure_edit` and :func:`update_edit`, which key it by exactly the
+values its vectors are computed from: the memo's code fingerprint covers this module and what it
+imports, not the experiment code that calls it.
+
 The unedited pass runs only when some edit must be computed, and then it is recorded, so each edited
 pass replays the unedited blocks below its lowest edited layer (:mod:`matrice.models.replay`).
 """
@@ -19,7 +23,7 @@ from typing import Any, Callable, Hashable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-from matrice.interventions import edited_output_weights
+from matrice.interventions import edited_output_weights, erasure_vectors, update_vectors
 from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.predict import AnswerScore, score_answers
@@ -36,6 +40,19 @@ class WeightEdit:
     pairs: np.ndarray
     vectors: Callable[[], Any]
     key: Mapping[str, Any]
+
+
+def erasure_edit(adapter: ModelAdapter, pairs: np.ndarray) -> WeightEdit:
+    """Erasure of ``pairs``' output vectors (they depend on nothing but the neurons)."""
+    return WeightEdit(pairs, lambda: erasure_vectors(adapter, pairs), {"operation": "erasure"})
+
+
+def update_edit(adapter: ModelAdapter, pairs: np.ndarray, gold: Any, new: Any, lambda1: float, lambda2: float,
+                scaling: str) -> WeightEdit:
+    """The update edit of ``pairs`` from the gold object's tokens to the new one's (Eq. 15)."""
+    return WeightEdit(pairs, lambda: update_vectors(adapter, pairs, gold, new, lambda1, lambda2, scaling),
+                      {"operation": "update", "gold_token": gold, "new_token": new, "lambda1": lambda1,
+                       "lambda2": lambda2, "scaling": scaling})
 
 
 class EditedPasses:

@@ -15,8 +15,8 @@ from matrice.data.schema import Query
 from matrice.experiments import NeuronSetsLike, dataclass_dict, encode_all, fact_neurons, group_by_fact, original_queries
 from matrice.experiments.edit_targets import (UNTOLD, NewObject, choose_new_object, edit_target, locality_sampler,
                                               with_new_object)
-from matrice.experiments.edit.passes import EditedPasses, WeightEdit
-from matrice.interventions import UPDATE_SCALINGS, erasure_vectors, update_vectors
+from matrice.experiments.edit.passes import EditedPasses, WeightEdit, erasure_edit, update_edit
+from matrice.interventions import UPDATE_SCALINGS
 from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.predict import AnswerScore
@@ -301,16 +301,13 @@ class _EditRun:
         which become ``fact.base[op]``), through the memo."""
         cfg = self.cfg
         new = None if fact.new is None else fact.new.target(self.whole)
-        key = {"operation": op, "gold_token": fact.gold}
-        if op == "update":
-            key.update(new_token=new, lambda1=cfg.lambda1, lambda2=cfg.lambda2, scaling=cfg.scaling)
 
-        def vectors(pairs: np.ndarray) -> Callable[[], Any]:
+        def edit_of(pairs: np.ndarray) -> WeightEdit:
             if op == "erasure":
-                return lambda: erasure_vectors(self.adapter, pairs)
-            return lambda: update_vectors(self.adapter, pairs, fact.gold, new, cfg.lambda1, cfg.lambda2, cfg.scaling)
+                return erasure_edit(self.adapter, pairs)
+            return update_edit(self.adapter, pairs, fact.gold, new, cfg.lambda1, cfg.lambda2, cfg.scaling)
 
-        edits = {m: WeightEdit(pairs, vectors(pairs), key) for m, pairs in neurons.items() if len(pairs)}
+        edits = {m: edit_of(pairs) for m, pairs in neurons.items() if len(pairs)}
         steps = AnswerSteps.of(self.adapter, fact.scored(op), self.answer_token)
         base, after = self.passes.run(steps.encs, edits)
         fact.base[op] = steps.fold(base)
