@@ -488,6 +488,10 @@ def test_whole_answer_raw_maps_equal_the_reference_and_reuse_token_one_exactly(t
     np.testing.assert_array_equal(reused.raw, whole.raw)
     np.testing.assert_array_equal(reused.n_baselines, whole.n_baselines)
     np.testing.assert_array_equal(whole.raw[1], first.raw[1])  # a one-token answer: the first-token map
+    with pytest.raises(ValueError, match="first_token has maps of 3 queries for 2"):
+        raw_maps(adapter, encs[:2], cfg, first_token=first)
+    with pytest.raises(ValueError, match="no queries"):
+        raw_maps(adapter, [], cfg)
     for enc, got in zip(encs, whole.raw):
         ref = reference_attribution(adapter, enc, cfg).sum(dim=0)
         assert rel_err(torch.from_numpy(got).to(ref.device), ref) <= 1e-4

@@ -72,6 +72,10 @@ def raw_maps(adapter: ModelAdapter, encs: Sequence[Encoded], cfg: AttributionCon
     the first-token map, computed alone over ``encs`` as a first-token run computes it (so
     ``first_token`` from such a run gives the same numbers and spares that work); the later tokens'
     queries share one stream."""
+    if not encs:
+        raise ValueError("no queries to attribute")
+    if first_token is not None and not len(first_token.raw) == len(first_token.n_baselines) == len(encs):
+        raise ValueError(f"first_token has maps of {len(first_token.raw)} queries for {len(encs)} queries")
     first_cfg = replace(cfg, answer_token="first")
     if cfg.answer_token == "first" or first_token is None:
         raw, n_base = [], []
@@ -83,9 +87,9 @@ def raw_maps(adapter: ModelAdapter, encs: Sequence[Encoded], cfg: AttributionCon
         first_token = RawMaps(np.stack(raw).astype(np.float32), np.array(n_base))
         if cfg.answer_token == "first":
             return first_token
-    later = [answer_steps(adapter, enc)[1:] for enc in encs]
+    later = [answer_steps(adapter, enc)[1:] for enc in encs]  # progress counts a query when its last token is done
     maps = fast_attribution_many(adapter, [step for steps in later for step in steps], first_cfg)
-    out = np.empty_like(first_token.raw, dtype=np.float32)
+    out = np.empty((len(encs), *first_token.raw.shape[1:]), dtype=np.float32)
     for q, steps in enumerate(later):
         total = first_token.raw[q].astype(np.float32)  # a copy
         for _ in steps:

@@ -125,13 +125,14 @@ def _shard_is_done(path: Path, print_: str, store_dtype: str = "float32") -> boo
 
 def _first_token_maps(path: Path, settings: dict, encs: Sequence[Encoded]) -> RawMaps | None:
     """Under ``answer_token: all``, the maps a first-token run left in this shard's file for the same
-    queries and settings (stored as float32, so token 1 is bit for bit what it would compute)."""
+    queries and settings, stored as float32 (token 1 is that computation: identical on the same device
+    and batch size, within float rounding otherwise, as for any shard kept across such a change)."""
     if settings.get("answer_token") != "all" or not path.exists():
         return None
     try:
         with np.load(path) as data:
             if str(data["fingerprint"]) != fingerprint({**settings, "answer_token": "first"}, encs) \
-                    or data["raw"].dtype != np.float32:
+                    or data["raw"].dtype != np.float32 or len(data["raw"]) != len(encs):
                 return None
             return RawMaps(data["raw"], data["n_baselines"])
     except Exception:  # unreadable: token 1 is computed
