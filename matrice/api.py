@@ -38,7 +38,7 @@ from matrice.experiments.edit_targets import edit_target
 from matrice.experiments.manipulate import ManipulationRecord, manipulate
 from matrice.interventions import edited_output_weights, erasure_vectors, update_vectors
 from matrice.method.attribution.common import AttributionConfig
-from matrice.method.attribution.fast import fast_attribution_many
+from matrice.method.attribution.executors import raw_maps
 from matrice.method.scores import group_by_fact
 from matrice.method.selection import SelectionConfig, select_fact
 from matrice.method.uncertainty import AggregationConfig, FactScores, aggregate_fact
@@ -115,12 +115,13 @@ def queries(fact: Fact, templates: Mapping[str, Sequence[str]], demo: Fact | Non
 
 def attribute(model: ModelAdapter, query_or_queries: Query | Sequence[Query], cfg: AttributionConfig | None = None,
               few_shot: bool = False) -> np.ndarray:
-    """Raw attribution [layers, neurons] of each query to its answer's first token (the SAIG baselines
-    summed, as the attribute stage stores it); one query gives one map, a sequence a stacked array."""
+    """Raw attribution [layers, neurons] of each query to its answer's first token, or to every token
+    under ``cfg.answer_token = "all"`` (the SAIG baselines summed, as the attribute stage stores it);
+    one query gives one map, a sequence a stacked array."""
     single = isinstance(query_or_queries, Query)
     qs = [query_or_queries] if single else list(query_or_queries)
     encs = [encode_query(model, q, few_shot) for q in qs]
-    maps = np.stack([a.sum(dim=0).float().cpu().numpy() for a in fast_attribution_many(model, encs, cfg or AttributionConfig())])
+    maps = raw_maps(model, encs, cfg or AttributionConfig()).raw
     return maps[0] if single else maps
 
 

@@ -469,6 +469,34 @@ def test_whole_answer_is_the_mean_of_its_tokens_and_streams_across_queries(tiny,
         assert rel_err(attr, mean) <= 1e-4
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_whole_answer_raw_maps_equal_the_reference_and_reuse_token_one_exactly(tiny, family):
+    """What the stage stores under ``answer_token: all`` (each token's map summed over its baselines,
+    then the mean over tokens) equals the reference, and token 1 read from a first-token run gives
+    the same bits as computing it: it is that computation."""
+    import numpy as np
+
+    from matrice.method.attribution.executors import raw_maps
+
+    adapter = tiny(family)
+    encs = [whole_answer_query(adapter, 3), whole_answer_query(adapter, 1, "Helsinki is the capital of"),
+            whole_answer_query(adapter, 2, "Rome is a city in")]
+    cfg = AttributionConfig(steps=2, baseline="saig", batch_size=7, answer_token="all")
+    whole = raw_maps(adapter, encs, cfg)
+    first = raw_maps(adapter, encs, AttributionConfig(steps=2, baseline="saig", batch_size=7))
+    reused = raw_maps(adapter, encs, cfg, first_token=first)
+    np.testing.assert_array_equal(reused.raw, whole.raw)
+    np.testing.assert_array_equal(reused.n_baselines, whole.n_baselines)
+    np.testing.assert_array_equal(whole.raw[1], first.raw[1])  # a one-token answer: the first-token map
+    with pytest.raises(ValueError, match="first_token has maps of 3 queries for 2"):
+        raw_maps(adapter, encs[:2], cfg, first_token=first)
+    with pytest.raises(ValueError, match="no queries"):
+        raw_maps(adapter, [], cfg)
+    for enc, got in zip(encs, whole.raw):
+        ref = reference_attribution(adapter, enc, cfg).sum(dim=0)
+        assert rel_err(torch.from_numpy(got).to(ref.device), ref) <= 1e-4
+
+
 @pytest.mark.parametrize("family", ["llama", "bloom", "xlm-roberta"])
 def test_completeness_holds_per_answer_token(tiny, family):
     """For every answer token, Σ_j Attr over a layer's neurons → P(t_k) at w̄ − P(t_k) at the baseline

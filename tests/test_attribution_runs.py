@@ -108,6 +108,36 @@ def test_a_run_over_more_facts_keeps_the_shards_of_the_facts_it_shares(tmp_path,
     assert set(load_attributions(tmp_path)[1]) == {q.query_id for q in small_run if q.fact_id in facts}
 
 
+def test_whole_answer_run_reads_token_one_from_the_first_token_runs_shards(tmp_path, small_run, tiny, monkeypatch):
+    """``dvc exp run -S answer_token=all`` after a first-token baseline: each shard's first-token maps
+    (same queries and settings) serve as token 1, only the later tokens are attributed, and the maps
+    equal a whole-answer run from scratch bit for bit."""
+    adapter = tiny("gpt2")
+    facts = sample_facts_per_relation(small_run, None, 0)
+    encs = encode_all(adapter, small_run, few_shot=True)
+    shards = plan_shards(small_run, facts)
+    settings = {"steps": 2, "answer_token": "first"}
+    run_attribution(adapter, small_run, encs, shards, AttributionConfig(steps=2), settings, tmp_path / "run")
+    whole_cfg, whole_settings = AttributionConfig(steps=2, answer_token="all"), {**settings, "answer_token": "all"}
+    run_attribution(adapter, small_run, encs, shards, whole_cfg, whole_settings, tmp_path / "scratch")
+    attributed: list[int] = []
+    real = runner_mod.fast_attribution_many
+    monkeypatch.setattr(runner_mod, "fast_attribution_many",
+                        lambda adapter, encs, *a, **k: (attributed.extend([1] * len(encs)),
+                                                        real(adapter, encs, *a, **k))[1])
+    run_attribution(adapter, small_run, encs, shards, whole_cfg, whole_settings, tmp_path / "run")
+    later = sum(len(e.answer_ids) - 1 for e in encs)  # the step queries of tokens 2..K
+    assert later > 0 and len(attributed) == later  # no token-1 query was attributed again
+    _, reused = load_attributions(tmp_path / "run")
+    _, scratch = load_attributions(tmp_path / "scratch")
+    assert set(reused) == set(scratch)
+    for qid in scratch:
+        np.testing.assert_array_equal(reused[qid], scratch[qid])
+    attributed.clear()  # a finished whole-answer shard is kept as it is
+    run_attribution(adapter, small_run, encs, shards, whole_cfg, whole_settings, tmp_path / "run")
+    assert attributed == []
+
+
 def test_shard_names_are_file_safe_and_distinct():
     assert shard_name("P17-e01") == "shard-P17-e01.npz"
     odd = [shard_name(f) for f in ("P17/a b", "P17/a_b", "P17 a/b", "../x")]

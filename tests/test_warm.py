@@ -14,10 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from stages import warm
 
 REPO = Path(__file__).resolve().parents[1]
+# The server turns itself off on a CUDA/ROCm build of torch (a forked process cannot use CUDA
+# initialised before the fork), so the tests of a serving server need a CPU build.
+CUDA_BUILD = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
+needs_cpu_torch = pytest.mark.skipif(CUDA_BUILD, reason="warm start is off on a CUDA/ROCm build of torch")
 
 PROBE = textwrap.dedent("""
     import json, os, sys, time
@@ -83,6 +88,7 @@ def report(done: subprocess.CompletedProcess) -> dict:
     return json.loads(done.stdout.strip().splitlines()[0])
 
 
+@needs_cpu_torch
 def test_a_warm_stage_sees_its_callers_arguments_cwd_environment_and_streams(server, project):
     done = call(server, project, "3", "gemma3_270m")
     assert done.returncode == 3, done.stderr
@@ -96,18 +102,21 @@ def test_a_warm_stage_sees_its_callers_arguments_cwd_environment_and_streams(ser
     assert call(server, project, "0").returncode == 0
 
 
+@needs_cpu_torch
 def test_every_run_gets_a_fresh_process(server, project):
     first, second = report(call(server, project, "0")), report(call(server, project, "0"))
     assert first["pid"] != second["pid"]
     assert not first["leaked"] and not second["leaked"], "state set by one run was visible in the next"
 
 
+@needs_cpu_torch
 def test_an_exception_gives_status_1_and_its_traceback(server, project):
     done = call(server, project, "raise")
     assert done.returncode == 1
     assert "RuntimeError: the stage failed" in done.stderr
 
 
+@needs_cpu_torch
 def test_a_signal_to_the_caller_ends_the_stage(server, project):
     env = {**os.environ, "WARM_TEST": "x"}
     proc = subprocess.Popen([sys.executable, "-c", CLIENT, str(REPO), str(server), "sleep"], cwd=project, env=env,
@@ -132,6 +141,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@needs_cpu_torch
 def test_no_server_runs_cold_and_starts_one_that_leaves_when_idle(tmp_path, project):
     path = tmp_path / "absent.sock"
     env = {**os.environ, warm.IDLE_ENV: "1"}
@@ -193,12 +203,23 @@ def test_a_forked_stage_takes_the_servers_tokenizer_once(tmp_path, monkeypatch):
     assert load_tokenizer(str(tmp_path / "model")) is not preloaded  # a second load builds its own
 
 
+@needs_cpu_torch
 def test_stop_servers_ends_a_server_before_its_idle_time(tmp_path):
     path = tmp_path / "stop.sock"
     proc = start_server(path, idle=600)
     assert warm.stop_servers(tmp_path) == 1
     assert proc.wait(30) == 0
     assert not path.exists()
+
+
+@pytest.mark.skipif(not CUDA_BUILD, reason="needs a CUDA/ROCm build of torch")
+def test_a_cuda_build_turns_warm_start_off_and_stages_run_cold(tmp_path):
+    path = tmp_path / "cuda.sock"
+    proc = subprocess.Popen([sys.executable, "-c", warm.SERVER_MAIN, str(REPO / "stages" / "warm.py"), str(path), "0"],
+                            cwd="/", env={**os.environ, warm.IDLE_ENV: "600"})
+    assert proc.wait(120) == 0, "the server did not leave at once"
+    assert path.with_suffix(".off").exists() and not path.exists()
+    assert warm.hand_off("probe_mod", [], path) is None
 
 
 def test_a_socket_path_too_long_to_bind_runs_cold_without_starting_a_server(tmp_path):

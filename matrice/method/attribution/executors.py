@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
@@ -30,6 +30,7 @@ import torch
 from matrice.method.attribution.common import AttributionConfig
 from matrice.method.attribution.fast import fast_attribution_many
 from matrice.models.adapter import Encoded, ModelAdapter
+from matrice.models.encoding import answer_steps
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,23 @@ EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)
+class RawMaps:
+    """Every query's raw map and how many baselines were summed into it."""
+
+    raw: np.ndarray  # [queries, layers, neurons] float32, summed over baselines
+    n_baselines: np.ndarray  # [queries]
+
+
+@dataclass(frozen=True)
 class ShardJob:
-    """One shard to compute: its file name (the key results come back under) and encoded queries."""
+    """One shard to compute: its file name (the key results come back under) and encoded queries;
+    ``first_token``: under ``answer_token: all``, the first-token maps of the same queries where a
+    first-token run left them (token 1 of a whole answer is exactly that computation)."""
 
     name: str
     fact_id: str
     encs: list[Encoded]
+    first_token: RawMaps | None = None
 
 
 @dataclass(frozen=True)
@@ -52,16 +64,47 @@ class ShardOutput:
     n_baselines: np.ndarray  # [queries]
 
 
+def raw_maps(adapter: ModelAdapter, encs: Sequence[Encoded], cfg: AttributionConfig,
+             first_token: RawMaps | None = None, on_query: Callable[[], None] | None = None) -> RawMaps:
+    """Every query's raw map [L, N] (its baselines summed), as the attribute stage stores it.
+
+    ``answer_token: all``: the mean over the answer's tokens of each token's raw map. Token 1's map is
+    the first-token map, computed alone over ``encs`` as a first-token run computes it (so
+    ``first_token`` from such a run gives the same numbers and spares that work); the later tokens'
+    queries share one stream."""
+    if not encs:
+        raise ValueError("no queries to attribute")
+    if first_token is not None and not len(first_token.raw) == len(first_token.n_baselines) == len(encs):
+        raise ValueError(f"first_token has maps of {len(first_token.raw)} queries for {len(encs)} queries")
+    first_cfg = replace(cfg, answer_token="first")
+    if cfg.answer_token == "first" or first_token is None:
+        raw, n_base = [], []
+        for attr in fast_attribution_many(adapter, encs, first_cfg):  # [B, L, N] per query, in order
+            raw.append(attr.sum(dim=0).float().cpu().numpy())
+            n_base.append(attr.shape[0])
+            if on_query is not None and cfg.answer_token == "first":
+                on_query()
+        first_token = RawMaps(np.stack(raw).astype(np.float32), np.array(n_base))
+        if cfg.answer_token == "first":
+            return first_token
+    later = [answer_steps(adapter, enc)[1:] for enc in encs]  # progress counts a query when its last token is done
+    maps = fast_attribution_many(adapter, [step for steps in later for step in steps], first_cfg)
+    out = np.empty((len(encs), *first_token.raw.shape[1:]), dtype=np.float32)
+    for q, steps in enumerate(later):
+        total = first_token.raw[q].astype(np.float32)  # a copy
+        for _ in steps:
+            total += next(maps).sum(dim=0).float().cpu().numpy()
+        out[q] = total / np.float32(1 + len(steps))
+        if on_query is not None:
+            on_query()
+    return RawMaps(out, first_token.n_baselines)
+
+
 def compute_shard(adapter: ModelAdapter, job: ShardJob, cfg: AttributionConfig,
                   on_query: Callable[[], None] | None = None) -> ShardOutput:
     """The attribution of one shard: every query's raw map (summed over its baselines)."""
-    raw, n_base = [], []
-    for attr in fast_attribution_many(adapter, job.encs, cfg):  # [B, L, N] per query, in order
-        raw.append(attr.sum(dim=0).float().cpu().numpy())
-        n_base.append(attr.shape[0])
-        if on_query is not None:
-            on_query()
-    return ShardOutput(job.name, np.stack(raw).astype(np.float32), np.array(n_base))
+    maps = raw_maps(adapter, job.encs, cfg, job.first_token, on_query)
+    return ShardOutput(job.name, maps.raw, maps.n_baselines)
 
 
 class ShardExecutor(Protocol):

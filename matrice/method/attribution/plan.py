@@ -49,7 +49,8 @@ class RunPlan:
             f"  rows (baseline × layer × step): {self.rows:,}",
             f"  measured here ({self.device}): {self.rows_per_s:,.0f} rows/s over {self.measured_queries} queries "
             f"({self.measured_rows:,} rows)",
-            f"  projected: {self.hours_one_worker:,.2f} h on one worker; {self.hours_wall:,.2f} h wall on {self.workers}",
+            f"  projected from scratch (shards on disk, kept or serving as token 1 under answer_token all, not "
+            f"subtracted): {self.hours_one_worker:,.2f} h on one worker; {self.hours_wall:,.2f} h wall on {self.workers}",
             f"  storage: {self.raw_gib:,.2f} GiB of raw maps ({self.store_dtype}), {self.scores_gib:,.2f} GiB of scores",
         ])
 

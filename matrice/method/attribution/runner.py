@@ -2,7 +2,9 @@
 
 A shard is written atomically and carries a fingerprint of everything that determines its numbers
 (engine settings, model, token ids). On restart, a shard whose fingerprint matches is kept; anything
-else is recomputed. The manifest, written last, is what downstream stages read.
+else is recomputed; under ``answer_token: all`` a first-token run's shard of the same queries and
+settings serves as token 1 of every answer. The manifest, written last, is what downstream stages
+read.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from matrice.method.attribution.common import AttributionConfig
-from matrice.method.attribution.executors import LocalExecutor, ShardExecutor, ShardJob
+from matrice.method.attribution.executors import LocalExecutor, RawMaps, ShardExecutor, ShardJob
 from matrice.data.schema import Query
 from matrice.io import atomic_save_npz, atomic_write_json, safe_stem
 from matrice.models.adapter import Encoded, ModelAdapter
@@ -121,6 +123,22 @@ def _shard_is_done(path: Path, print_: str, store_dtype: str = "float32") -> boo
         return False
 
 
+def _first_token_maps(path: Path, settings: dict, encs: Sequence[Encoded]) -> RawMaps | None:
+    """Under ``answer_token: all``, the maps a first-token run left in this shard's file for the same
+    queries and settings, stored as float32 (token 1 is that computation: identical on the same device
+    and batch size, within float rounding otherwise, as for any shard kept across such a change)."""
+    if settings.get("answer_token") != "all" or not path.exists():
+        return None
+    try:
+        with np.load(path) as data:
+            if str(data["fingerprint"]) != fingerprint({**settings, "answer_token": "first"}, encs) \
+                    or data["raw"].dtype != np.float32 or len(data["raw"]) != len(encs):
+                return None
+            return RawMaps(data["raw"], data["n_baselines"])
+    except Exception:  # unreadable: token 1 is computed
+        return None
+
+
 def run_attribution(
     adapter: ModelAdapter | None,
     queries: Sequence[Query],
@@ -154,7 +172,11 @@ def run_attribution(
             log.info("%s (%s) already done, kept", shard.name, shard.fact_id)
             bar.update(len(shard_encs))
         else:
-            jobs.append(ShardJob(shard.name, shard.fact_id, shard_encs))
+            first = _first_token_maps(out_dir / shard.name, settings, shard_encs)
+            if first is not None:
+                log.info("%s (%s): token 1 of every answer read from the first-token run's shard", shard.name,
+                         shard.fact_id)
+            jobs.append(ShardJob(shard.name, shard.fact_id, shard_encs, first))
     by_name = {s.name: s for s in shards}
     started, computed = time.time(), 0
 
