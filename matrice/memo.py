@@ -119,9 +119,8 @@ def model_digest(model: nn.Module) -> str:
     (the attention implementation included): ~1 s per GB."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        h.update(config.to_json_string(use_diff=False).encode())
-        h.update(f"attention={getattr(config, '_attn_implementation', None)}\0".encode())
+    if config is not None and hasattr(config, "to_dict"):
+        h.update(_config_text(config).encode() + b"\0")
     for name, tensor in model.state_dict().items():
         t = tensor.detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{t.device.type}\0".encode())
@@ -131,6 +130,17 @@ def model_digest(model: nn.Module) -> str:
                 data = data.view(torch.int16)
             h.update(memoryview(data.numpy()).cast("B"))
     return h.hexdigest()
+
+
+def _config_text(config: Any) -> str:
+    """The model's config as it shapes computation: not where it was loaded from (a memo folder moves
+    with its project) nor the transformers version (a key part of its own); the attention
+    implementation included."""
+    settings = config.to_dict()
+    for where in ("_name_or_path", "transformers_version"):
+        settings.pop(where, None)
+    settings["_attn_implementation"] = getattr(config, "_attn_implementation", None)
+    return json.dumps(settings, sort_keys=True, default=str)
 
 
 def _canonical(value: Any) -> Any:

@@ -122,9 +122,11 @@ def test_no_module_of_the_package_changes_state_when_imported():
     assert _mutates_at_import(ast.parse("torch.manual_seed(0)").body[0])
 
 
-def test_the_model_digest_sees_the_attention_implementation():
+def test_the_model_digest_sees_the_attention_implementation_not_where_the_model_was_loaded_from():
     a = tiny_adapter("llama")
     before = model_digest(a.model)
+    a.model.config._name_or_path = "/elsewhere/models/m"  # a project moved or cloned: its memo still holds
+    assert model_digest(a.model) == before
     a.model.config._attn_implementation = "eager" if a.model.config._attn_implementation != "eager" else "sdpa"
     assert model_digest(a.model) != before
 
