@@ -2,14 +2,15 @@
 changed: `dvc exp run -S tau=0.3` changes MATRICE's neurons, not the fine-tuning of all parameters,
 LoRA or AMIG's threshold sets, and those runs are read back instead of repeated.
 
-A key covers the inputs the caller names, the model's weights (:func:`model_digest`) and the code
-(:func:`code_fingerprint`: the module that computes the stored values, every project module it
-imports, transitively, the whole model package, and the versions of the numerical libraries), so an
-entry can only be reused by a run that would compute the same thing. A change to code the values do
-not run (the verdicts' statistics, the report, attribution for an editing pass) keeps the entries:
-such a change reruns a stage in DVC, and the stage reads its passes and trainings back instead of
-recomputing hours of them. Entries are JSON files written atomically; a killed run leaves whole
-entries or none. Arrays are stored as ``.npy`` (exact, compact).
+A key covers the inputs the caller names, the model's weights (:func:`model_digest`), its tokenizer
+(:func:`tokenizer_digest`) and the code (:func:`code_fingerprint`: the module that computes the
+stored values, every project module it imports, transitively, the whole model package, and the
+versions of the numerical libraries), so an entry can only be reused by a run that would compute the
+same thing. A change to code the values do not run (the verdicts' statistics, the report,
+attribution for an editing pass) keeps the entries: such a change reruns a stage in DVC, and the
+stage reads its passes and trainings back instead of recomputing hours of them. Entries are JSON
+files written atomically; a killed run leaves whole entries or none. Arrays are stored as ``.npy``
+(exact, compact).
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ _LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "numpy", "accelerat
 
 PACKAGE = PACKAGE_DIR.name
 ALWAYS_FINGERPRINTED = ("models",)  # subpackages in every fingerprint: how the model is loaded and run
+
+
+def _in_package(name: str, package: str = PACKAGE) -> bool:
+    return name == package or name.startswith(package + ".")
 
 
 def module_file(name: str, root: Path) -> Path | None:
@@ -80,7 +85,7 @@ def module_sources(modules: Iterable[str], root: Path = PACKAGE_DIR.parent, pack
         path = module_file(wanted, root)
         name = wanted if path is not None or instead is None else instead
         path = path or module_file(name, root)
-        if path is None or name in seen or not (name == package or name.startswith(package + ".")):
+        if path is None or name in seen or not _in_package(name, package):
             continue
         seen[name] = path
         todo.extend(_imports(name, path))
@@ -95,8 +100,7 @@ def code_fingerprint(*modules: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     if modules:
-        unknown = [name for name in modules if not name.startswith(PACKAGE + ".")
-                   or module_file(name, PACKAGE_DIR.parent) is None]
+        unknown = [name for name in modules if not _in_package(name) or module_file(name, PACKAGE_DIR.parent) is None]
         if unknown:
             raise ValueError(f"memo code {unknown}: no such module in the {PACKAGE} package")
         always = [path for sub in ALWAYS_FINGERPRINTED for path in (PACKAGE_DIR / sub).rglob("*.py")]
@@ -129,6 +133,20 @@ def model_digest(model: nn.Module) -> str:
             if data.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the same bytes as int16
                 data = data.view(torch.int16)
             h.update(memoryview(data.numpy()).cast("B"))
+    return h.hexdigest()
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """sha256 of how the tokenizer turns text into ids and back: its class, its whole definition (a
+    fast tokenizer's JSON: vocabulary, merges, normalisation, pre- and post-processing, added
+    tokens; a slow one's vocabulary), its special tokens and padding side; not where it was loaded
+    from. Keys hold encodings, but a stored value can decode (injection's exact-match check)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    settings = {"class": type(tokenizer).__name__, "special": getattr(tokenizer, "special_tokens_map", {}),
+                "padding_side": getattr(tokenizer, "padding_side", None)}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode() + b"\0")
+    h.update(definition.encode())
     return h.hexdigest()
 
 
@@ -167,10 +185,13 @@ class Memo:
     salt: str
 
     @classmethod
-    def for_model(cls, directory: str | Path, model: nn.Module, code: Iterable[str] = ()) -> "Memo":
-        """Entries for ``model`` whose values are computed by the modules named in ``code`` (every
-        module of the package when none is named: any change then invalidates every entry)."""
-        return cls(Path(directory), f"{code_fingerprint(*code)}:{model_digest(model)}")
+    def for_model(cls, directory: str | Path, model: nn.Module, code: Iterable[str] = (),
+                  tokenizer: Any | None = None) -> "Memo":
+        """Entries for ``model`` (and ``tokenizer``, where the values depend on it) whose values are
+        computed by the modules named in ``code`` (every module of the package when none is named:
+        any change then invalidates every entry)."""
+        salt = f"{code_fingerprint(*code)}:{model_digest(model)}"
+        return cls(Path(directory), salt if tokenizer is None else f"{salt}:{tokenizer_digest(tokenizer)}")
 
     def key(self, **parts: Any) -> str:
         text = json.dumps({"salt": self.salt, "parts": _canonical(parts)}, sort_keys=True, separators=(",", ":"))

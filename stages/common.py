@@ -9,9 +9,10 @@ import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 if TYPE_CHECKING:  # torch and transformers cost seconds to import: only stages that load a model pay
+    from matrice.memo import Memo
     from matrice.models.adapter import ModelAdapter
 
 T = TypeVar("T")
@@ -142,13 +143,32 @@ class ModelStage:
     key: str
     params: dict[str, Any]
     args: argparse.Namespace | None = None  # the stage's own command-line options, if it has any
+    memo_code: tuple[str, ...] = ()  # the modules computing what the stage's memos store
 
     @classmethod
-    def start(cls, description: str, options: Callable[[argparse.ArgumentParser], None] | None = None) -> "ModelStage":
-        """Logging set up, the model key (and any `options`) parsed from the command line, params read."""
+    def start(cls, description: str, options: Callable[[argparse.ArgumentParser], None] | None = None,
+              memo_code: Sequence[str] = ()) -> "ModelStage":
+        """Logging set up, the model key (and any `options`) parsed from the command line, params read.
+        ``memo_code`` is hashed here, before any model loads: a memo key names the code this process
+        imported, not files edited while it ran."""
+        if memo_code:
+            from matrice.memo import code_fingerprint
+
+            code_fingerprint(*memo_code)  # cached: every memo of the process reuses this hash
         setup_logging()
         args = model_args(description, options)
-        return cls(args.model, load_params(), args)
+        return cls(args.model, load_params(), args, tuple(memo_code))
+
+    def memo(self, name: str) -> "Memo":
+        """The memo folder ``name`` of this model's results, keyed by the model's weights, its
+        tokenizer and ``memo_code`` (a stage that stores results names the code that computes them)."""
+        from matrice.memo import Memo
+
+        if not self.memo_code:
+            raise RuntimeError("a stage with a memo must name the code computing its values: "
+                               "ModelStage.start(..., memo_code=[module, ...])")
+        return Memo.for_model(self.out / name, self.adapter.model, code=self.memo_code,
+                              tokenizer=self.adapter.tokenizer)
 
     def config(self, cls: type[T], section: str) -> T:
         return config_from_params(cls, self.params, section)

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 from matrice.experiments.edit import EditConfig, edit_facts, write_outputs
 from matrice.experiments.edit.passes import EditedPasses
-from matrice.memo import Memo, code_fingerprint
 from stages.common import ModelStage
 
 
 def main() -> None:
-    code = [EditedPasses.__module__]  # the module computing the memo's values
-    code_fingerprint(*code)  # hashed before the model loads: the code this process imported
-    stage = ModelStage.start(__doc__)
+    stage = ModelStage.start(__doc__, memo_code=[EditedPasses.__module__])
     sets = stage.sets
     # passes a sweep did not move: read back; a change to code the values do not run keeps them
-    memo = Memo.for_model(stage.out / "edit_runs", stage.adapter.model, code=code)
+    memo = stage.memo("edit_runs")
     # locality samples unrelated facts from every query of the dataset
     result = edit_facts(stage.adapter, stage.queries, sets, stage.params["edit"]["methods"],
                         cfg=stage.config(EditConfig, "edit"), few_shot=stage.params["few_shot"], facts=sorted(sets.facts),

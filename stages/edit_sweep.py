@@ -6,17 +6,14 @@ from __future__ import annotations
 from matrice.experiments.edit import EditConfig
 from matrice.experiments.edit.passes import EditedPasses
 from matrice.experiments.edit_sweep import sweep_update, write_outputs
-from matrice.memo import Memo, code_fingerprint
 from stages.common import ModelStage
 
 
 def main() -> None:
-    code = [EditedPasses.__module__]  # the module computing the memo's values
-    code_fingerprint(*code)  # hashed before the model loads: the code this process imported
-    stage = ModelStage.start(__doc__)
+    stage = ModelStage.start(__doc__, memo_code=[EditedPasses.__module__])
     sweep, sets = stage.params["edit_sweep"], stage.sets
     # passes a sweep did not move: read back; a change to code the values do not run keeps them
-    memo = Memo.for_model(stage.out / "edit_sweep_runs", stage.adapter.model, code=code)
+    memo = stage.memo("edit_sweep_runs")
     try:
         result = sweep_update(stage.adapter, stage.queries, sets, sweep.get("methods") or stage.params["edit"]["methods"],
                               sweep["lambdas"], stage.config(EditConfig, "edit"), few_shot=stage.params["few_shot"],

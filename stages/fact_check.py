@@ -5,14 +5,11 @@ from __future__ import annotations
 
 from matrice.method.attribution.common import AttributionConfig
 from matrice.experiments.fact_check import NEURON_SOURCES, check_facts, detectors, write_outputs
-from matrice.memo import Memo, code_fingerprint
 from stages.common import ModelStage
 
 
 def main() -> None:
-    code = [detectors.__name__]  # the module computing the memo's values
-    code_fingerprint(*code)  # hashed before the model loads: the code this process imported
-    stage = ModelStage.start(__doc__)
+    stage = ModelStage.start(__doc__, memo_code=[detectors.__name__])
     params, source = stage.params, stage.params["fact_check"]["neuron_source"]
     if source not in NEURON_SOURCES:
         raise SystemExit(f"params.yaml: fact_check.neuron_source must be one of {NEURON_SOURCES}, got {source!r}")
@@ -23,7 +20,7 @@ def main() -> None:
     degenerate = stage.outputs.read_json("degenerate.json")["records"]
     adapter = stage.adapter
     # layers a sweep did not move: read back; a change to code the values do not run keeps them
-    memo = Memo.for_model(stage.out / "fact_check_attributions", adapter.model, code=code)
+    memo = stage.memo("fact_check_attributions")
     run = check_facts(adapter, stage.queries, stage.sets.facts, degenerate, source, stage.split,
                       cfg, params["seed"], params["few_shot"], params["manipulate"]["batch_size"], memo)
     write_outputs(run.rows, run.neurons, source, params["seed"], stage.outputs)

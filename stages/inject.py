@@ -6,18 +6,15 @@ sweep; accuracy on held-out paraphrases, in the other languages, on the training
 from __future__ import annotations
 
 from matrice.experiments.inject import InjectConfig, inject_knowledge, training, write_outputs
-from matrice.memo import Memo, code_fingerprint
 from stages.common import ModelStage
 
 
 def main() -> None:
-    code = [training.__name__]  # the module computing the memo's values
-    code_fingerprint(*code)  # hashed before the model loads: the code this process imported
-    stage = ModelStage.start(__doc__)
+    stage = ModelStage.start(__doc__, memo_code=[training.__name__])
     cfg = stage.config(InjectConfig, "inject")
     probes, adapter, rule = stage.probes, stage.adapter, stage.rule
     # runs a sweep did not change are read back; a change to code the values do not run keeps them
-    memo = Memo.for_model(stage.out / "inject_runs", adapter.model, code=code)
+    memo = stage.memo("inject_runs")
     # units: attributed facts; Q_old: any other fact
     result = inject_knowledge(adapter, stage.queries, probes, stage.sets, stage.params["inject"]["variants"], cfg,
                               lambda q: rule(q.query_id), few_shot=stage.params["few_shot"], memo=memo)

@@ -11,7 +11,7 @@ import torch
 
 import matrice.experiments.inject.training as inject_module
 from matrice.experiments.inject import InjectConfig, inject_knowledge
-from matrice.memo import PACKAGE_DIR, Memo, code_fingerprint, model_digest, module_sources
+from matrice.memo import PACKAGE_DIR, Memo, code_fingerprint, model_digest, module_sources, tokenizer_digest
 from conftest import tiny_on_device as tiny_adapter  # on MATRICE_TEST_DEVICE
 from implant import FACTS, QUERIES, pairs, probe
 
@@ -77,15 +77,57 @@ def test_an_editing_pass_is_fingerprinted_by_the_code_it_runs_not_by_the_verdict
     assert named != code_fingerprint("matrice.experiments.inject.training")
 
 
-def test_every_memo_of_a_stage_names_its_code_and_hashes_it_before_the_model_loads():
+def test_a_stage_hashes_its_memo_code_at_start_before_any_model_loads(tmp_path, monkeypatch):
+    """The memo's code hash is the code this process imported: a file edited while the model loads
+    must not name entries computed by the code in memory."""
+    import sys
+
+    from stages.common import ModelStage
+
+    (tmp_path / "params.yaml").write_text("models:\n  m: {source: x}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["edit", "m"])
+    code_fingerprint.cache_clear()
+    stage = ModelStage.start("doc", memo_code=["matrice.experiments.edit.passes"])
+    assert code_fingerprint.cache_info().currsize == 1 and "adapter" not in stage.__dict__  # hashed; nothing loaded
+    hashed = code_fingerprint("matrice.experiments.edit.passes")
+    stage.__dict__["adapter"] = adapter = tiny_adapter("gpt2")
+    memo = stage.memo("edit_runs")
+    assert memo.directory.as_posix() == "results/m/edit_runs"
+    assert memo.salt == f"{hashed}:{model_digest(adapter.model)}:{tokenizer_digest(adapter.tokenizer)}"
+    assert code_fingerprint.cache_info().misses == 1  # the memo reused the hash taken at start
+
+
+def test_a_stage_without_memo_code_gets_no_memo_and_no_stage_builds_its_own():
     from pathlib import Path
 
+    from stages.common import ModelStage
+
+    with pytest.raises(RuntimeError, match="memo_code"):
+        ModelStage("m", {}).memo("edit_runs")
     stages = Path(__file__).resolve().parents[1] / "stages"
-    users = [p.read_text() for p in sorted(stages.glob("*.py")) if "Memo.for_model(" in p.read_text()]
-    assert len(users) == 4
-    for text in users:
-        assert "code=code)" in text and "code = [" in text
-        assert text.index("code_fingerprint(*code)") < text.index("ModelStage.start("), "hashed after the model loaded"
+    users = [p.name for p in sorted(stages.glob("*.py")) if "stage.memo(" in p.read_text()]
+    assert users == ["edit.py", "edit_sweep.py", "fact_check.py", "inject.py"]
+    builders = [p.name for p in stages.glob("*.py") if "Memo.for_model(" in p.read_text() or "Memo(" in p.read_text()]
+    assert builders == ["common.py"]  # ModelStage.memo, the one way a stage gets a memo
+
+
+def test_the_tokenizer_digest_sees_the_vocabulary_and_special_tokens_not_the_folder(tmp_path):
+    from transformers import AutoTokenizer
+
+    from matrice.models.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    before = tokenizer_digest(tok)
+    for folder in ("a", "b"):
+        tok.save_pretrained(tmp_path / folder)
+    assert tokenizer_digest(AutoTokenizer.from_pretrained(tmp_path / "a")) == \
+        tokenizer_digest(AutoTokenizer.from_pretrained(tmp_path / "b")) == before
+    assert tokenizer_digest(tiny_tokenizer(corpus=["another corpus, another vocabulary"])) != before
+    tok.pad_token = tok.eos_token
+    assert tokenizer_digest(tok) != before
+    salted = Memo.for_model(tmp_path, torch.nn.Linear(2, 2), tokenizer=tiny_tokenizer())
+    assert salted.salt != Memo.for_model(tmp_path, torch.nn.Linear(2, 2)).salt
 
 
 def test_a_memo_code_module_outside_the_package_is_an_error():
