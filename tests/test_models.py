@@ -827,6 +827,56 @@ def test_replay_fills_the_cache_of_a_shared_prefix_pass(family, monkeypatch):
     assert [s.prob for s in full] != pytest.approx([s.prob for s in before], rel=1e-6)  # the edit acts
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_the_head_run_once_over_many_rows_scores_as_each_batch_does(family):
+    """target_hidden then scores_from_hidden (the head over rows of any grouping) equals score_answers,
+    with and without edits at the target, on shared-prefix and whole-prompt batches."""
+    from conftest import tiny_on_device
+    from matrice.models.encoding import encode_query
+    from matrice.models.predict import scores_from_hidden, target_hidden
+
+    adapter = _wide_window(tiny_on_device(family))
+    encs = [encode_query(adapter, q, few_shot=True) for q in _queries_for_scoring(demos=2)]
+    for edits in (None, {1: replace_with(torch.zeros(adapter.n_neurons))}):
+        for shared in (True, False):
+            want = score_answers(adapter, encs, edits, batch_size=4, shared_prefixes=shared)
+            hidden = target_hidden(adapter, encs, edits, batch_size=4, shared_prefixes=shared)
+            assert hidden.shape == (len(encs), adapter.model.config.hidden_size)
+            for rows in (1, 5, 128):
+                got = scores_from_hidden(adapter, hidden, encs, rows=rows)
+                assert [s.prob for s in got] == pytest.approx([s.prob for s in want], rel=1e-5, abs=1e-9)
+                assert [(s.rank, s.top_token) for s in got] == [(s.rank, s.top_token) for s in want]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_edited_passes_equal_scoring_under_each_edit_applied(family):
+    """A fact's passes (the unedited one recorded, each edit replaying the blocks below it, the head once
+    over all of them) equal applying each edit to the weights and scoring the queries alone."""
+    from conftest import tiny_on_device
+    from matrice.experiments.edit.passes import EditedPasses, erasure_edit, update_edit
+    from matrice.interventions import edited_output_weights
+    from matrice.models.encoding import encode_query
+    import numpy as np
+
+    adapter = _wide_window(tiny_on_device(family))
+    encs = [encode_query(adapter, q, few_shot=adapter.causal) for q in _queries_for_scoring(demos=2)]
+    top = adapter.n_layers - 1
+    gold, new = int(encs[0].answer_ids[0]), int(encs[1].answer_ids[0])
+    edits = {"erase-top": erasure_edit(adapter, np.array([[top, 3], [top, 7]])),
+             "erase-low": erasure_edit(adapter, np.array([[0, 1], [top, 2]])),
+             "update": update_edit(adapter, np.array([[1, 4], [top, 5]]), gold, new, 4.0, 4.0, "raw")}
+    before, after = EditedPasses(adapter, batch_size=4, memo=None, kind="test").run(encs, edits)
+    reference = {"unedited": score_answers(adapter, encs, batch_size=4)}
+    for name, edit in edits.items():
+        with edited_output_weights(adapter, edit.vectors()):
+            reference[name] = score_answers(adapter, encs, batch_size=4)
+    for name, got in [("unedited", before), *after.items()]:
+        want = reference[name]
+        assert [s.prob for s in got] == pytest.approx([s.prob for s in want], rel=1e-5, abs=1e-9), name
+        assert [(s.rank, s.top_token) for s in got] == [(s.rank, s.top_token) for s in want], name
+    assert [s.prob for s in after["update"]] != pytest.approx([s.prob for s in before], rel=1e-4)  # the edits act
+
+
 def _scale_each(cells):
     def edit(act):
         out = act.clone()

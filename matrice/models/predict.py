@@ -102,19 +102,59 @@ def score_answers(
 ) -> list[AnswerScore]:
     """P(first gold token), its rank and the top token at each query's target. ``shared_prefixes``
     False: one forward per batch over whole prompts, no cache."""
-    prefill = shared_prefixes and adapter.causal and all(e.target_pos == len(e.input_ids) - 1 for e in encs)
+    prefill = _prefills(adapter, encs, shared_prefixes)
     batches = length_buckets(encs, batch_size, shared_prefixes=prefill)
     results = []
     for idx in batches:
         chunk = [encs[i] for i in idx]
-        if prefill:
-            out, _, _ = _prefill_causal(adapter, chunk, edits, use_cache=False)
-            logits = adapter.head_logits(out.last_hidden_state[:, -1]).float()
-        else:
-            batch = pad_batch([e.input_ids for e in chunk], [e.target_pos for e in chunk], adapter.pad_token_id, adapter.device)
-            logits = target_logits(adapter, batch, edits)
+        logits = adapter.head_logits(_target_hidden(adapter, chunk, edits, prefill)).float()
         results.append(_scores_from_logits(logits, chunk))
     return _in_input_order(len(encs), batches, results)
+
+
+@torch.no_grad()
+def target_hidden(
+    adapter: ModelAdapter, encs: Sequence[Encoded], edits: Mapping[int, Edit] | None = None, batch_size: int = 32,
+    shared_prefixes: bool = True,
+) -> torch.Tensor:
+    """What the LM head reads at each query's target [n, d], in input order: :func:`score_answers`
+    without its head, so that one head call can serve the rows of several passes
+    (:func:`scores_from_hidden`)."""
+    prefill = _prefills(adapter, encs, shared_prefixes)
+    batches = length_buckets(encs, batch_size, shared_prefixes=prefill)
+    hidden = torch.cat([_target_hidden(adapter, [encs[i] for i in idx], edits, prefill) for idx in batches])
+    order = torch.tensor([i for idx in batches for i in idx], device=hidden.device)
+    return torch.empty_like(hidden).index_copy_(0, order, hidden)
+
+
+@torch.no_grad()
+def scores_from_hidden(adapter: ModelAdapter, hidden: torch.Tensor, encs: Sequence[Encoded], rows: int = 128
+                       ) -> list[AnswerScore]:
+    """:func:`score_answers`' scores from the head inputs ``hidden[i]`` of ``encs[i]``, the head run
+    on ``rows`` rows at a time: a large vocabulary's head is the costliest matmul per row, and a CPU
+    runs it faster per row on many rows than on one batch's few."""
+    scores: list[AnswerScore] = []
+    for start in range(0, len(encs), rows):
+        logits = adapter.head_logits(hidden[start : start + rows]).float()
+        scores += _scores_from_logits(logits, encs[start : start + rows])
+    return scores
+
+
+def _prefills(adapter: ModelAdapter, encs: Sequence[Encoded], shared_prefixes: bool) -> bool:
+    """Whether scoring runs :func:`_prefill_causal` (causal prompts ending at their target)."""
+    return shared_prefixes and adapter.causal and all(e.target_pos == len(e.input_ids) - 1 for e in encs)
+
+
+def _target_hidden(adapter: ModelAdapter, chunk: Sequence[Encoded], edits: Mapping[int, Edit] | None,
+                   prefill: bool) -> torch.Tensor:
+    """One batch's head inputs at its targets [B, d], the edits applied there."""
+    if prefill:
+        out, _, _ = _prefill_causal(adapter, chunk, edits, use_cache=False)
+        return out.last_hidden_state[:, -1]
+    batch = pad_batch([e.input_ids for e in chunk], [e.target_pos for e in chunk], adapter.pad_token_id, adapter.device)
+    with neuron_hooks(adapter, batch.positions, edits):
+        hidden = adapter.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.positions.to(hidden.device)]
 
 
 @torch.no_grad()

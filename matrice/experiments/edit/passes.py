@@ -13,7 +13,10 @@ values its vectors are computed from: the memo's code fingerprint covers this mo
 imports, not the experiment code that calls it.
 
 The unedited pass runs only when some edit must be computed, and then it is recorded, so each edited
-pass replays the unedited blocks below its lowest edited layer (:mod:`matrice.models.replay`).
+pass replays the unedited blocks below its lowest edited layer (:mod:`matrice.models.replay`). An
+edit changes FFN weights, never the LM head: each pass runs the body only, and the head runs once
+over the rows of all of them (a large vocabulary's head is the costliest matmul per row, and it
+runs faster per row on many rows than on one pass's few).
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Mapping, Sequence, TypeVar
 
 import numpy as np
+import torch
 
 from matrice.interventions import edited_output_weights, erasure_vectors, update_vectors
 from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.predict import AnswerScore, score_answers
+from matrice.models.predict import AnswerScore, scores_from_hidden, target_hidden
 from matrice.models.replay import recorded_blocks, replayed_below
 
 K = TypeVar("K", bound=Hashable)
@@ -61,10 +65,10 @@ class EditedPasses:
     def __init__(self, adapter: ModelAdapter, batch_size: int, memo: Memo | None, kind: str) -> None:
         self.adapter, self.batch_size, self.memo, self.kind = adapter, batch_size, memo, kind
 
-    def score(self, encodings: list[Encoded]) -> list[AnswerScore]:
+    def hidden(self, encodings: list[Encoded]) -> torch.Tensor:
         # the same batches and forward calls for every pass, so an edited pass can replay the unedited
         # blocks below its edit (their cache entries for a shared demonstration prefix included)
-        return score_answers(self.adapter, encodings, batch_size=self.batch_size)
+        return target_hidden(self.adapter, encodings, batch_size=self.batch_size)
 
     def run(self, scored: list[Encoded], edits: Mapping[K, WeightEdit]
             ) -> tuple[list[AnswerScore], dict[K, list[AnswerScore]]]:
@@ -77,13 +81,19 @@ class EditedPasses:
         if not missing and before is not None:
             return before, after
         with recorded_blocks(self.adapter) as unedited_blocks:
-            before = self.score(scored)
-        self.store(base_key, before)
+            hidden = [self.hidden(scored)]
         for name in missing:
             edit = edits[name]
             with edited_output_weights(self.adapter, edit.vectors()), \
                     replayed_below(self.adapter, unedited_blocks, int(edit.pairs[:, 0].min())):
-                after[name] = self.score(scored)
+                hidden.append(self.hidden(scored))
+        # the head (no edit reaches it) once over every pass's rows
+        scores = scores_from_hidden(self.adapter, torch.cat(hidden), list(scored) * len(hidden))
+        n = len(scored)
+        before = scores[:n]
+        self.store(base_key, before)
+        for k, name in enumerate(missing, start=1):
+            after[name] = scores[k * n : (k + 1) * n]
             self.store(keys[name], after[name])
         return before, after
 

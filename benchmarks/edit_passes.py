@@ -1,0 +1,120 @@
+"""Benchmark: a fact's editing passes with the LM head once over every pass's rows against the head
+once per batch (what `score_answers` does), in one run, alternating.
+
+    python benchmarks/edit_passes.py --project /path/to/a/finished/run --facts 2 --rounds 2
+
+The project is a finished pipeline copy (`benchmarks/pipeline.py --keep DIR`): its dataset, neuron
+sets and prepared model. The work is the λ sweep's (`matrice.experiments.edit_sweep`): per fact, the
+unedited pass and one pass per (method, λ), no memo. Both ways run the same forwards through the
+body (the unedited blocks below each edit replayed); they differ only in how the LM head is called.
+Reports seconds per way and fact, the ratio, and whether every score agrees (probabilities to 1e-5
+relative, ranks and top tokens exactly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def run_head_per_batch(self, scored, edits):
+    """EditedPasses.run with each pass scored by `score_answers` (the head after every batch)."""
+    from matrice.experiments.edit.passes import edited_output_weights, recorded_blocks, replayed_below
+    from matrice.models.predict import score_answers
+
+    with recorded_blocks(self.adapter) as unedited_blocks:
+        before = score_answers(self.adapter, scored, batch_size=self.batch_size)
+    after = {}
+    for name, edit in edits.items():
+        with edited_output_weights(self.adapter, edit.vectors()), \
+                replayed_below(self.adapter, unedited_blocks, int(edit.pairs[:, 0].min())):
+            after[name] = score_answers(self.adapter, scored, batch_size=self.batch_size)
+    return before, after
+
+
+@contextmanager
+def head_per_batch() -> Iterator[None]:
+    from matrice.experiments.edit.passes import EditedPasses
+
+    own = EditedPasses.run
+    EditedPasses.run = run_head_per_batch
+    try:
+        yield
+    finally:
+        EditedPasses.run = own
+
+
+def sweep(project: Path, facts: list[str]):
+    import yaml
+
+    from matrice.data.schema import load_queries
+    from matrice.experiments.edit import EditConfig
+    from matrice.experiments.edit_sweep import sweep_update
+    from matrice.method.selection import NeuronSets
+    from matrice.models.loading import load_adapter
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    key = next(iter(params["models"]))
+    source = json.loads((project / "models" / key / "source.json").read_text())["load_from"]
+    load_from = Path(source) if Path(source).is_absolute() else project / source
+    adapter = load_adapter(str(load_from), "cpu", "float32")
+    queries = load_queries(project / "data/dataset/queries.jsonl")
+    sets = NeuronSets.from_json(project / "results" / key / "neurons.json")
+    cfg = EditConfig.from_params(params)
+    methods = params["edit_sweep"].get("methods") or params["edit"]["methods"]
+    facts = facts or sorted(sets.facts)
+
+    def run():
+        return sweep_update(adapter, queries, sets, methods, params["edit_sweep"]["lambdas"], cfg,
+                            few_shot=params["few_shot"], facts=facts, progress=False)
+    return run, facts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project", type=Path, required=True)
+    parser.add_argument("--facts", type=int, default=2, help="the first N attributed facts")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    import torch
+
+    from matrice.method.selection import NeuronSets
+
+    params_key = next(iter(__import__("yaml").safe_load((args.project / "params.yaml").read_text())["models"]))
+    facts = sorted(NeuronSets.from_json(args.project / "results" / params_key / "neurons.json").facts)[: args.facts]
+    run, facts = sweep(args.project, facts)
+    run()  # warm-up: first-call allocations and kernel choices
+    times: dict[str, list[float]] = {"head once per fact": [], "head per batch": []}
+    records = {}
+    for _ in range(args.rounds):
+        for way in times:
+            start = time.perf_counter()
+            if way == "head per batch":
+                with head_per_batch():
+                    result = run()
+            else:
+                result = run()
+            times[way].append(time.perf_counter() - start)
+            records[way] = result.records
+    same = records["head once per fact"] == records["head per batch"]
+    best = {way: min(t) for way, t in times.items()}
+    report = {"facts": facts, "threads": torch.get_num_threads(), "seconds": times,
+              "best_seconds_per_fact": {w: t / len(facts) for w, t in best.items()},
+              "speedup": best["head per batch"] / best["head once per fact"], "same_records": same}
+    print(json.dumps(report, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
