@@ -240,13 +240,13 @@ def _counting_passes(monkeypatch) -> list[int]:
     import matrice.experiments.edit.passes as passes_module
 
     runs: list[int] = []
-    real = passes_module.score_answers
+    real = passes_module.target_hidden  # one body run per pass (the head then serves them all at once)
 
     def counted(adapter, encodings, *args, **kwargs):
         runs.append(len(encodings))
         return real(adapter, encodings, *args, **kwargs)
 
-    monkeypatch.setattr(passes_module, "score_answers", counted)
+    monkeypatch.setattr(passes_module, "target_hidden", counted)
     return runs
 
 
