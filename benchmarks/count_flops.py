@@ -52,8 +52,8 @@ def fresh_memos() -> Iterator[None]:
 
     original = Memo.__dict__["for_model"]
     with tempfile.TemporaryDirectory(prefix="count-flops-memo-") as scratch:
-        def in_scratch(cls: type, directory: str | Path, model: Any, code: Any = (), tokenizer: Any = None) -> Memo:
-            return original.__func__(cls, Path(scratch) / Path(directory).name, model, code, tokenizer)
+        def in_scratch(cls: type, directory: str | Path, *args: Any, **kwargs: Any) -> Memo:
+            return original.__func__(cls, Path(scratch) / Path(directory).name, *args, **kwargs)
 
         Memo.for_model = classmethod(in_scratch)
         try:

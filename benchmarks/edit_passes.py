@@ -7,8 +7,8 @@ The project is a finished pipeline copy (`benchmarks/pipeline.py --keep DIR`): i
 sets and prepared model. The work is the λ sweep's (`matrice.experiments.edit_sweep`): per fact, the
 unedited pass and one pass per (method, λ), no memo. Both ways run the same forwards through the
 body (the unedited blocks below each edit replayed); they differ only in how the LM head is called.
-Reports seconds per way and fact, the ratio, and whether every score agrees (probabilities to 1e-5
-relative, ranks and top tokens exactly).
+Reports seconds per way and fact, the ratio, and whether the two ways give the same sweep records
+(every count exactly; exit status 1 if not).
 """
 
 from __future__ import annotations
@@ -52,25 +52,25 @@ def head_per_batch() -> Iterator[None]:
         EditedPasses.run = own
 
 
-def sweep(project: Path, facts: list[str]):
-    import yaml
+def sweep(project: Path, n_facts: int):
+    """The λ sweep of the project's first ``n_facts`` attributed facts, as a callable, and those facts;
+    read with the stages' own loaders from inside the project."""
+    import os
 
     from matrice.data.schema import load_queries
     from matrice.experiments.edit import EditConfig
     from matrice.experiments.edit_sweep import sweep_update
-    from matrice.method.selection import NeuronSets
-    from matrice.models.loading import load_adapter
+    from stages.common import DATASET_DIR, load_neuron_sets, load_params, load_prepared
 
-    params = yaml.safe_load((project / "params.yaml").read_text())
+    os.chdir(project)
+    params = load_params()
     key = next(iter(params["models"]))
-    source = json.loads((project / "models" / key / "source.json").read_text())["load_from"]
-    load_from = Path(source) if Path(source).is_absolute() else project / source
-    adapter = load_adapter(str(load_from), "cpu", "float32")
-    queries = load_queries(project / "data/dataset/queries.jsonl")
-    sets = NeuronSets.from_json(project / "results" / key / "neurons.json")
+    adapter = load_prepared(key, params)
+    queries = load_queries(DATASET_DIR / "queries.jsonl")
+    sets = load_neuron_sets(key)
     cfg = EditConfig.from_params(params)
     methods = params["edit_sweep"].get("methods") or params["edit"]["methods"]
-    facts = facts or sorted(sets.facts)
+    facts = sorted(sets.facts)[:n_facts]
 
     def run():
         return sweep_update(adapter, queries, sets, methods, params["edit_sweep"]["lambdas"], cfg,
@@ -87,11 +87,8 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from matrice.method.selection import NeuronSets
-
-    params_key = next(iter(__import__("yaml").safe_load((args.project / "params.yaml").read_text())["models"]))
-    facts = sorted(NeuronSets.from_json(args.project / "results" / params_key / "neurons.json").facts)[: args.facts]
-    run, facts = sweep(args.project, facts)
+    out = args.out.resolve() if args.out else None  # before the sweep moves into the project
+    run, facts = sweep(args.project.resolve(), args.facts)
     run()  # warm-up: first-call allocations and kernel choices
     times: dict[str, list[float]] = {"head once per fact": [], "head per batch": []}
     records = {}
@@ -111,8 +108,8 @@ def main() -> int:
               "best_seconds_per_fact": {w: t / len(facts) for w, t in best.items()},
               "speedup": best["head per batch"] / best["head once per fact"], "same_records": same}
     print(json.dumps(report, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    if out:
+        out.write_text(json.dumps(report, indent=1) + "\n")
     return 0 if same else 1
 
 
