@@ -47,6 +47,7 @@ from stages import warm  # noqa: E402
 from stages.sequence import (DEFAULT_KEY, EMBEDDED_SOURCE, StageRun, project_copy, run_stages,  # noqa: E402
                              smoke_params, stage_commands, stage_env)
 
+STDERR_LINES = 15  # of a failed counted rerun, in the log
 CLAIMED = ("replicates", "contradicts")  # the verdicts that assert a direction (matrice/evaluation/document.py)
 
 
@@ -255,10 +256,11 @@ def count_work(root: Path, runs: list[StageRun], rate: float, startup: float) ->
         _, _, module, *args = run.cmd.split()  # python -m stages.<name> <key>
         out = root / "work" / f"{run.stage}.json"
         log(f"{run.stage}: counting its FLOPs")
-        subprocess.run([sys.executable, str(COUNTER), str(out), "-m", module, *args], cwd=root, env=stage_env(root),
-                       capture_output=True, text=True)
+        done = subprocess.run([sys.executable, str(COUNTER), str(out), "-m", module, *args], cwd=root,
+                              env=stage_env(root), capture_output=True, text=True)
         if not out.exists():
-            log(f"{run.stage}: the counted rerun wrote nothing")
+            log(f"{run.stage}: the counted rerun wrote nothing (rc {done.returncode}); the end of its stderr:\n"
+                + "\n".join(done.stderr.strip().splitlines()[-STDERR_LINES:]))
             continue
         work.append(stage_work(run, json.loads(out.read_text()), rate, startup))
     return work
