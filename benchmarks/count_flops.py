@@ -62,6 +62,37 @@ def fresh_memos() -> Iterator[None]:
             Memo.for_model = original
 
 
+@contextmanager
+def released_backward_hooks(counter: Any) -> Iterator[None]:
+    """The counter's module tracker keeps a handle to every backward hook it registers until the
+    counter exits, and each handle keeps its forward's graph alive: a stage that trains (injection
+    deep-copies the model for each of its runs) then holds every copy's parameters and grew past 22 GB
+    under the counter. Here the handles are removed when a backward finishes, as the tracker already
+    resets its module stack then: the hooks of a graph serve that graph's one backward (a graph
+    that is backpropagated twice, or one built while another's backward is pending, would see
+    its backward FLOPs counted under Global, not its module)."""
+    import torch
+
+    tracker = counter.mod_tracker
+    queue_callback = tracker._maybe_set_engine_callback
+
+    def with_release() -> None:
+        if not tracker._has_callback:
+            def release() -> None:
+                for hook in tracker._hooks:
+                    hook.remove()
+                tracker._hooks.clear()
+
+            torch.autograd.Variable._execution_engine.queue_callback(release)
+        queue_callback()
+
+    tracker._maybe_set_engine_callback = with_release
+    try:
+        yield
+    finally:
+        del tracker._maybe_set_engine_callback
+
+
 def run_counted(module: str, args: list[str]) -> dict[str, Any]:
     """`python -m module *args` in this process under the counter; the stage's exit code is kept."""
     import torch  # noqa: F401  (imported before the counter so its own start-up is not counted as work)
@@ -72,7 +103,7 @@ def run_counted(module: str, args: list[str]) -> dict[str, Any]:
     counter = FlopCounterMode(display=False)
     returncode = 0
     start = time.perf_counter()
-    with fresh_memos(), counter:
+    with fresh_memos(), counter, released_backward_hooks(counter):
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
         except SystemExit as exc:  # a stage's clear error, or sys.exit(0)

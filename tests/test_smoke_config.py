@@ -207,3 +207,40 @@ def test_a_warm_run_takes_no_start_up_off_its_stages():
     work = stage_work(run, {"flops": {"blocks": 2e9, "outside": 2e9, "total": 4e9}, "returncode": 0}, rate=1e9, startup=0.0)
     assert (work.floor_share, work.floor_share_after_startup) == (0.5, None)
     assert "warm-started" in work_table([work], 1e9, 0.0)
+
+
+TRAINING_STAGE = '''
+import copy, gc, weakref
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+base, copies = Net(), []
+for _ in range(3):  # a fresh copy trained per run, as injection does
+    net = copy.deepcopy(base)
+    net(torch.randn(4, 8)).sum().backward()
+    copies.append(weakref.ref(net.layers[0].weight))
+    del net
+gc.collect()
+print("alive", sum(ref() is not None for ref in copies))
+'''
+
+
+def test_the_counter_lets_go_of_each_trained_copy(tmp_path, monkeypatch, capsys):
+    from count_flops import run_counted
+
+    (tmp_path / "training_stage.py").write_text(TRAINING_STAGE)
+    monkeypatch.chdir(tmp_path)
+    record = run_counted("training_stage", [])
+    assert "alive 0" in capsys.readouterr().out  # torch's tracker alone keeps every copy's graph until it exits
+    # forward 2*4*8*8 per layer; backward twice that for the second layer (input and weight grads), once
+    # for the first (its input needs none), all inside the blocks
+    assert record["flops"] == {"blocks": 3 * (2 * 512 + 2 * 512 + 512), "outside": 0, "total": 3 * 2560}
