@@ -73,7 +73,10 @@ def released_backward_hooks(counter: Any) -> Iterator[None]:
     its backward FLOPs counted under Global, not its module)."""
     import torch
 
-    tracker = counter.mod_tracker
+    tracker = getattr(counter, "mod_tracker", None)
+    if not all(hasattr(tracker, name) for name in ("_maybe_set_engine_callback", "_has_callback", "_hooks")):
+        yield  # another torch's tracker: counted as it is
+        return
     queue_callback = tracker._maybe_set_engine_callback
 
     def with_release() -> None:

@@ -244,3 +244,14 @@ def test_the_counter_lets_go_of_each_trained_copy(tmp_path, monkeypatch, capsys)
     # forward 2*4*8*8 per layer; backward twice that for the second layer (input and weight grads), once
     # for the first (its input needs none), all inside the blocks
     assert record["flops"] == {"blocks": 3 * (2 * 512 + 2 * 512 + 512), "outside": 0, "total": 3 * 2560}
+
+
+def test_a_counter_without_torchs_tracker_internals_is_used_as_it_is():
+    from types import SimpleNamespace
+
+    from count_flops import released_backward_hooks
+
+    counter = SimpleNamespace(mod_tracker=SimpleNamespace())
+    with released_backward_hooks(counter):
+        pass
+    assert vars(counter.mod_tracker) == {}  # nothing patched, nothing left behind
