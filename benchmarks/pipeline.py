@@ -45,9 +45,8 @@ sys.path.insert(0, str(REPO))
 from matrice.io import read_params, read_yaml  # noqa: E402
 from stages import warm  # noqa: E402
 from stages.sequence import (DEFAULT_KEY, EMBEDDED_SOURCE, StageRun, project_copy, run_stages,  # noqa: E402
-                             smoke_params, stage_commands, stage_env)
+                             smoke_params, stage_commands, stage_env, stderr_tail)
 
-STDERR_LINES = 15  # of a failed counted rerun, in the log
 CLAIMED = ("replicates", "contradicts")  # the verdicts that assert a direction (matrice/evaluation/document.py)
 
 
@@ -260,7 +259,7 @@ def count_work(root: Path, runs: list[StageRun], rate: float, startup: float) ->
                               env=stage_env(root), capture_output=True, text=True)
         if not out.exists():
             log(f"{run.stage}: the counted rerun wrote nothing (rc {done.returncode}); the end of its stderr:\n"
-                + "\n".join(done.stderr.strip().splitlines()[-STDERR_LINES:]))
+                + stderr_tail(done.stderr))
             continue
         work.append(stage_work(run, json.loads(out.read_text()), rate, startup))
     return work

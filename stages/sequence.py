@@ -20,6 +20,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED_SOURCE = "embedded:gemma3-270m"  # the packaged default (matrice.models.loading.EMBEDDED_GEMMA)
 DEFAULT_KEY = "gemma3_270m"
+STDERR_TAIL_CHARS = 3000  # of a failed command's stderr, kept to say why
+
+
+def stderr_tail(stderr: str) -> str:
+    """The end of a failed command's stderr: its error, without the whole log before it."""
+    return stderr[-STDERR_TAIL_CHARS:]
 
 
 @dataclass
@@ -106,7 +112,7 @@ def run_stages(root: Path, model_keys: list[str],
         start = time.perf_counter()
         done = subprocess.run([sys.executable, *cmd.split()[1:]], cwd=root, env=env, capture_output=True, text=True)
         run = StageRun(name, cmd, round(time.perf_counter() - start, 2), done.returncode,
-                       done.stderr[-3000:] if done.returncode else "")
+                       stderr_tail(done.stderr) if done.returncode else "")
         runs.append(run)
         if on_stage is not None:
             on_stage(run)
