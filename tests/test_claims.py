@@ -90,7 +90,7 @@ def test_layer_claim_and_the_whole_table():
                         editing={"records": []}, enhancement={"records": []}, is_evaluation=is_eval)
     table = claims_table(claims)
     assert table.count("\n") == len(claims) + 2
-    assert "(n=8)" in table and "Table V" not in table  # no injection results given: no Table V row
+    assert "(n=8)" in table and "| Table V |" not in table  # no injection results given: no Table V row
     assert verdict_counts(claims)["replicates"] >= 3
 
 
@@ -186,18 +186,68 @@ def test_injection_claims_use_each_variants_selected_rate():
     for f in range(6):
         for variant, lr, acc in (("matrice", 0.1, 1), ("matrice", 0.3, 0), ("random", 0.1, 0), ("direct_ft", 0.01, 0)):
             for split in ("heldout", "transfer", "old"):
-                records.append({"variant": variant, "lr": lr, "split": split, "fact_id": f"F{f}", "lang": "fr",
-                                "query_id": f"F{f}-{split}", "correct": bool(acc)})
+                records += [{"variant": variant, "lr": lr, "split": split, "fact_id": f"F{f}", "lang": "fr",
+                             "query_id": f"F{f}-{split}", "correct": bool(acc), "seed": seed} for seed in range(6)]
     injection = {"records": records, "selected": {"matrice": 0.1, "random": 0.1, "direct_ft": 0.01}}
     claims = {(c.comparison): c for c in injection_claims(injection)}
     assert claims["heldout accuracy MATRICE_FT − Random_FT"].estimate.mean == 1.0  # lr 0.3's zeros are not used
-    assert claims["heldout accuracy MATRICE_FT − Random_FT"].verdict == "replicates"  # 6 of 6 facts, same sign
-    assert "old accuracy MATRICE_FT − Direct_FT" in claims and claims["old accuracy MATRICE_FT − Direct_FT"].estimate.n == 6
+    assert claims["heldout accuracy MATRICE_FT − Random_FT"].verdict == "replicates"  # 6 of 6 runs, same sign
+    old = claims["old accuracy MATRICE_FT − Direct_FT"]
+    assert old.estimate.n == 6 and old.unit == "training run" and old.fact_estimate.n == 6
     assert claims["old accuracy MATRICE_FT − Random_FT"].estimate.mean == 1.0  # Q_old against the same-size control too
     injection["selected"]["matrice"] = 0.3
     assert {c.estimate.mean for c in injection_claims(injection)} == {0.0}
     assert "(n=6)" in injection_interval_table(injection, ["fr"])
     assert injection_claims({}) == []
+
+
+def test_table_v_rows_are_tested_over_training_runs():
+    """Every fact of a run shares its trained model: the seed is the unit. Six runs that all favour
+    MATRICE_FT replicate; three cannot (no sign pattern of 3 gives p < 0.05), however many relations
+    agree within them; runs that disagree are inconclusive though every relation agrees on average."""
+    from matrice.evaluation.claims import judge
+    from matrice.experiments.inject import injection_claims
+
+    def injection(seeds, random_correct):
+        records = [{"variant": v, "lr": 0.1, "split": "old", "fact_id": f"P{f}-e1", "lang": "fr",
+                    "query_id": f"P{f}-old", "seed": s, "correct": True if v == "matrice" else random_correct(s, f)}
+                   for f in range(16) for v in ("matrice", "random") for s in seeds]
+        return {"records": records, "selected": {"matrice": 0.1, "random": 0.1}}
+
+    six = {c.key: c for c in judge(injection_claims(injection(range(6), lambda s, f: f % 2 == 0)))}
+    row = six["table5_old_vs_random"]
+    assert row.verdict == "replicates" and row.estimate.n == 6 and row.estimate.mean == pytest.approx(0.5)
+    assert row.fact_estimate.n == 16 and "over relations within these runs" in row.note
+    three = {c.key: c for c in judge(injection_claims(injection(range(3), lambda s, f: f % 2 == 0)))}
+    assert three["table5_old_vs_random"].verdict == "not testable"
+    assert "3 of its 3 training runs differ from 0" in three["table5_old_vs_random"].untestable
+    assert "at best 0.25" in three["table5_old_vs_random"].untestable
+    # run luck: Random_FT forgets everything in three seeds and nothing in the other three
+    lucky = {c.key: c for c in judge(injection_claims(injection(range(6), lambda s, f: s % 2 == 0)))}
+    assert lucky["table5_old_vs_random"].estimate.mean == pytest.approx(0.5)
+    assert lucky["table5_old_vs_random"].verdict == "not testable"  # 3 of 6 runs differ: p ≥ 0.25
+
+
+def test_a_row_whose_units_are_mostly_zero_cannot_be_tested_but_can_be_equivalent():
+    """Relations whose difference is exactly 0 keep their |sum| under every flip: with 4 of 24 that
+    differ, p ≥ 2/2^4 whatever the effect (Monte Carlo beyond 20 relations: about that). Such a row is left out of the Holm family (the others'
+    adjustment is over the rows that can pass) and is not testable, unless its interval is inside
+    the margin."""
+    from matrice.evaluation.claims import cannot_reject, judge, make_claim
+
+    a = {f"P{r}-e1": 1.0 if r < 4 else 0.0 for r in range(24)}
+    b = {f: 0.0 for f in a}
+    weak = make_claim("Fig. X", "t", "c", "greater", "q", a, b, key="weak", metric="rate")
+    assert weak.estimate.p == pytest.approx(2 / 2**4, abs=0.01) and "4 of its 24 relations differ" in cannot_reject(weak, 0.05)
+    strong_a = {f"P{r}-e1": 1.0 + 0.01 * r for r in range(24)}
+    strong = make_claim("Fig. X", "t", "c", "greater", "q", strong_a, b, key="strong", metric="rate")
+    judged = {c.key: c for c in judge([weak, strong], primary=["weak", "strong"])}
+    assert judged["weak"].verdict == "not testable" and judged["weak"].p_holm is None
+    assert judged["strong"].verdict == "replicates" and judged["strong"].p_holm == judged["strong"].estimate.p
+    small_a = {f"P{r}-e1": 0.001 if r < 4 else 0.0 for r in range(24)}
+    small = make_claim("Fig. X", "t", "c", "greater", "q", small_a, b, key="small", metric="rate")
+    assert judge([small], margins={"rate": 0.05})[0].verdict == "equivalent"
+    assert judge([small])[0].verdict == "not testable"
 
 
 def test_an_untrained_injection_variant_is_labelled():

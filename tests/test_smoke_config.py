@@ -19,7 +19,7 @@ from stages.sequence import DEFAULT_KEY, EMBEDDED_SOURCE, StageRun, stage_comman
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
-HEADER = ("| source | the paper's claim | we estimate | on | paper's sign | relations: mean [95% CI] (n) "
+HEADER = ("| source | the paper's claim | we estimate | on | paper's sign | unit (relations; Table V: runs): mean [95% CI] (n) "
           "| facts: mean [95% CI] (n) | p | Holm p | family | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 

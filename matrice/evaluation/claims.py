@@ -5,8 +5,9 @@ states its own claims in its module, and `matrice.experiments.registry` gathers 
 Each claim is a paired per-fact difference (MATRICE − X, or a share − its uniform value) whose sign
 the paper asserts, tested over relation clusters (`matrice.evaluation.stats.clustered_difference`: each
 relation's facts averaged first, sign-flip test: exact up to 20 relations, Monte Carlo beyond) with the fact-level estimate beside it. A row
-is *not testable* when a side selected or trained nothing for at least half the facts, or both sides
-sit at one value in every fact. `judge` gives the verdicts: Holm over the declared primary family,
+is *not testable* when a side selected or trained nothing for at least half the facts, both sides
+sit at one value in every fact, or no sign pattern of its unit differences can give p < α (too few
+units differ from 0; equivalence can still be shown). `judge` gives the verdicts: Holm over the declared primary family,
 raw p for the exploratory rows, equivalence within the declared margins. Manipulation and
 enhancement are scored on *evaluation* queries (paraphrases never attributed) when the run has them;
 editing's reliability is, by the experiment's design, on the edited (attributed) query, and says so.
@@ -21,7 +22,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from matrice.evaluation.stats import (SIGN_FLIP_EXACT_UP_TO, SIGN_FLIP_MONTE_CARLO, Comparison, Direction, Estimate,
-                                     Verdict, clustered_difference, holm, power, sign_flip_estimate, verdict)
+                                     Verdict, clustered_difference, holm, power, sign_flip_estimate, sign_flip_p,
+                                     verdict)
 
 RelationOf = Callable[[str], str]
 
@@ -70,6 +72,7 @@ class Claim:
     untestable: str = ""  # why no verdict is possible ("" when one is)
     primary: bool = False
     p_holm: float | None = None
+    unit: str = "relation"  # what the test resamples: "relation", or "training run" (Table V)
 
 
 def _untestable(a: Mapping[str, float | None], b: Mapping[str, float | None], empty: Mapping[str, int], n_facts: int) -> str:
@@ -97,19 +100,41 @@ def make_claim(source: str, text: str, comparison: str, direction: Direction, qu
                  comp.relation_diffs, comp.relations, untestable)
 
 
+def cannot_reject(c: Claim, alpha: float) -> str:
+    """Why no sign pattern of the row's unit differences gives p < ``alpha`` ("" when one can): a unit
+    whose difference is 0 keeps its |sum| under every flip, so with k units ≠ 0 the sign-flip p is at
+    least 2/2^k, whatever the effect. The smallest p the magnitudes allow is the p of all of them on
+    one side; which units are 0 does not change under the null's sign flips, so leaving such rows out
+    of the Holm family (as Tarone's rule does for discrete tests) keeps its error rate."""
+    if c.untestable or not c.unit_diffs:
+        return ""
+    diffs = np.asarray(c.unit_diffs, dtype=np.float64)
+    best = sign_flip_p(np.abs(diffs))
+    if best is None or best < alpha:
+        return ""
+    k, unit = int(np.count_nonzero(np.abs(diffs) > 1e-12)), c.unit + "s"
+    return (f"{k} of its {len(diffs)} {unit} differ from 0: no sign pattern gives p < {alpha:g} "
+            f"(at best {best:.3g})")
+
+
 def judge(claims: Sequence[Claim], primary: Sequence[str] = (), margins: Mapping[str, float] | None = None,
           alpha: float = 0.05) -> list[Claim]:
     """Final verdicts: rows named in `primary` get Holm-adjusted p (over the primary rows that can be
     tested) and decide with it; the others are exploratory and use their raw p; every row may be
-    judged equivalent within its metric's declared margin."""
+    judged equivalent within its metric's declared margin. A row that cannot reach p < alpha
+    (:func:`cannot_reject`) is not testable unless it is equivalent, and is not in the Holm family."""
     margins = margins or {}
-    family = [c for c in claims if c.key in primary and not c.untestable]
+    weak = {c.key: cannot_reject(c, alpha) for c in claims}
+    family = [c for c in claims if c.key in primary and not c.untestable and not weak[c.key]]
     adjusted = dict(zip((c.key for c in family), holm([c.estimate.p for c in family])))
     out = []
     for c in claims:
         p_holm = adjusted.get(c.key)
         v = verdict(c.estimate, c.direction, alpha, margins.get(c.metric), p_holm, c.untestable)
-        out.append(replace(c, primary=c.key in primary, p_holm=p_holm, verdict=v))
+        untestable = c.untestable
+        if weak[c.key] and v != "equivalent":
+            v, untestable = "not testable", weak[c.key]
+        out.append(replace(c, primary=c.key in primary, p_holm=p_holm, verdict=v, untestable=untestable))
     return out
 
 
@@ -155,11 +180,12 @@ def _p(p: float | None) -> str:
 
 
 def claims_table(claims: Sequence[Claim]) -> str:
-    """Markdown: one row per claim; the verdict's estimate is over relations (each relation's facts
-    averaged first), the fact-level one beside it; p is the sign-flip p over relations, Holm
-    the family-wise adjusted one (primary rows only)."""
-    lines = ["| source | the paper's claim | we estimate | on | paper's sign | relations: mean [95% CI] (n) "
-             "| facts: mean [95% CI] (n) | p | Holm p | family | verdict |",
+    """Markdown: one row per claim; the verdict's estimate is over its units (relations, each
+    relation's facts averaged first; Table V: training runs), the fact-level one beside it; p is the
+    sign-flip p over those units, Holm the family-wise adjusted one (primary rows only)."""
+    lines = ["| source | the paper's claim | we estimate | on | paper's sign "
+             "| unit (relations; Table V: runs): mean [95% CI] (n) | facts: mean [95% CI] (n) | p | Holm p | family "
+             "| verdict |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in claims:
         sign = "> 0" if c.direction == "greater" else "< 0"
@@ -173,23 +199,26 @@ def claims_table(claims: Sequence[Claim]) -> str:
 
 def power_table(claims: Sequence[Claim], alpha: float, facts_per_relation: float) -> str:
     """Per primary row: the standardised effect over relations, the smallest difference this n can
-    detect with 80% power, and the relations (facts) the observed effect would need."""
+    detect with 80% power, and the relations (facts) the observed effect would need; beside n, how
+    many relations differ from 0 (only those can move the sign-flip p)."""
     family = [c for c in claims if c.primary and c.verdict not in ("not testable", "no data")]
     if not family:
         return "No primary row can be tested in this run.\n"
     level = alpha / len(family)  # Holm's first step, the strictest
     rows = [(c, power(c.unit_diffs, level, facts_per_relation)) for c in family]
     floor = rows[0][1].floor
-    lines = ["| row | relations | effect (mean/sd) | detectable at 80% power | relations needed | facts needed |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| row | relations | ≠ 0 | effect (mean/sd) | detectable at 80% power | relations needed | facts needed |",
+             "|---|---|---|---|---|---|---|"]
     for c, pw in rows:
         fmt = lambda x, d=2: "–" if x is None else f"{x:.{d}f}"  # noqa: E731
-        lines.append(f"| {c.key} | {c.estimate.n} | {fmt(pw.effect_size)} | {fmt(pw.minimum_detectable, 3)} "
-                     f"| {pw.relations_needed or '–'} | {pw.facts_needed or '–'} |")
+        nonzero = int(np.count_nonzero(np.abs(np.asarray(c.unit_diffs, dtype=np.float64)) > 1e-12))
+        lines.append(f"| {c.key} | {c.estimate.n} | {nonzero if c.unit_diffs else '–'} | {fmt(pw.effect_size)} "
+                     f"| {fmt(pw.minimum_detectable, 3)} | {pw.relations_needed or '–'} | {pw.facts_needed or '–'} |")
     n_rel = max(c.estimate.n for c in family)
     return (f"Two-sided α = {alpha} over {len(family)} primary rows: Holm's first step tests at {level:.4f}. With n "
             f"relations the sign-flip p cannot go below 1/2^(n−1) (nor 1/{SIGN_FLIP_MONTE_CARLO + 1:,} where it is "
-            f"estimated from random sign patterns, beyond {SIGN_FLIP_EXACT_UP_TO} relations), so at least **{floor} relations** are needed "
+            f"estimated from random sign patterns, beyond {SIGN_FLIP_EXACT_UP_TO} relations), and relations whose "
+            f"difference is 0 do not count in n, so at least **{floor} relations** that differ are needed "
             f"before any primary row can pass it" + (f" (this run has {n_rel}: no primary row can replicate or "
             "contradict here, whatever the effect)" if n_rel < floor else "") + ". Normal approximation for a paired "
             "mean, 80% power; facts at this run's facts per relation.\n\n" + "\n".join(lines) + "\n")
@@ -201,25 +230,29 @@ FLAG_TEXT = {"copyable": "copyable (the object is often a copy of, or inside, th
 
 
 def sensitivity_table(claims: Sequence[Claim], flags: Mapping[str, frozenset[str]], alpha: float) -> str:
-    """Each testable primary row again without the relations the dataset flags (``flags``: relation ->
-    its flags), tested the same way at raw p: does a verdict rest on relations that measure something
+    """Each testable primary row with relation units again without the relations the dataset flags
+    (``flags``: relation -> its flags), tested as the verdicts are (Holm over these rows, a row that
+    cannot reach p < alpha not testable): does a verdict rest on relations that measure something
     else than recall?"""
     flagged = {r for r, f in flags.items() if f}
-    family = [c for c in claims if c.primary and c.units and c.verdict not in ("not testable", "no data")]
+    family = [c for c in claims if c.primary and c.units and c.unit == "relation"
+              and c.verdict not in ("not testable", "no data")]
     present = sorted(flagged & {u for c in family for u in c.units})
     if not present:
         return "No relation of this run is flagged copyable or many_answers: nothing to leave out.\n"
-    lines = ["| row | with them | without them | p (raw) | verdict without them |", "|---|---|---|---|---|"]
-    for c in family:
-        kept = [d for u, d in zip(c.units, c.unit_diffs) if u not in flagged]
-        est = sign_flip_estimate(kept)
-        lines.append(f"| {c.key} | {c.estimate.format()} | {est.format()} | {_p(est.p)} "
-                     f"| {verdict(est, c.direction, alpha)} |")
+    kept = [replace(c, estimate=sign_flip_estimate(diffs), unit_diffs=tuple(diffs), p_holm=None)
+            for c in family for diffs in [[d for u, d in zip(c.units, c.unit_diffs) if u not in flagged]]]
+    rejudged = judge(kept, primary=[c.key for c in kept], alpha=alpha)
+    lines = ["| row | with them | without them | p (raw) | Holm p | verdict without them |", "|---|---|---|---|---|---|"]
+    for c, again in zip(family, rejudged):
+        why = f" ({again.untestable})" if again.untestable else ""
+        lines.append(f"| {c.key} | {c.estimate.format()} | {again.estimate.format()} | {_p(again.estimate.p)} "
+                     f"| {_p(again.p_holm)} | {again.verdict}{why} |")
     kinds = sorted({f for r in present for f in flags[r]})
     named = ", ".join(r + " (" + ", ".join(sorted(flags[r])) + ")" for r in present)
     return (f"Left out: {named}; " + "; ".join(FLAG_TEXT[k] for k in kinds if k in FLAG_TEXT) + ". Each primary row's relation "
-            "differences without them, the same sign-flip test at raw p (a check on the verdict above, not a "
-            "second verdict).\n\n" + "\n".join(lines) + "\n")
+            "differences without them, tested as the verdicts above are (Holm over these rows; no margins): a check on "
+            "the verdict, not a second verdict.\n\n" + "\n".join(lines) + "\n")
 
 
 def missing_primary(claims: Sequence[Claim], primary: Sequence[str]) -> list[str]:
