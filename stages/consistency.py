@@ -17,7 +17,7 @@ def main() -> None:
                  for fact, maps in iter_fact_attributions(stage.out / MAPS_DIR)]
     except ValueError as exc:
         raise SystemExit(f"params.yaml: {exc}") from exc
-    write_outputs(facts, stage.outputs, stage.rule, section, stage.params["seed"])
+    write_outputs(facts, stage.outputs, stage.rule, section, stage.params["seed"], stage.relations)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def test_link_finds_a_built_in_difference_and_correlation():
     (row,) = link_table(consistency, groups, {"suppression": effect})
     assert row["difference"].high < 0 and row["difference"].n == 20
     assert row["spearman"].mean < -0.9 and row["spearman"].high < 0
-    flat = group_difference([1.0, 1.0], [1.0, 1.0])
+    flat = group_difference([1.0, 1.0, 1.0, 1.0], [True, True, False, False])
     assert flat.mean == 0.0
     assert spearman([1, 2], [2, 1]).mean is None  # too few facts to rank
 
@@ -100,3 +100,24 @@ def test_spearman_keeps_an_interval_when_some_resamples_are_all_tied():
     y = np.r_[np.zeros(13), [1 / 7, 0.0, 2 / 7]]
     est = spearman(x, y)
     assert est.low is not None and est.high is not None and est.low <= est.mean <= est.high
+
+
+def test_intervals_resample_relations_when_a_relations_facts_share_a_group():
+    """Six relations of five facts each, a relation's facts all in one group: the facts say the groups
+    differ tightly, the relations (the independent draws) much less surely, so the interval widens."""
+    rng = np.random.default_rng(1)
+    relation_effect = {f"P{r}": rng.normal(0, 1) for r in range(6)}
+    facts = [(f"P{r}-e{i}", f"P{r}") for r in range(6) for i in range(5)]
+    values = [relation_effect[rel] + rng.normal(0, 0.05) for _, rel in facts]
+    groups = [int(rel[1:]) % 2 == 0 for _, rel in facts]
+    by_fact = group_difference(values, groups)
+    by_relation = group_difference(values, groups, [rel for _, rel in facts])
+    assert by_fact.mean == by_relation.mean and by_relation.n == 30
+    assert (by_relation.high - by_relation.low) > 2 * (by_fact.high - by_fact.low)
+    rho_fact = spearman(range(30), values)
+    rho_rel = spearman(range(30), values, [rel for _, rel in facts])
+    assert rho_fact.mean == rho_rel.mean and (rho_rel.high - rho_rel.low) > (rho_fact.high - rho_fact.low)
+    consistency = {f: float(k) for k, (f, _) in enumerate(facts)}
+    effect = dict(zip((f for f, _ in facts), values))
+    (row,) = link_table(consistency, dict(zip(consistency, groups)), {"e": effect}, relation_of=lambda f: f.split("-")[0])
+    assert row["difference"].low == by_relation.low and row["difference"].high == by_relation.high

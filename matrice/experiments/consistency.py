@@ -16,20 +16,21 @@ Per fact (its localisation queries, every language):
 A fact is *consistent* when its consistency is at least ``threshold`` (default: the median over the
 run's facts, so the split compares the more and the less consistent half). Effects per fact come from
 the experiments (suppression ΔP/P of MATRICE's neurons on evaluation queries, erasure and update
-reliability) and are compared between the groups (difference of means, 95% bootstrap interval) and
-against consistency (Spearman ρ, 95% bootstrap interval over facts).
+reliability) and are compared between the groups (difference of means) and against consistency
+(Spearman ρ), each with a 95% interval from resampling relations: a relation's facts share neurons
+and mostly fall in one group. Descriptive: no verdict rests on it.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from itertools import combinations
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats as sps
 
-from matrice.evaluation.stats import Estimate, bootstrap_mean, per_fact_mean, pooled_ratio, resample_indices
+from matrice.evaluation.stats import Estimate, per_fact_mean, pooled_ratio
 from matrice.io import RunOutputs
 from matrice.evaluation.report import RunResults, plot_consistency
 
@@ -85,46 +86,65 @@ def split_consistent(scores: Mapping[str, float], threshold: float | None = None
     return {f: s >= cut for f, s in scores.items()}, cut
 
 
-def _percentile_ci(result: Any) -> tuple[float | None, float | None]:
-    low, high = result.confidence_interval
-    if not (np.isfinite(low) and np.isfinite(high)):
-        return None, None
-    return float(low), float(high)
+def _cluster_draws(n: int, clusters: Sequence[str] | None, n_boot: int, seed: int) -> list[np.ndarray]:
+    """Row indices of ``n_boot`` resamples that draw the clusters (relations) with replacement, each
+    drawn cluster bringing all its rows; without clusters every row is its own."""
+    labels = list(range(n)) if clusters is None else list(clusters)
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} cluster labels for {n} values")
+    names = sorted(set(labels), key=str)
+    rows = {name: np.flatnonzero(np.array([lab == name for lab in labels])) for name in names}
+    drawn = np.random.default_rng(seed).integers(0, len(names), size=(n_boot, len(names)))
+    return [np.concatenate([rows[names[j]] for j in draw]) for draw in drawn]
 
 
-def group_difference(consistent: Sequence[float], inconsistent: Sequence[float], seed: int = 0) -> Estimate:
-    """Mean(consistent) − mean(inconsistent) with a 95% percentile bootstrap interval (facts resampled
-    within each group); n = facts in both groups."""
-    x, y = np.asarray(consistent, float), np.asarray(inconsistent, float)
-    n = len(x) + len(y)
-    if len(x) == 0 or len(y) == 0:
+def _percentile(values: Sequence[float], point: float, n: int) -> Estimate:
+    values = [v for v in values if np.isfinite(v)]
+    if not values:
+        return Estimate(point, None, None, n)
+    low, high = np.percentile(values, [2.5, 97.5])
+    return Estimate(point, float(low), float(high), n)
+
+
+def group_mean(values: Sequence[float], clusters: Sequence[str] | None = None, seed: int = 0) -> Estimate:
+    """Mean of per-fact values with a 95% percentile interval from resampling their relations
+    (``clusters``, one label per value; none: the facts)."""
+    x = np.asarray(values, float)
+    if len(x) == 0:
+        return Estimate(None, None, None, 0)
+    if len(set(clusters if clusters is not None else range(len(x)))) < 2:
+        return Estimate(float(x.mean()), None, None, len(x))
+    return _percentile([x[i].mean() for i in _cluster_draws(len(x), clusters, 10_000, seed)], float(x.mean()), len(x))
+
+
+def group_difference(values: Sequence[float], consistent: Sequence[bool], clusters: Sequence[str] | None = None,
+                     seed: int = 0) -> Estimate:
+    """Mean over the consistent facts − mean over the others, with a 95% percentile interval from
+    resampling relations (``clusters``; none: the facts): a relation's facts mostly fall in one group,
+    so facts are not independent draws of either; n = facts in both groups."""
+    x, g = np.asarray(values, float), np.asarray(consistent, bool)
+    n = len(x)
+    if not g.any() or g.all():
         return Estimate(None, None, None, n)
-    diff = float(x.mean() - y.mean())
-    if len(x) < 2 or len(y) < 2:
+    diff = float(x[g].mean() - x[~g].mean())
+    if g.sum() < 2 or (~g).sum() < 2:
         return Estimate(diff, None, None, n)
-    res = sps.bootstrap((x, y), lambda a, b, axis=-1: a.mean(axis=axis) - b.mean(axis=axis), n_resamples=10_000,
-                        method="percentile", random_state=np.random.default_rng(seed), vectorized=True)
-    return Estimate(diff, *_percentile_ci(res), n)
+    draws = [x[i][g[i]].mean() - x[i][~g[i]].mean()
+             for i in _cluster_draws(n, clusters, 10_000, seed) if g[i].any() and not g[i].all()]
+    return _percentile(draws, diff, n)
 
 
-def spearman(x: Sequence[float], y: Sequence[float], seed: int = 0) -> Estimate:
-    """Spearman ρ between per-fact values with a 95% percentile bootstrap interval over facts."""
+def spearman(x: Sequence[float], y: Sequence[float], clusters: Sequence[str] | None = None, seed: int = 0) -> Estimate:
+    """Spearman ρ between per-fact values with a 95% percentile interval from resampling relations
+    (``clusters``; none: the facts); a resample whose values are all tied has no ρ and is left out."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     n = len(x)
     if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return Estimate(None, None, None, n)
     rho = float(sps.spearmanr(x, y).statistic)
-
-    # facts resampled in pairs; a resample whose values are all tied has no ρ and is left out (scipy's
-    # bootstrap would turn one such resample into a NaN interval)
-    idx = resample_indices(n, 2_000, seed)
-    rhos = np.array([sps.spearmanr(x[i], y[i]).statistic if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0 else np.nan
-                     for i in idx])
-    rhos = rhos[np.isfinite(rhos)]
-    if len(rhos) == 0:
-        return Estimate(rho, None, None, n)
-    low, high = np.percentile(rhos, [2.5, 97.5])
-    return Estimate(rho, float(low), float(high), n)
+    rhos = [sps.spearmanr(x[i], y[i]).statistic if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0 else np.nan
+            for i in _cluster_draws(n, clusters, 2_000, seed)]
+    return _percentile(rhos, rho, n)
 
 
 def fact_effects(manip: Mapping[str, Any], editing: Mapping[str, Any], is_evaluation, method: str = "matrice"
@@ -143,17 +163,25 @@ def fact_effects(manip: Mapping[str, Any], editing: Mapping[str, Any], is_evalua
 
 
 def link_table(consistency: Mapping[str, float], consistent: Mapping[str, bool],
-               effects: Mapping[str, Mapping[str, float]], seed: int = 0) -> list[dict[str, Any]]:
-    """Per effect: mean in each group, their difference and Spearman ρ with consistency (Estimates)."""
+               effects: Mapping[str, Mapping[str, float]], seed: int = 0,
+               relation_of: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
+    """Per effect: mean in each group, their difference and Spearman ρ with consistency (Estimates),
+    intervals from resampling relations (``relation_of``; none: the facts)."""
     rows = []
     for name, per_fact in effects.items():
         facts = sorted(f for f in per_fact if f in consistency)
-        yes = [per_fact[f] for f in facts if consistent[f]]
-        no = [per_fact[f] for f in facts if not consistent[f]]
+        values, groups = [per_fact[f] for f in facts], [consistent[f] for f in facts]
+        clusters = None if relation_of is None else [relation_of(f) for f in facts]
+
+        def within(flag: bool) -> tuple[list[float], list[str] | None]:
+            keep = [k for k, g in enumerate(groups) if g == flag]
+            return [values[k] for k in keep], None if clusters is None else [clusters[k] for k in keep]
+
         rows.append({
-            "effect": name, "consistent": bootstrap_mean(yes, seed=seed), "inconsistent": bootstrap_mean(no, seed=seed),
-            "difference": group_difference(yes, no, seed), "spearman": spearman(
-                [consistency[f] for f in facts], [per_fact[f] for f in facts], seed),
+            "effect": name, "consistent": group_mean(*within(True), seed=seed),
+            "inconsistent": group_mean(*within(False), seed=seed),
+            "difference": group_difference(values, groups, clusters, seed),
+            "spearman": spearman([consistency[f] for f in facts], values, clusters, seed),
         })
     return rows
 
@@ -190,18 +218,19 @@ def consistency_table(facts: list[FactConsistency], rows: list[dict], cut: float
                     f"{r['difference'].format(2)} | {r['spearman'].format(2)} |")
     return (f"Per fact (top-{section['top_k']} neurons per query; consistent when consistency ≥ {cut:.3f}, {rule}):\n\n"
             + "\n".join(lines) + "\n\nConsistent vs inconsistent facts: mean [95% CI] (n facts); difference = "
-            "consistent − inconsistent (bootstrap within groups); ρ with a 95% bootstrap interval over facts.\n\n"
+            "consistent − inconsistent; ρ with consistency. Intervals resample relations (a relation's facts share "
+            "neurons and mostly fall in one group); descriptive, no verdict rests on them.\n\n"
             + "\n".join(link) + "\n")
 
 
 def write_outputs(facts: list[FactConsistency], out: RunOutputs, is_evaluation, section: Mapping[str, Any],
-                  seed: int) -> None:
+                  seed: int, relation_of: Callable[[str], str] | None = None) -> None:
     """Split the facts, link them to the manipulation and editing results already in ``out``, and write
     the result, its metrics, table, `dvc plots` rows and scatter figure."""
     scores = {f.fact_id: f.consistency for f in facts if f.consistency is not None}
     consistent, cut = split_consistent(scores, section.get("threshold"))
     effects = fact_effects(out.read_json("manipulation.json"), out.read_json("editing.json"), is_evaluation)
-    rows = link_table(scores, consistent, effects, seed)
+    rows = link_table(scores, consistent, effects, seed, relation_of)
     out.json("consistency.json", {
         "top_k": section["top_k"], "threshold": cut, "rule": "median" if section.get("threshold") is None else "fixed",
         "facts": [{**asdict(f), "consistent": consistent.get(f.fact_id)} for f in facts],
@@ -227,7 +256,8 @@ def section(run: RunResults) -> str:
         f"of its localisation queries' top-{data['top_k']} neurons (1: every paraphrase and language picks the same "
         "neurons), within and across languages, and the agreement between the top neurons by mean attribution and by "
         "the consistency-aware score mean − std. The Query Localization paper reports that neuron-level edits work "
-        "worse on inconsistent facts; the second table tests that here.\n\n"
+        "worse on inconsistent facts; the second table compares the two groups here (descriptive: relations "
+        "resampled for the intervals, no verdict).\n\n"
         + run.figure_and_table("consistency.png", f"Consistency vs suppression effect, {run.key}",
                                "consistency_table.md")
     )
