@@ -406,3 +406,30 @@ def test_masked_lora_is_compared_with_plain_lora():
     assert {"table5_heldout_matrice_lora_vs_lora", "table5_old_matrice_lora_vs_lora"} <= set(claims)
     assert claims["table5_heldout_matrice_lora_vs_lora"].estimate.mean == 1.0
     assert claims["table5_heldout_matrice_lora_vs_lora"].comparison == "heldout accuracy MATRICE_LoRA − LoRA"
+
+
+def test_a_verdict_that_rests_on_one_relation_says_so():
+    """A large difference in one relation (a mean of unbounded ratios can have one) beside small ones
+    of both signs: p < 0.05 with it, not without it. The verdict stands; its note names the relation.
+    A p just under 0.05 that dropping most relations lifts is called fragile; an effect spread over
+    every relation with a small p gets no note."""
+    from matrice.evaluation.claims import judge, make_claim
+
+    def claim(diffs, key):
+        return make_claim("Fig. X", "t", "c", "greater", "q", {f"P{r}-e1": d for r, d in enumerate(diffs)},
+                          {f"P{r}-e1": 0.0 for r in range(len(diffs))}, key=key, metric="rate")
+
+    outlier = claim([10.0] + [0.1] * 11 + [-0.1] * 3, "outlier")  # p = 0.029; without P0: 0.057
+    fragile = claim([3.0, 0.2, 0.1, 0.15, -0.05, 0.1, 0.2, -0.1, 0.05, 0.1], "fragile")  # p = 0.033
+    spread = claim([1.0] * 10, "spread")
+    judged = {c.key: c for c in judge([outlier, fragile, spread])}
+    assert judged["outlier"].verdict == "replicates" and judged["outlier"].estimate.p == pytest.approx(0.0287, abs=1e-3)
+    assert "rests on one relation: without P0, p = 0.057" in judged["outlier"].note
+    assert judged["fragile"].verdict == "replicates"
+    assert "fragile: without any one of 7 of its 10 relations p ≥ 0.05 (up to 0.066, without P0)" in judged["fragile"].note
+    assert judged["spread"].verdict == "replicates" and "rests on" not in judged["spread"].note
+    assert "fragile" not in judged["spread"].note
+    null = claim([(-1) ** r * (r + 1) for r in range(10)], "null")
+    holm = {c.key: c for c in judge([fragile, spread, null], primary=["fragile", "spread", "null"])}
+    assert holm["fragile"].p_holm == pytest.approx(2 * holm["fragile"].estimate.p)  # second of three
+    assert holm["fragile"].verdict == "inconclusive" and "fragile" not in holm["fragile"].note

@@ -134,8 +134,31 @@ def judge(claims: Sequence[Claim], primary: Sequence[str] = (), margins: Mapping
         untestable = c.untestable
         if weak[c.key] and v != "equivalent":
             v, untestable = "not testable", weak[c.key]
-        out.append(replace(c, primary=c.key in primary, p_holm=p_holm, verdict=v, untestable=untestable))
+        judged = replace(c, primary=c.key in primary, p_holm=p_holm, verdict=v, untestable=untestable)
+        rests = resting_on_one_unit(judged, alpha)
+        out.append(replace(judged, note="; ".join(x for x in (c.note, rests) if x)) if rests else judged)
     return out
+
+
+def resting_on_one_unit(c: Claim, alpha: float) -> str:
+    """For a row that replicates or contradicts: which single units, left out one at a time, would lift
+    its p (Holm-scaled for a primary row, by the row's own adjustment) to alpha or above ("" when none
+    would). A mean of unbounded ratios can rest on one relation, and a p just under alpha on many; the
+    verdict stands, the note says how fragile it is."""
+    if c.verdict not in ("replicates", "contradicts") or len(c.unit_diffs) < 3 or not c.estimate.p:
+        return ""
+    scale = (c.p_holm / c.estimate.p) if c.primary and c.p_holm is not None else 1.0
+    diffs = np.asarray(c.unit_diffs, dtype=np.float64)
+    units = list(c.units or range(len(diffs)))
+    lifted = [(min(1.0, p * scale), unit) for k, unit in enumerate(units)
+              for p in [sign_flip_p(np.delete(diffs, k))] if p is not None and p * scale >= alpha]
+    if not lifted:
+        return ""
+    p, unit = max(lifted, key=lambda pu: pu[0])
+    if len(lifted) == 1:
+        return f"rests on one {c.unit}: without {unit}, p = {_p(p)}"
+    return (f"fragile: without any one of {len(lifted)} of its {len(units)} {c.unit}s p ≥ {alpha:g} "
+            f"(up to {_p(p)}, without {unit})")
 
 
 def scored_queries(records: Sequence[Mapping[str, Any]], is_evaluation: Callable[[str], bool]
