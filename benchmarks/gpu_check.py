@@ -11,10 +11,12 @@ fraction of the same device's measured matmul peak, peak memory), engine_referen
 the reference and peer engines on a tiny model), tests (`MATRICE_TEST_DEVICE=<device>` pytest, the
 device_map split included), ray (the Ray executor with one GPU actor against the local executor on
 the same facts), pipeline (every dvc.yaml stage with `device: <device>` on a random-initialised
-model of the default's exact config and real tokenizer, which costs what the real weights cost).
+model of the default's exact config and real tokenizer, which costs what the real weights cost; on
+the reduced config unless `--pipeline default`, each stage's output in OUT/pipeline_logs/, so a
+stage cut by the time box still says how far it got).
 
 Writes OUT/environment.json, engine.json, tests.json, ray.json, pipeline.json, summary.md (the table
-docs/scale.md quotes) and gpu_check.log. Needs nothing from the internet: what the machine lacks is
+docs/scale.md quotes), pipeline_logs/ and gpu_check.log. Needs nothing from the internet: what the machine lacks is
 named in environment.json (carry it as wheels; the tokenizer folder comes from `prepare_model`)."""
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ PACKAGES = {
     "dvc": "nothing here (stages run in dvc.yaml's order without it)",
 }
 DEFAULT_MODEL_KEY = "gemma3_270m"
+# What the pipeline part runs on a GPU. The default's attribution alone outlasts one device call, so
+# the check runs the reduced config (benchmarks/pipeline.py: one relation, every language, the default's
+# M and experiments) to time every stage; `--pipeline default` when a whole call can go to it.
+PIPELINE_CONFIGS = {"reduced": "the reduced config (benchmarks/pipeline.py)", "default": "default params"}
+PIPELINE_LOGS = "pipeline_logs"
 GEMMA_GOAL_S_PER_QUERY = 0.30 / 5  # >= 5x the 0.30 s/query measured on an H100 before the engine rework
 LLAMA_GOAL_FRACTION = 0.40
 PIPELINE_GOAL_S = 600
@@ -136,6 +143,15 @@ def part_tests(args: argparse.Namespace) -> dict[str, Any]:
     return tests_summary(outcomes, last, time.perf_counter() - start, cmd, done=True, returncode=proc.returncode)
 
 
+def final_counts(last_line: str) -> dict[str, int]:
+    """pytest's closing line ("== 661 passed, 19 skipped in 68.8s ==") as counts; {} for any other line.
+    The verbose lines undercount when two parametrised ids differ only after a space."""
+    if not re.search(r"\bin [\d.]+s\b", last_line):
+        return {}
+    found = re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)\b", last_line)
+    return {("error" if word.startswith("error") else word): int(n) for n, word in found}
+
+
 def record_outcome(line: str, outcomes: dict[str, str]) -> bool:
     """A verbose pytest line's test id and outcome into `outcomes`; True when the line had one."""
     test = re.search(r"(tests/\S+::\S+)", line)
@@ -151,6 +167,7 @@ def tests_summary(outcomes: dict[str, str], tail: str, seconds: float, cmd: list
     for o in outcomes.values():
         counts[o] = counts.get(o, 0) + 1
     failures = [t for t, o in outcomes.items() if o in ("failed", "error")]
+    counts = (final_counts(tail) if done else {}) or counts
     return {"command": " ".join(cmd), "finished": done, "returncode": returncode, "seconds": round(seconds, 1),
             "counts": counts, "failures": failures, "last_line": tail[-300:]}
 
@@ -201,6 +218,7 @@ def part_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     """Every stage, in dvc.yaml's order, in a copy of the project with `device: <device>`."""
     import yaml
 
+    from pipeline import reduced_config
     from stages.sequence import as_records, project_copy, reduced_params, run_stages
 
     root = Path(args.scratch) / "pipeline"
@@ -218,10 +236,21 @@ def part_pipeline(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         random_default_model(Path(args.tokenizer), model_dir)
         print(f"random-initialised default model written in {time.perf_counter() - start:.1f} s", flush=True)
-        params["models"] = {key: {**params["models"][key], "source": str(model_dir), "device": args.device}}
+        model = {**params["models"][key], "source": str(model_dir), "device": args.device}
+        if args.pipeline == "reduced":
+            params = reduced_config(params, key)
+        params["models"] = {key: model}
         params["attribute"]["fact_policy"] = "any"  # random weights know no fact; the cost is the same
-        what = "default params, device cuda, random-initialised model of the default's config and real tokenizer"
-    record: dict[str, Any] = {"model": what, "params_changed": ["models", "attribute.fact_policy"], "stages": []}
+        what = (f"{PIPELINE_CONFIGS[args.pipeline]}, device cuda, random-initialised model of the default's config "
+                "and real tokenizer")
+    record: dict[str, Any] = {"model": what, "config": args.pipeline if args.device == "cuda" else "dry run",
+                              "params_changed": ["models", "attribute.fact_policy"], "stages": []}
+    part_start = time.perf_counter()
+
+    def on_start(stage: str) -> None:  # a stage cut by the time box is named, with its log
+        record["running"] = {"stage": stage, "started_at_s": round(time.perf_counter() - part_start, 1),
+                             "log": f"{PIPELINE_LOGS}/{stage}.log"}
+        _write_part(args, record)
 
     def on_stage(run: Any) -> None:
         runs_so_far.append(run)
@@ -231,7 +260,9 @@ def part_pipeline(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{run.stage}: {run.seconds:.1f} s (rc {run.returncode})", flush=True)
 
     runs_so_far: list[Any] = []
-    runs = run_stages(project_copy(root, params), [key], on_stage)
+    runs = run_stages(project_copy(root, params), [key], on_stage, on_start=on_start,
+                      log_dir=Path(args.out) / PIPELINE_LOGS)
+    record.pop("running", None)
     failed = next((r for r in runs if r.returncode), None)  # run_stages stops at the first failure
     record["all_stages_ran"] = failed is None
     if failed is not None:
@@ -304,7 +335,7 @@ def run_part(args: argparse.Namespace) -> None:
 def run_timeboxed(args: argparse.Namespace, part: str, budget: float, log) -> dict[str, Any]:
     """Runs one part in a new process group; kills the whole group when its budget is spent."""
     cmd = [sys.executable, __file__, "--part", part, "--device", args.device, "--out", args.out,
-           "--scratch", args.scratch, *(["--tokenizer", args.tokenizer] if args.tokenizer else [])]
+           "--scratch", args.scratch, "--pipeline", args.pipeline, *(["--tokenizer", args.tokenizer] if args.tokenizer else [])]
     log.write(f"\n===== {part} (budget {budget:.0f} s) =====\n")
     log.flush()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
@@ -336,12 +367,22 @@ def merge_results(args: argparse.Namespace, checks: dict[str, dict]) -> dict[str
         result = json.loads(src.read_text()) if src.exists() else {}
         if check["status"] == "ok" and result.get("skipped"):
             check["status"] = "skipped"
+        if part == "pipeline" and "running" in result:
+            result["running"]["last_log_line"] = last_log_line(out / result["running"]["log"])
         results[part] = {**result, "check": check}
     engine = {p.removeprefix("engine_"): results.pop(p) for p in list(results) if p.startswith("engine_")}
     _atomic_json(out / "engine.json", engine)
     for part, result in results.items():
         _atomic_json(out / f"{part}.json", result)
     return {**results, "engine": engine}
+
+
+def last_log_line(log: Path) -> str:
+    """The last non-empty line of a stage's log, a progress bar's last redraw included."""
+    if not log.exists():
+        return ""
+    lines = [line.strip() for line in re.split(r"[\r\n]", log.read_text(errors="replace")) if line.strip()]
+    return lines[-1][-300:] if lines else ""
 
 
 def _atomic_json(path: Path, data: Any) -> None:
@@ -414,6 +455,10 @@ def summary_markdown(results: dict[str, Any], device: str) -> str:
               "| stage | seconds | rc |", "|---|---|---|"]
     lines += [f"| {s['stage']} | {s['seconds']} | {s['returncode']} |" for s in pipe.get("stages", [])]
     lines += [f"| **total** | **{pipe.get('total_seconds', '?')}** | |"]
+    running = pipe.get("running")
+    if running:
+        lines += ["", f"Stopped by the time box inside `{running['stage']}`, which started {running['started_at_s']} s "
+                  f"into the part; the last line of its log (`{running['log']}`): `{running.get('last_log_line', '')}`"]
     lines += ["", "## Goals", "", *goal_lines(results)]
     return "\n".join(lines) + "\n"
 
@@ -430,7 +475,8 @@ def goal_lines(results: dict[str, Any]) -> list[str]:
     gemma = [v for v in (best("bf16", "gemma3-270m", "seconds_per_query", min),
                          best("fp32", "gemma3-270m", "seconds_per_query", min)) if v is not None]
     pipe = results.get("pipeline", {})
-    total = pipe.get("total_seconds") if pipe.get("all_stages_ran") else None
+    whole_default = pipe.get("all_stages_ran") and pipe.get("config") == "default"
+    total = pipe.get("total_seconds") if whole_default else None
 
     def verdict(value, ok) -> str:
         return "not measured" if value is None else ("met" if ok(value) else "not met")
@@ -449,6 +495,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=None, help="(cuda) the default model's config.json + tokenizer files")
     parser.add_argument("--budget", nargs="*", default=[], metavar="PART=SECONDS", help="override a part's time box")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--pipeline", default="reduced", choices=sorted(PIPELINE_CONFIGS),
+                        help="(cuda) the pipeline part's config: reduced (every stage timed) or default (the goal's)")
     parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 EMBEDDED_SOURCE = "embedded:gemma3-270m"  # the packaged default (matrice.models.loading.EMBEDDED_GEMMA)
 DEFAULT_KEY = "gemma3_270m"
 STDERR_TAIL_CHARS = 3000  # of a failed command's stderr, kept to say why
+PROGRESS_EVERY_S = 10  # seconds between a logged progress bar's redraws
 
 
 def stderr_tail(stderr: str) -> str:
@@ -91,18 +92,38 @@ def smoke_params(params: dict[str, Any], key: str = DEFAULT_KEY) -> dict[str, An
     return smoke
 
 
-def stage_env(root: Path) -> dict[str, str]:
-    """The environment a stage command runs in inside the copy: its code first on the path, no progress bars."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-            "TQDM_DISABLE": "1"}
+def stage_env(root: Path, progress: bool = False) -> dict[str, str]:
+    """The environment a stage command runs in inside the copy: its code first on the path; progress
+    bars off, or (`progress`) on and redrawn at most every PROGRESS_EVERY_S, for a log file."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    if not progress:
+        return {**env, "TQDM_DISABLE": "1"}
+    env.pop("TQDM_DISABLE", None)
+    return {**env, "TQDM_MININTERVAL": str(PROGRESS_EVERY_S)}
+
+
+def run_stage_command(cmd: str, root: Path, env: dict[str, str], log: Path | None) -> tuple[int, str]:
+    """One stage command's return code and stderr; with `log`, its stdout and stderr go to that file as
+    they come (a stage stopped from outside still leaves how far it got) and the file's text is returned."""
+    argv = [sys.executable, *cmd.split()[1:]]
+    if log is None:
+        done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
+        return done.returncode, done.stderr
+    with open(log, "w") as stream:
+        returncode = subprocess.run(argv, cwd=root, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
+    return returncode, log.read_text(errors="replace")
 
 
 def run_stages(root: Path, model_keys: list[str],
                on_stage: Callable[[StageRun], None] | None = None, *,
-               on_start: Callable[[str], None] | None = None, skip: Collection[str] = ()) -> list[StageRun]:
+               on_start: Callable[[str], None] | None = None, skip: Collection[str] = (),
+               log_dir: Path | None = None) -> list[StageRun]:
     """Every stage in `root` (a `project_copy`), in order, stopping at the first failure. `skip`: stage
-    names (as `stage_commands` spells them) whose outputs the caller already put in place."""
-    env = stage_env(root)
+    names (as `stage_commands` spells them) whose outputs the caller already put in place. `log_dir`:
+    each stage's output, progress bars included, in `<log_dir>/<stage>.log` as it runs."""
+    env = stage_env(root, progress=log_dir is not None)
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     for name, cmd in stage_commands(model_keys):
         if name in skip:
@@ -110,13 +131,13 @@ def run_stages(root: Path, model_keys: list[str],
         if on_start is not None:
             on_start(name)
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, *cmd.split()[1:]], cwd=root, env=env, capture_output=True, text=True)
-        run = StageRun(name, cmd, round(time.perf_counter() - start, 2), done.returncode,
-                       stderr_tail(done.stderr) if done.returncode else "")
+        returncode, stderr = run_stage_command(cmd, root, env, log_dir / f"{name}.log" if log_dir else None)
+        run = StageRun(name, cmd, round(time.perf_counter() - start, 2), returncode,
+                       stderr_tail(stderr) if returncode else "")
         runs.append(run)
         if on_stage is not None:
             on_stage(run)
-        if done.returncode:
+        if returncode:
             break
     return runs
 

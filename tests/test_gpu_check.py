@@ -13,9 +13,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gpu_check import PARTS, goal_lines, summary_markdown  # noqa: E402
+from gpu_check import PARTS, final_counts, goal_lines, summary_markdown  # noqa: E402
 
-FILES = ("environment.json", "engine.json", "tests.json", "ray.json", "pipeline.json", "summary.md", "gpu_check.log")
+FILES = ("environment.json", "engine.json", "tests.json", "ray.json", "pipeline.json", "summary.md", "gpu_check.log",
+         "pipeline_logs")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,9 @@ def test_the_dry_run_measures_what_it_reports(dry_run):
     assert tests["finished"] and tests["counts"].get("passed", 0) >= 1 and not tests["failures"]
     pipeline = json.loads((dry_run / "pipeline.json").read_text())
     assert pipeline["all_stages_ran"] and pipeline["stages"][-1]["stage"] == "report"
+    assert "running" not in pipeline  # every stage finished
+    logs = {p.stem for p in (dry_run / "pipeline_logs").iterdir()}
+    assert logs == {s["stage"] for s in pipeline["stages"]}
     summary = (dry_run / "summary.md").read_text()
     for section in ("## Attribution engine", "## Tests on the device", "## Ray executor", "## Pipeline end to end", "## Goals"):
         assert section in summary
@@ -65,6 +69,25 @@ def test_a_part_cut_by_its_time_box_is_reported_and_the_rest_still_runs(tmp_path
     assert "| engine_fp32 | timed_out |" in (tmp_path / "summary.md").read_text()
 
 
+def test_a_pipeline_cut_by_its_time_box_names_the_stage_it_was_in_and_its_log(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--out", str(tmp_path),
+                           "--parts", "pipeline", "--budget", "pipeline=30"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pipeline = json.loads((tmp_path / "pipeline.json").read_text())
+    assert pipeline["check"]["status"] == "timed_out" and not pipeline.get("all_stages_ran")
+    running = pipeline["running"]
+    assert running["stage"] not in {s["stage"] for s in pipeline["stages"]}
+    assert (tmp_path / running["log"]).exists()
+    assert f"inside `{running['stage']}`" in (tmp_path / "summary.md").read_text()
+
+
+def test_pytest_closing_line_gives_the_counts():
+    assert final_counts("==== 661 passed, 19 skipped in 68.84s (0:01:08) ====") == {"passed": 661, "skipped": 19}
+    assert final_counts("== 2 failed, 3 passed, 1 error in 4.2s ==") == {"failed": 2, "passed": 3, "error": 1}
+    assert final_counts("tests/test_x.py::test_y PASSED [ 99%]") == {}  # a cut run keeps the verbose counts
+
+
 def test_goals_are_judged_only_on_what_was_measured():
     results = {"engine": {"bf16": {"shapes": [{"shape": "llama-2-7b", "fast": [
         {"fraction_of_peak": 0.3}, {"batch_size": 2048, "error": "out of memory"}, {"fraction_of_peak": 0.45}]}]}},
@@ -74,3 +97,7 @@ def test_goals_are_judged_only_on_what_was_measured():
     assert lines[1].endswith("not measured")  # no Gemma shape ran
     assert lines[2].endswith("not measured")  # a pipeline that did not finish has no total
     assert "## Goals" in summary_markdown({"environment": {}, "pipeline": results["pipeline"]}, "cuda")
+    reduced = {"pipeline": {"all_stages_ran": True, "total_seconds": 100.0, "config": "reduced"}}
+    assert goal_lines(reduced)[2].endswith("not measured")  # the goal is the default's
+    whole = {"pipeline": {"all_stages_ran": True, "total_seconds": 700.0, "config": "default"}}
+    assert goal_lines(whole)[2].endswith("700.0 — not met")
