@@ -10,10 +10,11 @@ from matrice.evaluation.compare import main, pair_rows
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 
 
-def row(key: str, verdict: str, mean: float | None = 0.1, n: int = 8) -> dict:
+def row(key: str, verdict: str, mean: float | None = 0.1, n: int = 8, primary: bool = False) -> dict:
     estimate = {"mean": mean, "low": None if mean is None else mean - 0.1, "high": None if mean is None else mean + 0.1,
                 "n": n, "p": 0.5}
-    return {"key": key, "source": "Fig. 5", "comparison": f"ΔP/P {key}", "verdict": verdict, "estimate": estimate}
+    return {"key": key, "source": "Fig. 5", "comparison": f"ΔP/P {key}", "verdict": verdict, "estimate": estimate,
+            "primary": primary}
 
 
 def write(path: Path, rows: list[dict]) -> Path:
@@ -22,18 +23,21 @@ def write(path: Path, rows: list[dict]) -> Path:
 
 
 def test_rows_pair_by_key_and_changed_verdicts_come_first(tmp_path, capsys):
-    a = write(tmp_path / "a.json", [row("x", "inconclusive"), row("y", "replicates"), row("only_a", "equivalent")])
-    b = write(tmp_path / "b.json", [row("y", "inconclusive", 0.02), row("x", "inconclusive"), row("only_b", "contradicts")])
+    a = write(tmp_path / "a.json", [row("x", "inconclusive", primary=True), row("y", "replicates", primary=True),
+                                    row("only_a", "equivalent")])
+    b = write(tmp_path / "b.json", [row("y", "inconclusive", 0.02, primary=True), row("x", "inconclusive", primary=True),
+                                    row("only_b", "contradicts")])
     pairs = pair_rows(json.loads(a.read_text()), json.loads(b.read_text()))
     assert [p.key for p in pairs] == ["x", "y", "only_a", "only_b"]
     assert [p.changed for p in pairs] == [False, True, True, True]
     assert main([str(a), str(b), "--labels", "first", "all"]) == 0
     out = capsys.readouterr().out
-    assert "3 of 4 rows change verdict between first and all." in out
+    assert "3 of 4 rows change verdict between first and all; 1 of the 2 primary rows do." in out
     assert "| replicates | 1 | 0 |" in out and "| inconclusive | 1 | 2 |" in out
     table = out.split("| model |", 1)[1].splitlines()[2:]
     assert [line.split(" | ")[2] for line in table] == ["ΔP/P y", "ΔP/P only_a", "ΔP/P only_b", "ΔP/P x"]
     assert "replicates → **inconclusive**" in table[0] and "0.020 [-0.080, 0.120] (n=8)" in table[0]
+    assert "Fig. 5 (primary)" in table[0] and "(primary)" not in table[1]
     assert "| – | contradicts" not in out and "– → **contradicts**" in table[2]
 
 

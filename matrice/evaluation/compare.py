@@ -4,7 +4,8 @@ as the default run against ``dvc exp run -S answer_token=all`` (whole answers ag
 
     python -m matrice.evaluation.compare first/verdicts.json all/verdicts.json --labels first all
 
-prints a Markdown section (counts per verdict, then one row per claim, changed verdicts first).
+prints a Markdown section (counts per verdict, how many rows and primary rows change verdict, then
+one row per claim, changed verdicts first, primary rows marked).
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ class RowPair:
     @property
     def changed(self) -> bool:
         return verdict(self.a) != verdict(self.b)
+
+    @property
+    def primary(self) -> bool:
+        """A row of the primary (Holm-adjusted) family in either run."""
+        return any(bool(r.get("primary")) for r in (self.a, self.b) if r is not None)
 
 
 def verdict(row: Mapping[str, Any] | None) -> str:
@@ -72,11 +78,14 @@ def comparison_section(pairs: Sequence[RowPair], labels: tuple[str, str]) -> str
     lines = [f"| verdict | {la} | {lb} |", "|---|---:|---:|"]
     lines += [f"| {v} | {counts[0][v]} | {counts[1][v]} |" for v in get_args(Verdict) if counts[0][v] or counts[1][v]]
     changed = [p for p in pairs if p.changed]
-    lines += ["", f"{len(changed)} of {len(pairs)} rows change verdict between {la} and {lb}.", "",
+    primary = [p for p in pairs if p.primary]
+    lines += ["", f"{len(changed)} of {len(pairs)} rows change verdict between {la} and {lb}; "
+              f"{sum(p.changed for p in primary)} of the {len(primary)} primary rows do.", "",
               f"| model | source | we estimate | {la} | {lb} | verdict |", "|---|---|---|---|---|---|"]
     for p in changed + [p for p in pairs if not p.changed]:
         move = f"{verdict(p.a)} → **{verdict(p.b)}**" if p.changed else verdict(p.a)
-        lines.append(f"| {p.model} | {p.source} | {p.comparison} | {estimate_text(p.a)} | {estimate_text(p.b)} | {move} |")
+        source = f"{p.source} (primary)" if p.primary else p.source
+        lines.append(f"| {p.model} | {source} | {p.comparison} | {estimate_text(p.a)} | {estimate_text(p.b)} | {move} |")
     return "\n".join(lines) + "\n"
 
 
