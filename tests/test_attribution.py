@@ -497,7 +497,7 @@ def test_whole_answer_raw_maps_equal_the_reference_and_reuse_token_one_exactly(t
         assert rel_err(torch.from_numpy(got).to(ref.device), ref) <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", "bloom", "xlm-roberta"])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_completeness_holds_per_answer_token(tiny, family):
     """For every answer token, Σ_j Attr over a layer's neurons → P(t_k) at w̄ − P(t_k) at the baseline
     (the gold prefix kept) as the steps grow."""

@@ -235,3 +235,31 @@ def test_the_api_locates_the_neurons_the_stages_selected(tiny_run):
                             few_shot=params["few_shot"])
         stage = np.array(sets[fact]["matrice"], dtype=np.int64).reshape(-1, 2)
         assert {tuple(p) for p in neurons.pairs.tolist()} == {tuple(p) for p in stage.tolist()}, fact
+
+
+def test_the_api_suppresses_and_enhances_as_the_manipulate_stage_did(tiny_run):
+    """`matrice.api.suppress` / `enhance` on a fact's queries with the stage's MATRICE set give the
+    P(answer) before and after that the manipulate stage wrote for the same queries."""
+    import numpy as np
+
+    import matrice.api as mx
+    from matrice.data.schema import load_queries
+
+    params = yaml.safe_load((tiny_run / "params.yaml").read_text())
+    sets = json.loads((tiny_run / "results/tiny/neurons.json").read_text())["facts"]
+    records = json.loads((tiny_run / "results/tiny/manipulation.json").read_text())["records"]
+    by_id = {q.query_id: q for q in load_queries(tiny_run / "data/dataset/queries.jsonl")}
+    model = mx.load(params["models"]["tiny"]["source"], device="cpu")
+    fact = next(f for f in sorted(sets) if sets[f]["matrice"])
+    for mode, call in (("suppress", mx.suppress), ("enhance", mx.enhance)):
+        stage = {r["query_id"]: r for r in records if r["fact_id"] == fact and r["method"] == "matrice" and r["mode"] == mode}
+        assert stage, (fact, mode)
+        neurons = np.array(sets[fact]["matrice"], dtype=np.int64).reshape(-1, 2)
+        api = call(model, neurons, [by_id[q] for q in sorted(stage)], few_shot=params["few_shot"],
+                   answer_token=params["answer_token"])
+        assert sorted(e.query_id for e in api) == sorted(stage)
+        for e in api:
+            want = stage[e.query_id]
+            assert e.n_neurons == want["n_neurons"]
+            assert np.isclose(e.p_before, want["p_before"], rtol=1e-5, atol=1e-9), (mode, e.query_id)
+            assert np.isclose(e.p_after, want["p_after"], rtol=1e-5, atol=1e-9), (mode, e.query_id)
