@@ -10,11 +10,12 @@ left-to-right decoding returns the gold tokens", so the rates that matter are:
 - parallel: the probe's "known" (the parallel fill's text equals the gold answer, normalised);
 - left to right: greedy left-to-right decoding returns the gold answer, normalised;
 - teacher-forced rank 0: every gold token is top-1 given the gold tokens before it. This is what
-  scoring uses; it equals left to right up to text normalisation (tested).
+  scoring uses; barring exact ties it is "left to right returns the gold tokens" (tested), which the
+  left-to-right rate reads through text normalisation.
 
 Each fact counts once (the mean over its queries), and every rate has a 95% bootstrap interval over
-facts. Agreement is given on answers of two or more tokens only, because for one token the two fills
-are the same computation.
+facts. On answers of two or more tokens (for one token the two fills are the same computation) it
+also gives how often the fills are both right or both wrong, and how often they give the same text.
 
     python benchmarks/masked_filling.py --model bert-base-multilingual-cased \\
         --queries data/dataset/queries.jsonl --out masked_filling.json
@@ -40,7 +41,7 @@ sys.path.insert(0, str(REPO))
 from matrice.data.schema import Query, load_queries  # noqa: E402
 from matrice.evaluation.stats import bootstrap_mean  # noqa: E402
 from matrice.models.adapter import ModelAdapter  # noqa: E402
-from matrice.models.encoding import Encoded, encode_query  # noqa: E402
+from matrice.models.encoding import Encoded, answer_steps, encode_query  # noqa: E402
 from matrice.models.predict import greedy_decode, is_correct, pad_batch  # noqa: E402
 from matrice.models.whole_answer import answer_scores  # noqa: E402
 
@@ -81,18 +82,26 @@ def left_to_right(adapter: ModelAdapter, encs: Sequence[Encoded], batch_size: in
 
 
 def measure(adapter: ModelAdapter, queries: Sequence[Query], batch_size: int = 32) -> list[FillingRecord]:
-    """Each query's answer filled in parallel and left to right, and its teacher-forced rank."""
+    """Each query's answer filled in parallel and left to right, and its teacher-forced rank; queries
+    the pipeline cannot score either (an answer the tokenizer does not reproduce) are skipped."""
     if adapter.causal:
         raise ValueError("masked_filling measures masked models; a causal model decodes left to right by construction")
     kept, encs = [], []
     for q in queries:
         try:
-            encs.append(encode_query(adapter, q))
-        except ValueError as exc:  # an answer the tokenizer cannot reproduce: the pipeline skips it too
+            enc = encode_query(adapter, q)
+            answer_steps(adapter, enc)  # the masks must be contiguous for both fills
+        except ValueError as exc:
             print(f"skipped {q.query_id}: {exc}", file=sys.stderr)
             continue
         kept.append(q)
-    queries = kept
+        encs.append(enc)
+    return measure_encoded(adapter, kept, encs, batch_size)
+
+
+def measure_encoded(adapter: ModelAdapter, queries: Sequence[Query], encs: Sequence[Encoded], batch_size: int = 32
+                    ) -> list[FillingRecord]:
+    """:func:`measure` on queries already encoded (``encs[i]`` is ``queries[i]``'s)."""
     parallel = greedy_decode(adapter, encs, batch_size=batch_size)
     serial = left_to_right(adapter, encs, batch_size)
     forced = answer_scores(adapter, encs, "all", batch_size=batch_size)
@@ -113,7 +122,8 @@ def per_fact_rate(records: Sequence[FillingRecord], value: Callable[[FillingReco
 
 
 def summarise(records: Sequence[FillingRecord]) -> dict[str, Any]:
-    """Rates overall and per language; agreement on answers of two or more tokens."""
+    """Rates overall and per language; on answers of two or more tokens, how often the two fills are
+    right or wrong together and how often they give the same text."""
     def rates(rs: Sequence[FillingRecord]) -> dict[str, Any]:
         multi = [r for r in rs if r.n_tokens > 1]
         return {
@@ -121,7 +131,7 @@ def summarise(records: Sequence[FillingRecord]) -> dict[str, Any]:
             "left_to_right_correct": per_fact_rate(rs, lambda r: r.left_to_right_correct),
             "teacher_forced_rank0": per_fact_rate(rs, lambda r: r.teacher_forced_rank0),
             "multi_token_share": per_fact_rate(rs, lambda r: r.n_tokens > 1),
-            "agree_on_multi_token": per_fact_rate(multi, lambda r: r.parallel_correct == r.left_to_right_correct),
+            "same_correctness_on_multi_token": per_fact_rate(multi, lambda r: r.parallel_correct == r.left_to_right_correct),
             "same_text_on_multi_token": per_fact_rate(multi, lambda r: r.parallel_text == r.left_to_right_text),
         }
 

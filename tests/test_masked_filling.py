@@ -16,7 +16,7 @@ from matrice.models.whole_answer import answer_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from masked_filling import FillingRecord, left_to_right, measure, summarise  # noqa: E402
+from masked_filling import FillingRecord, left_to_right, measure, measure_encoded, summarise  # noqa: E402
 
 FACTS = [mx.Fact("capital", {"en": s}, {"en": o}, fact_id=f"P36-{i}")
          for i, (s, o) in enumerate([("Argentina", "Buenos Aires"), ("France", "Paris"), ("Ghana", "Accra"),
@@ -46,9 +46,11 @@ def test_left_to_right_returns_the_gold_tokens_exactly_when_every_teacher_forced
     own = [replace(e, answer_ids=list(s)) for e, s in zip(encs, serial)]
     assert all(score.rank == 0 for score in answer_scores(adapter, own, "all"))
     assert left_to_right(adapter, own) == serial
+    assert all(r.teacher_forced_rank0 for r in measure_encoded(adapter, queries, own))
 
 
 def test_rates_weigh_each_fact_once_and_agreement_reads_only_multi_token_answers():
+    """Per-fact means, then the mean over facts; the agreement rates count multi-token answers only."""
     def record(fact: str, n: int, parallel: bool, serial: bool) -> FillingRecord:
         return FillingRecord(f"{fact}-{n}-{parallel}", fact, "en", n, parallel, serial, serial, str(parallel), str(serial))
 
@@ -57,7 +59,7 @@ def test_rates_weigh_each_fact_once_and_agreement_reads_only_multi_token_answers
     overall = summarise(records)["overall"]
     assert overall["parallel_correct"]["mean"] == pytest.approx(0.5)  # a: 3/3, b: 0/1
     assert overall["left_to_right_correct"]["mean"] == pytest.approx((1 / 3 + 0) / 2)
-    agree = overall["agree_on_multi_token"]
+    agree = overall["same_correctness_on_multi_token"]
     assert agree["n_queries"] == 3 and agree["mean"] == pytest.approx(0.5)  # a: 0/2 agree, b: 1/1
 
 

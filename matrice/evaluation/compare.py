@@ -38,7 +38,7 @@ class RowPair:
 
     @property
     def primary(self) -> bool:
-        """A row of the primary (Holm-adjusted) family in either run."""
+        """A row named in `verdicts.primary` in either run (testable or not)."""
         return any(bool(r.get("primary")) for r in (self.a, self.b) if r is not None)
 
 
