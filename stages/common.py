@@ -70,6 +70,22 @@ def results_dir(key: str) -> Path:
     return RESULTS_DIR / key
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for reuse instead of returning it to the OS. glibc maps every
+    large allocation afresh and unmaps it when freed, so a fine-tuning step that allocates gigabytes
+    of gradients and optimizer temporaries faults all of it in again, page by page, every step. Same
+    arithmetic, same results; the process holds on to its peak memory until it exits. False where
+    the C library is not glibc (nothing changes there)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def load_prepared(key: str, params: dict[str, Any], dtype: str | None = None, weights: bool = True) -> ModelAdapter:
     """Load the model `prepare_model` made ready: converted safetensors, or the id/path it points to.
     `weights=False`: tokenizer and shapes only (a Ray driver, which encodes and dispatches)."""

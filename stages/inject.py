@@ -6,10 +6,11 @@ sweep; accuracy on held-out paraphrases, in the other languages, on the training
 from __future__ import annotations
 
 from matrice.experiments.inject import InjectConfig, inject_knowledge, training, write_outputs
-from stages.common import ModelStage
+from stages.common import ModelStage, keep_freed_memory
 
 
 def main() -> None:
+    keep_freed_memory()  # training allocates gigabytes per step (benchmarks/README.md)
     stage = ModelStage.start(__doc__, memo_code=[training.__name__])
     cfg = stage.config(InjectConfig, "inject")
     probes, adapter, rule = stage.probes, stage.adapter, stage.rule
