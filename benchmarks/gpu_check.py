@@ -267,7 +267,6 @@ def part_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     runs_so_far: list[Any] = []
     runs = run_stages(project_copy(root, params), [key], on_stage, on_start=on_start,
                       log_dir=Path(args.out) / PIPELINE_LOGS)
-    record.pop("running", None)
     failed = next((r for r in runs if r.returncode), None)  # run_stages stops at the first failure
     record["all_stages_ran"] = failed is None
     if failed is not None:

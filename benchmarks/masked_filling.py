@@ -28,10 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -39,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from matrice.data.schema import Query, load_queries  # noqa: E402
-from matrice.evaluation.stats import bootstrap_mean  # noqa: E402
+from matrice.evaluation.stats import bootstrap_mean, per_fact_mean  # noqa: E402
 from matrice.models.adapter import ModelAdapter  # noqa: E402
 from matrice.models.encoding import Encoded, answer_steps, encode_query  # noqa: E402
 from matrice.models.predict import greedy_decode, is_correct, pad_batch  # noqa: E402
@@ -112,12 +111,9 @@ def measure_encoded(adapter: ModelAdapter, queries: Sequence[Query], encs: Seque
             for q, e, p, s, f in zip(queries, encs, parallel, serial, forced)]
 
 
-def per_fact_rate(records: Sequence[FillingRecord], value: Callable[[FillingRecord], bool]) -> dict[str, Any]:
+def per_fact_rate(records: Sequence[FillingRecord], value: Callable[[Mapping[str, Any]], bool]) -> dict[str, Any]:
     """The mean of `value` over each fact's records, then over facts, with its bootstrap interval."""
-    by_fact: dict[str, list[float]] = defaultdict(list)
-    for r in records:
-        by_fact[r.fact_id].append(float(value(r)))
-    est = bootstrap_mean([sum(v) / len(v) for v in by_fact.values()])
+    est = bootstrap_mean(list(per_fact_mean(map(asdict, records), value).values()))
     return {**asdict(est), "n_queries": len(records)}
 
 
@@ -127,12 +123,12 @@ def summarise(records: Sequence[FillingRecord]) -> dict[str, Any]:
     def rates(rs: Sequence[FillingRecord]) -> dict[str, Any]:
         multi = [r for r in rs if r.n_tokens > 1]
         return {
-            "parallel_correct": per_fact_rate(rs, lambda r: r.parallel_correct),
-            "left_to_right_correct": per_fact_rate(rs, lambda r: r.left_to_right_correct),
-            "teacher_forced_rank0": per_fact_rate(rs, lambda r: r.teacher_forced_rank0),
-            "multi_token_share": per_fact_rate(rs, lambda r: r.n_tokens > 1),
-            "same_correctness_on_multi_token": per_fact_rate(multi, lambda r: r.parallel_correct == r.left_to_right_correct),
-            "same_text_on_multi_token": per_fact_rate(multi, lambda r: r.parallel_text == r.left_to_right_text),
+            "parallel_correct": per_fact_rate(rs, lambda r: r["parallel_correct"]),
+            "left_to_right_correct": per_fact_rate(rs, lambda r: r["left_to_right_correct"]),
+            "teacher_forced_rank0": per_fact_rate(rs, lambda r: r["teacher_forced_rank0"]),
+            "multi_token_share": per_fact_rate(rs, lambda r: r["n_tokens"] > 1),
+            "same_correctness_on_multi_token": per_fact_rate(multi, lambda r: r["parallel_correct"] == r["left_to_right_correct"]),
+            "same_text_on_multi_token": per_fact_rate(multi, lambda r: r["parallel_text"] == r["left_to_right_text"]),
         }
 
     langs = sorted({r.lang for r in records})

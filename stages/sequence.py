@@ -104,14 +104,14 @@ def stage_env(root: Path, progress: bool = False) -> dict[str, str]:
 
 def run_stage_command(cmd: str, root: Path, env: dict[str, str], log: Path | None) -> tuple[int, str]:
     """One stage command's return code and stderr; with `log`, its stdout and stderr go to that file as
-    they come (a stage stopped from outside still leaves how far it got) and the file's text is returned."""
+    they come (a stage stopped from outside still leaves how far it got), read back only if it failed."""
     argv = [sys.executable, *cmd.split()[1:]]
     if log is None:
         done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
         return done.returncode, done.stderr
     with open(log, "w") as stream:
         returncode = subprocess.run(argv, cwd=root, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
-    return returncode, log.read_text(errors="replace")
+    return returncode, log.read_text(errors="replace") if returncode else ""
 
 
 def run_stages(root: Path, model_keys: list[str],
