@@ -22,8 +22,11 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 # Stage commands call `python`: put the venv first on PATH so they get its interpreter.
+# JOBS=2 (or more): the stale stages several at a time, each recorded in dvc.lock as it finishes
+# (stages/parallel.py); JOBS=1 is plain `dvc repro`.
+JOBS ?= 1
 pipeline: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(if $(filter 1,$(JOBS)),$(BIN)/dvc repro,$(BIN)/python -m stages.parallel --jobs $(JOBS))
 
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
