@@ -7,7 +7,6 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from tqdm import tqdm
 
 from matrice.data.schema import Query
 from matrice.models.adapter import Encoded, ModelAdapter
@@ -39,13 +38,13 @@ def encode_all(adapter: ModelAdapter, queries: Sequence[Query], few_shot: bool) 
 
 def probe(adapter: ModelAdapter, queries: Sequence[Query], few_shot: bool, batch_size: int = 32) -> list[ProbeResult]:
     encs = encode_all(adapter, queries, few_shot)
+    # every query in one call: its batches group the queries of one demonstration prefix (computed
+    # once per batch) and of similar lengths, which dataset-order chunks of mixed languages cannot
     results: list[ProbeResult] = []
-    for start in tqdm(range(0, len(queries), batch_size), desc="probe", unit="batch"):
-        chunk_q, chunk_e = queries[start : start + batch_size], encs[start : start + batch_size]
-        for q, (g, s) in zip(chunk_q, decode_and_score(adapter, chunk_e, batch_size=batch_size)):
-            text = adapter.tokenizer.decode(g, skip_special_tokens=True)
-            ok = is_correct(adapter, g, q.answer_sep + q.answer)
-            results.append(ProbeResult(q.query_id, q.fact_id, q.relation, q.lang, q.template_id, s.prob, s.rank, ok, text))
+    for q, (g, s) in zip(queries, decode_and_score(adapter, encs, batch_size=batch_size, progress="probe")):
+        text = adapter.tokenizer.decode(g, skip_special_tokens=True)
+        ok = is_correct(adapter, g, q.answer_sep + q.answer)
+        results.append(ProbeResult(q.query_id, q.fact_id, q.relation, q.lang, q.template_id, s.prob, s.rank, ok, text))
     return results
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.cache import cache_rows
@@ -239,13 +240,14 @@ def normalize_answer(text: str) -> str:
 
 @torch.no_grad()
 def decode_and_score(
-    adapter: ModelAdapter, encs: Sequence[Encoded], edits: Mapping[int, Edit] | None = None, batch_size: int = 32
+    adapter: ModelAdapter, encs: Sequence[Encoded], edits: Mapping[int, Edit] | None = None, batch_size: int = 32,
+    progress: str | None = None,
 ) -> list[tuple[list[int], AnswerScore]]:
     """Greedy tokens (as many as each gold answer has) and the gold answer's score, from one pass;
-    edits stay at the original target position."""
+    edits stay at the original target position. ``progress``: a progress-bar label (None: no bar)."""
     batches = length_buckets(encs, batch_size, shared_prefixes=adapter.causal)
     results = []
-    for idx in batches:
+    for idx in tqdm(batches, desc=progress, unit="batch", disable=progress is None):
         chunk = [encs[i] for i in idx]
         generated, logits = (_decode_causal if adapter.causal else _decode_masked)(adapter, chunk, edits)
         results.append(list(zip(generated, _scores_from_logits(logits, chunk))))
