@@ -108,11 +108,41 @@ def _answer_targets(adapter: ModelAdapter, enc: Encoded) -> tuple[list[int], lis
 def answer_loss(adapter: ModelAdapter, model: nn.Module, encs: Sequence[Encoded]) -> torch.Tensor:
     """Mean cross-entropy over all answer tokens of the batch (teacher forcing / masked positions).
 
-    The body runs on every position but the LM head only on the answer positions (its full-vocabulary
+    The body runs on every real token, the batch's sequences packed into one row where the family
+    allows it (else right-padded), and the LM head only on the answer positions (its full-vocabulary
     matmul at every position was most of a step). Why the adapter's body and head and not ``model``:
     a wrapper such as PEFT's injects its layers into the adapter's model in place, so the body already
     carries them, and the head is the adapter's (tied embeddings, soft-capping, MLM transform)."""
     items = [_answer_targets(adapter, e) for e in encs]
+    if adapter.family.packs:
+        selected, tgt = _packed_answer_hidden(adapter, items)
+    else:
+        selected, tgt = _padded_answer_hidden(adapter, items)
+    logits = adapter.head_logits(selected).float()
+    return nn.functional.cross_entropy(logits, torch.tensor(tgt, device=logits.device))
+
+
+def _packed_answer_hidden(adapter: ModelAdapter, items: Sequence[tuple[list[int], list[tuple[int, int]]]]
+                          ) -> tuple[torch.Tensor, list[int]]:
+    """The body's output at every answer position and its target, the sequences packed into one row
+    (positions restart at each, so each attends to itself only): no padding is computed."""
+    ids: list[int] = []
+    positions: list[int] = []
+    at, tgt = [], []
+    for seq, targets in items:
+        at += [len(ids) + p for p, _ in targets]
+        tgt += [t for _, t in targets]
+        ids += seq
+        positions += range(len(seq))
+    device = adapter.device
+    hidden = adapter.model.base_model(input_ids=torch.tensor([ids], device=device),
+                                      position_ids=torch.tensor([positions], device=device), use_cache=False)[0]
+    return hidden[0, torch.tensor(at, device=hidden.device)], tgt
+
+
+def _padded_answer_hidden(adapter: ModelAdapter, items: Sequence[tuple[list[int], list[tuple[int, int]]]]
+                          ) -> tuple[torch.Tensor, list[int]]:
+    """:func:`_packed_answer_hidden` for families that cannot pack: right-padded rows."""
     width = max(len(ids) for ids, _ in items)
     device = adapter.device
     input_ids = torch.full((len(items), width), adapter.pad_token_id, dtype=torch.long)
@@ -124,9 +154,7 @@ def answer_loss(adapter: ModelAdapter, model: nn.Module, encs: Sequence[Encoded]
         for p, t in targets:
             rows.append(r), pos.append(p), tgt.append(t)
     hidden = adapter.model.base_model(input_ids=input_ids.to(device), attention_mask=mask.to(device))[0]
-    selected = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(pos, device=hidden.device)]
-    logits = adapter.head_logits(selected).float()
-    return nn.functional.cross_entropy(logits, torch.tensor(tgt, device=logits.device))
+    return hidden[torch.tensor(rows, device=hidden.device), torch.tensor(pos, device=hidden.device)], tgt
 
 
 def answer_loss_reference(model: nn.Module, adapter: ModelAdapter, encs: Sequence[Encoded]) -> torch.Tensor:

@@ -84,9 +84,11 @@ def test_masked_finetuning_touches_only_neurons(family):
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_answer_loss_with_head_on_answer_positions_equals_full_logits(family):
-    """The training loss runs the LM head on the answer positions only; the obvious loss (every
-    position's logits, one unpadded query at a time) is the same number, gradients included."""
+    """The training loss runs the LM head on the answer positions only, the batch packed into one row
+    where the family allows it; the obvious loss (every position's logits, one unpadded query at a
+    time) is the same number, gradients included."""
     a = tiny_adapter(family)
+    assert a.family.packs == (family in ("gpt2", "llama", "qwen2", "gemma3"))  # the tiny gemma3's window is 4: packed masks keep it
     encs = [encode_query(a, q) for q in QUERIES if q.lang in ("en", "fi")]
     assert len({len(e.input_ids) for e in encs}) > 1 and max(len(e.answer_ids) for e in encs) > 1  # padding, several tokens
     params = [p for p in a.model.parameters()]
