@@ -114,12 +114,23 @@ def answer_loss(adapter: ModelAdapter, model: nn.Module, encs: Sequence[Encoded]
     a wrapper such as PEFT's injects its layers into the adapter's model in place, so the body already
     carries them, and the head is the adapter's (tied embeddings, soft-capping, MLM transform)."""
     items = [_answer_targets(adapter, e) for e in encs]
-    if adapter.family.packs:
+    if packs_sequences(adapter):
         selected, tgt = _packed_answer_hidden(adapter, items)
     else:
         selected, tgt = _padded_answer_hidden(adapter, items)
     logits = adapter.head_logits(selected).float()
     return nn.functional.cross_entropy(logits, torch.tensor(tgt, device=logits.device))
+
+
+# Several sequences in one row, positions restarting at each: transformers builds a causal mask per
+# sequence from the position ids (masking_utils), so training computes no padding. Only the model types
+# whose packed loss tests/test_injection.py checks against one query at a time; the others pad (BLOOM's
+# ALiBi reads the attention mask, masked LMs are bidirectional, the multimodal Gemma 3 is untested).
+PACKED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "gemma3_text")
+
+
+def packs_sequences(adapter: ModelAdapter) -> bool:
+    return adapter.causal and getattr(adapter.model.config, "model_type", None) in PACKED_MODEL_TYPES
 
 
 def _packed_answer_hidden(adapter: ModelAdapter, items: Sequence[tuple[list[int], list[tuple[int, int]]]]

@@ -13,7 +13,8 @@ from conftest import tiny_on_device as tiny_adapter
 from implant import FACTS, QUERIES, pairs, state, assert_same_state, probe
 from matrice.experiments import MissingNeuronSetError
 from matrice.experiments.inject import InjectConfig, inject_knowledge, train_variant
-from matrice.finetune import answer_loss, answer_loss_reference, check_masked_update, neuron_param_masks
+from matrice.finetune import (answer_loss, answer_loss_reference, check_masked_update, neuron_param_masks,
+                              packs_sequences)
 from matrice.models.encoding import encode_query
 from matrice.models.tiny import TINY_FAMILIES
 
@@ -88,7 +89,7 @@ def test_answer_loss_with_head_on_answer_positions_equals_full_logits(family):
     where the family allows it; the obvious loss (every position's logits, one unpadded query at a
     time) is the same number, gradients included."""
     a = tiny_adapter(family)
-    assert a.family.packs == (family in ("gpt2", "llama", "qwen2", "gemma3"))  # the tiny gemma3's window is 4: packed masks keep it
+    assert packs_sequences(a) == (family in ("gpt2", "llama", "qwen2", "gemma3"))  # the tiny gemma3's window is 4: packed masks keep it
     encs = [encode_query(a, q) for q in QUERIES if q.lang in ("en", "fi")]
     assert len({len(e.input_ids) for e in encs}) > 1 and max(len(e.answer_ids) for e in encs) > 1  # padding, several tokens
     params = [p for p in a.model.parameters()]

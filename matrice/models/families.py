@@ -23,14 +23,10 @@ class Family:
     in_projs: tuple[str, ...]  # FFN input projections, relative to a block (rows = neurons)
     conv1d: bool = False  # GPT-2 Conv1D stores weight as (in, out) instead of (out, in)
     mlm_heads: tuple[str, ...] = ()  # masked LMs: candidate prediction heads applied to base_model output
-    # several sequences in one row, positions restarting at each: transformers builds a causal mask per
-    # sequence from the position ids (masking_utils), so training needs no padding (BLOOM's ALiBi reads
-    # the attention mask, masked LMs are bidirectional: they pad)
-    packs: bool = False
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("gpt2", ("gpt2",), True, ("transformer.h",), "mlp.c_proj", ("mlp.c_fc",), conv1d=True, packs=True),
+    Family("gpt2", ("gpt2",), True, ("transformer.h",), "mlp.c_proj", ("mlp.c_fc",), conv1d=True),
     Family(
         "llama",
         ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3"),
@@ -38,7 +34,6 @@ FAMILIES: tuple[Family, ...] = (
         ("model.layers", "model.language_model.layers", "language_model.model.layers"),
         "mlp.down_proj",
         ("mlp.gate_proj", "mlp.up_proj"),
-        packs=True,
     ),
     Family("bloom", ("bloom",), True, ("transformer.h",), "mlp.dense_4h_to_h", ("mlp.dense_h_to_4h",)),
     Family(
