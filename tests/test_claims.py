@@ -159,12 +159,13 @@ def test_editing_and_enhancement_interval_tables_pool_per_fact():
                             "rel_ok": ok, "rel_n": n, "gen_ok": 0, "gen_n": 0, "loc_ok": n, "loc_n": n})
     text = editing_interval_tables({"records": records}, ["en", "fr"])
     row = next(l for l in text.splitlines() if "| reliability |" in l)
-    assert row.split("|")[3:6] == [" 1.00 [1.00, 1.00] (n=4) ", " 0.00 [0.00, 0.00] (n=4) ", " 0.25 [0.25, 0.25] (n=4) "]
+    # every fact at rate 1 (or 0): Clopper-Pearson's interval over the 4 relations, 0.025^(1/4) = 0.40 from the bound
+    assert row.split("|")[3:6] == [" 1.00 [0.40, 1.00] (n=4) ", " 0.00 [0.00, 0.60] (n=4) ", " 0.25 [0.25, 0.25] (n=4) "]
     assert "– (n=0)" in next(l for l in text.splitlines() if "| generality |" in l)  # no sample: no number
     enh = [{"query_id": f"F{f}-fi-{t}", "fact_id": f"F{f}", "lang": "fi", "method": "matrice",
             "correct_after": t == 2} for f in range(3) for t in range(3)]
     table = enhancement_interval_table({"records": enh}, is_eval, ["fi"])
-    assert "1.00 [1.00, 1.00] (n=3)" in table and "evaluation queries" in table
+    assert "1.00 [0.29, 1.00] (n=3)" in table and "evaluation queries" in table
 
 
 def test_an_empty_set_is_counted_among_the_facts_the_experiment_scored():

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from matrice.evaluation.stats import (Estimate, bootstrap_mean, clustered_difference, holm, power, sign_flip_estimate,
-                           sign_flip_interval, sign_flip_p, verdict)
+from matrice.evaluation.stats import (RATE, Estimate, bootstrap_mean, clustered_difference, holm, power,
+                                     relation_mean, sign_flip_estimate, sign_flip_interval, sign_flip_p, verdict)
 
 
 def test_bootstrap_interval_covers_the_known_mean_about_95_percent_of_the_time():
@@ -27,6 +27,47 @@ def test_bootstrap_interval_narrows_with_more_facts_and_is_deterministic():
     width = lambda e: e.high - e.low  # noqa: E731
     assert width(bootstrap_mean(large)) < width(bootstrap_mean(small)) / 5
     assert bootstrap_mean(small, seed=3) == bootstrap_mean(small, seed=3)
+
+
+def test_a_rate_at_its_bound_gets_clopper_pearsons_interval_not_a_point():
+    """Every fact at rate 1 (or 0): the bootstrap's resamples are all that one value, so its interval
+    is a point; a rate's interval is then Clopper-Pearson's for n successes in n (scipy's, exactly)."""
+    from scipy.stats import binomtest
+
+    for n in (2, 5, 8, 30):
+        ci = binomtest(n, n).proportion_ci(0.95, method="exact")
+        assert bootstrap_mean([1.0] * n) == Estimate(1.0, 1.0, 1.0, n)  # what the percentile bootstrap gives
+        est = bootstrap_mean([1.0] * n, bounds=RATE)
+        assert (est.mean, est.high, est.n) == (1.0, 1.0, n) and est.low == pytest.approx(ci.low, rel=1e-9)
+        zero = bootstrap_mean([0.0] * n, bounds=RATE)
+        assert (zero.low, zero.mean) == (0.0, 0.0) and zero.high == pytest.approx(1 - ci.low, rel=1e-9)
+    mixed = [1.0, 1.0, 0.5, 1.0, 0.0, 1.0]  # not all at a bound: the bootstrap's own interval
+    assert bootstrap_mean(mixed, bounds=RATE) == bootstrap_mean(mixed)
+    assert bootstrap_mean([1.0], bounds=RATE) == Estimate(1.0, None, None, 1)
+
+
+def test_rate_intervals_cover_a_rate_near_one_where_the_bootstrap_alone_does_not():
+    """Facts that each know the answer with chance 0.95: most samples of 8 are all 1, where the
+    percentile bootstrap's point interval misses 0.95; with the bound the intervals cover it."""
+    rng = np.random.default_rng(5)
+    p, runs = 0.95, 300
+    samples = [rng.binomial(1, p, size=8).astype(float) for _ in range(runs)]
+    plain = sum(e.low <= p <= e.high for e in (bootstrap_mean(x, n_boot=500, seed=i) for i, x in enumerate(samples)))
+    bounded = sum(e.low <= p <= e.high for e in (bootstrap_mean(x, n_boot=500, seed=i, bounds=RATE)
+                                                 for i, x in enumerate(samples)))
+    assert plain / runs < 0.5 and bounded / runs >= 0.9
+
+
+def test_relation_rates_at_their_bound_use_the_relations_as_units():
+    of = lambda f: f.split("-")[0]  # noqa: E731
+    per_fact = {"P1-a": 1.0, "P1-b": 1.0, "P2-a": 1.0, "P3-a": 1.0}
+    est = relation_mean(per_fact, of, bounds=RATE)
+    assert (est.mean, est.high, est.n) == (1.0, 1.0, 3) and est.low == pytest.approx(0.025 ** (1 / 3))
+    assert relation_mean(per_fact, of).low == 1.0  # the two-stage bootstrap alone: a point
+    one = relation_mean({"P1-a": 0.0, "P1-b": 0.0}, of, bounds=RATE)  # one relation: its facts are the units
+    assert (one.low, one.n) == (0.0, 1) and one.high == pytest.approx(1 - 0.025 ** (1 / 2))
+    mixed = {"P1-a": 1.0, "P1-b": 0.0, "P2-a": 1.0}
+    assert relation_mean(mixed, of, bounds=RATE) == relation_mean(mixed, of)
 
 
 def test_missing_values_are_left_out_and_tiny_samples_have_no_interval():

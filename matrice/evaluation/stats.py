@@ -31,8 +31,9 @@ Direction = Literal["greater", "less"]
 
 @dataclass(frozen=True)
 class Estimate:
-    """Mean of per-fact values with its 95% bootstrap interval; p is set for paired differences
-    (two-sided test of a zero mean difference)."""
+    """Mean of per-unit values with its 95% interval (a bootstrap's, the sign-flip test's inverted, or
+    at a rate's bound :func:`boundary_interval`'s); p is set for paired differences (two-sided test
+    of a zero mean difference)."""
 
     mean: float | None
     low: float | None
@@ -68,14 +69,41 @@ def _bootstrap_means(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     return values[resample_indices(len(values), n_boot, seed)].mean(axis=1)
 
 
-def bootstrap_mean(values: Sequence[float | None], n_boot: int = 10_000, seed: int = 0, level: float = 0.95) -> Estimate:
+RATE = (0.0, 1.0)  # the bounds of a rate or share: ``bounds=RATE``
+
+
+def boundary_interval(values: np.ndarray, bounds: tuple[float, float] | None, n: int, level: float = 0.95
+                      ) -> tuple[float, float] | None:
+    """The interval of a mean whose every value sits at one end of ``bounds`` (a rate of 0 or 1 for
+    every unit), where a percentile bootstrap collapses to that point. For units in [lo, hi] the
+    chance that all n sit at hi is at most ((μ − lo)/(hi − lo))^n (Markov, unit by unit), so the means
+    that leave it above (1 − level)/2 are μ ≥ lo + (hi − lo)·((1 − level)/2)^(1/n): Clopper-Pearson's
+    bound for n successes in n, exact for 0/1 units and conservative otherwise (and the mirror image
+    at lo). None when the values are not all at one bound."""
+    if bounds is None or n < 1 or len(values) == 0:
+        return None
+    lo, hi = bounds
+    reach = (hi - lo) * ((1 - level) / 2) ** (1 / n)
+    if np.all(values == hi):
+        return lo + reach, hi
+    if np.all(values == lo):
+        return lo, hi - reach
+    return None
+
+
+def bootstrap_mean(values: Sequence[float | None], n_boot: int = 10_000, seed: int = 0, level: float = 0.95,
+                   bounds: tuple[float, float] | None = None) -> Estimate:
     """Mean and percentile-bootstrap interval of `values` (one per fact; None/NaN are left out).
-    One value: the mean without an interval. No values: no estimate."""
+    One value: the mean without an interval. No values: no estimate. ``bounds`` (a rate: `RATE`):
+    where every value sits at one bound the interval is :func:`boundary_interval`'s, not a point."""
     arr = _clean(values)
     if len(arr) == 0:
         return Estimate(None, None, None, 0)
     if len(arr) == 1:
         return Estimate(float(arr[0]), None, None, 1)
+    exact = boundary_interval(arr, bounds, len(arr), level)
+    if exact is not None:
+        return Estimate(float(arr.mean()), *exact, len(arr))
     means = _bootstrap_means(arr, n_boot, seed)
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
@@ -93,11 +121,13 @@ def by_relation(per_fact: Mapping[str, float | None], relation_of: Callable[[str
 
 
 def relation_mean(per_fact: Mapping[str, float | None], relation_of: Callable[[str], str], n_boot: int = 2_000,
-                  seed: int = 0, level: float = 0.95) -> Estimate:
+                  seed: int = 0, level: float = 0.95, bounds: tuple[float, float] | None = None) -> Estimate:
     """The descriptive twin of the verdicts' unit: each relation's mean over its facts, then the mean
     over relations, with a 95% percentile interval from a two-stage bootstrap (relations resampled,
     and the facts of each relation, once per replicate). n counts relations; a single relation's
-    interval is its facts' bootstrap."""
+    interval is its facts' bootstrap. ``bounds`` (a rate: `RATE`): where every fact sits at one
+    bound the interval is :func:`boundary_interval`'s over the relations (its facts for one relation),
+    not a point."""
     groups = by_relation(per_fact, relation_of)
     if not groups:
         return Estimate(None, None, None, 0)
@@ -105,6 +135,10 @@ def relation_mean(per_fact: Mapping[str, float | None], relation_of: Callable[[s
     point = float(np.mean([a.mean() for a in arrays]))
     if len(arrays) == 1 and len(arrays[0]) == 1:
         return Estimate(point, None, None, 1)
+    units = len(arrays) if len(arrays) > 1 else len(arrays[0])
+    exact = boundary_interval(np.concatenate(arrays), bounds, units, level)
+    if exact is not None:
+        return Estimate(point, *exact, len(arrays))
     rng = np.random.default_rng(seed)
     within = np.stack([a[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(axis=1) for a in arrays], axis=1)
     drawn = rng.integers(0, len(arrays), size=(n_boot, len(arrays)))

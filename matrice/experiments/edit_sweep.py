@@ -40,7 +40,7 @@ from matrice.experiments.edit.passes import EditedPasses, update_edit
 from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.whole_answer import AnswerSteps
-from matrice.evaluation.stats import Estimate, bootstrap_mean, pooled_ratio, relation_mean
+from matrice.evaluation.stats import RATE, Estimate, bootstrap_mean, pooled_ratio, relation_mean
 from matrice.evaluation.claims import Claim, RelationOf, make_claim, method_name, relation_prefix
 from matrice.io import RunOutputs
 from matrice.evaluation.report import RunResults, plot_edit_sweep
@@ -183,8 +183,8 @@ def sweep_curves(sweep: Mapping[str, Any]) -> dict[str, list[tuple[float, Estima
         points = []
         for lam in sweep["lambdas"]:
             mine = [r for r in records if r["method"] == method and r["lam"] == lam]
-            points.append((lam, bootstrap_mean(list(pooled_ratio(mine, "rel_ok", "rel_n").values())),
-                           bootstrap_mean(list(pooled_ratio(mine, "loc_ok", "loc_n").values()))))
+            points.append((lam, bootstrap_mean(list(pooled_ratio(mine, "rel_ok", "rel_n").values()), bounds=RATE),
+                           bootstrap_mean(list(pooled_ratio(mine, "loc_ok", "loc_n").values()), bounds=RATE)))
         curves[method] = points
     return curves
 
@@ -246,7 +246,7 @@ def matched_table(sweep: Mapping[str, Any], level: float, relation_of: RelationO
     for method in sweep["config"]["methods"]:
         values = matched_reliability(sweep, method, level)
         kept = {f: v for f, v in values.items() if v is not None}
-        lines.append(f"| {name(method)} | {relation_mean(kept, relation_of).format(2)} | {len(kept)} of {len(values)} |")
+        lines.append(f"| {name(method)} | {relation_mean(kept, relation_of, bounds=RATE).format(2)} | {len(kept)} of {len(values)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -34,7 +34,7 @@ from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.predict import is_correct
 from matrice.models.scaled_rows import decode_scaled_rows, scaling_set
 from matrice.models.whole_answer import score_rows
-from matrice.evaluation.stats import Estimate, per_fact_mean, relation_mean
+from matrice.evaluation.stats import RATE, Estimate, per_fact_mean, relation_mean
 from matrice.io import RunOutputs
 from matrice.evaluation.report import RunResults, not_drawn_note, plot_enhancement, split_empty, wide_rows
 
@@ -230,7 +230,8 @@ def enhancement_estimates(enhancement: Mapping[str, Any], is_evaluation: Callabl
     methods = list(dict.fromkeys(r["method"] for r in records))
     return {method: [relation_mean(per_fact_mean(
         records, lambda r: float(r["correct_after"]),
-        lambda r: r["method"] == method and scored(r) and value in (None, r[group])), relation_of) for value in groups]
+        lambda r: r["method"] == method and scored(r) and value in (None, r[group])), relation_of, bounds=RATE)
+        for value in groups]
         for method in methods}, have_eval
 
 

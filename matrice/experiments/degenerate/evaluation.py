@@ -11,7 +11,7 @@ import numpy as np
 from matrice.experiments.degenerate.search import DegenerateConfig
 from matrice.io import RunOutputs
 from matrice.evaluation.report import RunResults, ordered_langs
-from matrice.evaluation.stats import Estimate, bootstrap_mean, per_fact_mean
+from matrice.evaluation.stats import RATE, Estimate, bootstrap_mean, per_fact_mean
 
 
 def _per_fact(records: Sequence[dict], value) -> list[float]:
@@ -28,14 +28,14 @@ def summarise(records: Sequence[dict], n_languages: int) -> dict[str, dict[str, 
         mine = [r for r in records if r["set_kind"] == kind and r["n_candidates"] > 0]
         checks = [dict(r, ok=[c["holds"] for c in r["verified"] if c is not None]) for r in mine]
         out[kind] = {
-            "found": bootstrap_mean(_per_fact(mine, lambda r: float(bool(r["groups"])))),
+            "found": bootstrap_mean(_per_fact(mine, lambda r: float(bool(r["groups"]))), bounds=RATE),
             "groups": bootstrap_mean(_per_fact(mine, lambda r: len(r["groups"]))),
             "size": bootstrap_mean(_per_fact(mine, lambda r: np.mean([len(g) for g in r["groups"]]) if r["groups"] else None)),
             "layers": bootstrap_mean(_per_fact(mine, lambda r: np.mean(r["layers_spanned"]) if r["groups"] else None)),
-            "verified": bootstrap_mean(_per_fact(checks, lambda r: np.mean(r["ok"]) if r["ok"] else None)),
+            "verified": bootstrap_mean(_per_fact(checks, lambda r: np.mean(r["ok"]) if r["ok"] else None), bounds=RATE),
             "shared": bootstrap_mean(_per_fact(
                 mine, lambda r: np.mean([len(s) / max(n_languages - 1, 1) for s in r["shared_langs"]])
-                if r["groups"] and kind == "lakn" else None)),
+                if r["groups"] and kind == "lakn" else None), bounds=RATE),
         }
     return out
 

@@ -9,7 +9,7 @@ from matrice.evaluation.claims import (BASELINES, CELL, Claim, RelationOf, empty
                                        relation_prefix)
 from matrice.evaluation.report import RunResults, ordered_langs
 from matrice.io import RunOutputs
-from matrice.evaluation.stats import Estimate, pooled_ratio, relation_mean
+from matrice.evaluation.stats import RATE, Estimate, pooled_ratio, relation_mean
 
 # ---- claims: the paper's statements about this experiment, tested (matrice.evaluation.claims) ----------------
 
@@ -89,7 +89,7 @@ def editing_estimates(editing: Mapping[str, Any], languages: Sequence[str | None
                 if not any(n in r for r in mine):  # a result from before the metric existed
                     continue
                 out[(operation, method, metric)] = [relation_mean(pooled_ratio(
-                    [r for r in mine if lang in (None, r["lang"])], ok, n), relation_of) for lang in languages]
+                    [r for r in mine if lang in (None, r["lang"])], ok, n), relation_of, bounds=RATE) for lang in languages]
     return out
 
 

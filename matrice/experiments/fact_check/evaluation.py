@@ -14,7 +14,7 @@ from matrice.evaluation.claims import Claim, RelationOf, relation_prefix
 from matrice.experiments.fact_check.detectors import DETECTORS
 from matrice.io import RunOutputs
 from matrice.evaluation.report import RunResults, ordered_langs, plot_fact_check
-from matrice.evaluation.stats import (Estimate, bootstrap_mean, cluster_statistic, flag_counts, paired_ratio_difference, prf,
+from matrice.evaluation.stats import (RATE, Estimate, bootstrap_mean, cluster_statistic, flag_counts, paired_ratio_difference, prf,
                            verdict)
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def pair_accuracy(rows: Sequence[Mapping], detector: str) -> Estimate:
     for (fact, _), s in pairs.items():
         if len(s) == 2:
             per_fact[fact].append(1.0 if s[True] > s[False] else 0.5 if s[True] == s[False] else 0.0)
-    return bootstrap_mean([float(np.mean(v)) for v in per_fact.values()])
+    return bootstrap_mean([float(np.mean(v)) for v in per_fact.values()], bounds=RATE)
 
 
 # ---- claims: the paper's statements about this experiment, tested (matrice.evaluation.claims) ----------------

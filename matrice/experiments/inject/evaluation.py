@@ -11,7 +11,7 @@ import numpy as np
 from matrice.evaluation.claims import CELL, Claim, RelationOf, make_claim, relation_prefix
 from matrice.io import RunOutputs
 from matrice.evaluation.report import RunResults, markdown_table
-from matrice.evaluation.stats import by_relation, clustered_difference, per_fact_mean, relation_mean
+from matrice.evaluation.stats import RATE, by_relation, clustered_difference, per_fact_mean, relation_mean
 
 SPLITS = ("heldout", "transfer", "trained", "old")  # what the tables show (old_select chose the rate)
 SWEEP_SPLITS = (*SPLITS, "old_select")
@@ -153,8 +153,8 @@ def injection_interval_table(injection: Mapping[str, Any], languages: Sequence[s
     edge = injection.get("at_edge", {})
     lines = ["| variant | lr | seeds | " + " | ".join(SPLITS) + " | Avg |", "|---|---|---|" + "---|" * (len(SPLITS) + 1)]
     for v in variants:
-        cells = [relation_mean(injection_accuracy(records, v, sp), relation_of).format(2) for sp in SPLITS]
-        avg = relation_mean(injection_avg(records, v, relation_of), lambda r: r).format(2)
+        cells = [relation_mean(injection_accuracy(records, v, sp), relation_of, bounds=RATE).format(2) for sp in SPLITS]
+        avg = relation_mean(injection_avg(records, v, relation_of), lambda r: r, bounds=RATE).format(2)
         lr = injection.get("selected", {}).get(v, "–")
         lr_cell = f"{lr} (grid end)" if edge.get(v) else f"{lr}"
         n_seeds = len({r.get("seed") for r in records if r["variant"] == v and r.get("seed") is not None})
@@ -172,7 +172,7 @@ def _per_language(records: Sequence[Mapping[str, Any]], variants: Sequence[str],
                   relation_of: RelationOf, title: str) -> str:
     rows = ["| variant | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]
     for v in variants:
-        cells = [relation_mean(injection_accuracy(records, v, split, lang), relation_of).format(2) for lang in languages]
+        cells = [relation_mean(injection_accuracy(records, v, split, lang), relation_of, bounds=RATE).format(2) for lang in languages]
         rows.append(f"| {INJECT_NAMES.get(v, v)} | " + " | ".join(cells) + " |")
     return title + "\n\n" + "\n".join(rows) + "\n"
 
