@@ -19,7 +19,7 @@ def main() -> None:
     result = run_controls(stage.adapter, stage.attributed_queries, leave_one_out_from_json(path), stage.sets,
                           stage.params["seed"], stage.params["few_shot"], stage.params["manipulate"]["batch_size"],
                           zero_maps, stage.params["layer_norm"], stage.params["answer_token"])
-    write_outputs(result, stage.outputs)
+    write_outputs(result, stage.outputs, stage.rule, stage.relations)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def main() -> None:
     # units: attributed facts; Q_old: any other fact
     result = inject_knowledge(adapter, stage.queries, probes, stage.sets, stage.params["inject"]["variants"], cfg,
                               lambda q: rule(q.query_id), few_shot=stage.params["few_shot"], memo=memo)
-    write_outputs(result.to_dict(), stage.outputs)
+    write_outputs(result.to_dict(), stage.outputs, stage.relations)
 
 
 if __name__ == "__main__":

@@ -149,8 +149,11 @@ def test_held_out_queries_never_reach_attribution(tiny_run):
 def test_metrics_and_plot_data_are_the_tables_estimates(tiny_run, monkeypatch):
     """Every metrics/plot JSON value is the estimate of the table beside it: evaluation queries, each
     fact's mean, then each relation's — the verdicts' queries and unit."""
+    from matrice.evaluation.report import ordered_langs
+    from matrice.experiments.controls import control_estimates
     from matrice.experiments.edit import editing_estimates
     from matrice.experiments.enhance import enhancement_estimates
+    from matrice.experiments.inject import injection_estimates
     from matrice.experiments.manipulate import manipulation_estimates
     from matrice.data.schema import load_queries
     from stages.common import evaluation_rule, load_params, relation_of
@@ -184,6 +187,17 @@ def test_metrics_and_plot_data_are_the_tables_estimates(tiny_run, monkeypatch):
     for name, values in read("editing_metrics.json")["editing"].items():
         method, operation = name.split(".")
         assert values == {metric: editing[(operation, method, metric)][0].mean for metric in values}
+
+    controls = read("controls.json")
+    langs = ordered_langs({r["lang"] for part in ("lolo", "specificity", "baselines") for r in controls[part]})
+    estimates = control_estimates(controls, rule, langs, relations)
+    assert read("controls_metrics.json")["controls"] == {
+        part: {f"{m}/{lang}": e.mean for m, cells in per.items() for lang, e in zip(langs, cells) if e.mean is not None}
+        for part, per in estimates.items()}
+    assert estimates["lolo"] and estimates["specificity"]
+    injection = read("injection.json")
+    assert read("injection_metrics.json")["injection"] == {
+        v: {k: e.mean for k, e in cells.items()} for v, cells in injection_estimates(injection, relations).items()}
 
 
 def test_held_out_editing_never_reads_an_attributed_query(tiny_run):

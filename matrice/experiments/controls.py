@@ -37,10 +37,10 @@ from matrice.evaluation.claims import CELL, Claim, RelationOf, make_claim, metho
 from matrice.experiments import NeuronSetsLike, _facts_of, dataclass_dict, fact_neurons
 from matrice.experiments.manipulate import ManipulationRecord, Request, manipulate_many
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.evaluation.stats import relation_mean
+from matrice.evaluation.stats import Estimate, relation_mean
 from matrice.method.selection import intersection_score, top_k
 from matrice.method.uncertainty import normalize_layers
-from matrice.evaluation.report import RunResults
+from matrice.evaluation.report import RunResults, ordered_langs
 from matrice.io import RunOutputs
 
 SUPPRESS = {"suppress": 0.0}
@@ -174,16 +174,6 @@ def specificity(
                        answer_token), donors
 
 
-def per_language_means(records: Sequence[ManipulationRecord | Mapping[str, Any]]) -> dict[tuple[str, str], float]:
-    """Mean ΔP per (method, lang) over queries with a defined ΔP (for logs and quick looks)."""
-    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for r in records:
-        d = r if isinstance(r, Mapping) else dataclass_dict(r)
-        if d["delta_p"] is not None:
-            groups[(d["method"], d["lang"])].append(d["delta_p"])
-    return {k: float(np.mean(v)) for k, v in groups.items()}
-
-
 def zero_baseline_sets(queries: Sequence[Query], zero_maps: Mapping[str, np.ndarray], sets: NeuronSetsLike,
                        layer_norm: str = "abs") -> dict[str, np.ndarray]:
     """Per fact: the zero-baseline set built as ``amig_k`` is from AMIG's maps (selection.py): each
@@ -238,13 +228,36 @@ def run_controls(adapter: ModelAdapter, queries: Sequence[Query], lolo_sets: Map
     return result
 
 
-def write_outputs(result: ControlResult, out: RunOutputs) -> None:
-    """The result and each method's mean ΔP per language (`dvc metrics`)."""
-    out.json("controls.json", result.to_dict())
-    metrics = {part: {f"{m}/{lang}": v for (m, lang), v in sorted(per_language_means(records).items())}
-               for part, records in (("lolo", result.lolo), ("specificity", result.specificity),
-                                     ("baselines", result.baselines))}
-    out.json("controls_metrics.json", {"controls_mean_delta_p": metrics})
+def write_outputs(result: ControlResult, out: RunOutputs, is_evaluation: Callable[[str], bool],
+                  relation_of: RelationOf) -> None:
+    """The result and, for `dvc metrics`, the estimates the report shows: suppression ΔP/P per method
+    and language, each fact's mean, then each relation's (:func:`control_estimates`)."""
+    controls = result.to_dict()
+    out.json("controls.json", controls)
+    langs = ordered_langs({r["lang"] for part in ("lolo", "specificity", "baselines") for r in controls[part]})
+    metrics = {part: {f"{m}/{lang}": e.mean for m, cells in per_method.items() for lang, e in zip(langs, cells)
+                      if e.mean is not None}
+               for part, per_method in control_estimates(controls, is_evaluation, langs, relation_of).items()}
+    out.json("controls_metrics.json", {"controls": metrics})
+
+
+def control_estimates(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool], languages: Sequence[str],
+                      relation_of: RelationOf = relation_prefix) -> dict[str, dict[str, list[Estimate]]]:
+    """{part: {method: [Estimate per language]}} of suppression ΔP/P, as the tables show them: LOLO, its
+    controls (every query of the held-out language) and MATRICE's full set (evaluation queries, as it
+    saw the language's others); specificity and AMIG's against the zero baseline on evaluation queries."""
+    out: dict[str, dict[str, list[Estimate]]] = {"lolo": {}}
+    lolo = controls.get("lolo", [])
+    for method in ("lolo", LOLO_DONOR, "lolo_random_layer", "matrice"):
+        if any(r["method"] == method for r in lolo):
+            keep = (lambda r: is_evaluation(r["query_id"])) if method == "matrice" else (lambda r: True)
+            out["lolo"][method] = _per_language(lolo, method, keep, languages, relation_of)
+    for part, methods in (("specificity", SPECIFICITY_METHODS), ("baselines", BASELINE_METHODS)):
+        records = controls.get(part, [])
+        scored, _ = scored_queries(records, is_evaluation)
+        out[part] = {method: _per_language(records, method, scored, languages, relation_of)
+                     for method in methods if any(r["method"] == method for r in records)}
+    return out
 
 
 # ---- claims: the paper's statements about this experiment, tested (matrice.evaluation.claims) ----------------
@@ -317,33 +330,28 @@ def lolo_interval_table(controls: Mapping[str, Any], is_evaluation: Callable[[st
                         relation_of: RelationOf = relation_prefix) -> str:
     """Suppression ΔP/P in each held-out language: LOLO, its layer-matched random control (every query of
     the language) and MATRICE's full set (evaluation queries only, as it saw the language's others)."""
-    records = controls.get("lolo", [])
-    if not records:
+    if not controls.get("lolo"):
         return "No leave-one-language-out records in this run.\n"
+    return _language_table(control_estimates(controls, is_evaluation, languages, relation_of)["lolo"], languages)
+
+
+def _per_language(records: Sequence[Mapping[str, Any]], method: str, keep: Callable[[Mapping[str, Any]], bool],
+                  languages: Sequence[str], relation_of: RelationOf) -> list[Estimate]:
+    return [relation_mean(_suppression(records, method, lambda r, lang=lang: r["lang"] == lang and keep(r)), relation_of)
+            for lang in languages]
+
+
+def _language_table(per_method: Mapping[str, Sequence[Estimate]], languages: Sequence[str]) -> str:
     lines = ["| method | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]
-    for method in ("lolo", LOLO_DONOR, "lolo_random_layer", "matrice"):
-        if not any(r["method"] == method for r in records):
-            continue
-        keep = (lambda r: is_evaluation(r["query_id"])) if method == "matrice" else (lambda r: True)
-        cells = []
-        for lang in languages:
-            per_fact = _suppression(records, method, lambda r, lang=lang: r["lang"] == lang and keep(r))
-            cells.append(relation_mean(per_fact, relation_of).format(2))
-        lines.append(f"| {method_name(method)} | " + " | ".join(cells) + " |")
+    lines += [f"| {method_name(method)} | " + " | ".join(e.format(2) for e in cells) + " |"
+              for method, cells in per_method.items()]
     return "\n".join(lines) + "\n"
 
 
 def baseline_table(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool], languages: Sequence[str],
                    relation_of: RelationOf = relation_prefix) -> str:
     """Suppression ΔP/P per language of AMIG's size-matched set and the zero baseline's (evaluation queries)."""
-    records = controls.get("baselines", [])
-    scored, _ = scored_queries(records, is_evaluation)
-    lines = ["| method | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]
-    for method in BASELINE_METHODS:
-        cells = [relation_mean(_suppression(records, method, lambda r, lang=lang: r["lang"] == lang and scored(r)),
-                               relation_of).format(2) for lang in languages]
-        lines.append(f"| {method_name(method)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return _language_table(control_estimates(controls, is_evaluation, languages, relation_of)["baselines"], languages)
 
 
 # ---- its section of the report ------------------------------------------------------------------

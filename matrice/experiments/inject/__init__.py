@@ -4,7 +4,8 @@ checked (:mod:`~matrice.experiments.inject.units`: units, Q_old and its halves) 
 (:mod:`~matrice.experiments.inject.evaluation`: claims, tables, outputs, report section)."""
 
 from matrice.experiments.inject.evaluation import (  # noqa: F401 (the experiment's API)
-    INJECT_NAMES, injection_accuracy, injection_claims, injection_interval_table, section, write_outputs,
+    INJECT_NAMES, injection_accuracy, injection_claims, injection_estimates, injection_interval_table, section,
+    write_outputs,
 )
 from matrice.experiments.inject.training import (  # noqa: F401
     DEFAULT_VARIANTS, InjectConfig, InjectionRecord, InjectionResult, Unit, choose_units, inject_knowledge,

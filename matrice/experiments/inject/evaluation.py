@@ -11,7 +11,7 @@ import numpy as np
 from matrice.evaluation.claims import CELL, Claim, RelationOf, make_claim, relation_prefix
 from matrice.io import RunOutputs
 from matrice.evaluation.report import RunResults, markdown_table
-from matrice.evaluation.stats import RATE, by_relation, clustered_difference, per_fact_mean, relation_mean
+from matrice.evaluation.stats import RATE, Estimate, by_relation, clustered_difference, per_fact_mean, relation_mean
 
 SPLITS = ("heldout", "transfer", "trained", "old")  # what the tables show (old_select chose the rate)
 SWEEP_SPLITS = (*SPLITS, "old_select")
@@ -145,16 +145,27 @@ def injection_claims(injection: Mapping[str, Any], relation_of: RelationOf = rel
 
 
 
+def injection_estimates(injection: Mapping[str, Any], relation_of: RelationOf = relation_prefix
+                        ) -> dict[str, dict[str, Estimate]]:
+    """{variant: {split, and "avg": Estimate}} at each variant's selected rate, over its seeds: each
+    fact's accuracy, then each relation's (Avg: the paper's, per relation), as Table V shows them."""
+    records = _selected_records(injection)
+    return {v: {**{sp: relation_mean(injection_accuracy(records, v, sp), relation_of, bounds=RATE) for sp in SPLITS},
+                "avg": relation_mean(injection_avg(records, v, relation_of), lambda r: r, bounds=RATE)}
+            for v in dict.fromkeys(r["variant"] for r in records)}
+
+
 def injection_interval_table(injection: Mapping[str, Any], languages: Sequence[str],
                              relation_of: RelationOf = relation_prefix) -> str:
     """Each variant at its selected rate: accuracy per split, then transfer per language (`CELL`)."""
     records = _selected_records(injection)
-    variants = list(dict.fromkeys(r["variant"] for r in records))
+    estimates = injection_estimates(injection, relation_of)
+    variants = list(estimates)
     edge = injection.get("at_edge", {})
     lines = ["| variant | lr | seeds | " + " | ".join(SPLITS) + " | Avg |", "|---|---|---|" + "---|" * (len(SPLITS) + 1)]
     for v in variants:
-        cells = [relation_mean(injection_accuracy(records, v, sp), relation_of, bounds=RATE).format(2) for sp in SPLITS]
-        avg = relation_mean(injection_avg(records, v, relation_of), lambda r: r, bounds=RATE).format(2)
+        cells = [estimates[v][sp].format(2) for sp in SPLITS]
+        avg = estimates[v]["avg"].format(2)
         lr = injection.get("selected", {}).get(v, "–")
         lr_cell = f"{lr} (grid end)" if edge.get(v) else f"{lr}"
         n_seeds = len({r.get("seed") for r in records if r["variant"] == v and r.get("seed") is not None})
@@ -214,11 +225,12 @@ def sweep_table(injection: Mapping[str, Any]) -> str:
             + markdown_table(["variant", "lr", "seeds", "trainable params", "neurons", *SWEEP_SPLITS, ""], rows))
 
 
-def write_outputs(injection: Mapping[str, Any], out: RunOutputs) -> None:
-    """The result, each variant's accuracies at its selected rate (`dvc metrics`) and the sweep's table."""
+def write_outputs(injection: Mapping[str, Any], out: RunOutputs, relation_of: RelationOf = relation_prefix) -> None:
+    """The result, each variant's accuracies at its selected rate as Table V shows them (`dvc
+    metrics`: :func:`injection_estimates`) and the sweep's table."""
     out.json("injection.json", injection)
     out.json("injection_metrics.json", {"injection": {
-        v: {sp: injection["runs"][v][str(lr)][sp] for sp in SPLITS} for v, lr in injection["selected"].items()}})
+        v: {k: e.mean for k, e in cells.items()} for v, cells in injection_estimates(injection, relation_of).items()}})
     out.text("injection_tables.md", sweep_table(injection))
 
 
