@@ -100,6 +100,11 @@ def make_claim(source: str, text: str, comparison: str, direction: Direction, qu
                  comp.relation_diffs, comp.relations, untestable)
 
 
+def nonzero_units(diffs: Sequence[float]) -> int:
+    """Units whose difference is not 0 (up to float noise): the only ones a sign flip can move."""
+    return int(np.count_nonzero(np.abs(np.asarray(diffs, dtype=np.float64)) > 1e-12))
+
+
 def cannot_reject(c: Claim, alpha: float) -> str:
     """Why no sign pattern of the row's unit differences gives p < ``alpha`` ("" when one can): a unit
     whose difference is 0 keeps its |sum| under every flip, so with k units ≠ 0 the sign-flip p is at
@@ -112,7 +117,7 @@ def cannot_reject(c: Claim, alpha: float) -> str:
     best = sign_flip_p(np.abs(diffs))
     if best is None or best < alpha:
         return ""
-    k, unit = int(np.count_nonzero(np.abs(diffs) > 1e-12)), c.unit + "s"
+    k, unit = nonzero_units(diffs), c.unit + "s"
     return (f"{k} of its {len(diffs)} {unit} differ from 0: no sign pattern gives p < {alpha:g} "
             f"(at best {best:.3g})")
 
@@ -234,7 +239,7 @@ def power_table(claims: Sequence[Claim], alpha: float, facts_per_relation: float
              "|---|---|---|---|---|---|---|"]
     for c, pw in rows:
         fmt = lambda x, d=2: "–" if x is None else f"{x:.{d}f}"  # noqa: E731
-        nonzero = int(np.count_nonzero(np.abs(np.asarray(c.unit_diffs, dtype=np.float64)) > 1e-12))
+        nonzero = nonzero_units(c.unit_diffs)
         lines.append(f"| {c.key} | {c.estimate.n} | {nonzero if c.unit_diffs else '–'} | {fmt(pw.effect_size)} "
                      f"| {fmt(pw.minimum_detectable, 3)} | {pw.relations_needed or '–'} | {pw.facts_needed or '–'} |")
     n_rel = max(c.estimate.n for c in family)

@@ -104,10 +104,14 @@ def bootstrap_mean(values: Sequence[float | None], n_boot: int = 10_000, seed: i
     exact = boundary_interval(arr, bounds, len(arr), level)
     if exact is not None:
         return Estimate(float(arr.mean()), *exact, len(arr))
-    means = _bootstrap_means(arr, n_boot, seed)
+    return Estimate(float(arr.mean()), *percentile_interval(_bootstrap_means(arr, n_boot, seed), level), len(arr))
+
+
+def percentile_interval(draws: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` interval of resampled statistics (the percentile bootstrap's)."""
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return Estimate(float(arr.mean()), float(low), float(high), len(arr))
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def by_relation(per_fact: Mapping[str, float | None], relation_of: Callable[[str], str]) -> dict[str, list[float]]:
@@ -143,9 +147,7 @@ def relation_mean(per_fact: Mapping[str, float | None], relation_of: Callable[[s
     within = np.stack([a[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(axis=1) for a in arrays], axis=1)
     drawn = rng.integers(0, len(arrays), size=(n_boot, len(arrays)))
     means = np.take_along_axis(within, drawn, axis=1).mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return Estimate(point, float(low), float(high), len(arrays))
+    return Estimate(point, *percentile_interval(means, level), len(arrays))
 
 
 def sign_flip_p(diffs: Sequence[float | None], seed: int = 0) -> float | None:

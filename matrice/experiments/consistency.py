@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from scipy import stats as sps
 
-from matrice.evaluation.stats import Estimate, per_fact_mean, pooled_ratio
+from matrice.evaluation.stats import Estimate, per_fact_mean, percentile_interval, pooled_ratio
 from matrice.io import RunOutputs
 from matrice.evaluation.report import RunResults, plot_consistency
 
@@ -102,8 +102,7 @@ def _percentile(values: Sequence[float], point: float, n: int) -> Estimate:
     values = [v for v in values if np.isfinite(v)]
     if not values:
         return Estimate(point, None, None, n)
-    low, high = np.percentile(values, [2.5, 97.5])
-    return Estimate(point, float(low), float(high), n)
+    return Estimate(point, *percentile_interval(values), n)
 
 
 def group_mean(values: Sequence[float], clusters: Sequence[str] | None = None, seed: int = 0) -> Estimate:
