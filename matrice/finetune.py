@@ -18,6 +18,7 @@ import copy
 import logging
 import math
 import random
+import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -126,11 +127,42 @@ def answer_loss(adapter: ModelAdapter, model: nn.Module, encs: Sequence[Encoded]
 # sequence from the position ids (masking_utils), so training computes no padding. Only the model types
 # whose packed loss tests/test_injection.py checks against one query at a time; the others pad (BLOOM's
 # ALiBi reads the attention mask, masked LMs are bidirectional, the multimodal Gemma 3 is untested).
+# The row attends across all of its tokens' pairs, O((Σ length)²): small next to the projections at a
+# training batch's 8 short queries.
 PACKED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "gemma3_text")
+_keeps_apart: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
 def packs_sequences(adapter: ModelAdapter) -> bool:
-    return adapter.causal and getattr(adapter.model.config, "model_type", None) in PACKED_MODEL_TYPES
+    """Whether training packs a batch into one row: a model type above, and (checked once per model)
+    its masks keep packed sequences apart with the installed transformers."""
+    if not (adapter.causal and getattr(adapter.model.config, "model_type", None) in PACKED_MODEL_TYPES):
+        return False
+    if adapter.model not in _keeps_apart:
+        _keeps_apart[adapter.model] = _packing_keeps_sequences_apart(adapter)
+    return _keeps_apart[adapter.model]
+
+
+def _packing_keeps_sequences_apart(adapter: ModelAdapter) -> bool:
+    """Two short sequences packed give what each gives alone (a transformers release whose masks
+    ignored the position ids would let the second attend to the first, silently)."""
+    first, second = [5, 6, 7, 8], [9, 10, 11]
+    base, device = adapter.model.base_model, adapter.device
+    training = base.training
+    base.eval()
+    try:
+        with torch.no_grad():
+            alone = torch.cat([base(input_ids=torch.tensor([s], device=device), use_cache=False)[0][0]
+                               for s in (first, second)])
+            packed = base(input_ids=torch.tensor([first + second], device=device), use_cache=False,
+                          position_ids=torch.tensor([[*range(len(first)), *range(len(second))]], device=device))[0][0]
+    finally:
+        base.train(training)
+    apart = bool((packed - alone).abs().max() <= 2e-2 * alone.abs().max())
+    if not apart:
+        log.warning("this transformers version does not keep packed sequences apart for %s: training pads",
+                    adapter.model.config.model_type)
+    return apart
 
 
 def _packed_answer_hidden(adapter: ModelAdapter, items: Sequence[tuple[list[int], list[tuple[int, int]]]]

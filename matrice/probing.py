@@ -7,7 +7,6 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-
 from matrice.data.schema import Query
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query

@@ -149,11 +149,10 @@ def test_held_out_queries_never_reach_attribution(tiny_run):
 def test_metrics_and_plot_data_are_the_tables_estimates(tiny_run, monkeypatch):
     """Every metrics/plot JSON value is the estimate of the table beside it: evaluation queries, each
     fact's mean, then each relation's — the verdicts' queries and unit."""
-    from matrice.evaluation.report import ordered_langs
-    from matrice.experiments.controls import control_estimates
+    from matrice.evaluation.claims import method_name
     from matrice.experiments.edit import editing_estimates
     from matrice.experiments.enhance import enhancement_estimates
-    from matrice.experiments.inject import injection_estimates
+    from matrice.experiments.inject import INJECT_NAMES
     from matrice.experiments.manipulate import manipulation_estimates
     from matrice.data.schema import load_queries
     from stages.common import evaluation_rule, load_params, relation_of
@@ -188,16 +187,32 @@ def test_metrics_and_plot_data_are_the_tables_estimates(tiny_run, monkeypatch):
         method, operation = name.split(".")
         assert values == {metric: editing[(operation, method, metric)][0].mean for metric in values}
 
-    controls = read("controls.json")
-    langs = ordered_langs({r["lang"] for part in ("lolo", "specificity", "baselines") for r in controls[part]})
-    estimates = control_estimates(controls, rule, langs, relations)
-    assert read("controls_metrics.json")["controls"] == {
-        part: {f"{m}/{lang}": e.mean for m, cells in per.items() for lang, e in zip(langs, cells) if e.mean is not None}
-        for part, per in estimates.items()}
-    assert estimates["lolo"] and estimates["specificity"]
-    injection = read("injection.json")
-    assert read("injection_metrics.json")["injection"] == {
-        v: {k: e.mean for k, e in cells.items()} for v, cells in injection_estimates(injection, relations).items()}
+    report = (tiny_run / "reports/report.md").read_text()
+    controls = read("controls_metrics.json")["controls"]
+    lolo = _section_rows(report, "### Controls")
+    for part in ("lolo", "baselines"):
+        assert controls[part], part
+        for key, value in controls[part].items():
+            method, lang = key.split("/")
+            assert lolo[method_name(method)][lolo["method"].index(lang)].startswith(f"{value:.2f} "), key
+    table5 = _section_rows(report, "### New-knowledge injection")
+    for variant, values in read("injection_metrics.json")["injection"].items():
+        cells = dict(zip(table5["variant"], table5[INJECT_NAMES[variant]]))
+        for split, value in values.items():
+            assert cells["Avg" if split == "avg" else split].startswith(f"{value:.2f} "), (variant, split)
+
+
+def _section_rows(report: str, heading: str) -> dict[str, list[str]]:
+    """First cell → the other cells of every table row in the report's section under ``heading``
+    (a first cell's first row only: a section's tables come before anything they repeat)."""
+    section = report[report.index(heading):]
+    section = section[: section.find("\n### ", 1)] if "\n### " in section[1:] else section
+    rows: dict[str, list[str]] = {}
+    for line in section.splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows.setdefault(cells[0], cells[1:])
+    return rows
 
 
 def test_held_out_editing_never_reads_an_attributed_query(tiny_run):

@@ -110,6 +110,20 @@ def test_answer_loss_with_head_on_answer_positions_equals_full_logits(family):
             torch.testing.assert_close(f, s, **across_shapes(1e-5, 1e-4))
 
 
+def test_packing_is_checked_once_and_off_where_masks_would_let_sequences_meet(monkeypatch):
+    """A transformers whose masks ignored the position ids would let packed sequences attend to each
+    other: the once-per-model check sees it, and training pads (the loss still equals the reference)."""
+    import transformers.masking_utils as masking
+
+    assert packs_sequences(tiny_adapter("llama"))
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)  # one causal mask
+    a = tiny_adapter("llama", seed=3)  # a new model: checked anew
+    assert not packs_sequences(a)
+    encs = [encode_query(a, q) for q in QUERIES if q.lang in ("en", "fi")]
+    torch.testing.assert_close(answer_loss(a, a.model, encs), answer_loss_reference(a.model, a, encs),
+                               **across_shapes(1e-5, 1e-5))
+
+
 def test_direct_ft_and_lora_change_parameters(llama):
     saved = state(llama.model)
     encs = [encode_query(llama, q) for q in QUERIES if q.lang == "en"]

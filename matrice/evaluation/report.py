@@ -13,6 +13,12 @@ from matrice.io import read_output
 LANG_ORDER = ["en", "fr", "zh", "fi", "hu", "ja", "ko"]
 
 
+def report_languages(records) -> list[str]:
+    """The languages present in ``records`` that the report shows, in its order (its tables' columns)."""
+    present = {r["lang"] for r in records}
+    return [lang for lang in LANG_ORDER if lang in present]
+
+
 def ordered_langs(langs) -> list[str]:
     return sorted(langs, key=lambda l: (LANG_ORDER.index(l) if l in LANG_ORDER else len(LANG_ORDER), l))
 
@@ -278,5 +284,4 @@ class RunResults:
 
     def languages(self, records) -> list[str]:
         """The languages present in ``records``, in the report's order."""
-        present = {r["lang"] for r in records}
-        return [lang for lang in LANG_ORDER if lang in present]
+        return report_languages(records)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from scipy import stats as sps
 
-from matrice.evaluation.stats import Estimate, per_fact_mean, percentile_interval, pooled_ratio
+from matrice.evaluation.stats import RATE, Estimate, boundary_interval, per_fact_mean, percentile_interval, pooled_ratio
 from matrice.io import RunOutputs
 from matrice.evaluation.report import RunResults, plot_consistency
 
@@ -105,14 +105,20 @@ def _percentile(values: Sequence[float], point: float, n: int) -> Estimate:
     return Estimate(point, *percentile_interval(values), n)
 
 
-def group_mean(values: Sequence[float], clusters: Sequence[str] | None = None, seed: int = 0) -> Estimate:
+def group_mean(values: Sequence[float], clusters: Sequence[str] | None = None, seed: int = 0,
+               bounds: tuple[float, float] | None = None) -> Estimate:
     """Mean of per-fact values with a 95% percentile interval from resampling their relations
-    (``clusters``, one label per value; none: the facts)."""
+    (``clusters``, one label per value; none: the facts); a rate (``bounds``) whose every fact sits at
+    one bound gets `stats.boundary_interval`'s over the relations instead of a point."""
     x = np.asarray(values, float)
     if len(x) == 0:
         return Estimate(None, None, None, 0)
-    if len(set(clusters if clusters is not None else range(len(x)))) < 2:
+    units = len(set(clusters if clusters is not None else range(len(x))))
+    if units < 2:
         return Estimate(float(x.mean()), None, None, len(x))
+    exact = boundary_interval(x, bounds, units)
+    if exact is not None:
+        return Estimate(float(x.mean()), *exact, len(x))
     return _percentile([x[i].mean() for i in _cluster_draws(len(x), clusters, 10_000, seed)], float(x.mean()), len(x))
 
 
@@ -176,9 +182,10 @@ def link_table(consistency: Mapping[str, float], consistent: Mapping[str, bool],
             keep = [k for k, g in enumerate(groups) if g == flag]
             return [values[k] for k in keep], None if clusters is None else [clusters[k] for k in keep]
 
+        bounds = RATE if name.endswith("reliability") else None
         rows.append({
-            "effect": name, "consistent": group_mean(*within(True), seed=seed),
-            "inconsistent": group_mean(*within(False), seed=seed),
+            "effect": name, "consistent": group_mean(*within(True), seed=seed, bounds=bounds),
+            "inconsistent": group_mean(*within(False), seed=seed, bounds=bounds),
             "difference": group_difference(values, groups, clusters, seed),
             "spearman": spearman([consistency[f] for f in facts], values, clusters, seed),
         })

@@ -40,7 +40,7 @@ from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.evaluation.stats import Estimate, relation_mean
 from matrice.method.selection import intersection_score, top_k
 from matrice.method.uncertainty import normalize_layers
-from matrice.evaluation.report import RunResults, ordered_langs
+from matrice.evaluation.report import RunResults, report_languages
 from matrice.io import RunOutputs
 
 SUPPRESS = {"suppress": 0.0}
@@ -234,18 +234,30 @@ def write_outputs(result: ControlResult, out: RunOutputs, is_evaluation: Callabl
     and language, each fact's mean, then each relation's (:func:`control_estimates`)."""
     controls = result.to_dict()
     out.json("controls.json", controls)
-    langs = ordered_langs({r["lang"] for part in ("lolo", "specificity", "baselines") for r in controls[part]})
-    metrics = {part: {f"{m}/{lang}": e.mean for m, cells in per_method.items() for lang, e in zip(langs, cells)
-                      if e.mean is not None}
-               for part, per_method in control_estimates(controls, is_evaluation, langs, relation_of).items()}
-    out.json("controls_metrics.json", {"controls": metrics})
+    out.json("controls_metrics.json", {"controls": control_metrics(controls, is_evaluation, relation_of)})
+
+
+def control_metrics(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool], relation_of: RelationOf
+                    ) -> dict[str, dict[str, float]]:
+    """The report's numbers: LOLO's and the baselines' table cells (``method/lang``, the languages the
+    tables show) and each specificity method's estimate over every language, as its verdict rows use it."""
+    langs = report_languages(controls["lolo"])
+    estimates = control_estimates(controls, is_evaluation, langs, relation_of)
+    metrics = {part: {f"{m}/{lang}": e.mean for m, cells in estimates[part].items() for lang, e in zip(langs, cells)
+                      if e.mean is not None} for part in ("lolo", "baselines")}
+    scored, _ = scored_queries(controls.get("specificity", []), is_evaluation)
+    specificity = {m: relation_mean(_suppression(controls.get("specificity", []), m, scored), relation_of).mean
+                   for m in SPECIFICITY_METHODS}
+    metrics["specificity"] = {m: v for m, v in specificity.items() if v is not None}
+    return metrics
 
 
 def control_estimates(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool], languages: Sequence[str],
                       relation_of: RelationOf = relation_prefix) -> dict[str, dict[str, list[Estimate]]]:
     """{part: {method: [Estimate per language]}} of suppression ΔP/P, as the tables show them: LOLO, its
     controls (every query of the held-out language) and MATRICE's full set (evaluation queries, as it
-    saw the language's others); specificity and AMIG's against the zero baseline on evaluation queries."""
+    saw the language's others); AMIG's against the zero baseline and specificity (whose verdict rows
+    pool the languages) on evaluation queries."""
     out: dict[str, dict[str, list[Estimate]]] = {"lolo": {}}
     lolo = controls.get("lolo", [])
     for method in ("lolo", LOLO_DONOR, "lolo_random_layer", "matrice"):
@@ -358,7 +370,7 @@ def baseline_table(controls: Mapping[str, Any], is_evaluation: Callable[[str], b
 
 def section(run: RunResults) -> str:
     controls = run.json("controls.json")
-    langs = run.languages(controls["lolo"])
+    langs = report_languages(controls["lolo"])
     donors = controls["donors"]
     pairs = ", ".join(f"{f} ← {d['same_relation']} / {d['other_relation']}" for f, d in sorted(donors.items()))
     return (

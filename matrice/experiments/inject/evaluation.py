@@ -230,7 +230,8 @@ def write_outputs(injection: Mapping[str, Any], out: RunOutputs, relation_of: Re
     metrics`: :func:`injection_estimates`) and the sweep's table."""
     out.json("injection.json", injection)
     out.json("injection_metrics.json", {"injection": {
-        v: {k: e.mean for k, e in cells.items()} for v, cells in injection_estimates(injection, relation_of).items()}})
+        v: {k: e.mean for k, e in cells.items() if e.mean is not None}
+        for v, cells in injection_estimates(injection, relation_of).items()}})
     out.text("injection_tables.md", sweep_table(injection))
 
 
