@@ -146,16 +146,14 @@ def packs_sequences(adapter: ModelAdapter) -> bool:
 def _packing_keeps_sequences_apart(adapter: ModelAdapter) -> bool:
     """Two short sequences packed give what each gives alone (a transformers release whose masks
     ignored the position ids would let the second attend to the first, silently)."""
-    first, second = [5, 6, 7, 8], [9, 10, 11]
-    base, device = adapter.model.base_model, adapter.device
+    sequences = [[5, 6, 7, 8], [9, 10, 11]]
+    base = adapter.model.base_model
     training = base.training
     base.eval()
     try:
         with torch.no_grad():
-            alone = torch.cat([base(input_ids=torch.tensor([s], device=device), use_cache=False)[0][0]
-                               for s in (first, second)])
-            packed = base(input_ids=torch.tensor([first + second], device=device), use_cache=False,
-                          position_ids=torch.tensor([[*range(len(first)), *range(len(second))]], device=device))[0][0]
+            alone = torch.cat([_packed_body(adapter, [s]) for s in sequences])
+            packed = _packed_body(adapter, sequences)
     finally:
         base.train(training)
     apart = bool((packed - alone).abs().max() <= 2e-2 * alone.abs().max())
@@ -169,18 +167,22 @@ def _packed_answer_hidden(adapter: ModelAdapter, items: Sequence[tuple[list[int]
                           ) -> tuple[torch.Tensor, list[int]]:
     """The body's output at every answer position and its target, the sequences packed into one row
     (positions restart at each, so each attends to itself only): no padding is computed."""
-    ids: list[int] = []
-    positions: list[int] = []
-    at, tgt = [], []
+    at, tgt, offset = [], [], 0
     for seq, targets in items:
-        at += [len(ids) + p for p, _ in targets]
+        at += [offset + p for p, _ in targets]
         tgt += [t for _, t in targets]
-        ids += seq
-        positions += range(len(seq))
+        offset += len(seq)
+    hidden = _packed_body(adapter, [seq for seq, _ in items])
+    return hidden[torch.tensor(at, device=hidden.device)], tgt
+
+
+def _packed_body(adapter: ModelAdapter, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The body's output [Σ length, d] for ``sequences`` run as one row, positions restarting at each."""
+    ids = [t for seq in sequences for t in seq]
+    positions = [p for seq in sequences for p in range(len(seq))]
     device = adapter.device
-    hidden = adapter.model.base_model(input_ids=torch.tensor([ids], device=device),
-                                      position_ids=torch.tensor([positions], device=device), use_cache=False)[0]
-    return hidden[0, torch.tensor(at, device=hidden.device)], tgt
+    return adapter.model.base_model(input_ids=torch.tensor([ids], device=device),
+                                    position_ids=torch.tensor([positions], device=device), use_cache=False)[0][0]
 
 
 def _padded_answer_hidden(adapter: ModelAdapter, items: Sequence[tuple[list[int], list[tuple[int, int]]]]

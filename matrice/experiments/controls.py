@@ -230,8 +230,7 @@ def run_controls(adapter: ModelAdapter, queries: Sequence[Query], lolo_sets: Map
 
 def write_outputs(result: ControlResult, out: RunOutputs, is_evaluation: Callable[[str], bool],
                   relation_of: RelationOf) -> None:
-    """The result and, for `dvc metrics`, the estimates the report shows: suppression ΔP/P per method
-    and language, each fact's mean, then each relation's (:func:`control_estimates`)."""
+    """The result and, for `dvc metrics`, the estimates the report shows (:func:`control_metrics`)."""
     controls = result.to_dict()
     out.json("controls.json", controls)
     out.json("controls_metrics.json", {"controls": control_metrics(controls, is_evaluation, relation_of)})
@@ -239,12 +238,14 @@ def write_outputs(result: ControlResult, out: RunOutputs, is_evaluation: Callabl
 
 def control_metrics(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool], relation_of: RelationOf
                     ) -> dict[str, dict[str, float]]:
-    """The report's numbers: LOLO's and the baselines' table cells (``method/lang``, the languages the
-    tables show) and each specificity method's estimate over every language, as its verdict rows use it."""
+    """The report's numbers, suppression ΔP/P each fact's mean then each relation's: LOLO's and the
+    baselines' table cells (``method/lang``, the languages the tables show) and each specificity
+    method's estimate over every language, as its verdict rows use it."""
     langs = report_languages(controls["lolo"])
-    estimates = control_estimates(controls, is_evaluation, langs, relation_of)
-    metrics = {part: {f"{m}/{lang}": e.mean for m, cells in estimates[part].items() for lang, e in zip(langs, cells)
-                      if e.mean is not None} for part in ("lolo", "baselines")}
+    tables = {"lolo": lolo_estimates(controls, is_evaluation, langs, relation_of),
+              "baselines": baseline_estimates(controls, is_evaluation, langs, relation_of)}
+    metrics = {part: {f"{m}/{lang}": e.mean for m, cells in per_method.items() for lang, e in zip(langs, cells)
+                      if e.mean is not None} for part, per_method in tables.items()}
     scored, _ = scored_queries(controls.get("specificity", []), is_evaluation)
     specificity = {m: relation_mean(_suppression(controls.get("specificity", []), m, scored), relation_of).mean
                    for m in SPECIFICITY_METHODS}
@@ -252,24 +253,27 @@ def control_metrics(controls: Mapping[str, Any], is_evaluation: Callable[[str], 
     return metrics
 
 
-def control_estimates(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool], languages: Sequence[str],
-                      relation_of: RelationOf = relation_prefix) -> dict[str, dict[str, list[Estimate]]]:
-    """{part: {method: [Estimate per language]}} of suppression ΔP/P, as the tables show them: LOLO, its
-    controls (every query of the held-out language) and MATRICE's full set (evaluation queries, as it
-    saw the language's others); AMIG's against the zero baseline and specificity (whose verdict rows
-    pool the languages) on evaluation queries."""
-    out: dict[str, dict[str, list[Estimate]]] = {"lolo": {}}
+def lolo_estimates(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool], languages: Sequence[str],
+                   relation_of: RelationOf = relation_prefix) -> dict[str, list[Estimate]]:
+    """{method: [suppression ΔP/P per held-out language]}: LOLO and its controls on every query of the
+    language, MATRICE's full set on its evaluation queries (it saw the language's others)."""
     lolo = controls.get("lolo", [])
+    out = {}
     for method in ("lolo", LOLO_DONOR, "lolo_random_layer", "matrice"):
         if any(r["method"] == method for r in lolo):
             keep = (lambda r: is_evaluation(r["query_id"])) if method == "matrice" else (lambda r: True)
-            out["lolo"][method] = _per_language(lolo, method, keep, languages, relation_of)
-    for part, methods in (("specificity", SPECIFICITY_METHODS), ("baselines", BASELINE_METHODS)):
-        records = controls.get(part, [])
-        scored, _ = scored_queries(records, is_evaluation)
-        out[part] = {method: _per_language(records, method, scored, languages, relation_of)
-                     for method in methods if any(r["method"] == method for r in records)}
+            out[method] = _per_language(lolo, method, keep, languages, relation_of)
     return out
+
+
+def baseline_estimates(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool], languages: Sequence[str],
+                       relation_of: RelationOf = relation_prefix) -> dict[str, list[Estimate]]:
+    """{method: [suppression ΔP/P per language]} of AMIG's size-matched set and the zero baseline's,
+    on evaluation queries."""
+    records = controls.get("baselines", [])
+    scored, _ = scored_queries(records, is_evaluation)
+    return {method: _per_language(records, method, scored, languages, relation_of)
+            for method in BASELINE_METHODS if any(r["method"] == method for r in records)}
 
 
 # ---- claims: the paper's statements about this experiment, tested (matrice.evaluation.claims) ----------------
@@ -344,7 +348,7 @@ def lolo_interval_table(controls: Mapping[str, Any], is_evaluation: Callable[[st
     the language) and MATRICE's full set (evaluation queries only, as it saw the language's others)."""
     if not controls.get("lolo"):
         return "No leave-one-language-out records in this run.\n"
-    return _language_table(control_estimates(controls, is_evaluation, languages, relation_of)["lolo"], languages)
+    return _language_table(lolo_estimates(controls, is_evaluation, languages, relation_of), languages)
 
 
 def _per_language(records: Sequence[Mapping[str, Any]], method: str, keep: Callable[[Mapping[str, Any]], bool],
@@ -363,7 +367,7 @@ def _language_table(per_method: Mapping[str, Sequence[Estimate]], languages: Seq
 def baseline_table(controls: Mapping[str, Any], is_evaluation: Callable[[str], bool], languages: Sequence[str],
                    relation_of: RelationOf = relation_prefix) -> str:
     """Suppression ΔP/P per language of AMIG's size-matched set and the zero baseline's (evaluation queries)."""
-    return _language_table(control_estimates(controls, is_evaluation, languages, relation_of)["baselines"], languages)
+    return _language_table(baseline_estimates(controls, is_evaluation, languages, relation_of), languages)
 
 
 # ---- its section of the report ------------------------------------------------------------------
