@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup pipeline test smoke gpu-check gpu-carry clean-venv
+.PHONY: setup pipeline exp test smoke gpu-check gpu-carry clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,13 @@ setup: $(BIN)/.installed
 JOBS ?= 1
 pipeline: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(if $(filter 1,$(JOBS)),$(BIN)/dvc repro,$(BIN)/python -m stages.parallel --jobs $(JOBS))
+
+# `make exp S="tau=0.3 edit.lambda1=2" JOBS=2`: `dvc exp run -S tau=0.3 -S edit.lambda1=2`, its stages
+# JOBS at a time, saved as an experiment (`dvc exp save`; NAME=... names it). JOBS=1 is `dvc exp run`.
+S ?=
+NAME ?=
+exp: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(if $(filter 1,$(JOBS)),$(BIN)/dvc exp run,$(BIN)/python -m stages.parallel --jobs $(JOBS) --exp) $(foreach s,$(S),-S $(s)) $(if $(NAME),--name $(NAME),)
 
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q

@@ -12,12 +12,25 @@ are removed first, as DVC does; once its command succeeds it is recorded (`dvc c
 stage: its dependencies, parameters and outputs as they are now). A failed stage stops new starts;
 the running ones finish and are recorded, and nothing downstream of the failure runs.
 
-    python -m stages.parallel --jobs 2          # or: make pipeline JOBS=2
+Of the stages ready to start, the one with the longest remaining path (its own time plus the
+longest chain of stages downstream of it, from the times the last runs took) starts first, so the
+long stages do not end up alone at the end; a stage never timed counts as 0 s, dvc.yaml's order
+breaks ties. The times are kept in `.dvc/tmp/parallel/durations.json`.
+
+With ``-S`` and ``--exp`` it is `dvc exp run -S ...` with several stages at a time: the parameter
+overrides (DVC's syntax: ``tau=0.3``, ``edit.lambda1=2``, ``file.yaml:key=value``) are written into
+the parameter files, the stale stages run, and the workspace is saved as an experiment (`dvc exp
+save`), so `dvc exp show`, `dvc metrics diff` and `dvc plots diff` compare it as they would a
+`dvc exp run`.
+
+    python -m stages.parallel --jobs 2                          # or: make pipeline JOBS=2
+    python -m stages.parallel --jobs 2 -S tau=0.3 --exp         # or: make exp S=tau=0.3 JOBS=2
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -29,6 +42,7 @@ from pathlib import Path
 import networkx as nx  # DVC's own graph library: its stage graph is a networkx DiGraph
 
 POLL_S = 0.2
+DURATIONS = "durations.json"
 
 
 @dataclass(frozen=True)
@@ -81,28 +95,61 @@ def _closure_upstream(graph: nx.DiGraph, stages: dict, target: str) -> set[str]:
     return {target} | {s.addressing for s in nx.descendants(graph, stages[target])}
 
 
+def remaining_path(stages: list[Stage], durations: dict[str, float]) -> dict[str, float]:
+    """Per stage: its time plus the longest chain of times downstream of it (the time still needed
+    once it starts, however many cores); a stage never timed counts as 0."""
+    downstream: dict[str, list[str]] = {s.address: [] for s in stages}
+    for s in stages:
+        for up in s.upstream:
+            downstream[up].append(s.address)
+    path: dict[str, float] = {}
+    for s in reversed(stages):  # upstream first, so every stage downstream of s is done before s
+        path[s.address] = durations.get(s.address, 0.0) + max((path[d] for d in downstream[s.address]), default=0.0)
+    return path
+
+
+def read_durations(log_dir: Path) -> dict[str, float]:
+    """The seconds each stage took when it last ran here (empty before the first run)."""
+    try:
+        return {str(k): float(v) for k, v in json.loads((log_dir / DURATIONS).read_text()).items()}
+    except (FileNotFoundError, ValueError, AttributeError):
+        return {}
+
+
+def _write_durations(log_dir: Path, durations: dict[str, float]) -> None:
+    tmp = log_dir / f"{DURATIONS}.tmp"
+    tmp.write_text(json.dumps(dict(sorted(durations.items())), indent=1))
+    tmp.replace(log_dir / DURATIONS)
+
+
 def run(root: Path, stages: list[Stage], jobs: int, threads: int, log_dir: Path) -> Outcome:
     """Every stage in ``stages`` (upstream first), at most ``jobs`` at a time with ``threads`` torch
-    threads each; each recorded in dvc.lock as soon as it succeeds."""
+    threads each, the ready stage with the longest remaining path first; each recorded in dvc.lock
+    as soon as it succeeds, and its time kept for the next run's order."""
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    outcome, waiting = Outcome(), list(stages)
-    running: dict[str, tuple[subprocess.Popen, Path]] = {}
+    durations = read_durations(log_dir)
+    path = remaining_path(stages, durations)
+    outcome = Outcome()
+    waiting = sorted(stages, key=lambda s: -path[s.address])  # stable: ties keep the graph's order
+    running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
     while waiting or running:
-        for address, (process, log) in list(running.items()):
+        for address, (process, log, started) in list(running.items()):
             if process.poll() is None:
                 continue
             del running[address]
             if process.returncode == 0 and _record(root, address, log):
                 outcome.done.append(address)
-                _say(f"done     {address}")
+                durations[address] = round(time.monotonic() - started, 1)
+                _write_durations(log_dir, durations)
+                _say(f"done     {address} ({durations[address]:.0f} s)")
             else:
                 outcome.failed[address] = log
                 _say(f"FAILED   {address} (exit {process.returncode}; log {log})")
         ready = [s for s in waiting if s.upstream <= set(outcome.done)] if not outcome.failed else []
         for stage in ready[: max(0, jobs - len(running))]:
             waiting.remove(stage)
-            running[stage.address] = _start(stage, env, log_dir)
+            running[stage.address] = (*_start(stage, env, log_dir), time.monotonic())
         if outcome.failed and not running:
             break
         time.sleep(POLL_S)
@@ -144,15 +191,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="stages at a time (default 2)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per stage (default: the cores divided among the jobs, at least 1)")
+    parser.add_argument("-S", "--set-param", action="append", default=[], metavar="[FILE:]PARAM=VALUE",
+                        help="a parameter override, as `dvc exp run -S` takes it (repeatable)")
+    parser.add_argument("--exp", action="store_true",
+                        help="save the result as an experiment (`dvc exp save`), as `dvc exp run` does")
+    parser.add_argument("-n", "--name", default=None, help="the experiment's name (with --exp)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if args.name and not args.exp:
+        parser.error("--name names an experiment: add --exp")
     root = Path.cwd()
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    if args.set_param:
+        set_params(root, args.set_param)
     stages = stale_stages(root, args.targets or None)
     if not stages:
         _say("every stage is up to date")
-        return 0
+        return save_experiment(root, args.name) if args.exp else 0
     _say(f"{len(stages)} stages to run, {args.jobs} at a time, {threads} thread(s) each: "
          + ", ".join(s.address for s in stages))
     outcome = run(root, stages, args.jobs, threads, root / ".dvc" / "tmp" / "parallel")
@@ -160,7 +216,81 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"failed: {', '.join(outcome.failed)}; not started: {', '.join(outcome.skipped) or 'none'}")
         return 1
     _say(f"all {len(outcome.done)} stages done and recorded in dvc.lock")
-    return 0
+    return save_experiment(root, args.name) if args.exp else 0
+
+
+def set_params(root: Path, overrides: list[str]) -> None:
+    """Write `dvc exp run -S`'s overrides into the parameter files: DVC's own parser computes the new
+    values (so a key that does not exist is refused as `dvc exp run` refuses it), and only the values
+    that changed are rewritten, the rest of the file (comments, list style) as it was."""
+    from dvc.utils.cli_parse import to_path_overrides
+
+    for path, by_file in to_path_overrides(overrides).items():
+        if not (root / path).is_file():
+            raise SystemExit(f"-S {' '.join(by_file)}: no parameter file {path}")
+        _rewrite_changed(root / path, _overridden(root / path, by_file, ' '.join(by_file)))
+        _say(f"set      {', '.join(by_file)} in {path}")
+
+
+def _overridden(path: Path, overrides: list[str], shown: str) -> dict:
+    """The parameters of ``path`` with ``overrides`` applied by DVC (on a copy: ``path`` is untouched)."""
+    import tempfile
+
+    import yaml
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / path.name
+        shutil.copyfile(path, copy)
+        try:
+            apply_overrides(copy, overrides)
+        except InvalidArgumentError as error:
+            raise SystemExit(f"-S {shown}: {error.__cause__ or error} ({path.name})") from None
+        return yaml.safe_load(copy.read_text()) or {}
+
+
+def _rewrite_changed(path: Path, new: dict) -> None:
+    """Set in ``path`` (a YAML file, round-tripped) every value that differs from ``new``; atomic.
+    Unchanged lines stay as they were; a new list of scalars is written inline, as params.yaml's are."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedSeq
+
+    yaml = YAML()  # round-trip: comments, inline lists and key order stay
+    yaml.preserve_quotes = True
+    yaml.width = 4096
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = yaml.load(path.read_text())
+
+    def inline(value):
+        if isinstance(value, list) and all(not isinstance(v, (list, dict)) for v in value):
+            value = CommentedSeq(value)
+            value.fa.set_flow_style()
+        return value
+
+    def merge(into, values) -> None:
+        for key in [k for k in into if k not in values]:
+            del into[key]  # a `~key` override removes it
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            elif key not in into or into[key] != value:
+                into[key] = inline(value)
+
+    merge(doc, new)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as stream:
+        yaml.dump(doc, stream)
+    tmp.replace(path)
+
+
+def save_experiment(root: Path, name: str | None) -> int:
+    """`dvc exp save` of the workspace (its parameters, dvc.lock, metrics and cached outputs)."""
+    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "save", *(["--name", name] if name else [])],
+                          cwd=root, capture_output=True, text=True)
+    _say(f"dvc exp save: {(done.stdout + done.stderr).strip()}")
+    return done.returncode
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """stages.parallel: the stale stages run several at a time in the graph's order and end recorded in
-dvc.lock exactly as `dvc repro` leaves them (`dvc status` clean); a failure stops what depends on it."""
+dvc.lock exactly as `dvc repro` leaves them (`dvc status` clean); a failure stops what depends on it;
+the stage with the longest remaining path starts first; with -S and --exp it is `dvc exp run`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.parallel import main, stale_stages
+from stages.parallel import main, read_durations, remaining_path, stale_stages
 
 # a → b@x, b@y (one second each: they overlap only when run together) → c; b's outputs persist
 STAGE = """import json, sys, time
@@ -26,13 +27,16 @@ open("times/" + name, "w").write(json.dumps([start, time.time()]))
 """
 
 
-def _project(root: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+def _project(root: Path, git: bool = False) -> Path:
+    if git:
+        for command in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"]):
+            subprocess.run(command, cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q", *([] if git else ["--no-scm"])], cwd=root, check=True)
     (root / "stage.py").write_text(STAGE)
     (root / "times").mkdir()
     (root / "pause").write_text("1.0")
     (root / "fail").write_text("no")
-    (root / "params.yaml").write_text("factor: 1\n")
+    (root / "params.yaml").write_text("factor: 1         # a's parameter\nother: [1, 2]     # untouched\n")
     run = f"{sys.executable} stage.py"
     stages = {
         "a": {"cmd": f"{run} a pause a.txt", "deps": ["stage.py", "pause"], "params": ["factor"],
@@ -97,3 +101,51 @@ def test_a_target_brings_only_its_upstream_up_to_date(tmp_path, monkeypatch):
     assert main(["b@x"]) == 0 and set(_status(root)) == {"b@y", "c"}
     with pytest.raises(SystemExit, match="no stage 'nope'"):
         stale_stages(root, ["nope"])
+
+
+def test_the_ready_stage_with_the_longest_remaining_path_starts_first(tmp_path, monkeypatch):
+    root = _project(tmp_path)
+    monkeypatch.chdir(root)
+    stages = stale_stages(root)
+    assert remaining_path(stages, {"a": 1, "b@x": 2, "b@y": 5, "c": 1}) == {"a": 7, "b@x": 3, "b@y": 6, "c": 1}
+    assert remaining_path(stages, {}) == {"a": 0, "b@x": 0, "b@y": 0, "c": 0}
+    log_dir = root / ".dvc" / "tmp" / "parallel"
+    log_dir.mkdir(parents=True)
+    (log_dir / "durations.json").write_text(json.dumps({"b@x": 0.5, "b@y": 9.0}))  # b@y took longer last time
+    assert main(["--jobs", "1"]) == 0
+    t = _times(root)
+    assert t["b@y"][1] <= t["b@x"][0]  # so it ran first, though dvc.yaml lists b@x first
+    durations = read_durations(log_dir)
+    assert set(durations) == {"a", "b@x", "b@y", "c"} and all(0.9 < durations[s] < 30 for s in durations)
+
+    (log_dir / "durations.json").write_text("not json")  # a damaged record: dvc.yaml's order again
+    (root / "pause").write_text("0.2")
+    assert main(["--jobs", "1"]) == 0
+    t = _times(root)
+    assert t["b@x"][1] <= t["b@y"][0]
+
+
+def test_set_params_and_exp_are_dvc_exp_run_with_stages_at_a_time(tmp_path, monkeypatch):
+    root = _project(tmp_path, git=True)
+    monkeypatch.chdir(root)
+    assert main(["--jobs", "2"]) == 0
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "baseline"], cwd=root, check=True)
+
+    with pytest.raises(SystemExit, match="Could not override 'nope'"):
+        main(["-S", "nope=2", "--exp"])
+    with pytest.raises(SystemExit, match="no parameter file missing.yaml"):
+        main(["-S", "missing.yaml:factor=2"])
+    assert (root / "params.yaml").read_text().startswith("factor: 1 ")  # nothing written
+
+    before = _times(root)
+    assert main(["--jobs", "2", "-S", "factor=2", "--exp", "--name", "f2"]) == 0
+    assert (root / "params.yaml").read_text() == "factor: 2         # a's parameter\nother: [1, 2]     # untouched\n"
+    assert _status(root) == {}  # every stage downstream of the parameter ran and is recorded
+    assert all(_times(root)[s][0] > before[s][1] for s in ("a", "b@x", "b@y", "c"))  # a's parameter: all reran
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root, check=True,
+                           capture_output=True, text=True).stdout
+    assert '"f2"' in shown  # saved as an experiment, as `dvc exp run -S factor=2 -n f2` would be
+    diff = subprocess.run([sys.executable, "-m", "dvc", "params", "diff", "--json"], cwd=root, check=True,
+                          capture_output=True, text=True).stdout
+    assert json.loads(diff) == {"params.yaml": {"factor": {"old": 1, "new": 2, "diff": 1}}}
