@@ -30,6 +30,7 @@ save`), so `dvc exp show`, `dvc metrics diff` and `dvc plots diff` compare it as
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -40,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import networkx as nx  # DVC's own graph library: its stage graph is a networkx DiGraph
+
+from matrice.io import atomic_write_json, atomic_write_text
 
 POLL_S = 0.2
 DURATIONS = "durations.json"
@@ -116,12 +119,6 @@ def read_durations(log_dir: Path) -> dict[str, float]:
         return {}
 
 
-def _write_durations(log_dir: Path, durations: dict[str, float]) -> None:
-    tmp = log_dir / f"{DURATIONS}.tmp"
-    tmp.write_text(json.dumps(dict(sorted(durations.items())), indent=1))
-    tmp.replace(log_dir / DURATIONS)
-
-
 def run(root: Path, stages: list[Stage], jobs: int, threads: int, log_dir: Path) -> Outcome:
     """Every stage in ``stages`` (upstream first), at most ``jobs`` at a time with ``threads`` torch
     threads each, the ready stage with the longest remaining path first; each recorded in dvc.lock
@@ -141,7 +138,7 @@ def run(root: Path, stages: list[Stage], jobs: int, threads: int, log_dir: Path)
             if process.returncode == 0 and _record(root, address, log):
                 outcome.done.append(address)
                 durations[address] = round(time.monotonic() - started, 1)
-                _write_durations(log_dir, durations)
+                atomic_write_json(log_dir / DURATIONS, dict(sorted(durations.items())))
                 _say(f"done     {address} ({durations[address]:.0f} s)")
             else:
                 outcome.failed[address] = log
@@ -279,10 +276,9 @@ def _rewrite_changed(path: Path, new: dict) -> None:
                 into[key] = inline(value)
 
     merge(doc, new)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as stream:
-        yaml.dump(doc, stream)
-    tmp.replace(path)
+    text = io.StringIO()
+    yaml.dump(doc, text)
+    atomic_write_text(path, text.getvalue())
 
 
 def save_experiment(root: Path, name: str | None) -> int:
