@@ -23,7 +23,7 @@ setup: $(BIN)/.installed
 
 # Stage commands call `python`: put the venv first on PATH so they get its interpreter.
 # JOBS=2 (or more): the stale stages several at a time, each recorded in dvc.lock as it finishes
-# (stages/parallel.py); JOBS=1 is plain `dvc repro`.
+# (stages/parallel.py; a stage that runs alone gets every lane's threads); JOBS=1 is plain `dvc repro`.
 JOBS ?= 1
 pipeline: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(if $(filter 1,$(JOBS)),$(BIN)/dvc repro,$(BIN)/python -m stages.parallel --jobs $(JOBS))

@@ -122,11 +122,13 @@ def read_durations(log_dir: Path) -> dict[str, float]:
 def run(root: Path, stages: list[Stage], jobs: int, threads: int, log_dir: Path) -> Outcome:
     """Every stage in ``stages`` (upstream first), at most ``jobs`` at a time with ``threads`` torch
     threads each, the ready stage with the longest remaining path first; each recorded in dvc.lock
-    as soon as it succeeds, and its time kept for the next run's order."""
+    as soon as it succeeds, and its time kept for the next run's order. A stage that starts alone,
+    with every stage still waiting downstream of it (the probe, the attribution: nothing can run
+    beside them), gets the threads of all ``jobs``."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     durations = read_durations(log_dir)
     path = remaining_path(stages, durations)
+    below = downstream_closure(stages)
     outcome = Outcome()
     waiting = sorted(stages, key=lambda s: -path[s.address])  # stable: ties keep the graph's order
     running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
@@ -146,12 +148,27 @@ def run(root: Path, stages: list[Stage], jobs: int, threads: int, log_dir: Path)
         ready = [s for s in waiting if s.upstream <= set(outcome.done)] if not outcome.failed else []
         for stage in ready[: max(0, jobs - len(running))]:
             waiting.remove(stage)
-            running[stage.address] = (*_start(stage, env, log_dir), time.monotonic())
+            alone = not running and all(s.address in below[stage.address] for s in waiting)
+            running[stage.address] = (*_start(stage, _thread_env(jobs * threads if alone else threads), log_dir),
+                                      time.monotonic())
         if outcome.failed and not running:
             break
         time.sleep(POLL_S)
     outcome.skipped = [s.address for s in waiting]
     return outcome
+
+
+def downstream_closure(stages: list[Stage]) -> dict[str, set[str]]:
+    """Per stage: every stage that reads, directly or not, from it."""
+    below: dict[str, set[str]] = {s.address: set() for s in stages}
+    for s in reversed(stages):  # downstream first: a stage's readers have their closure already
+        for up in s.upstream:
+            below[up] |= {s.address} | below[s.address]
+    return below
+
+
+def _thread_env(threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
 def _start(stage: Stage, env: dict[str, str], log_dir: Path) -> tuple[subprocess.Popen, Path]:

@@ -5,6 +5,7 @@ the stage with the longest remaining path starts first; with -S and --exp it is 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 from stages.parallel import main, read_durations, remaining_path, stale_stages
 
 # a → b@x, b@y (one second each: they overlap only when run together) → c; b's outputs persist
-STAGE = """import json, sys, time
+STAGE = """import json, os, sys, time
 name, inputs, output = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
 start = time.time()
 if name == "b@y" and open("fail").read().strip() == "yes":
@@ -23,7 +24,7 @@ if name == "b@y" and open("fail").read().strip() == "yes":
 time.sleep(float(open("pause").read()))
 text = name + ":" + "+".join(open(i).read() for i in inputs)
 open(output, "w").write(text)
-open("times/" + name, "w").write(json.dumps([start, time.time()]))
+open("times/" + name, "w").write(json.dumps([start, time.time(), int(os.environ["OMP_NUM_THREADS"])]))
 """
 
 
@@ -69,6 +70,8 @@ def test_stale_stages_run_together_in_the_graph_order_and_end_recorded(tmp_path,
     t = _times(root)
     assert t["a"][1] <= min(t["b@x"][0], t["b@y"][0]) and max(t["b@x"][1], t["b@y"][1]) <= t["c"][0]
     assert t["b@x"][0] < t["b@y"][1] and t["b@y"][0] < t["b@x"][1]  # the two b stages overlapped
+    # a and c run alone (all that waits reads from them): they get both lanes' threads
+    assert {name: times[2] for name, times in t.items()} == {"a": 2, "b@x": 1, "b@y": 1, "c": 2}
     assert (root / "c.txt").read_text() == "c:b@x:a:1.0+no+b@y:a:1.0+no"
     assert _status(root) == {}  # dvc.lock records every stage as `dvc repro` would
     assert stale_stages(root) == [] and main(["--jobs", "2"]) == 0
@@ -78,6 +81,7 @@ def test_stale_stages_run_together_in_the_graph_order_and_end_recorded(tmp_path,
     assert main(["--jobs", "1"]) == 0 and _status(root) == {}
     t = _times(root)
     assert t["b@x"][1] <= t["b@y"][0] or t["b@y"][1] <= t["b@x"][0]
+    assert {times[2] for times in t.values()} == {os.cpu_count() or 1}  # --jobs 1: every stage has the machine
     assert [s.address for s in stale_stages(root, ["b@x"])] == []
 
 
