@@ -42,7 +42,7 @@ from pathlib import Path
 
 import networkx as nx  # DVC's own graph library: its stage graph is a networkx DiGraph
 
-from matrice.io import atomic_write_json, atomic_write_text
+from matrice.io import atomic_write_json, atomic_write_text, read_yaml
 
 POLL_S = 0.2
 DURATIONS = "durations.json"
@@ -250,7 +250,6 @@ def _overridden(path: Path, overrides: list[str], shown: str) -> dict:
     """The parameters of ``path`` with ``overrides`` applied by DVC (on a copy: ``path`` is untouched)."""
     import tempfile
 
-    import yaml
     from dvc.exceptions import InvalidArgumentError
     from dvc.utils.hydra import apply_overrides
 
@@ -261,7 +260,7 @@ def _overridden(path: Path, overrides: list[str], shown: str) -> dict:
             apply_overrides(copy, overrides)
         except InvalidArgumentError as error:
             raise SystemExit(f"-S {shown}: {error.__cause__ or error} ({path.name})") from None
-        return yaml.safe_load(copy.read_text()) or {}
+        return read_yaml(copy.read_text()) or {}  # DVC writes 3e-05, which yaml.safe_load reads as a string
 
 
 def _rewrite_changed(path: Path, new: dict) -> None:
@@ -270,12 +269,15 @@ def _rewrite_changed(path: Path, new: dict) -> None:
     from ruamel.yaml import YAML
     from ruamel.yaml.comments import CommentedSeq
 
+    original = path.read_text()
     yaml = YAML()  # round-trip: comments, inline lists and key order stay
     yaml.preserve_quotes = True
     yaml.width = 4096
-    yaml.indent(mapping=2, sequence=4, offset=2)
+    mapping, offset = block_indents(original)
+    yaml.indent(mapping=mapping, sequence=offset + 2, offset=offset)
     yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    doc = yaml.load(path.read_text())
+    yaml.representer.add_representer(float, lambda r, v: r.represent_scalar("tag:yaml.org,2002:float", yaml_float(v)))
+    doc = yaml.load(original)
 
     def inline(value):
         if isinstance(value, list) and all(not isinstance(v, (list, dict)) for v in value):
@@ -296,6 +298,32 @@ def _rewrite_changed(path: Path, new: dict) -> None:
     text = io.StringIO()
     yaml.dump(doc, text)
     atomic_write_text(path, text.getvalue())
+
+
+def block_indents(text: str) -> tuple[int, int]:
+    """(a nested mapping's indent, a block list's dash offset under its key) as the file writes them,
+    so a rewrite leaves the unchanged lines as they were: (2, 2) for this project's params.yaml,
+    (2, 0) for PyYAML's output; (2, 2) where the file shows neither."""
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    indents = [len(line) - len(line.lstrip()) for line in lines]
+    mapping = min((i for i in indents if i > 0), default=2)
+    for above, line, indent in zip(lines, lines[1:], indents[1:]):
+        if line.lstrip().startswith("- ") and above.rstrip().endswith(":"):
+            return mapping, indent - (len(above) - len(above.lstrip()))
+    return mapping, 2
+
+
+def yaml_float(value: float) -> str:
+    """A float as YAML 1.1 and 1.2 readers both take it: 3.0e-05, not 3e-05 (a string to yaml.safe_load)."""
+    if value != value:
+        return ".nan"
+    if value in (float("inf"), float("-inf")):
+        return ".inf" if value > 0 else "-.inf"
+    text = repr(value)
+    mantissa, _, exponent = text.partition("e")
+    if "." not in mantissa:
+        mantissa += ".0"
+    return f"{mantissa}e{exponent}" if exponent else mantissa
 
 
 def save_experiment(root: Path, name: str | None) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.parallel import main, read_durations, remaining_path, stale_stages
+from stages.parallel import main, read_durations, remaining_path, set_params, stale_stages, yaml_float
 
 # a → b@x, b@y (one second each: they overlap only when run together) → c; b's outputs persist
 STAGE = """import json, os, sys, time
@@ -153,3 +153,21 @@ def test_set_params_and_exp_are_dvc_exp_run_with_stages_at_a_time(tmp_path, monk
     diff = subprocess.run([sys.executable, "-m", "dvc", "params", "diff", "--json"], cwd=root, check=True,
                           capture_output=True, text=True).stdout
     assert json.loads(diff) == {"params.yaml": {"factor": {"old": 1, "new": 2, "diff": 1}}}
+
+
+@pytest.mark.parametrize("listed", [
+    "langs:\n  - en\n  - fr\n",      # PyYAML's block lists (dash at the key's indent)
+    "langs:\n    - en\n    - fr\n",  # params.yaml's (dash two columns in)
+])
+def test_set_params_rewrites_only_the_changed_values_and_writes_floats_every_reader_takes(tmp_path, listed):
+    text = f"train:\n  lrs: [0.001, 0.003]        # grid\n  epochs: 5\n{listed}"
+    (tmp_path / "params.yaml").write_text(text)
+    set_params(tmp_path, ["train.lrs=[3e-5,1.0e-4]"])
+    written = (tmp_path / "params.yaml").read_text()
+    assert written == text.replace("[0.001, 0.003]   ", "[3.0e-05, 0.0001]")  # comments and list style kept
+    assert yaml.safe_load(written)["train"]["lrs"] == [3e-05, 1e-04]  # floats to YAML 1.1 readers too
+
+
+def test_yaml_float_keeps_a_dot_before_the_exponent():
+    assert [yaml_float(v) for v in (3e-05, 1e20, -2.5e-07, 0.001, 16.0)] == ["3.0e-05", "1.0e+20", "-2.5e-07", "0.001", "16.0"]
+    assert all(yaml.safe_load(yaml_float(v)) == v for v in (3e-05, 1e20, -2.5e-07, 0.001, 16.0))
