@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     if not stages:
         _say("every stage is up to date")
         return save_experiment(root, args.name) if args.exp else 0
-    _say(f"{len(stages)} stages to run, {args.jobs} at a time, {threads} thread(s) each: "
+    _say(f"{len(stages)} stages to run, {args.jobs} at a time, {threads} thread(s) each "
+         f"({args.jobs * threads} for a stage that runs alone): "
          + ", ".join(s.address for s in stages))
     outcome = run(root, stages, args.jobs, threads, root / ".dvc" / "tmp" / "parallel")
     if outcome.failed:
