@@ -309,7 +309,7 @@ def block_indents(text: str) -> tuple[int, int]:
     indents = [len(line) - len(line.lstrip()) for line in lines]
     mapping = min((i for i in indents if i > 0), default=2)
     for above, line, indent in zip(lines, lines[1:], indents[1:]):
-        if line.lstrip().startswith("- ") and above.rstrip().endswith(":"):
+        if line.lstrip().startswith("- ") and above.split(" #")[0].rstrip().endswith(":"):  # a key, maybe commented
             return mapping, indent - (len(above) - len(above.lstrip()))
     return mapping, 2
 
