@@ -156,9 +156,9 @@ def test_set_params_and_exp_are_dvc_exp_run_with_stages_at_a_time(tmp_path, monk
 
 
 @pytest.mark.parametrize("listed", [
-    "langs:\n  - en\n  - fr\n",      # PyYAML's block lists (dash at the key's indent)
-    "langs:  # kept\n  - en\n  - fr\n",
-    "langs:\n    - en\n    - fr\n",  # params.yaml's (dash two columns in)
+    "langs:\n- en\n- fr\n",          # PyYAML's block lists (dash at the key's indent)
+    "langs:  # kept\n- en\n- fr\n",
+    "langs:\n  - en\n  - fr\n",      # params.yaml's (dash two columns in)
 ])
 def test_set_params_rewrites_only_the_changed_values_and_writes_floats_every_reader_takes(tmp_path, listed):
     text = f"train:\n  lrs: [0.001, 0.003]        # grid\n  epochs: 5\n{listed}"
