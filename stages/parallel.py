@@ -269,15 +269,21 @@ def _rewrite_changed(path: Path, new: dict) -> None:
     Unchanged lines stay as they were; a new list of scalars is written inline, as params.yaml's are."""
     from ruamel.yaml import YAML
     from ruamel.yaml.comments import CommentedSeq
+    from ruamel.yaml.representer import RoundTripRepresenter
 
+    class ParamsRepresenter(RoundTripRepresenter):
+        """ruamel's round-trip writer with null and float written as below; a subclass, because
+        add_representer on ruamel's own class would change every later writer in the process (DVC's too)."""
+
+    ParamsRepresenter.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    ParamsRepresenter.add_representer(float, lambda r, v: r.represent_scalar("tag:yaml.org,2002:float", yaml_float(v)))
     original = path.read_text()
     yaml = YAML()  # round-trip: comments, inline lists and key order stay
+    yaml.Representer = ParamsRepresenter
     yaml.preserve_quotes = True
     yaml.width = 4096
     mapping, offset = block_indents(original)
     yaml.indent(mapping=mapping, sequence=offset + 2, offset=offset)
-    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    yaml.representer.add_representer(float, lambda r, v: r.represent_scalar("tag:yaml.org,2002:float", yaml_float(v)))
     doc = yaml.load(original)
 
     def inline(value):

@@ -163,7 +163,10 @@ def test_set_params_and_exp_are_dvc_exp_run_with_stages_at_a_time(tmp_path, monk
 def test_set_params_rewrites_only_the_changed_values_and_writes_floats_every_reader_takes(tmp_path, listed):
     text = f"train:\n  lrs: [0.001, 0.003]        # grid\n  epochs: 5\n{listed}"
     (tmp_path / "params.yaml").write_text(text)
+    from ruamel.yaml.representer import RoundTripRepresenter
+    ruamels = {t: RoundTripRepresenter.yaml_representers.get(t) for t in (float, type(None))}
     set_params(tmp_path, ["train.lrs=[3e-5,1.0e-4]"])
+    assert {t: RoundTripRepresenter.yaml_representers.get(t) for t in ruamels} == ruamels  # DVC's writer untouched
     written = (tmp_path / "params.yaml").read_text()
     assert written == text.replace("[0.001, 0.003]   ", "[3.0e-05, 0.0001]")  # comments and list style kept
     assert yaml.safe_load(written)["train"]["lrs"] == [3e-05, 1e-04]  # floats to YAML 1.1 readers too
