@@ -1,7 +1,9 @@
 """Benchmark: a fact's editing passes with the LM head once over every pass's rows against the head
-once per batch (what `score_answers` does), in one run, alternating.
+once per batch (what `score_answers` does), or with several edits' passes in one forward (per-row
+weight edits, `--edits-per-pass N`) against one pass per edit; in one run, alternating.
 
     python benchmarks/edit_passes.py --project /path/to/a/finished/run --facts 2 --rounds 2
+    python benchmarks/edit_passes.py --project /path/to/a/finished/run --edits-per-pass 6
 
 The project is a finished pipeline copy (`benchmarks/pipeline.py --keep DIR`): its dataset, neuron
 sets and prepared model. The work is the λ sweep's (`matrice.experiments.edit_sweep`): per fact, the
@@ -14,6 +16,7 @@ Reports seconds per way and fact, the ratio, and whether the two ways give the s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -40,6 +43,11 @@ def run_head_per_batch(self, scored, edits):
     return before, after
 
 
+def _in(context, run):
+    with context:
+        return run()
+
+
 @contextmanager
 def head_per_batch() -> Iterator[None]:
     from matrice.experiments.edit.passes import EditedPasses
@@ -52,7 +60,7 @@ def head_per_batch() -> Iterator[None]:
         EditedPasses.run = own
 
 
-def sweep(project: Path, n_facts: int):
+def sweep(project: Path, n_facts: int, edits_per_pass: int = 1):
     """The λ sweep of the project's first ``n_facts`` attributed facts, as a callable, and those facts;
     read with the stages' own loaders from inside the project."""
     import os
@@ -68,7 +76,7 @@ def sweep(project: Path, n_facts: int):
     adapter = load_prepared(key, params)
     queries = load_queries(DATASET_DIR / "queries.jsonl")
     sets = load_neuron_sets(key)
-    cfg = EditConfig.from_params(params)
+    cfg = dataclasses.replace(EditConfig.from_params(params), edits_per_pass=edits_per_pass)
     methods = params["edit_sweep"].get("methods") or params["edit"]["methods"]
     facts = sorted(sets.facts)[:n_facts]
 
@@ -83,30 +91,36 @@ def main() -> int:
     parser.add_argument("--project", type=Path, required=True)
     parser.add_argument("--facts", type=int, default=2, help="the first N attributed facts")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--edits-per-pass", type=int, default=None, metavar="N",
+                        help="compare N edits per forward (per-row weight edits) with one (weights edited)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     import torch
 
     out = args.out.resolve() if args.out else None  # before the sweep moves into the project
-    run, facts = sweep(args.project.resolve(), args.facts)
-    run()  # warm-up: first-call allocations and kernel choices
-    times: dict[str, list[float]] = {"head once per fact": [], "head per batch": []}
+    project = args.project.resolve()
+    if args.edits_per_pass is None:  # (new way, old way): callables that run the sweep
+        base, facts = sweep(project, args.facts)
+        ways = {"head once per fact": base, "head per batch": lambda: _in(head_per_batch(), base)}
+    else:
+        base, facts = sweep(project, args.facts)
+        rows, _ = sweep(project, args.facts, args.edits_per_pass)
+        ways = {f"{args.edits_per_pass} edits per pass": rows, "1 edit per pass": base}
+    for run in ways.values():
+        run()  # warm-up: first-call allocations and kernel choices
+    times: dict[str, list[float]] = {way: [] for way in ways}
     records = {}
     for _ in range(args.rounds):
-        for way in times:
+        for way, run in ways.items():
             start = time.perf_counter()
-            if way == "head per batch":
-                with head_per_batch():
-                    result = run()
-            else:
-                result = run()
+            records[way] = run().records
             times[way].append(time.perf_counter() - start)
-            records[way] = result.records
-    same = records["head once per fact"] == records["head per batch"]
+    new, old = ways
+    same = records[new] == records[old]
     best = {way: min(t) for way, t in times.items()}
     report = {"facts": facts, "threads": torch.get_num_threads(), "seconds": times,
               "best_seconds_per_fact": {w: t / len(facts) for w, t in best.items()},
-              "speedup": best["head per batch"] / best["head once per fact"], "same_records": same}
+              "speedup": best[old] / best[new], "same_records": same}
     print(json.dumps(report, indent=1))
     if out:
         out.write_text(json.dumps(report, indent=1) + "\n")

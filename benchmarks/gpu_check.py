@@ -8,14 +8,15 @@ Parts, in order, each in its own process and time box (a slow part cannot eat th
 environment (imports, versions, what is missing and what it blocks), engine_bf16 / engine_fp32 (the
 fast engine on LLaMA-2-7B, Qwen2-7B and Gemma-3-270M shapes, random-initialised: rows/s, s/query,
 fraction of the same device's measured matmul peak, peak memory), engine_reference (fast against
-the reference and peer engines on a tiny model), tests (`MATRICE_TEST_DEVICE=<device>` pytest, the
+the reference and peer engines on a tiny model), edit_rows (a fact's editing passes with 1, 3, 6 and
+18 edits per forward on the default model's shapes: what `edit.edits_per_pass` should be there), tests (`MATRICE_TEST_DEVICE=<device>` pytest, the
 device_map split included), ray (the Ray executor with one GPU actor against the local executor on
 the same facts), pipeline (every dvc.yaml stage with `device: <device>` on a random-initialised
 model of the default's exact config and real tokenizer, which costs what the real weights cost; on
 the reduced config unless `--pipeline default`, each stage's output in OUT/pipeline_logs/, so a
 stage cut by the time box still says how far it got).
 
-Writes OUT/environment.json, engine.json, tests.json, ray.json, pipeline.json, summary.md (the table
+Writes OUT/environment.json, engine.json, edit_rows.json, tests.json, ray.json, pipeline.json, summary.md (the table
 docs/scale.md quotes), pipeline_logs/ and gpu_check.log. Needs nothing from the internet: what the machine lacks is
 named in environment.json (carry it as wheels; the tokenizer folder comes from `prepare_model`)."""
 
@@ -36,13 +37,13 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("environment", "engine_bf16", "engine_fp32", "engine_reference", "tests", "ray", "pipeline")
-# Seconds per part on a GPU (sum 505: the whole check stays under 9 minutes); the CPU dry run is tiny.
+PARTS = ("environment", "engine_bf16", "engine_fp32", "engine_reference", "edit_rows", "tests", "ray", "pipeline")
+# Seconds per part on a GPU (sum 535: the whole check stays under 9 minutes); the CPU dry run is tiny.
 # The pipeline does not finish in its box on one H100 yet: it records the stages it reached.
-GPU_BUDGETS = {"environment": 25, "engine_bf16": 100, "engine_fp32": 45, "engine_reference": 30, "tests": 90,
-               "ray": 15, "pipeline": 200}
-CPU_BUDGETS = {"environment": 60, "engine_bf16": 120, "engine_fp32": 120, "engine_reference": 180, "tests": 180,
-               "ray": 180, "pipeline": 600}
+GPU_BUDGETS = {"environment": 25, "engine_bf16": 100, "engine_fp32": 45, "engine_reference": 30, "edit_rows": 30,
+               "tests": 90, "ray": 15, "pipeline": 200}
+CPU_BUDGETS = {"environment": 60, "engine_bf16": 120, "engine_fp32": 120, "engine_reference": 180, "edit_rows": 120,
+               "tests": 180, "ray": 180, "pipeline": 600}
 # Python packages a part needs, and what their absence blocks.
 PACKAGES = {
     "torch": "everything", "transformers": "everything", "accelerate": "device_map tests", "numpy": "everything",
@@ -114,6 +115,17 @@ def part_engine(args: argparse.Namespace) -> dict[str, Any]:
     out_json = Path(args.scratch) / f"{args.part}.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "attribution.py"), "--device", args.device,
            "--out", str(out_json), *engine_args(args.device, args.part)]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return json.loads(out_json.read_text())
+
+
+def part_edit_rows(args: argparse.Namespace) -> dict[str, Any]:
+    """A fact's editing passes with several edits per forward against one (benchmarks/edit_rows.py):
+    the default model's shapes on a GPU (what decides `edit.edits_per_pass` there), tiny on the dry run."""
+    out_json = Path(args.scratch) / "edit_rows.bench.json"
+    shape = ["--tiny", "--rounds", "1"] if args.device == "cpu" or not args.tokenizer else ["--config", args.tokenizer]
+    cmd = [sys.executable, str(REPO / "benchmarks" / "edit_rows.py"), "--device", args.device, "--out", str(out_json), *shape]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
     return json.loads(out_json.read_text())
@@ -324,7 +336,8 @@ def _write_part(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 
 PART_FUNCTIONS = {"environment": part_environment, "engine_bf16": part_engine, "engine_fp32": part_engine,
-                  "engine_reference": part_engine, "tests": part_tests, "ray": part_ray, "pipeline": part_pipeline}
+                  "engine_reference": part_engine, "edit_rows": part_edit_rows, "tests": part_tests, "ray": part_ray,
+                  "pipeline": part_pipeline}
 
 
 def run_part(args: argparse.Namespace) -> None:
@@ -402,7 +415,7 @@ def summary_markdown(results: dict[str, Any], device: str) -> str:
     lines = [f"# GPU check — {gpu}", "",
              f"Date {datetime.date.today().isoformat()}; device `{device}`; torch {env.get('torch')}, python {env.get('python')}.",
              "", "| part | status | seconds | budget (s) |", "|---|---|---|---|"]
-    checks = [results.get(p, {}).get("check") for p in ("environment", "tests", "ray", "pipeline")]
+    checks = [results.get(p, {}).get("check") for p in ("environment", "edit_rows", "tests", "ray", "pipeline")]
     checks[1:1] = [r.get("check") for r in results.get("engine", {}).values()]
     checks = [c for c in checks if c]
     lines += [f"| {c['part']} | {c['status']} | {c['seconds']} | {c['budget_s']:.0f} |" for c in checks]
@@ -438,6 +451,15 @@ def summary_markdown(results: dict[str, Any], device: str) -> str:
                 e = shape[engine]
                 lines.append(f"- {shape['shape']}: fast vs {engine}: max relative difference {e['max_relative_difference']:.2e}, "
                              f"fast is {e['fast_speedup']}× faster.")
+    rows = results.get("edit_rows", {})
+    if rows.get("speedup_over_one"):
+        lines += ["", "## Editing passes: edits per forward", "",
+                  f"{rows['model']}, {rows['queries']} queries × {rows['edits']} edits (one fact of the λ sweep): "
+                  + ", ".join(f"{k} per pass {rows['best_seconds_per_fact'][k]} s ({rows['speedup_over_one'][k]}×)"
+                              for k in rows["best_seconds_per_fact"])
+                  + "; scores against one per pass: max relative difference "
+                  + f"{max(v['max_relative_prob_difference'] for v in rows['scores_against_one_per_pass'].values()):.1e}, "
+                  + f"same rank and top token {min(v['same_rank_and_top'] for v in rows['scores_against_one_per_pass'].values()):.1%}."]
     tests = results.get("tests", {})
     if tests.get("counts") is not None:
         lines += ["", "## Tests on the device", "",

@@ -15,8 +15,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from gpu_check import PARTS, final_counts, goal_lines, summary_markdown  # noqa: E402
 
-FILES = ("environment.json", "engine.json", "tests.json", "ray.json", "pipeline.json", "summary.md", "gpu_check.log",
-         "pipeline_logs")
+FILES = ("environment.json", "engine.json", "edit_rows.json", "tests.json", "ray.json", "pipeline.json", "summary.md",
+         "gpu_check.log", "pipeline_logs")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def dry_run(tmp_path_factory) -> Path:
 def test_the_dry_run_writes_every_file_and_every_part_succeeds(dry_run):
     assert sorted(p.name for p in dry_run.iterdir()) == sorted(FILES)
     checks = {}
-    for name in ("environment", "tests", "ray", "pipeline"):
+    for name in ("environment", "edit_rows", "tests", "ray", "pipeline"):
         checks[name] = json.loads((dry_run / f"{name}.json").read_text())["check"]
     engine = json.loads((dry_run / "engine.json").read_text())
     checks.update({f"engine_{k}": v["check"] for k, v in engine.items()})
@@ -54,8 +54,12 @@ def test_the_dry_run_measures_what_it_reports(dry_run):
     assert "running" not in pipeline  # every stage finished
     logs = {p.stem for p in (dry_run / "pipeline_logs").iterdir()}
     assert logs == {s["stage"] for s in pipeline["stages"]}
+    rows = json.loads((dry_run / "edit_rows.json").read_text())
+    assert rows["speedup_over_one"]["1"] == 1.0 and set(rows["best_seconds_per_fact"]) == {"1", "3", "6", "18"}
+    assert all(v["same_rank_and_top"] == 1.0 and v["max_relative_prob_difference"] < 1e-4
+               for v in rows["scores_against_one_per_pass"].values())  # stacked edits score as applied ones
     summary = (dry_run / "summary.md").read_text()
-    for section in ("## Attribution engine", "## Tests on the device", "## Ray executor", "## Pipeline end to end", "## Goals"):
+    for section in ("## Attribution engine", "## Editing passes", "## Tests on the device", "## Ray executor", "## Pipeline end to end", "## Goals"):
         assert section in summary
 
 

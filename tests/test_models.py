@@ -877,6 +877,80 @@ def test_edited_passes_equal_scoring_under_each_edit_applied(family):
     assert [s.prob for s in after["update"]] != pytest.approx([s.prob for s in before], rel=1e-4)  # the edits act
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_rows_of_different_weight_edits_equal_applying_each_edit(family):
+    """Batched weight-edit rows: the copies of each batch, each adding its own rank-k change of FFN
+    output columns (and the unedited blocks below the group's lowest edit replayed, tiled), give the
+    head inputs and scores of applying each edit to the weights; a group smaller than the pass size
+    and one row left unedited (−1) included."""
+    from conftest import tiny_on_device
+    from matrice.experiments.edit.passes import EditedPasses, erasure_edit, update_edit
+    from matrice.interventions import edited_output_weights
+    from matrice.models.edit_rows import output_deltas, per_row_output_deltas
+    from matrice.models.encoding import encode_query
+    from matrice.models.predict import target_hidden, target_hidden_copies
+    from matrice.models.replay import recorded_blocks, replayed_below
+    import numpy as np
+
+    adapter = _wide_window(tiny_on_device(family))
+    encs = [encode_query(adapter, q, few_shot=adapter.causal) for q in _queries_for_scoring(demos=2)]
+    top = adapter.n_layers - 1
+    gold, new = int(encs[0].answer_ids[0]), int(encs[1].answer_ids[0])
+    edits = {"erase-top": erasure_edit(adapter, np.array([[top, 3], [top, 7]])),
+             "update": update_edit(adapter, np.array([[1, 4], [top, 5]]), gold, new, 4.0, 4.0, "raw"),
+             "erase-low": erasure_edit(adapter, np.array([[0, 1], [top, 2]])),
+             "update-top": update_edit(adapter, np.array([[top, 1], [top, 6]]), new, gold, 2.0, 2.0, "raw")}
+    reference = {"unedited": score_answers(adapter, encs, batch_size=4)}
+    want_hidden = {}
+    for name, edit in edits.items():
+        with edited_output_weights(adapter, edit.vectors()):
+            reference[name] = score_answers(adapter, encs, batch_size=4)
+            want_hidden[name] = target_hidden(adapter, encs, batch_size=4)
+
+    names = ["update", "erase-top", "update-top"]  # lowest edited layers 1, top, top: blocks 0 replayed
+    with recorded_blocks(adapter) as record:
+        target_hidden(adapter, encs, batch_size=4)
+    deltas = [output_deltas(adapter, edits[n].vectors()) for n in names]
+    with per_row_output_deltas(adapter, deltas) as rows, replayed_below(adapter, record, 1, copies=len(names)):
+        got = target_hidden_copies(adapter, encs, len(names), rows.set, batch_size=4)
+    for name, hidden in zip(names, got):
+        assert hidden == pytest.approx(want_hidden[name], rel=1e-5, abs=1e-5), name
+    unedited = target_hidden(adapter, encs, batch_size=4)
+    with per_row_output_deltas(adapter, deltas[:1]) as rows:  # copy 1 carries no edit
+        got = target_hidden_copies(adapter, encs, 2, lambda copy: rows.set(torch.where(copy == 0, 0, -1)), batch_size=4)
+    assert got[0] == pytest.approx(want_hidden["update"], rel=1e-5, abs=1e-5)
+    assert torch.equal(got[1], unedited) or got[1] == pytest.approx(unedited, rel=1e-6, abs=1e-6)
+
+    for per_pass in (2, 3):
+        before, after = EditedPasses(adapter, batch_size=4, memo=None, kind="test", edits_per_pass=per_pass).run(encs, edits)
+        for name, scores in [("unedited", before), *after.items()]:
+            want = reference[name]
+            assert [s.prob for s in scores] == pytest.approx([s.prob for s in want], rel=1e-5, abs=1e-9), (per_pass, name)
+            assert [(s.rank, s.top_token) for s in scores] == [(s.rank, s.top_token) for s in want], (per_pass, name)
+    assert [s.prob for s in after["update"]] != pytest.approx([s.prob for s in before], rel=1e-4)  # the edits act
+
+
+def test_rows_of_weight_edits_refuse_a_batch_without_its_assignment():
+    """A forward whose rows were not assigned edits (or assigned for another batch size) raises
+    instead of editing the wrong rows."""
+    from conftest import tiny_on_device
+    from matrice.interventions import erasure_vectors
+    from matrice.models.edit_rows import output_deltas, per_row_output_deltas
+    from matrice.models.predict import target_hidden_copies
+    from matrice.models.encoding import encode_query
+
+    adapter = tiny_on_device("llama")
+    encs = [encode_query(adapter, q) for q in _queries_for_scoring()]
+    deltas = [output_deltas(adapter, erasure_vectors(adapter, [(1, 2)]))]
+    with per_row_output_deltas(adapter, deltas), pytest.raises(RuntimeError, match="no row assignment"):
+        target_hidden_copies(adapter, encs, 1, None, batch_size=4)
+    with per_row_output_deltas(adapter, deltas) as rows, pytest.raises(RuntimeError, match="row assignments"):
+        target_hidden_copies(adapter, encs, 2, lambda copy: rows.set(copy[:1]), batch_size=4)
+    with pytest.raises(ValueError, match="edits_per_pass"):
+        from matrice.experiments.edit.passes import EditedPasses
+        EditedPasses(adapter, batch_size=4, memo=None, kind="test", edits_per_pass=0)
+
+
 def _scale_each(cells):
     def edit(act):
         out = act.clone()

@@ -117,7 +117,7 @@ def sweep_update(
     result = SweepResult(config={**cfg.__dict__, "methods": list(methods)}, lambdas=grid,
                          empty_facts={m: [] for m in methods}, skipped={"no_source_query": [], "no_new_object": []})
 
-    passes = EditedPasses(adapter, cfg.batch_size, memo, kind="edit_sweep_pass")
+    passes = EditedPasses(adapter, cfg.batch_size, memo, kind="edit_sweep_pass", edits_per_pass=cfg.edits_per_pass)
     whole = answer_token == "all"
     for fid in tqdm(targets, desc="λ sweep", unit="fact", disable=not progress):
         src = originals[fid].get(cfg.source_lang)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -12,6 +12,9 @@ from tqdm.auto import tqdm
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.cache import cache_rows
 from matrice.models.hooks import Edit, neuron_hooks
+
+
+RowsCallback = Callable[[torch.Tensor], None]  # told which copy each row of the next forward call is
 
 
 @dataclass(frozen=True)
@@ -121,11 +124,26 @@ def target_hidden(
     """What the LM head reads at each query's target [n, d], in input order: :func:`score_answers`
     without its head, so that one head call can serve the rows of several passes
     (:func:`scores_from_hidden`)."""
+    return target_hidden_copies(adapter, encs, 1, None, edits, batch_size, shared_prefixes)[0]
+
+
+@torch.no_grad()
+def target_hidden_copies(
+    adapter: ModelAdapter, encs: Sequence[Encoded], copies: int, on_rows: RowsCallback | None,
+    edits: Mapping[int, Edit] | None = None, batch_size: int = 32, shared_prefixes: bool = True,
+) -> torch.Tensor:
+    """:func:`target_hidden` of ``copies`` copies of every batch in one forward each [copies, n, d]:
+    each batch of :func:`target_hidden` (the same batches, so a replay of its recorded blocks can
+    tile them) is repeated copy after copy along the batch, and ``on_rows(copy of each row)`` is
+    called before every forward call, so per-row edits (:mod:`matrice.models.edit_rows`) can give
+    each copy its own."""
     prefill = _prefills(adapter, encs, shared_prefixes)
     batches = length_buckets(encs, batch_size, shared_prefixes=prefill)
-    hidden = torch.cat([_target_hidden(adapter, [encs[i] for i in idx], edits, prefill) for idx in batches])
+    parts = [_target_hidden(adapter, [encs[i] for i in idx], edits, prefill, copies, on_rows).unflatten(0, (copies, len(idx)))
+             for idx in batches]
+    hidden = torch.cat(parts, dim=1)
     order = torch.tensor([i for idx in batches for i in idx], device=hidden.device)
-    return torch.empty_like(hidden).index_copy_(0, order, hidden)
+    return torch.empty_like(hidden).index_copy_(1, order, hidden)
 
 
 @torch.no_grad()
@@ -147,15 +165,29 @@ def _prefills(adapter: ModelAdapter, encs: Sequence[Encoded], shared_prefixes: b
 
 
 def _target_hidden(adapter: ModelAdapter, chunk: Sequence[Encoded], edits: Mapping[int, Edit] | None,
-                   prefill: bool) -> torch.Tensor:
-    """One batch's head inputs at its targets [B, d], the edits applied there."""
+                   prefill: bool, copies: int = 1, on_rows: RowsCallback | None = None) -> torch.Tensor:
+    """One batch's head inputs at its targets [copies * B, d], the edits applied there (copies: see
+    :func:`target_hidden_copies`)."""
     if prefill:
-        out, _, _ = _prefill_causal(adapter, chunk, edits, use_cache=False)
+        out, _, _ = _prefill_causal(adapter, chunk, edits, use_cache=False, copies=copies, on_rows=on_rows)
         return out.last_hidden_state[:, -1]
     batch = pad_batch([e.input_ids for e in chunk], [e.target_pos for e in chunk], adapter.pad_token_id, adapter.device)
-    with neuron_hooks(adapter, batch.positions, edits):
-        hidden = adapter.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.positions.to(hidden.device)]
+    ids, mask, positions = (_tiled(t, copies) for t in (batch.input_ids, batch.attention_mask, batch.positions))
+    _assign_copies(on_rows, len(chunk), copies)
+    with neuron_hooks(adapter, positions, edits):
+        hidden = adapter.model.base_model(input_ids=ids, attention_mask=mask)[0]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions.to(hidden.device)]
+
+
+def _tiled(t: torch.Tensor, copies: int) -> torch.Tensor:
+    """``copies`` copies of ``t`` one after the other along the batch (dim 0)."""
+    return t if copies == 1 else t.repeat(copies, *([1] * (t.dim() - 1)))
+
+
+def _assign_copies(on_rows: RowsCallback | None, rows: int, copies: int) -> None:
+    """Tell ``on_rows`` which copy each row of the next forward call (``copies`` × ``rows``) is."""
+    if on_rows is not None:
+        on_rows(torch.arange(copies).repeat_interleave(rows))
 
 
 @torch.no_grad()
@@ -278,12 +310,15 @@ def _left_padded(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tup
     return ids.to(device), mask.to(device)
 
 
-def _prefill_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits, use_cache: bool = True):
+def _prefill_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits, use_cache: bool = True, copies: int = 1,
+                    on_rows: RowsCallback | None = None):
     """The prompts' forward pass, every row ending at the last column (its target), with `edits`
     there. Each distinct demonstration prefix (:func:`shared_prefix_length`) runs once and its keys
     and values are gathered to its rows; the rows' own tokens follow, left-padded behind the
     prefixes, so the mask has a hole between the two and positions come from the mask. Returns the
-    body output (its cache continues decoding), the full attention mask and the positions."""
+    body output (its cache continues decoding), the full attention mask and the positions.
+    ``copies``: every forward call's rows repeated copy after copy, each copy with its own prefixes
+    (:func:`target_hidden_copies`)."""
     pass_positions = _accepts_position_ids(adapter.model)
     base = adapter.model.base_model
     cuts = [shared_prefix_length(e) for e in chunk]
@@ -292,24 +327,29 @@ def _prefill_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits, use_
     longest = max(len(e.input_ids) + len(e.answer_ids) for e in chunk) + max(cuts)  # columns, padding included
     if min(cuts) == 0 or len(distinct) == len(chunk) or not _window_holds(adapter, longest):
         # nothing shared, or a sliding window the hole between prefix and query would shift: one pass
-        ids, mask = _left_padded([e.input_ids for e in chunk], adapter.pad_token_id, adapter.device)
+        ids, mask = (_tiled(t, copies) for t in _left_padded([e.input_ids for e in chunk], adapter.pad_token_id, adapter.device))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with neuron_hooks(adapter, torch.full((len(chunk),), ids.shape[1] - 1, dtype=torch.long), edits):
+        _assign_copies(on_rows, len(chunk), copies)
+        with neuron_hooks(adapter, torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long), edits):
             out = base(input_ids=ids, attention_mask=mask, use_cache=use_cache,
                        **({"position_ids": positions} if pass_positions else {}))
         return out, mask, positions
-    ids_p, mask_p = _left_padded(distinct, adapter.pad_token_id, adapter.device)
+    ids_p, mask_p = (_tiled(t, copies) for t in _left_padded(distinct, adapter.pad_token_id, adapter.device))
     positions_p = (mask_p.cumsum(-1) - 1).clamp(min=0)
     # the edits act at the targets, which no prefix contains
+    _assign_copies(on_rows, len(distinct), copies)
     cache = base(input_ids=ids_p, attention_mask=mask_p, use_cache=True,
                  **({"position_ids": positions_p} if pass_positions else {})).past_key_values
     where = {p: i for i, p in enumerate(distinct)}
-    rows = torch.tensor([where[p] for p in prefixes], device=mask_p.device)
+    own = torch.tensor([where[p] for p in prefixes], device=mask_p.device)
+    rows = torch.cat([own + k * len(distinct) for k in range(copies)]) if copies > 1 else own
     cache = cache_rows(cache, rows)
-    ids_s, mask_s = _left_padded([e.input_ids[c:] for e, c in zip(chunk, cuts)], adapter.pad_token_id, adapter.device)
+    ids_s, mask_s = (_tiled(t, copies) for t in _left_padded([e.input_ids[c:] for e, c in zip(chunk, cuts)],
+                                                              adapter.pad_token_id, adapter.device))
     mask = torch.cat([mask_p[rows], mask_s], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with neuron_hooks(adapter, torch.full((len(chunk),), ids_s.shape[1] - 1, dtype=torch.long), edits):
+    _assign_copies(on_rows, len(chunk), copies)
+    with neuron_hooks(adapter, torch.full((ids_s.shape[0],), ids_s.shape[1] - 1, dtype=torch.long), edits):
         out = base(input_ids=ids_s, attention_mask=mask, past_key_values=cache, use_cache=True,
                    **({"position_ids": positions[:, -ids_s.shape[1]:]} if pass_positions else {}))
     return out, mask, positions

@@ -85,11 +85,26 @@ def recorded_blocks(adapter: ModelAdapter) -> Iterator[list[list[BlockCall]]]:
             handle.remove()
 
 
+def _tiled(value: Any, copies: int) -> Any:
+    """``copies`` copies of a recorded tensor (or of each tensor of a tuple) one after the other along
+    the batch: the recorded pass's batch repeated, as :func:`matrice.models.predict.target_hidden_copies` runs it."""
+    if copies == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.repeat(copies, *([1] * (value.dim() - 1)))
+    if isinstance(value, tuple):
+        return tuple(_tiled(v, copies) for v in value)
+    return value
+
+
 @contextmanager
-def replayed_below(adapter: ModelAdapter, record: list[list[BlockCall]] | None, layer: int) -> Iterator[None]:
+def replayed_below(adapter: ModelAdapter, record: list[list[BlockCall]] | None, layer: int,
+                   copies: int = 1) -> Iterator[None]:
     """Within the block, blocks ``j < layer`` return their next recorded output, and write their
     recorded keys and values into the call's cache, instead of computing. ``layer`` 0 (or a record
-    that is None) replays nothing."""
+    that is None) replays nothing. ``copies``: each call's batch is the recorded one repeated that
+    many times along the batch (rows of several edits, :mod:`matrice.models.edit_rows`), and so is
+    what the replay returns and writes."""
     if record is None or layer <= 0:
         yield
         return
@@ -103,16 +118,17 @@ def replayed_below(adapter: ModelAdapter, record: list[list[BlockCall]] | None, 
                 call = next(calls[j])
             except StopIteration:
                 raise RuntimeError(f"block {j}: more forward calls than were recorded") from None
-            if _hidden(call.output).shape != hidden.shape:
-                raise RuntimeError(f"block {j}: replayed output {tuple(_hidden(call.output).shape)} for an input of "
+            output = _tiled(call.output, copies)
+            if _hidden(output).shape != hidden.shape:
+                raise RuntimeError(f"block {j}: replayed output {tuple(_hidden(output).shape)} for an input of "
                                    f"{tuple(hidden.shape)}: the pass is not the recorded one")
             cache = _cache_in(args, kwargs)
             if (cache is None) != (not call.cache_writes):
                 raise RuntimeError(f"block {j}: the recorded call {'wrote' if call.cache_writes else 'had'} no cache "
                                    "where this one has one (or the reverse): the pass is not the recorded one")
             for w in call.cache_writes:
-                cache.update(w.keys, w.values, w.layer_idx, *w.args, **w.kwargs)
-            return call.output
+                cache.update(_tiled(w.keys, copies), _tiled(w.values, copies), w.layer_idx, *w.args, **w.kwargs)
+            return output
         return forward
 
     for j in range(layer):

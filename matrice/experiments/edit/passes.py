@@ -30,7 +30,8 @@ import torch
 from matrice.interventions import edited_output_weights, erasure_vectors, update_vectors
 from matrice.memo import Memo
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.predict import AnswerScore, scores_from_hidden, target_hidden
+from matrice.models.edit_rows import output_deltas, per_row_output_deltas
+from matrice.models.predict import AnswerScore, scores_from_hidden, target_hidden, target_hidden_copies
 from matrice.models.replay import recorded_blocks, replayed_below
 
 K = TypeVar("K", bound=Hashable)
@@ -44,6 +45,11 @@ class WeightEdit:
     pairs: np.ndarray
     vectors: Callable[[], Any]
     key: Mapping[str, Any]
+
+
+def lowest_layer(edit: WeightEdit) -> int:
+    """The lowest layer an edit touches: every block below it computes what it computes unedited."""
+    return int(edit.pairs[:, 0].min())
 
 
 def erasure_edit(adapter: ModelAdapter, pairs: np.ndarray) -> WeightEdit:
@@ -60,10 +66,17 @@ def update_edit(adapter: ModelAdapter, pairs: np.ndarray, gold: Any, new: Any, l
 
 
 class EditedPasses:
-    """Scores of one list of encodings unedited and under several edits, through the memo when given."""
+    """Scores of one list of encodings unedited and under several edits, through the memo when given.
+    ``edits_per_pass`` > 1: up to that many edits' passes run as one, each batch's rows repeated per
+    edit and each copy adding its own edit (:mod:`matrice.models.edit_rows`) instead of the weights
+    being edited, so a device that needs many rows per matmul gets them; 1 edits the weights."""
 
-    def __init__(self, adapter: ModelAdapter, batch_size: int, memo: Memo | None, kind: str) -> None:
+    def __init__(self, adapter: ModelAdapter, batch_size: int, memo: Memo | None, kind: str,
+                 edits_per_pass: int = 1) -> None:
+        if edits_per_pass < 1:
+            raise ValueError(f"edits_per_pass must be >= 1, got {edits_per_pass}")
         self.adapter, self.batch_size, self.memo, self.kind = adapter, batch_size, memo, kind
+        self.edits_per_pass = edits_per_pass
 
     def hidden(self, encodings: list[Encoded]) -> torch.Tensor:
         # the same batches and forward calls for every pass, so an edited pass can replay the unedited
@@ -82,11 +95,11 @@ class EditedPasses:
             return before, after
         with recorded_blocks(self.adapter) as unedited_blocks:
             hidden = [self.hidden(scored)]
-        for name in missing:
-            edit = edits[name]
-            with edited_output_weights(self.adapter, edit.vectors()), \
-                    replayed_below(self.adapter, unedited_blocks, int(edit.pairs[:, 0].min())):
-                hidden.append(self.hidden(scored))
+        if self.edits_per_pass > 1:
+            missing.sort(key=lambda name: lowest_layer(edits[name]))  # a group replays below its lowest edit
+        for start in range(0, len(missing), self.edits_per_pass):
+            hidden += self.edited_hidden(scored, [edits[name] for name in missing[start : start + self.edits_per_pass]],
+                                         unedited_blocks)
         # the head (no edit reaches it) once over every pass's rows
         scores = scores_from_hidden(self.adapter, torch.cat(hidden), list(scored) * len(hidden))
         n = len(scored)
@@ -97,10 +110,23 @@ class EditedPasses:
             self.store(keys[name], after[name])
         return before, after
 
+    def edited_hidden(self, scored: list[Encoded], group: list[WeightEdit], unedited_blocks) -> list[torch.Tensor]:
+        """The head inputs under each edit of ``group``: one edit on the weights, several as rows."""
+        low = min(lowest_layer(edit) for edit in group)
+        if len(group) == 1 and self.edits_per_pass == 1:
+            with edited_output_weights(self.adapter, group[0].vectors()), \
+                    replayed_below(self.adapter, unedited_blocks, low):
+                return [self.hidden(scored)]
+        deltas = [output_deltas(self.adapter, edit.vectors()) for edit in group]
+        with per_row_output_deltas(self.adapter, deltas) as rows, \
+                replayed_below(self.adapter, unedited_blocks, low, copies=len(group)):
+            return list(target_hidden_copies(self.adapter, scored, len(group), rows.set, batch_size=self.batch_size))
+
     def key(self, scored: list[Encoded], edit: Mapping[str, Any] | None) -> str | None:
         if self.memo is None:
             return None
-        return self.memo.key(kind=self.kind, scored=scored, batch_size=self.batch_size, edit=edit)
+        rows = {} if self.edits_per_pass == 1 else {"edits_per_pass": self.edits_per_pass}  # rounding differs
+        return self.memo.key(kind=self.kind, scored=scored, batch_size=self.batch_size, edit=edit, **rows)
 
     def load(self, key: str | None) -> list[AnswerScore] | None:
         stored = None if key is None else self.memo.load(key)

@@ -41,16 +41,19 @@ class EditConfig:
     seed: int = 0
     erasure_known_only: bool = True
     batch_size: int = 32
+    edits_per_pass: int = 1  # edits whose passes share each forward (matrice.models.edit_rows); 1: weights edited
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "EditConfig":
         s = params["edit"]
         return cls(lambda1=s["lambda1"], lambda2=s["lambda2"], scaling=s.get("scaling", "raw"), locality_k=s["locality_k"],
-                   seed=params["seed"], batch_size=s["batch_size"])
+                   seed=params["seed"], batch_size=s["batch_size"], edits_per_pass=s["edits_per_pass"])
 
     def __post_init__(self) -> None:
         if self.locality_k < 0:
             raise ValueError(f"locality_k must be >= 0, got {self.locality_k}")
+        if self.edits_per_pass < 1:
+            raise ValueError(f"edit.edits_per_pass must be >= 1, got {self.edits_per_pass}")
         if self.scaling not in UPDATE_SCALINGS:
             raise ValueError(f"scaling must be one of {UPDATE_SCALINGS}, got {self.scaling!r}")
 
@@ -217,7 +220,7 @@ class _EditRun:
                  memo: Memo | None = None, answer_token: str = "first") -> None:
         self.adapter, self.cfg, self.few_shot, self.encs, self.by_fact = adapter, cfg, few_shot, encs, by_fact
         self.operations, self.is_evaluation = operations, is_evaluation
-        self.passes = EditedPasses(adapter, cfg.batch_size, memo, kind="edit_pass")
+        self.passes = EditedPasses(adapter, cfg.batch_size, memo, kind="edit_pass", edits_per_pass=cfg.edits_per_pass)
         self.answer_token, self.whole = check_policy(answer_token), answer_token == "all"
         self.originals = {fid: original_queries(fqs) for fid, fqs in by_fact.items()}
         self.sample_locality = locality_sampler(list(by_fact), cfg.locality_k, cfg.seed)
