@@ -9,6 +9,7 @@ crosses a block boundary must be moved."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ from conftest import TEST_DEVICE, across_shapes, encode_text, default_text, tiny
 from matrice.method.attribution.common import AttributionConfig
 from matrice.method.attribution.fast import fast_attribution_many
 from matrice.method.attribution.reference import reference_attribution
+from matrice.experiments.edit.passes import EditedPasses, erasure_edit, update_edit
 from matrice.interventions import edited_output_weights, update_vectors
 from matrice.models.adapter import ModelAdapter
 from matrice.models.hooks import neuron_edits, neuron_hooks
@@ -143,7 +145,19 @@ def test_split_model_predictions_and_edits_equal_one_device(pairs, family):
         with edited_output_weights(adapter, update_vectors(adapter, neurons, encs[0].answer_ids[0], encs[1].answer_ids[0])):
             adapter.edited = score_answers(adapter, encs)  # type: ignore[attr-defined]
     assert [s.prob for s in split.edited] == pytest.approx([s.prob for s in single.edited], rel=1e-5)
+    # several edits per forward (per-row weight edits, the blocks below replayed) on the split model
+    want = EditedPasses(single, batch_size=2, memo=None, kind="t").run(encs, _two_edits(single, encs))[1]
+    got = EditedPasses(split, batch_size=2, memo=None, kind="t", edits_per_pass=2).run(encs, _two_edits(split, encs))[1]
+    for name in want:
+        assert [s.prob for s in got[name]] == pytest.approx([s.prob for s in want[name]], rel=1e-5), name
     assert device_hooks(split) == hooks
+
+
+def _two_edits(adapter: ModelAdapter, encs) -> dict:
+    """An erasure and an update (lowest layers 1 and the top one), built from ``adapter``'s weights."""
+    top = adapter.n_layers - 1
+    return {"erase": erasure_edit(adapter, np.array([[top, 3], [1, 2]])),
+            "update": update_edit(adapter, np.array([[top, 2]]), encs[0].answer_ids[0], encs[1].answer_ids[0], 1.0, 1.0, "raw")}
 
 
 def test_load_adapter_with_a_device_map_equals_plain_loading(tmp_path):

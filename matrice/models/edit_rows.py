@@ -71,17 +71,17 @@ def per_row_output_deltas(adapter: ModelAdapter, edits: Sequence[Mapping[int, La
         def hook(module, args, out):
             if state.rows is None:
                 raise RuntimeError("per-row output deltas: no row assignment set before the forward call")
-            x = args[0]
+            x = args[0].to(out.device)  # a model spread over devices: the block's own device
             if state.rows.numel() != x.shape[0]:
                 raise RuntimeError(f"per-row output deltas: {state.rows.numel()} row assignments for a batch of "
                                    f"{x.shape[0]} rows")
-            rows = state.rows.to(x.device)
+            rows = state.rows.to(out.device)
             out = out.clone()
             for e, d in present:
                 members = torch.nonzero(rows == e).flatten()
                 if members.numel():
-                    part = x.index_select(0, members).index_select(-1, d.neurons.to(x.device))
-                    out.index_add_(0, members, (part @ d.delta.to(device=x.device, dtype=x.dtype)).to(out.dtype))
+                    part = x.index_select(0, members).index_select(-1, d.neurons.to(out.device))
+                    out.index_add_(0, members, (part @ d.delta.to(device=out.device, dtype=x.dtype)).to(out.dtype))
             return out
 
         return hook
