@@ -11,7 +11,9 @@ its status. The stage itself runs exactly as it would cold: the project's own co
 
 - The server is started by the first model stage that finds none (that stage runs cold), learns from
   each stage which third-party modules and which cached tokenizers it used, and exits after
-  `MATRICE_WARM_IDLE` seconds (default 60) without work.
+  `MATRICE_WARM_IDLE` seconds (default 60) without work. A stage that loads no model through it
+  (attribution, which runs minutes to hours between the probe and the experiments) holds a running
+  server while it runs, so the experiment after it starts warm.
 - One server per interpreter, environment, priority, installed packages and version of this file
   (all in the socket's name): a stage never reuses a process whose imports saw other settings.
 - CPU builds of torch only (a forked process cannot use a CUDA context its parent created, and GPU
@@ -201,7 +203,7 @@ def start_server(path: Path) -> None:
 
 
 def _notify(path: Path, kind: bytes, message: dict[str, Any] | None = None) -> bool:
-    """Send the server at ``path`` a request that needs no answer (learn, stop); whether it was reached."""
+    """Send the server at ``path`` a request that needs no answer (learn, hold, stop); whether it was reached."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))
@@ -230,13 +232,24 @@ def stop_servers(directory: Path) -> int:
     return sum(_notify(path, b"S") for path in sorted(directory.glob("*.sock")))
 
 
+def hold(path: Path | None = None) -> bool:
+    """Keep a running server (none is started) from leaving while this process lives; whether one was reached."""
+    try:
+        path = path or socket_path()
+    except OSError:
+        return False
+    return path.exists() and _notify(path, b"H", {"pid": os.getpid()})
+
+
 def run_stage_warm() -> None:
     """Called on importing the `stages` package: a model stage started as `python -m stages.X` runs
-    in a warm process and this one exits with its status; otherwise nothing happens here."""
+    in a warm process and this one exits with its status; any other stage holds a running server
+    while it runs; otherwise nothing happens here."""
     module = stage_module()
-    if not module or not module.startswith("stages.") or module.split(".", 1)[1] not in MODEL_STAGES:
+    if not module or not module.startswith("stages.") or not enabled() or os.environ.get(CHILD_ENV):
         return
-    if not enabled() or os.environ.get(CHILD_ENV):
+    if module.split(".", 1)[1] not in MODEL_STAGES:
+        hold()
         return
     try:
         path = socket_path()
@@ -277,11 +290,16 @@ def serve(path: Path, idle: float, starter: int | None = None) -> None:
     listener.listen(16)
     listener.settimeout(1.0)
     children: set[int] = set()
+    holders: set[int] = set()  # processes that keep the server while they live (:func:`hold`)
     last = time.monotonic()
     stopping = False
     try:
-        while children or (not stopping and (_alive(starter) or time.monotonic() - last < idle)):
+        while children or (not stopping and (_alive(starter) or holders or time.monotonic() - last < idle)):
             _reap(children)
+            alive = {h for h in holders if _alive(h)}
+            if holders and not alive:
+                last = time.monotonic()  # the idle time counts from the last holder's end
+            holders.intersection_update(alive)
             try:
                 conn, _ = listener.accept()
             except socket.timeout:
@@ -289,7 +307,7 @@ def serve(path: Path, idle: float, starter: int | None = None) -> None:
             with conn:
                 conn.settimeout(30)
                 try:
-                    pid = _handle(conn, listener)
+                    pid = _handle(conn, listener, holders)
                 except Exception:  # a broken request must not take the server down
                     pid = None
                 stopping = stopping or pid == STOP
@@ -325,13 +343,18 @@ def _reap(children: set[int]) -> None:
 STOP = -1  # what _handle returns for a stop request
 
 
-def _handle(conn: socket.socket, listener: socket.socket) -> int | None:
-    """Fork a stage for a run request (its pid), learn from a learning request, or STOP."""
+def _handle(conn: socket.socket, listener: socket.socket, holders: set[int]) -> int | None:
+    """Fork a stage for a run request (its pid), learn from a learning request, add a holder, or STOP."""
     kind, fds, _, _ = socket.recv_fds(conn, 1, 3)
     if kind == b"S":
         return STOP
     if kind == b"L":
         _learn(_recv(conn) or {})
+        return None
+    if kind == b"H":
+        pid = int((_recv(conn) or {}).get("pid", 0))
+        if pid > 0 and pid != os.getpid():
+            holders.add(pid)
         return None
     request = _recv(conn)
     if kind != b"R" or request is None or len(fds) != 3:

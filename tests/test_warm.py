@@ -212,6 +212,46 @@ def test_stop_servers_ends_a_server_before_its_idle_time(tmp_path):
     assert not path.exists()
 
 
+@needs_cpu_torch
+def test_a_holding_stage_keeps_the_server_past_its_idle_time_and_the_idle_time_restarts_at_its_end(tmp_path):
+    """A stage that loads no model (attribution) holds a running server while it lives: the server
+    outlives its idle time meanwhile, and still waits its idle time after the holder ends, so the
+    experiment after it starts warm; a holder without a server starts none."""
+    idle = 6.0
+    path = tmp_path / "hold.sock"
+    assert not warm.hold(path) and not path.exists()
+    proc = start_server(path, idle=idle)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from pathlib import Path; from stages import warm; "
+                               "assert warm.hold(Path(sys.argv[2])); time.sleep(float(sys.argv[3]))",
+                               str(REPO), str(path), str(3 * idle)])
+    time.sleep(2 * idle)
+    assert path.exists() and proc.poll() is None, "the server left while a stage held it"
+    assert holder.wait(60) == 0
+    time.sleep(idle / 3)
+    assert path.exists() and proc.poll() is None, "the server left as soon as its holder ended"
+    assert proc.wait(60) == 0  # then it leaves when idle
+    assert not path.exists()
+
+
+def test_a_stage_that_loads_no_model_holds_the_server_and_runs_here(monkeypatch):
+    """`python -m stages.attribute` (no model through the server) holds a running server and runs in
+    its own process; a model stage hands off instead."""
+    held, handed = [], []
+    monkeypatch.setattr(warm, "hold", lambda path=None: held.append(True) or True)
+    monkeypatch.setattr(warm, "hand_off", lambda module, argv, path=None: handed.append(module) or None)
+    monkeypatch.setattr(warm, "atexit", type("A", (), {"register": staticmethod(lambda *a: None)}))
+    monkeypatch.delenv(warm.CHILD_ENV, raising=False)
+    monkeypatch.setenv(warm.ENABLE_ENV, "1")
+    for module, model_stage in (("stages.attribute", False), ("stages.manipulate", True)):
+        monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", module], raising=False)
+        monkeypatch.setattr(sys, "argv", ["-m"])
+        held.clear()
+        handed.clear()
+        warm.run_stage_warm()
+        assert (held, handed) == (([], [module]) if model_stage else ([True], []))
+
+
 @pytest.mark.skipif(not CUDA_BUILD, reason="needs a CUDA/ROCm build of torch")
 def test_a_cuda_build_turns_warm_start_off_and_stages_run_cold(tmp_path):
     path = tmp_path / "cuda.sock"
