@@ -361,6 +361,12 @@ def test_length_bucketed_batches_equal_single_queries(tiny, family):
     scored = score_answers(adapter, encs, edits, batch_size=3)
     assert [s.prob for s in scored] == pytest.approx([s.prob for _, s in single], rel=1e-4, abs=1e-8)
     assert [s.top_token for s in scored] == [s.top_token for _, s in single]
+    # batches in lockstep, the head once per step over all of them (the probe's way)
+    for head_rows in (6, 64):
+        lockstep = decode_and_score(adapter, encs, edits, batch_size=3, head_rows=head_rows)
+        assert [g for g, _ in lockstep] == [g for g, _ in single]
+        assert [s.prob for _, s in lockstep] == pytest.approx([s.prob for _, s in single], rel=1e-4, abs=1e-8)
+        assert [(s.rank, s.top_token) for _, s in lockstep] == [(s.rank, s.top_token) for _, s in bucketed]
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

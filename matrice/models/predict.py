@@ -273,16 +273,25 @@ def normalize_answer(text: str) -> str:
 @torch.no_grad()
 def decode_and_score(
     adapter: ModelAdapter, encs: Sequence[Encoded], edits: Mapping[int, Edit] | None = None, batch_size: int = 32,
-    progress: str | None = None,
+    progress: str | None = None, head_rows: int | None = None,
 ) -> list[tuple[list[int], AnswerScore]]:
     """Greedy tokens (as many as each gold answer has) and the gold answer's score, from one pass;
-    edits stay at the original target position. ``progress``: a progress-bar label (None: no bar)."""
+    edits stay at the original target position. ``progress``: a progress-bar label (None: no bar).
+    ``head_rows`` (causal models): batches run in lockstep, as many as make about that many rows, each
+    with its own prefill and cache as alone, the LM head once per step over all their rows (a large
+    vocabulary's head runs faster per row on many rows; each row's logits are the same whatever the
+    row count once a call has 8 or more, measured on the CPU). None: the head per batch."""
     batches = length_buckets(encs, batch_size, shared_prefixes=adapter.causal)
+    per_group = max(1, (head_rows or 0) // batch_size) if adapter.causal else 1
     results = []
-    for idx in tqdm(batches, desc=progress, unit="batch", disable=progress is None):
-        chunk = [encs[i] for i in idx]
-        generated, logits = (_decode_causal if adapter.causal else _decode_masked)(adapter, chunk, edits)
-        results.append(list(zip(generated, _scores_from_logits(logits, chunk))))
+    with tqdm(total=len(batches), desc=progress, unit="batch", disable=progress is None) as bar:
+        for start in range(0, len(batches), per_group):
+            group = [[encs[i] for i in idx] for idx in batches[start : start + per_group]]
+            decoded = (_decode_causal_lockstep(adapter, group, edits) if adapter.causal
+                       else [_decode_masked(adapter, chunk, edits) for chunk in group])
+            for chunk, (generated, logits) in zip(group, decoded):
+                results.append(list(zip(generated, _scores_from_logits(logits, chunk))))
+            bar.update(len(group))
     return _in_input_order(len(encs), batches, results)
 
 
@@ -362,38 +371,63 @@ def _window_holds(adapter: ModelAdapter, columns: int) -> bool:
     return window is None or columns < int(window) - 1
 
 
-def _decode_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits) -> tuple[list[list[int]], torch.Tensor]:
-    """Prefill (:func:`_prefill_causal`) with the edits at the target (last) position, then one
-    cached token per step: the edited target's keys/values stay in the cache, as in a full
-    recomputation."""
+@dataclass
+class _Decoding:
+    """One batch decoding greedily: its cache (in ``out``), mask, next position, tokens and lengths."""
+
+    out: object
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    generated: list[list[int]]
+
+    @property
+    def steps(self) -> int:
+        return int(self.lengths.max())
+
+
+def _decode_causal_lockstep(adapter: ModelAdapter, chunks: Sequence[Sequence[Encoded]], edits
+                            ) -> list[tuple[list[list[int]], torch.Tensor]]:
+    """:func:`_decode_causal` of each chunk, run in lockstep: every chunk's prefill and decoding
+    steps are its own (the same forward calls as alone), the LM head runs once per step over the
+    rows of every chunk (only rows still decoding)."""
     pass_positions = _accepts_position_ids(adapter.model)
     base = adapter.model.base_model
-    out, mask, positions = _prefill_causal(adapter, chunk, edits)
-    logits = adapter.head_logits(out.last_hidden_state[:, -1])  # 2-D: one plain matmul for the head
-    generated: list[list[int]] = [[] for _ in chunk]
-    target_logits_ = logits.float()
-    tokens = logits.argmax(dim=-1)
-    next_pos = positions[:, -1:]
-    lengths = torch.tensor([len(e.answer_ids) for e in chunk], device=tokens.device)
-    steps = int(lengths.max())
-    for step in range(steps):
-        for g, e, tok in zip(generated, chunk, tokens.tolist()):
-            if step < len(e.answer_ids):
-                g.append(int(tok))
-        if step + 1 == steps:
+    states, target = [], []
+    for chunk in chunks:
+        out, mask, positions = _prefill_causal(adapter, chunk, edits)
+        target.append(out.last_hidden_state[:, -1])
+        states.append(_Decoding(out, mask, positions[:, -1:], torch.empty(0), torch.tensor(
+            [len(e.answer_ids) for e in chunk]), [[] for _ in chunk]))
+    logits = adapter.head_logits(torch.cat(target))  # 2-D: one plain matmul for the head
+    target_logits = logits.float().split([len(c) for c in chunks])
+    for state, tokens in zip(states, logits.argmax(dim=-1).split([len(c) for c in chunks])):
+        state.tokens, state.lengths = tokens, state.lengths.to(tokens.device)
+    for step in range(max(s.steps for s in states)):
+        for state in states:
+            for g, n, tok in zip(state.generated, state.lengths.tolist(), state.tokens.tolist()):
+                if step < n:
+                    g.append(int(tok))
+        running = [s for s in states if step + 1 < s.steps]
+        hidden = []
+        for state in running:
+            state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)
+            state.next_pos = state.next_pos + 1
+            extra = {"position_ids": state.next_pos} if pass_positions else {}
+            state.out = base(input_ids=state.tokens[:, None], attention_mask=state.mask,
+                             past_key_values=state.out.past_key_values, use_cache=True, **extra)
+            # the head only for rows still decoding; finished rows keep feeding their last token so
+            # the cache stays one rectangle
+            last = state.out.last_hidden_state[:, -1]
+            hidden.append(last[(state.lengths > step + 1).to(last.device)])
+        if not running:
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        next_pos = next_pos + 1
-        extra = {"position_ids": next_pos} if pass_positions else {}
-        out = base(input_ids=tokens[:, None], attention_mask=mask, past_key_values=out.past_key_values,
-                   use_cache=True, **extra)
-        # the head (the costliest matmul per token of a small model) only for rows still decoding;
-        # finished rows keep feeding their last token so the cache stays one rectangle
-        live = lengths > step + 1
-        tokens = tokens.clone()
-        hidden = out.last_hidden_state[:, -1]
-        tokens[live] = adapter.head_logits(hidden[live.to(hidden.device)]).argmax(dim=-1).to(tokens.device)
-    return generated, target_logits_
+        chosen = adapter.head_logits(torch.cat(hidden)).argmax(dim=-1).split([len(h) for h in hidden])
+        for state, new in zip(running, chosen):
+            state.tokens = state.tokens.clone()
+            state.tokens[state.lengths > step + 1] = new.to(state.tokens.device)
+    return [(s.generated, t) for s, t in zip(states, target_logits)]
 
 
 def _decode_masked(adapter: ModelAdapter, chunk: Sequence[Encoded], edits) -> tuple[list[list[int]], torch.Tensor]:
