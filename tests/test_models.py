@@ -955,6 +955,10 @@ def test_rows_of_weight_edits_refuse_a_batch_without_its_assignment():
     with pytest.raises(ValueError, match="edits_per_pass"):
         from matrice.experiments.edit.passes import EditedPasses
         EditedPasses(adapter, batch_size=4, memo=None, kind="test", edits_per_pass=0)
+    bloom = tiny_on_device("bloom")  # its projection bypassed: the correction would silently not be added
+    bloom.model.config.pretraining_tp, bloom.model.config.slow_but_exact = 2, True
+    with pytest.raises(ValueError, match="slow_but_exact"), per_row_output_deltas(bloom, deltas[:0]):
+        pass
 
 
 def _scale_each(cells):

@@ -217,14 +217,15 @@ def test_a_holding_stage_keeps_the_server_past_its_idle_time_and_the_idle_time_r
     """A stage that loads no model (attribution) holds a running server while it lives: the server
     outlives its idle time meanwhile, and still waits its idle time after the holder ends, so the
     experiment after it starts warm; a holder without a server starts none."""
-    idle = 6.0
+    idle = 8.0
     path = tmp_path / "hold.sock"
     assert not warm.hold(path) and not path.exists()
     proc = start_server(path, idle=idle)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
                                "from pathlib import Path; from stages import warm; "
-                               "assert warm.hold(Path(sys.argv[2])); time.sleep(float(sys.argv[3]))",
-                               str(REPO), str(path), str(3 * idle)])
+                               "print(warm.hold(Path(sys.argv[2])), flush=True); time.sleep(float(sys.argv[3]))",
+                               str(REPO), str(path), str(3 * idle)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "True"  # held, before the server's idle time ran out
     time.sleep(2 * idle)
     assert path.exists() and proc.poll() is None, "the server left while a stage held it"
     assert holder.wait(60) == 0

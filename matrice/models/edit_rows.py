@@ -62,6 +62,11 @@ class RowEdits:
 def per_row_output_deltas(adapter: ModelAdapter, edits: Sequence[Mapping[int, LayerDelta]]) -> Iterator[RowEdits]:
     """Within the block, every touched layer's output projection adds to row b the correction of
     ``edits[rows.rows[b]]`` (the yielded :class:`RowEdits`), at every position of the row."""
+    config = adapter.model.config
+    if getattr(config, "pretraining_tp", 1) > 1 and getattr(config, "slow_but_exact", False):
+        raise ValueError("per-row output deltas: BLOOM with pretraining_tp > 1 and slow_but_exact computes its "
+                         "output projection without calling it, so the correction would never be added; "
+                         "use edit.edits_per_pass: 1 (the weights edited)")
     state = RowEdits()
     layers = sorted({layer for edit in edits for layer in edit})
 

@@ -389,9 +389,10 @@ class _Decoding:
 
 def _decode_causal_lockstep(adapter: ModelAdapter, chunks: Sequence[Sequence[Encoded]], edits
                             ) -> list[tuple[list[list[int]], torch.Tensor]]:
-    """:func:`_decode_causal` of each chunk, run in lockstep: every chunk's prefill and decoding
-    steps are its own (the same forward calls as alone), the LM head runs once per step over the
-    rows of every chunk (only rows still decoding)."""
+    """Greedy decoding of each chunk (its prefill with the edits at the target, then one cached token
+    per step, the edited target's keys and values kept, as a full recomputation would), the chunks
+    in lockstep: each chunk's forward calls are the ones it makes alone, the LM head runs once per
+    step over the rows of every chunk still decoding. Every chunk's cache lives until the group ends."""
     pass_positions = _accepts_position_ids(adapter.model)
     base = adapter.model.base_model
     states, target = [], []

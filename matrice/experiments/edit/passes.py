@@ -125,7 +125,8 @@ class EditedPasses:
     def key(self, scored: list[Encoded], edit: Mapping[str, Any] | None) -> str | None:
         if self.memo is None:
             return None
-        rows = {} if self.edits_per_pass == 1 else {"edits_per_pass": self.edits_per_pass}  # rounding differs
+        # an edit's rounding as rows differs from editing the weights (the unedited pass is the same)
+        rows = {} if self.edits_per_pass == 1 or edit is None else {"edits_per_pass": self.edits_per_pass}
         return self.memo.key(kind=self.kind, scored=scored, batch_size=self.batch_size, edit=edit, **rows)
 
     def load(self, key: str | None) -> list[AnswerScore] | None:
