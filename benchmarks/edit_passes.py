@@ -60,9 +60,9 @@ def head_per_batch() -> Iterator[None]:
         EditedPasses.run = own
 
 
-def sweep(project: Path, n_facts: int, edits_per_pass: int = 1):
-    """The λ sweep of the project's first ``n_facts`` attributed facts, as a callable, and those facts;
-    read with the stages' own loaders from inside the project."""
+def sweep(project: Path, n_facts: int):
+    """The λ sweep of the project's first ``n_facts`` attributed facts, as a callable of the edits per
+    forward (default 1), and those facts; read with the stages' own loaders from inside the project."""
     import os
 
     from matrice.data.schema import load_queries
@@ -76,12 +76,13 @@ def sweep(project: Path, n_facts: int, edits_per_pass: int = 1):
     adapter = load_prepared(key, params)
     queries = load_queries(DATASET_DIR / "queries.jsonl")
     sets = load_neuron_sets(key)
-    cfg = dataclasses.replace(EditConfig.from_params(params), edits_per_pass=edits_per_pass)
+    cfg = EditConfig.from_params(params)
     methods = params["edit_sweep"].get("methods") or params["edit"]["methods"]
     facts = sorted(sets.facts)[:n_facts]
 
-    def run():
-        return sweep_update(adapter, queries, sets, methods, params["edit_sweep"]["lambdas"], cfg,
+    def run(edits_per_pass: int = 1):
+        return sweep_update(adapter, queries, sets, methods, params["edit_sweep"]["lambdas"],
+                            dataclasses.replace(cfg, edits_per_pass=edits_per_pass),
                             few_shot=params["few_shot"], facts=facts, progress=False)
     return run, facts
 
@@ -99,13 +100,11 @@ def main() -> int:
 
     out = args.out.resolve() if args.out else None  # before the sweep moves into the project
     project = args.project.resolve()
+    base, facts = sweep(project, args.facts)
     if args.edits_per_pass is None:  # (new way, old way): callables that run the sweep
-        base, facts = sweep(project, args.facts)
         ways = {"head once per fact": base, "head per batch": lambda: _in(head_per_batch(), base)}
     else:
-        base, facts = sweep(project, args.facts)
-        rows, _ = sweep(project, args.facts, args.edits_per_pass)
-        ways = {f"{args.edits_per_pass} edits per pass": rows, "1 edit per pass": base}
+        ways = {f"{args.edits_per_pass} edits per pass": lambda: base(args.edits_per_pass), "1 edit per pass": base}
     for run in ways.values():
         run()  # warm-up: first-call allocations and kernel choices
     times: dict[str, list[float]] = {way: [] for way in ways}

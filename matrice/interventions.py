@@ -85,6 +85,15 @@ def update_vectors(
     return out
 
 
+def checked_output_vector(adapter: ModelAdapter, layer: int, neuron: int, vector: torch.Tensor) -> torch.Tensor:
+    """The neuron's current output vector (a view of the weight), once ``vector`` is known to fit it."""
+    view = adapter.output_weight(layer, neuron)
+    if vector.shape != view.shape:
+        raise ValueError(f"neuron ({layer}, {neuron}): new output vector has shape {tuple(vector.shape)}, "
+                         f"expected {tuple(view.shape)}")
+    return view
+
+
 @contextmanager
 def edited_output_weights(adapter: ModelAdapter, vectors: Mapping[tuple[int, int], torch.Tensor]) -> Iterator[None]:
     """Within the block, each (layer, neuron)'s output vector is replaced by ``vectors[(l, i)]``.
@@ -98,9 +107,7 @@ def edited_output_weights(adapter: ModelAdapter, vectors: Mapping[tuple[int, int
     try:
         with torch.no_grad():
             for (l, i), v in vectors.items():
-                view = adapter.output_weight(l, i)
-                if v.shape != view.shape:
-                    raise ValueError(f"neuron ({l}, {i}): new output vector has shape {tuple(v.shape)}, expected {tuple(view.shape)}")
+                view = checked_output_vector(adapter, l, i, v)
                 view.copy_(v.to(device=view.device, dtype=view.dtype))
         yield
     finally:

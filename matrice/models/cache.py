@@ -3,13 +3,16 @@
 Attribution rows and degenerate-neuron candidate groups run the answer position of one prompt many
 times with different neuron edits. The prompt's positions are unaffected
 by those edits, so its cache is computed once and each batch attends to it by broadcasting (a view,
-no per-row copy of the keys and values).
+no per-row copy of the keys and values). Rows gathered from a cache, and a batch tiled once per
+edit, are here too.
 """
 
 from __future__ import annotations
 
 import copy
 from typing import Any, Sequence
+
+import torch
 
 
 def broadcast_cache(cache: Any, rows: int | Sequence[int]) -> Any:
@@ -36,3 +39,16 @@ def cache_rows(cache: Any, rows: Any) -> Any:
         layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
         layer.values = layer.values.index_select(0, rows.to(layer.values.device))
     return fresh
+
+
+def tiled(value: Any, copies: int) -> Any:
+    """``copies`` copies of a tensor (or of each tensor of a tuple) one after the other along the
+    batch (dim 0): a batch repeated once per edit (:func:`matrice.models.predict.target_hidden_copies`,
+    and the recorded blocks :func:`matrice.models.replay.replayed_below` returns for it)."""
+    if copies == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.repeat(copies, *([1] * (value.dim() - 1)))
+    if isinstance(value, tuple):
+        return tuple(tiled(v, copies) for v in value)
+    return value

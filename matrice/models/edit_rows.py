@@ -16,6 +16,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
+from matrice.interventions import checked_output_vector
 from matrice.models.adapter import ModelAdapter
 
 
@@ -33,10 +34,7 @@ def output_deltas(adapter: ModelAdapter, vectors: Mapping[tuple[int, int], torch
     current weights."""
     by_layer: dict[int, list[tuple[int, torch.Tensor]]] = {}
     for (layer, neuron), vector in vectors.items():
-        current = adapter.output_weight(layer, neuron)
-        if vector.shape != current.shape:
-            raise ValueError(f"neuron ({layer}, {neuron}): new output vector has shape {tuple(vector.shape)}, "
-                             f"expected {tuple(current.shape)}")
+        current = checked_output_vector(adapter, layer, neuron, vector)
         by_layer.setdefault(int(layer), []).append(
             (int(neuron), vector.to(device=current.device, dtype=current.dtype) - current.detach()))
     out = {}

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.cache import cache_rows
+from matrice.models.cache import cache_rows, tiled
 from matrice.models.hooks import Edit, neuron_hooks
 
 
@@ -172,16 +172,11 @@ def _target_hidden(adapter: ModelAdapter, chunk: Sequence[Encoded], edits: Mappi
         out, _, _ = _prefill_causal(adapter, chunk, edits, use_cache=False, copies=copies, on_rows=on_rows)
         return out.last_hidden_state[:, -1]
     batch = pad_batch([e.input_ids for e in chunk], [e.target_pos for e in chunk], adapter.pad_token_id, adapter.device)
-    ids, mask, positions = (_tiled(t, copies) for t in (batch.input_ids, batch.attention_mask, batch.positions))
+    ids, mask, positions = (tiled(t, copies) for t in (batch.input_ids, batch.attention_mask, batch.positions))
     _assign_copies(on_rows, len(chunk), copies)
     with neuron_hooks(adapter, positions, edits):
         hidden = adapter.model.base_model(input_ids=ids, attention_mask=mask)[0]
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions.to(hidden.device)]
-
-
-def _tiled(t: torch.Tensor, copies: int) -> torch.Tensor:
-    """``copies`` copies of ``t`` one after the other along the batch (dim 0)."""
-    return t if copies == 1 else t.repeat(copies, *([1] * (t.dim() - 1)))
 
 
 def _assign_copies(on_rows: RowsCallback | None, rows: int, copies: int) -> None:
@@ -336,14 +331,14 @@ def _prefill_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits, use_
     longest = max(len(e.input_ids) + len(e.answer_ids) for e in chunk) + max(cuts)  # columns, padding included
     if min(cuts) == 0 or len(distinct) == len(chunk) or not _window_holds(adapter, longest):
         # nothing shared, or a sliding window the hole between prefix and query would shift: one pass
-        ids, mask = (_tiled(t, copies) for t in _left_padded([e.input_ids for e in chunk], adapter.pad_token_id, adapter.device))
+        ids, mask = (tiled(t, copies) for t in _left_padded([e.input_ids for e in chunk], adapter.pad_token_id, adapter.device))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         _assign_copies(on_rows, len(chunk), copies)
         with neuron_hooks(adapter, torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long), edits):
             out = base(input_ids=ids, attention_mask=mask, use_cache=use_cache,
                        **({"position_ids": positions} if pass_positions else {}))
         return out, mask, positions
-    ids_p, mask_p = (_tiled(t, copies) for t in _left_padded(distinct, adapter.pad_token_id, adapter.device))
+    ids_p, mask_p = (tiled(t, copies) for t in _left_padded(distinct, adapter.pad_token_id, adapter.device))
     positions_p = (mask_p.cumsum(-1) - 1).clamp(min=0)
     # the edits act at the targets, which no prefix contains
     _assign_copies(on_rows, len(distinct), copies)
@@ -353,7 +348,7 @@ def _prefill_causal(adapter: ModelAdapter, chunk: Sequence[Encoded], edits, use_
     own = torch.tensor([where[p] for p in prefixes], device=mask_p.device)
     rows = torch.cat([own + k * len(distinct) for k in range(copies)]) if copies > 1 else own
     cache = cache_rows(cache, rows)
-    ids_s, mask_s = (_tiled(t, copies) for t in _left_padded([e.input_ids[c:] for e, c in zip(chunk, cuts)],
+    ids_s, mask_s = (tiled(t, copies) for t in _left_padded([e.input_ids[c:] for e, c in zip(chunk, cuts)],
                                                               adapter.pad_token_id, adapter.device))
     mask = torch.cat([mask_p[rows], mask_s], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -395,16 +390,14 @@ def _decode_causal_lockstep(adapter: ModelAdapter, chunks: Sequence[Sequence[Enc
     step over the rows of every chunk still decoding. Every chunk's cache lives until the group ends."""
     pass_positions = _accepts_position_ids(adapter.model)
     base = adapter.model.base_model
-    states, target = [], []
-    for chunk in chunks:
-        out, mask, positions = _prefill_causal(adapter, chunk, edits)
-        target.append(out.last_hidden_state[:, -1])
-        states.append(_Decoding(out, mask, positions[:, -1:], torch.empty(0), torch.tensor(
-            [len(e.answer_ids) for e in chunk]), [[] for _ in chunk]))
-    logits = adapter.head_logits(torch.cat(target))  # 2-D: one plain matmul for the head
-    target_logits = logits.float().split([len(c) for c in chunks])
-    for state, tokens in zip(states, logits.argmax(dim=-1).split([len(c) for c in chunks])):
-        state.tokens, state.lengths = tokens, state.lengths.to(tokens.device)
+    prefilled = [_prefill_causal(adapter, chunk, edits) for chunk in chunks]
+    # 2-D: one plain matmul for the head
+    logits = adapter.head_logits(torch.cat([out.last_hidden_state[:, -1] for out, _, _ in prefilled]))
+    sizes = [len(chunk) for chunk in chunks]
+    target_logits = logits.float().split(sizes)
+    states = [_Decoding(out, mask, positions[:, -1:], tokens,
+                        torch.tensor([len(e.answer_ids) for e in chunk], device=tokens.device), [[] for _ in chunk])
+              for chunk, (out, mask, positions), tokens in zip(chunks, prefilled, logits.argmax(dim=-1).split(sizes))]
     for step in range(max(s.steps for s in states)):
         for state in states:
             for g, n, tok in zip(state.generated, state.lengths.tolist(), state.tokens.tolist()):

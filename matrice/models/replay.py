@@ -23,6 +23,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from matrice.models.adapter import ModelAdapter
+from matrice.models.cache import tiled
 from matrice.models.hooks import instance_forward, restore_forward
 
 
@@ -85,18 +86,6 @@ def recorded_blocks(adapter: ModelAdapter) -> Iterator[list[list[BlockCall]]]:
             handle.remove()
 
 
-def _tiled(value: Any, copies: int) -> Any:
-    """``copies`` copies of a recorded tensor (or of each tensor of a tuple) one after the other along
-    the batch: the recorded pass's batch repeated, as :func:`matrice.models.predict.target_hidden_copies` runs it."""
-    if copies == 1:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.repeat(copies, *([1] * (value.dim() - 1)))
-    if isinstance(value, tuple):
-        return tuple(_tiled(v, copies) for v in value)
-    return value
-
-
 @contextmanager
 def replayed_below(adapter: ModelAdapter, record: list[list[BlockCall]] | None, layer: int,
                    copies: int = 1) -> Iterator[None]:
@@ -118,7 +107,7 @@ def replayed_below(adapter: ModelAdapter, record: list[list[BlockCall]] | None, 
                 call = next(calls[j])
             except StopIteration:
                 raise RuntimeError(f"block {j}: more forward calls than were recorded") from None
-            output = _tiled(call.output, copies)
+            output = tiled(call.output, copies)
             if _hidden(output).shape != hidden.shape:
                 raise RuntimeError(f"block {j}: replayed output {tuple(_hidden(output).shape)} for an input of "
                                    f"{tuple(hidden.shape)}: the pass is not the recorded one")
@@ -127,7 +116,7 @@ def replayed_below(adapter: ModelAdapter, record: list[list[BlockCall]] | None, 
                 raise RuntimeError(f"block {j}: the recorded call {'wrote' if call.cache_writes else 'had'} no cache "
                                    "where this one has one (or the reverse): the pass is not the recorded one")
             for w in call.cache_writes:
-                cache.update(_tiled(w.keys, copies), _tiled(w.values, copies), w.layer_idx, *w.args, **w.kwargs)
+                cache.update(tiled(w.keys, copies), tiled(w.values, copies), w.layer_idx, *w.args, **w.kwargs)
             return output
         return forward
 

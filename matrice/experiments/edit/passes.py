@@ -113,7 +113,7 @@ class EditedPasses:
     def edited_hidden(self, scored: list[Encoded], group: list[WeightEdit], unedited_blocks) -> list[torch.Tensor]:
         """The head inputs under each edit of ``group``: one edit on the weights, several as rows."""
         low = min(lowest_layer(edit) for edit in group)
-        if len(group) == 1 and self.edits_per_pass == 1:
+        if self.edits_per_pass == 1:
             with edited_output_weights(self.adapter, group[0].vectors()), \
                     replayed_below(self.adapter, unedited_blocks, low):
                 return [self.hidden(scored)]
