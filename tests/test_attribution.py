@@ -16,13 +16,8 @@ from matrice.method.attribution.common import (
     target_activations,
 )
 from matrice.method.attribution.fast import fast_attribution, fast_attribution_many
-from matrice.method.attribution.head import (
-    LinearHead,
-    autograd_answer_probability,
-    fused_answer_probability,
-    head_input,
-    linear_head,
-)
+from matrice.method.attribution.head import autograd_answer_probability, fused_answer_probability
+from matrice.models.head import LinearHead, answer_probabilities, head_input, linear_head
 from matrice.method.attribution.peer import peer_attribution
 from matrice.method.attribution.reference import reference_attribution
 from matrice.models.adapter import Encoded, ModelAdapter
@@ -241,6 +236,43 @@ def test_fused_head_with_bias_and_softcap_equals_autograd():
         fused_answer_probability(hidden, LinearHead(weight, None, None), 300)
     with pytest.raises(ValueError, match="freeze"):
         fused_answer_probability(hidden, LinearHead(weight.clone().requires_grad_(True), None, None), 1)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_answer_probabilities_equal_the_float64_softmax_of_the_logits(tiny, family):
+    """The gradient-free head (degenerate neurons' P) on every family's head, one answer id per row,
+    chunks that do not divide V, the answers spread over the vocabulary's first and last chunk."""
+    adapter = tiny(family)
+    head = linear_head(adapter)
+    vocab = head.weight.shape[0]
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(5, adapter.model.config.hidden_size, generator=gen).to(adapter.device)
+    answers = torch.tensor([0, 3, vocab // 2, vocab - 2, vocab - 1])
+    with torch.no_grad():
+        x = head_input(adapter, hidden)
+        want = torch.softmax(head.logits(x).double(), dim=-1).gather(1, answers[:, None].to(x.device))[:, 0]
+    for chunk in (37, vocab):
+        got = answer_probabilities(x, head, answers, chunk)
+        assert got.dtype == torch.float64 and got.shape == (5,)
+        assert float(((got - want) / want).abs().max()) <= 1e-6
+
+
+def test_answer_probabilities_over_a_large_vocabulary_with_bias_and_softcap():
+    """A wide logit range over 100k tokens against float64 throughout, with a bias and soft caps;
+    an id outside the vocabulary is refused."""
+    gen = torch.Generator().manual_seed(5)
+    weight, bias = torch.randn(100_000, 32, generator=gen), torch.randn(100_000, generator=gen)
+    hidden = torch.randn(4, 32, generator=gen) * 2
+    hidden[0] = weight[7] * 3  # a confident row
+    answers = torch.tensor([7, 99_999, 5, 50_000])
+    for b, cap in ((None, None), (bias, None), (bias, 30.0)):
+        head, head64 = LinearHead(weight, b, cap), LinearHead(weight.double(), None if b is None else b.double(), cap)
+        want = torch.softmax(head64.logits(hidden.double()), dim=-1).gather(1, answers[:, None])[:, 0]
+        got = answer_probabilities(hidden, head, answers, chunk=4096)
+        assert float(((got - want) / want).abs().max()) <= 1e-5
+    assert answer_probabilities(hidden, LinearHead(weight, None, None), answers, chunk=4096)[0] > 0.99
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        answer_probabilities(hidden, LinearHead(weight, None, None), [1, 2, 3, 100_000])
 
 
 # ---- baselines --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from matrice.models.encoding import encode_query
 from matrice.models.whole_answer import AnswerSteps, check_policy
 from matrice.models.hooks import neuron_edits
 from matrice.models.predict import PromptCache, score_answers_many
+from matrice.models.head import answer_probabilities, head_input, linear_head
 from matrice.models.scaled_rows import per_row_scalings
 from matrice.method.selection import select_by_threshold
 
@@ -63,7 +64,9 @@ class Suppressor:
     its target runs once and is kept (:class:`matrice.models.predict.PromptCache`; the search asks
     about the same few queries again and again, and :meth:`prepare` runs a fact's prompts together);
     each forward then runs only the target token, one candidate group per row, rows of several
-    queries together. Masked models: one edit set per group (slower, same numbers).
+    queries together, and P comes from the LM head without its [rows, V] logits
+    (:func:`matrice.models.head.answer_probabilities`). Masked models: one edit set per
+    group (slower, same numbers up to float rounding).
 
     ``answer_token: all``: P is the whole answer's, Π_k P(t_k | q, t_<k), each token's row (the gold
     prefix in place) with the group suppressed at its own position."""
@@ -75,6 +78,7 @@ class Suppressor:
         self.answer_token = check_policy(answer_token)
         self._prompts: list[PromptCache] = []
         self._where: dict[tuple[int, ...], tuple[int, int]] = {}  # prompt -> (cache, its row there)
+        self._head = linear_head(adapter) if adapter.causal else None
 
     def prepare(self, encs: Sequence[Encoded]) -> None:
         """Run the prompts not yet kept, together (one left-padded batch)."""
@@ -115,10 +119,10 @@ class Suppressor:
         for cache, members in by_cache.items():
             for start in range(0, len(members), self.rows):
                 part = members[start : start + self.rows]
-                logits = self._prompts[cache].target_logits([rows[r][0][1] for r in part],
-                                                            per_row_scalings([rows[r][1] for r in part]))
-                gold = torch.tensor([rows[r][2] for r in part], device=logits.device)
-                for r, p in zip(part, torch.softmax(logits.double(), dim=-1).gather(1, gold[:, None])[:, 0].tolist()):
+                step, _ = self._prompts[cache].target_step([rows[r][0][1] for r in part],
+                                                           per_row_scalings([rows[r][1] for r in part]))
+                hidden = head_input(self.adapter, step.last_hidden_state[:, -1])
+                for r, p in zip(part, answer_probabilities(hidden, self._head, [rows[r][2] for r in part]).tolist()):
                     probs[r] = p
         return probs
 

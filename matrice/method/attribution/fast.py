@@ -27,10 +27,11 @@ from matrice.method.attribution.common import (
     integrate,
     step_points,
 )
-from matrice.method.attribution.head import fused_answer_probability, head_input, linear_head
+from matrice.method.attribution.head import fused_answer_probability
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.cache import broadcast_cache
 from matrice.models.encoding import answer_steps
+from matrice.models.head import head_input, linear_head
 from matrice.models.hooks import Edit, instance_forward, neuron_hooks, restore_forward
 
 

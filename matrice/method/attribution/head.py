@@ -15,68 +15,15 @@ rounding; `autograd_answer_probability` is the plain reference the tests compare
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator
-
 import torch
-from torch import nn
 
 from matrice.method.attribution.common import answer_probability
-from matrice.models.adapter import ModelAdapter
-from matrice.models.hooks import instance_forward, restore_forward
-
-
-@dataclass(frozen=True)
-class LinearHead:
-    """The vocabulary projection: logits = cap·tanh((h·Wᵀ + b)/cap) (no tanh when cap is None)."""
-
-    weight: torch.Tensor  # [V, d]
-    bias: torch.Tensor | None  # [V]
-    softcap: float | None
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        z = nn.functional.linear(hidden, self.weight, self.bias)
-        return torch.tanh(z / self.softcap) * self.softcap if self.softcap else z
-
-
-def linear_head(adapter: ModelAdapter) -> LinearHead:
-    """The model's final vocabulary projection (the `decoder` of a masked LM's head)."""
-    out = adapter.model.get_output_embeddings()
-    if not isinstance(out, nn.Linear):
-        raise TypeError(f"output embeddings of {type(adapter.model).__name__} are {type(out).__name__}, not Linear")
-    cap = getattr(adapter.model.config, "final_logit_softcapping", None) if adapter.causal else None
-    return LinearHead(out.weight, out.bias, float(cap) if cap else None)
-
-
-@contextmanager
-def _bypass(module: nn.Module) -> Iterator[None]:
-    own = instance_forward(module)
-    module.forward = lambda x, *a, **k: x
-    try:
-        yield
-    finally:
-        restore_forward(module, own)
-
-
-def head_input(adapter: ModelAdapter, hidden: torch.Tensor) -> torch.Tensor:
-    """What the vocabulary projection receives: the final hidden state for causal models; for masked
-    models the MLM head's transform (dense, activation, norm), i.e. the head with its decoder bypassed."""
-    if adapter.causal:
-        return hidden
-    with _bypass(adapter.model.get_output_embeddings()):
-        return adapter.mlm_head()(hidden)
+from matrice.models.head import LinearHead, checked_ids, chunk_logits, default_chunk
 
 
 def autograd_answer_probability(hidden: torch.Tensor, head: LinearHead, answer_id: int) -> torch.Tensor:
     """Reference: full logits, the oracle's float64 softmax, autograd does the rest. [R, d] -> [R]."""
     return answer_probability(head.logits(hidden), answer_id)
-
-
-def default_chunk(device: torch.device) -> int:
-    """Vocabulary rows per chunk: a [128, 2048] float32 block (1 MiB) stays in a CPU core's cache;
-    a GPU wants fewer, larger launches."""
-    return 2048 if device.type == "cpu" else 32768
 
 
 def _prob_and_grad(hidden: torch.Tensor, head: LinearHead, answer_ids: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,22 +34,14 @@ def _prob_and_grad(hidden: torch.Tensor, head: LinearHead, answer_ids: torch.Ten
     this form (autograd's softmax backward does the same) keeps it at float rounding."""
     rows = hidden.shape[0]
     weight = head.weight
-    if int(answer_ids.min()) < 0 or int(answer_ids.max()) >= weight.shape[0]:
-        raise ValueError(f"answer ids {answer_ids.unique().tolist()} are outside the vocabulary of size {weight.shape[0]}")
+    checked_ids(answer_ids, weight.shape[0])
     row_index = torch.arange(rows, device=hidden.device)
     answer_logit = torch.empty(rows, dtype=torch.float32, device=hidden.device)
     answer_slope = torch.ones(rows, dtype=torch.float32, device=hidden.device)
     running_max = torch.full((rows,), float("-inf"), dtype=torch.float32, device=hidden.device)
     other_sum = torch.zeros(rows, dtype=torch.float32, device=hidden.device)  # Σ_{v≠y} exp(l_v − max)
     other_rows = torch.zeros(rows, weight.shape[1], dtype=torch.float32, device=hidden.device)  # Σ_{v≠y} e_v l'_v W_v
-    for start in range(0, weight.shape[0], chunk):
-        w_chunk = weight[start : start + chunk]
-        z = nn.functional.linear(hidden, w_chunk, None if head.bias is None else head.bias[start : start + chunk]).float()
-        if head.softcap:
-            t = torch.tanh(z / head.softcap)
-            logit, slope = t * head.softcap, 1.0 - t * t
-        else:
-            logit, slope = z, None
+    for start, w_chunk, logit, slope in chunk_logits(hidden, head, chunk):
         new_max = torch.maximum(running_max, logit.amax(dim=1))
         rescale = torch.exp(running_max - new_max)
         e = (logit - new_max[:, None]).exp_()
