@@ -833,6 +833,31 @@ def test_replay_fills_the_cache_of_a_shared_prefix_pass(family, monkeypatch):
     assert [s.prob for s in full] != pytest.approx([s.prob for s in before], rel=1e-6)  # the edit acts
 
 
+@pytest.mark.parametrize("family", TINY_CAUSAL_FAMILIES)
+def test_replayed_cache_writes_are_tiled_with_the_copies(family):
+    """Under ``copies`` > 1 each replayed block writes its recorded keys and values once per copy:
+    the cache after a replayed forward of the tiled batch is the one computing every block writes
+    (the blocks above read their own layers' entries, so this is what a caller that replays only part
+    of a pass would see)."""
+    from conftest import tiny_on_device
+    from matrice.models.replay import recorded_blocks, replayed_below
+
+    adapter = tiny_on_device(family)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]], device=adapter.device)
+    body = adapter.model.base_model
+    with torch.no_grad():
+        with recorded_blocks(adapter) as record:
+            body(input_ids=ids, use_cache=True)
+        want = body(input_ids=ids.repeat(3, 1), use_cache=True).past_key_values
+        with replayed_below(adapter, record, 2, copies=3):
+            got = body(input_ids=ids.repeat(3, 1), use_cache=True).past_key_values
+    assert len(got.layers) == len(want.layers) == adapter.n_layers
+    for mine, theirs in zip(got.layers, want.layers):
+        assert mine.keys.shape[0] == 6
+        torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_the_head_run_once_over_many_rows_scores_as_each_batch_does(family):
     """target_hidden then scores_from_hidden (the head over rows of any grouping) equals score_answers,
