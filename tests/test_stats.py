@@ -252,3 +252,51 @@ def test_relation_mean_weighs_relations_equally_and_resamples_them():
     one = relation_mean({"A-1": 0.2, "A-2": 0.4}, lambda f: "A")
     assert one.n == 1 and one.low >= 0.2 and one.high <= 0.4
     assert relation_mean({}, lambda f: f).n == 0 and relation_mean({"A-1": None}, lambda f: f).n == 0
+
+
+def test_every_swap_p_is_scipys_exact_paired_permutation_p():
+    """The exact paired permutation p of an F1 difference (every one of the 2^n swaps of units' count
+    rows, enumerated here from one matrix product) equals scipy's `permutation_test` to the bit, with
+    units whose F1 is undefined, tied statistics and identical detectors among the cases."""
+    from scipy.stats import permutation_test
+
+    from matrice.evaluation.stats import _every_swap_p, prf
+
+    def f1(c: np.ndarray) -> np.ndarray:
+        return prf(c)[..., 2]
+
+    def difference(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
+        return f1(np.sum(x, axis=axis)) - f1(np.sum(y, axis=axis))
+
+    rng = np.random.default_rng(8)
+    cases = [rng.integers(0, 6, size=(n, 3)).astype(float) for n in (2, 3, 7, 12)]
+    cases.append(np.zeros((4, 3)))  # F1 undefined everywhere
+    seen = set()
+    for a in cases:
+        for b in (rng.integers(0, 6, size=a.shape).astype(float), a.copy(), a + np.array([2.0, 0.0, 0.0])):
+            want = permutation_test((a, b), difference, permutation_type="samples", vectorized=True, axis=0,
+                                    n_resamples=np.inf, alternative="two-sided").pvalue
+            got = _every_swap_p(a, b, f1)
+            assert got == float(want)
+            seen.add(round(got, 6))
+    assert len(seen) >= 4  # the cases reach different p-values, small ones included
+    assert min(seen) < 0.2
+
+
+def test_paired_ratio_difference_uses_the_exact_test_up_to_its_limit(monkeypatch):
+    """Up to SIGN_FLIP_EXACT_UP_TO units the p is the exact one; beyond, scipy's Monte Carlo estimate
+    of it (seeded; 2^18 swaps, more than its 99,999 draws), within its error."""
+    import matrice.evaluation.stats as stats
+
+    def f1(c: np.ndarray) -> np.ndarray:
+        return stats.prf(c)[..., 2]
+
+    rng = np.random.default_rng(18)
+    a = rng.integers(0, 9, size=(18, 3)).astype(float)
+    b = np.maximum(a + rng.integers(-1, 2, size=(18, 3)) * np.array([0.0, 1.0, 1.0]), 0)  # fp and fn moved by ±1
+    exact = stats.paired_ratio_difference(a, b, f1, seed=1)
+    assert exact.p == stats._every_swap_p(a, b, f1) and 0.01 < exact.p < 0.2
+    monkeypatch.setattr(stats, "SIGN_FLIP_EXACT_UP_TO", 17)
+    sampled = stats.paired_ratio_difference(a, b, f1, seed=1)
+    assert sampled.p == pytest.approx(exact.p, abs=0.005) and sampled.p != exact.p
+    assert (sampled.mean, sampled.low, sampled.high) == (exact.mean, exact.low, exact.high)
