@@ -247,10 +247,10 @@ def test_answer_probabilities_equal_the_float64_softmax_of_the_logits(tiny, fami
     vocab = head.weight.shape[0]
     gen = torch.Generator().manual_seed(4)
     hidden = torch.randn(5, adapter.model.config.hidden_size, generator=gen).to(adapter.device)
-    answers = torch.tensor([0, 3, vocab // 2, vocab - 2, vocab - 1])
+    answers = [0, 37, 74, vocab // 2, vocab - 1]  # 37 and 74 open the second and third chunks of 37
     with torch.no_grad():
         x = head_input(adapter, hidden)
-        want = torch.softmax(head.logits(x).double(), dim=-1).gather(1, answers[:, None].to(x.device))[:, 0]
+        want = torch.softmax(head.logits(x).double(), dim=-1).gather(1, torch.tensor(answers)[:, None].to(x.device))[:, 0]
     for chunk in (37, vocab):
         got = answer_probabilities(x, head, answers, chunk)
         assert got.dtype == torch.float64 and got.shape == (5,)
@@ -273,6 +273,18 @@ def test_answer_probabilities_over_a_large_vocabulary_with_bias_and_softcap():
     assert answer_probabilities(hidden, LinearHead(weight, None, None), answers, chunk=4096)[0] > 0.99
     with pytest.raises(ValueError, match="outside the vocabulary"):
         answer_probabilities(hidden, LinearHead(weight, None, None), [1, 2, 3, 100_000])
+
+
+def test_answer_probabilities_sum_the_vocabulary_in_float64():
+    """2^20 tokens of nearly equal logits in 512 chunks: a float32 running sum is off by ~4e-7 here,
+    the float64 one by ~2e-9."""
+    gen = torch.Generator().manual_seed(6)
+    weight = torch.randn(2**20, 4, generator=gen) * 0.005
+    hidden = torch.randn(3, 4, generator=gen)
+    answers = torch.tensor([5, 2048 * 7, 2**20 - 1])
+    want = torch.softmax(LinearHead(weight.double(), None, None).logits(hidden.double()), dim=-1).gather(1, answers[:, None])[:, 0]
+    got = answer_probabilities(hidden, LinearHead(weight, None, None), answers, chunk=2048)
+    assert float(((got - want) / want).abs().max()) <= 2e-8
 
 
 # ---- baselines --------------------------------------------------------------------------------------------

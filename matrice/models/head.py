@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -86,15 +86,16 @@ def chunk_logits(hidden: torch.Tensor, head: LinearHead, chunk: int
 
 
 @torch.no_grad()
-def answer_probabilities(hidden: torch.Tensor, head: LinearHead, answer_ids: int | torch.Tensor,
+def answer_probabilities(hidden: torch.Tensor, head: LinearHead, answer_ids: int | Sequence[int] | torch.Tensor,
                          chunk: int | None = None) -> torch.Tensor:
     """P(y*) [R] (float64) from head inputs [R, d], without a gradient and without the [R, V] logits.
 
     For a search that reads only P (degenerate neurons: P under each candidate suppression): a
     float64 softmax over the materialised logits of 256 rows took longer than the head's matmul on
-    the CPU. Here an online softmax per vocabulary chunk, the running sum in float64 from float32
-    chunk sums: within 1e-6 of the float64 softmax of the same logits where they are small, a few 1e-6
-    where they span ±50 (a float32 logit's own rounding there; tested)."""
+    the CPU. Here an online softmax per vocabulary chunk (logits, soft cap and exponentials in
+    float32), the running sum in float64 from float32 chunk sums: within 1e-6 of the float64 softmax
+    of the same logits where they are small, a few 1e-6 where they span ±50 (the answer's distance
+    from the maximum is taken in float32); tested. ``answer_ids``: one id, or one per row."""
     hidden = hidden.to(head.weight.device)
     ids = torch.as_tensor(answer_ids, dtype=torch.long, device=hidden.device).expand(hidden.shape[0])
     checked_ids(ids, head.weight.shape[0])

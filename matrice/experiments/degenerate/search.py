@@ -65,8 +65,9 @@ class Suppressor:
     about the same few queries again and again, and :meth:`prepare` runs a fact's prompts together);
     each forward then runs only the target token, one candidate group per row, rows of several
     queries together, and P comes from the LM head without its [rows, V] logits
-    (:func:`matrice.models.head.answer_probabilities`). Masked models: one edit set per
-    group (slower, same numbers up to float rounding).
+    (:func:`matrice.models.head.answer_probabilities`, its soft cap in float32 whatever the
+    model's dtype). Masked models: one edit set per group (slower, the same numbers up to float
+    rounding).
 
     ``answer_token: all``: P is the whole answer's, Π_k P(t_k | q, t_<k), each token's row (the gold
     prefix in place) with the group suppressed at its own position."""
