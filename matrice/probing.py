@@ -10,10 +10,9 @@ from typing import Sequence
 from matrice.data.schema import Query
 from matrice.models.adapter import Encoded, ModelAdapter
 from matrice.models.encoding import encode_query
-from matrice.models.predict import decode_and_score, is_correct
+from matrice.models.predict import HEAD_ROWS, decode_and_score, is_correct
 
 log = logging.getLogger(__name__)
-HEAD_ROWS = 256  # rows per LM-head call in the probe's decoding (the 262,144-token head: ~50 GFLOP/s there, ~30 at 32)
 
 
 @dataclass(frozen=True)

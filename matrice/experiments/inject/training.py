@@ -68,7 +68,7 @@ from matrice.finetune import TrainConfig, train_variant
 from matrice.memo import Memo
 from matrice.method.selection import layer_matched_random
 from matrice.models.adapter import Encoded, ModelAdapter
-from matrice.models.predict import greedy_decode, is_correct
+from matrice.models.predict import HEAD_ROWS, greedy_decode, is_correct
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class InjectionResult:
 def _decode_correct(adapter: ModelAdapter, qs: Sequence[Query], encs: Mapping[str, Encoded], batch_size: int) -> list[bool]:
     if not qs:
         return []
-    gen = greedy_decode(adapter, [encs[q.query_id] for q in qs], batch_size=batch_size)
+    gen = greedy_decode(adapter, [encs[q.query_id] for q in qs], batch_size=batch_size, head_rows=HEAD_ROWS)
     return [bool(is_correct(adapter, g, q.answer)) for q, g in zip(qs, gen)]
 
 
