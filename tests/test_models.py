@@ -977,6 +977,12 @@ def test_rows_of_weight_edits_refuse_a_batch_without_its_assignment():
         target_hidden_copies(adapter, encs, 1, None, batch_size=4)
     with per_row_output_deltas(adapter, deltas) as rows, pytest.raises(RuntimeError, match="row assignments"):
         target_hidden_copies(adapter, encs, 2, lambda copy: rows.set(copy[:1]), batch_size=4)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]], device=adapter.device)
+    with per_row_output_deltas(adapter, deltas) as rows:
+        rows.set([0, -1])
+        adapter.model.base_model(input_ids=ids)  # the assignment serves this call only
+        with pytest.raises(RuntimeError, match="no row assignment"):
+            adapter.model.base_model(input_ids=ids)
     with pytest.raises(ValueError, match="edits_per_pass"):
         from matrice.experiments.edit.passes import EditedPasses
         EditedPasses(adapter, batch_size=4, memo=None, kind="test", edits_per_pass=0)

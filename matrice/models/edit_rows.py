@@ -47,7 +47,9 @@ def output_deltas(adapter: ModelAdapter, vectors: Mapping[tuple[int, int], torch
 
 class RowEdits:
     """Which edit each row of the next forward call carries: ``rows[b]`` indexes the edits (−1: none).
-    Callers set it before each call whose batch differs (a prefix pass, then its queries)."""
+    Callers set it before each forward call of the body (a prefix pass, then its queries); the call
+    uses it and clears it, so a call whose rows were not assigned raises instead of reusing an
+    assignment made for other rows."""
 
     def __init__(self) -> None:
         self.rows: torch.Tensor | None = None
@@ -89,7 +91,11 @@ def per_row_output_deltas(adapter: ModelAdapter, edits: Sequence[Mapping[int, La
 
         return hook
 
+    def clear(module, args, out):
+        state.rows = None
+
     handles = [adapter.out_proj(layer).register_forward_hook(hook_for(layer)) for layer in layers]
+    handles.append(adapter.model.base_model.register_forward_hook(clear))
     try:
         yield state
     finally:
