@@ -165,7 +165,6 @@ def sign_flip_p(diffs: Sequence[float | None], seed: int = 0) -> float | None:
     return _SignFlips(d, seed).p(0.0)
 
 
-@lru_cache(maxsize=4)
 def _all_sign_patterns(n: int) -> np.ndarray:
     """[2^n, n] of ±1: every sign pattern (row 0 is all +1, the observed one)."""
     bits = (np.arange(2**n, dtype=np.int64)[:, None] >> np.arange(n)) & 1
@@ -173,18 +172,22 @@ def _all_sign_patterns(n: int) -> np.ndarray:
 
 
 def _sign_patterns(n: int, seed: int) -> np.ndarray:
-    if n <= SIGN_FLIP_EXACT_UP_TO:
-        return _all_sign_patterns(n)
-    drawn = np.random.default_rng(seed).choice(np.array([-1, 1], dtype=np.int8), size=(SIGN_FLIP_MONTE_CARLO, n))
-    return np.vstack([np.ones((1, n), dtype=np.int8), drawn])  # the observed pattern counts once, as in p
+    """The patterns a test of n units uses: every one up to SIGN_FLIP_EXACT_UP_TO units (whatever the
+    seed), else the observed one and SIGN_FLIP_MONTE_CARLO seeded ones."""
+    return _sign_matrix(n, None if n <= SIGN_FLIP_EXACT_UP_TO else seed)
 
 
 @lru_cache(maxsize=8)
 def _sign_matrix(n: int, seed: int | None) -> np.ndarray:
-    """:func:`_sign_patterns` as float64, kept: a report tests hundreds of claims at a few sizes, and
-    drawing and converting the patterns again for each took longer than the tests (seed None: every
-    pattern, which does not depend on it)."""
-    matrix = _sign_patterns(n, 0 if seed is None else seed).astype(np.float64)
+    """[patterns, n] of ±1 in float64, kept (a report tests hundreds of claims at a few sizes, and
+    drawing and converting the patterns again for each took longer than the tests); seed None: every
+    pattern."""
+    if seed is None:
+        signs = _all_sign_patterns(n)
+    else:
+        drawn = np.random.default_rng(seed).choice(np.array([-1, 1], dtype=np.int8), size=(SIGN_FLIP_MONTE_CARLO, n))
+        signs = np.vstack([np.ones((1, n), dtype=np.int8), drawn])  # the observed pattern counts once, as in p
+    matrix = signs.astype(np.float64)
     matrix.setflags(write=False)
     return matrix
 
@@ -193,7 +196,7 @@ class _SignFlips:
     """The sign-flip null distribution of one set of differences: p of any shift μ from one matrix product."""
 
     def __init__(self, d: np.ndarray, seed: int) -> None:
-        signs = _sign_matrix(len(d), None if len(d) <= SIGN_FLIP_EXACT_UP_TO else seed)
+        signs = _sign_patterns(len(d), seed)
         self.n, self.flipped, self.sign_sums, self.total = len(d), signs @ d, signs.sum(axis=1), float(d.sum())
 
     def p(self, mu: float) -> float:
