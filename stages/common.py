@@ -83,7 +83,10 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    # -1 is SIZE_MAX to glibc (the threshold is a size_t): never trim. The int maximum, 2 GB, is less
+    # than one step of Direct_FT frees at once (three 671 MB gradient temporaries of the tied
+    # embedding, Adam's), so the heap's top was returned and faulted in again every step.
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
 
 
 def load_prepared(key: str, params: dict[str, Any], dtype: str | None = None, weights: bool = True) -> ModelAdapter:
