@@ -61,3 +61,13 @@ def test_every_verdict_the_report_gives_is_counted(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| no data | 1 | 1 |" in out and "| not judged | 1 | 1 |" in out and "– (n=0)" in out
     assert "| replicates |" not in out  # a verdict neither run gives is left out of the counts
+
+
+def test_the_committed_policy_comparison_is_computed_from_the_committed_verdicts(capsys):
+    """reports/answer_token/first-vs-all.md ends with what compare prints for the committed default run and
+    the committed `all` run: regenerating either run without regenerating the comparison fails here."""
+    committed = (REPORTS / "answer_token" / "first-vs-all.md").read_text(encoding="utf-8")
+    assert main([str(REPORTS / "verdicts.json"), str(REPORTS / "answer_token" / "verdicts-all.json"),
+                 "--labels", "first", "all"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("\n") > 60 and committed.endswith(table)
