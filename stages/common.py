@@ -83,10 +83,11 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
-    # -1 is SIZE_MAX to glibc (the threshold is a size_t): never trim. The int maximum, 2 GB, is less
-    # than one step of Direct_FT frees at once (three 671 MB gradient temporaries of the tied
-    # embedding, Adam's), so the heap's top was returned and faulted in again every step.
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
+    # glibc reads the threshold as a size_t, so -1 is SIZE_MAX: never trim. The int maximum, 2 GB, is
+    # less than one Direct_FT step frees at once (three 671 MB gradient temporaries of the tied
+    # embedding, Adam's): the heap's top went back to the OS and the next training faulted it in again.
+    never_trim = -1
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, never_trim))
 
 
 def load_prepared(key: str, params: dict[str, Any], dtype: str | None = None, weights: bool = True) -> ModelAdapter:

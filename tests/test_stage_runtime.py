@@ -43,6 +43,6 @@ def test_keep_freed_memory_keeps_a_freed_block_mapped_for_reuse():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_keep_freed_memory_keeps_more_than_the_int_maximum():
     """A Direct_FT step frees over 2 GB at once (the tied embedding's gradient temporaries, Adam's);
-    a trim threshold of INT_MAX (2 GB) handed that back and every step faulted it in again."""
+    a trim threshold of INT_MAX (2 GB) handed that back and the next training faulted it in again."""
     kept, held = held_after_free(keep=True, mb=2560)
     assert kept and held > 2400
